@@ -1,0 +1,1 @@
+"""mvpd: the mvp-agent daemon and library."""

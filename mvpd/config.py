@@ -1,0 +1,454 @@
+"""Configuration: ``AgentSettings`` and ``load_settings()``.
+
+Sources, highest precedence first:
+
+1. keyword arguments to :func:`load_settings` (tests, the library API);
+2. environment variables (``AGENT_ID``, ``SIGNALING_URL``, ..., ``MVPD_*``);
+3. a ``.env`` file in the working directory (or ``env_file=``);
+4. the config file: ``AGENT_CONFIG`` (from the environment or ``.env``), else
+   ``/etc/mvp-agent.yaml`` when it exists; YAML or JSON by its extension;
+5. the defaults below, which make a single machine a working setup.
+
+Every key, with its default and environment name, is documented in ``etc/mvp-agent.yaml``.
+Invalid values raise :class:`~mvpd.proto.errors.ConfigError` with one line per problem naming
+the key, the value (never for secrets) and what is allowed; the daemon exits 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .proto.errors import ConfigError
+from .proto.signaling import AGENT_ID_PATTERN
+
+DEFAULT_CONFIG_FILE = Path("/etc/mvp-agent.yaml")
+DEFAULT_SOCKET = Path("/run/mvpd/mvpd.sock")
+DEFAULT_SIGNALING_PORT = 8765
+EX_CONFIG = 78
+
+Mode = Literal["chat", "json", "bytes", "tun"]
+MODES: tuple[str, ...] = ("chat", "json", "bytes", "tun")
+AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+#: Fields whose values never appear in messages or logs.
+SECRET_KEYS = frozenset({"signaling_token", "ice_credential", "credential", "token"})
+
+
+def _csv(value: Any) -> Any:
+    """Accept ``a,b,c`` (environment style) as well as a list (file style)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class IceServer(BaseModel):
+    """One STUN or TURN server, as in RTCIceServer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(min_length=1)
+    username: str | None = None
+    credential: SecretStr | None = None
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("urls")
+    @classmethod
+    def _scheme(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"^(stun|stuns|turn|turns):[^\s]+$", url):
+                raise ValueError(f"{url!r} is not a stun:, stuns:, turn: or turns: URL")
+        return urls
+
+
+class SignalingServerSettings(BaseModel):
+    """The reference signaling server, embedded in the daemon or run by ``mvpd signal``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    listen: str = f"127.0.0.1:{DEFAULT_SIGNALING_PORT}"
+    #: One token every agent must present. Secret.
+    token: SecretStr | None = None
+    #: A file of ``agent-id token`` lines (or ``agent-id: token`` YAML): one token per id.
+    tokens_file: Path | None = None
+    max_message_size: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: Sustained messages per second per connection, and the burst allowed above it.
+    rate: float = Field(default=50.0, gt=0)
+    burst: int = Field(default=200, ge=1)
+    #: WebSocket keepalive: ping every ``ping_interval`` seconds (0 disables).
+    ping_interval: float = Field(default=20.0, ge=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+
+class PeerSettings(BaseModel):
+    """Per-peer settings under ``peers.<id>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode | None = None
+    #: TUN mode: the addresses this peer may send from and that are routed to it.
+    allowed_ips: list[IPNetwork] = Field(default_factory=list)
+
+
+class TunSettings(BaseModel):
+    """TUN mode device settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Device name; ``%d`` is replaced by the first free number.
+    name: str = Field(default="mvp-tun%d", pattern=r"^[A-Za-z0-9_.%-]{1,15}$")
+    #: This machine's address on the tunnel, with prefix, e.g. ``10.0.0.1/24``.
+    address: IPInterface | None = None
+    mtu: int = Field(default=1400, ge=576, le=65535)
+
+
+class AgentSettings(BaseSettings):
+    """Everything mvpd and the library API read from the environment and files."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # --- the seed's settings --------------------------------------------------------------
+    #: Unique id of this agent on the signaling server. Defaults to the host name.
+    agent_id: AgentId = Field(default_factory=lambda: _default_agent_id())
+    #: ws:// or wss:// URL of the signaling server. The default is the embedded server's.
+    signaling_url: str = f"ws://127.0.0.1:{DEFAULT_SIGNALING_PORT}"
+    signaling_token: SecretStr | None = None
+    mode: Mode = "chat"
+    data_channel_label: str = Field(default="mvp", min_length=1, max_length=64)
+    ice_url: str | None = None
+    ice_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ice_username: str | None = None
+    ice_credential: SecretStr | None = None
+    ice_servers: list[IceServer] = Field(default_factory=list)
+
+    # --- daemon settings ------------------------------------------------------------------
+    #: ``all`` or ``relay`` (force the TURN path).
+    ice_transport_policy: Literal["all", "relay"] = "all"
+    #: CA bundle for wss:// signaling; the system store when unset.
+    signaling_ca_file: Path | None = None
+    socket: Path = Field(
+        default=DEFAULT_SOCKET, validation_alias=AliasChoices("MVPD_SOCKET", "socket")
+    )
+    #: Members of this group (and root) may change things through the control socket.
+    socket_group: str = Field(
+        default="mvp", validation_alias=AliasChoices("MVPD_SOCKET_GROUP", "socket_group")
+    )
+    #: What other local users may do: ``read`` (status only) or ``none``.
+    others_access: Literal["read", "none"] = Field(
+        default="read", validation_alias=AliasChoices("MVPD_OTHERS_ACCESS", "others_access")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", validation_alias=AliasChoices("MVPD_LOG_LEVEL", "log_level")
+    )
+    #: Peers whose offers are answered: ``["*"]`` for everyone on the signaling server.
+    allowed_peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        validation_alias=AliasChoices("MVPD_ALLOWED_PEERS", "allowed_peers"),
+    )
+    #: Peers to connect to at start (and again after they drop), in their configured mode.
+    auto_connect: Annotated[list[AgentId], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("MVPD_AUTO_CONNECT", "auto_connect")
+    )
+    #: Seconds from offer to an open data channel before a connect fails.
+    connect_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        validation_alias=AliasChoices("MVPD_CONNECT_TIMEOUT", "connect_timeout"),
+    )
+    signaling_server: SignalingServerSettings = Field(
+        default_factory=SignalingServerSettings,
+        validation_alias=AliasChoices("MVPD_SIGNALING_SERVER", "signaling_server"),
+    )
+    peers: dict[AgentId, PeerSettings] = Field(
+        default_factory=dict, validation_alias=AliasChoices("MVPD_PEERS", "peers")
+    )
+    tun: TunSettings = Field(
+        default_factory=TunSettings, validation_alias=AliasChoices("MVPD_TUN", "tun")
+    )
+
+    _config_file: Path | None = None
+
+    @field_validator("ice_urls", "allowed_peers", "auto_connect", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        return _csv(value)
+
+    @field_validator("signaling_url")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        if not re.match(r"^wss?://[^\s/]+", value):
+            raise ValueError("must be a ws:// or wss:// URL, e.g. ws://127.0.0.1:8765")
+        return value
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _peer_patterns(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item != "*" and not re.match(AGENT_ID_PATTERN, item):
+                raise ValueError(f"{item!r} is neither '*' nor an agent id")
+        return value
+
+    @model_validator(mode="after")
+    def _ice_from_seed_variables(self) -> AgentSettings:
+        """ICE_URL / ICE_URLS (with ICE_USERNAME / ICE_CREDENTIAL) replace ``ice_servers``."""
+        urls = ([self.ice_url] if self.ice_url else []) + list(self.ice_urls)
+        if urls:
+            self.ice_servers = [
+                IceServer(urls=[url], username=self.ice_username, credential=self.ice_credential)
+                for url in urls
+            ]
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, dotenv_settings, ConfigFileSource(settings_cls))
+
+    # --- helpers used by the daemon ---------------------------------------------------------
+
+    def allows(self, peer_id: str) -> bool:
+        """Whether offers from ``peer_id`` are answered."""
+        return "*" in self.allowed_peers or peer_id in self.allowed_peers
+
+    def mode_for(self, peer_id: str) -> Mode:
+        """The mode a connection to ``peer_id`` uses unless the caller names one."""
+        peer = self.peers.get(peer_id)
+        return peer.mode if peer is not None and peer.mode is not None else self.mode
+
+    def ice_warnings(self) -> list[str]:
+        """What the operator should know about the ICE server list: aiortc uses only the
+        first STUN and the first TURN server."""
+        stun = [u for s in self.ice_servers for u in s.urls if u.startswith("stun")]
+        turn = [u for s in self.ice_servers for u in s.urls if u.startswith("turn")]
+        out = []
+        if len(stun) > 1:
+            out.append(f"only the first STUN server is used ({stun[0]}); ignored: {stun[1:]}")
+        if len(turn) > 1:
+            out.append(f"only the first TURN server is used ({turn[0]}); ignored: {turn[1:]}")
+        if self.ice_transport_policy == "relay" and not turn:
+            out.append("ice_transport_policy is 'relay' but no TURN server is configured")
+        return out
+
+    @property
+    def config_file(self) -> Path | None:
+        """The config file that was read, if any."""
+        return self._config_file
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with secrets replaced by ``***`` (for status and logs)."""
+        data: dict[str, Any] = json.loads(self.model_dump_json())
+        return _redact(data)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: ("***" if k in SECRET_KEYS and v is not None else _redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _default_agent_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9._:@-]", "-", socket.gethostname())[:64].lstrip("._:@-")
+    return name or "mvp-agent"
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into a host and a port number."""
+    match = re.match(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\s]*)):(?P<port>\d{1,5})$", value)
+    if not match or int(match["port"]) > 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8765 or [::1]:8765)")
+    return (match["v6"] or match["host"] or "0.0.0.0"), int(match["port"])
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """The YAML or JSON config file: ``AGENT_CONFIG`` or ``/etc/mvp-agent.yaml``.
+
+    Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None = None) -> None:
+        super().__init__(settings_cls)
+        self.path = path if path is not None else config_file_path()
+        self.data: dict[str, Any] = self._read() if self.path is not None else {}
+
+    def _read(self) -> dict[str, Any]:
+        assert self.path is not None
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {self.path} does not exist (AGENT_CONFIG)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {self.path} cannot be read: {exc}") from None
+        try:
+            data = json.loads(text) if self.path.suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {self.path} is not valid: {exc}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {self.path} must hold a mapping of keys to values")
+        known = set(AgentSettings.model_fields)
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ConfigError(
+                f"config file {self.path}: unknown key(s) {', '.join(unknown)}; "
+                "see etc/mvp-agent.yaml for the keys"
+            )
+        return data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def config_file_path(env_file: str | Path | None = ".env") -> Path | None:
+    """Which config file applies: ``AGENT_CONFIG`` from the environment, then from ``.env``,
+    then ``/etc/mvp-agent.yaml`` if it exists."""
+    named = os.environ.get("AGENT_CONFIG")
+    if not named and env_file is not None and Path(env_file).is_file():
+        named = dotenv_values(env_file).get("AGENT_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+ENV_NAMES: dict[str, str] = {
+    "socket": "MVPD_SOCKET",
+    "socket_group": "MVPD_SOCKET_GROUP",
+    "others_access": "MVPD_OTHERS_ACCESS",
+    "log_level": "MVPD_LOG_LEVEL",
+    "allowed_peers": "MVPD_ALLOWED_PEERS",
+    "auto_connect": "MVPD_AUTO_CONNECT",
+    "connect_timeout": "MVPD_CONNECT_TIMEOUT",
+    "signaling_server": "MVPD_SIGNALING_SERVER__*",
+    "peers": "MVPD_PEERS",
+    "tun": "MVPD_TUN__*",
+}
+
+
+def load_settings(
+    config_file: str | Path | None = None, env_file: str | Path | None = ".env", **overrides: Any
+) -> AgentSettings:
+    """Read the settings from every source; raise :class:`ConfigError` naming each bad key.
+
+    ``config_file`` replaces ``AGENT_CONFIG``; ``overrides`` beat everything (library use).
+    """
+    path = Path(config_file) if config_file is not None else config_file_path(env_file)
+
+    class _Settings(AgentSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, dotenv_settings, ConfigFileSource(cls, path))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = _Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(format_config_error(exc)) from None
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OSError) as exc:  # e.g. JSON in an env var
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    settings = AgentSettings.model_construct(**dict(loaded))
+    settings._config_file = path
+    return settings
+
+
+def format_config_error(exc: ValidationError) -> str:
+    """One line per problem: key (and its environment name), what is wrong, the bad value
+    unless the key is secret."""
+    lines = ["invalid configuration:"]
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "(settings)"
+        top = _field_for(loc[0]) if loc else ""
+        env = ENV_NAMES.get(top, top.upper())
+        where = f" (environment {env})" if top else ""
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        line = f"  {key}{where}: {msg}"
+        if err["type"] != "missing" and not (set(loc) & SECRET_KEYS):
+            line += f"; got {_show(err.get('input'))}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _field_for(name: str) -> str:
+    for field_name, info in AgentSettings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        if name == field_name or name in choices:
+            return field_name
+    return name
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install what mvp-agent needs on Debian 12 (run as root): apt packages, then a venv in .venv
+# with the project installed editable plus its test tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    python3-venv python3-dev gcc pkg-config libsystemd-dev  # venv; systemd-python builds
+    iproute2 iputils-ping iperf3 procps psmisc            # TUN, netns, benches, tests
+    coturn                                                # the TURN relay test
+    systemd systemd-container                             # the booted-systemd tests
+)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "setup: installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # coturn's package enables a system service; the tests start their own relay.
+        systemctl disable --now coturn >/dev/null 2>&1 || true
+    fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[systemd,speed,test]' \
+    2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import mvpd, mvpctl, aiortc, websockets, msgpack, typer" \
+    || { echo "setup: the venv is incomplete" >&2; exit 1; }
