@@ -291,8 +291,8 @@ class AgentSettings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         """The settings as plain data with secrets replaced by ``***`` (for status and logs)."""
-        data: dict[str, Any] = json.loads(self.model_dump_json())
-        return _redact(data)
+        redacted: dict[str, Any] = _redact(json.loads(self.model_dump_json()))
+        return redacted
 
 
 def _redact(value: Any) -> Any:
@@ -410,7 +410,7 @@ def load_settings(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded = _Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+            loaded = _Settings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         raise ConfigError(format_config_error(exc)) from None
     except ConfigError:
@@ -428,8 +428,10 @@ def format_config_error(exc: ValidationError) -> str:
     lines = ["invalid configuration:"]
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
+        if loc:
+            loc[0] = _field_for(loc[0])
         key = ".".join(loc) or "(settings)"
-        top = _field_for(loc[0]) if loc else ""
+        top = loc[0] if loc else ""
         env = ENV_NAMES.get(top, top.upper())
         where = f" (environment {env})" if top else ""
         msg = str(err["msg"]).removeprefix("Value error, ")

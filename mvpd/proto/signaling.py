@@ -75,9 +75,9 @@ class IceCandidate(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     candidate: str = Field(default="", max_length=1024)
-    sdpMid: str | None = Field(default=None, max_length=64)  # noqa: N815 (wire name)
-    sdpMLineIndex: int | None = Field(default=None, ge=0, le=1024)  # noqa: N815 (wire name)
-    usernameFragment: str | None = Field(default=None, max_length=256)  # noqa: N815
+    sdpMid: str | None = Field(default=None, max_length=64)  # wire name
+    sdpMLineIndex: int | None = Field(default=None, ge=0, le=1024)  # wire name
+    usernameFragment: str | None = Field(default=None, max_length=256)  # wire name
 
 
 class Candidate(_Routed):
@@ -173,7 +173,8 @@ def parse_message(data: str | bytes | dict[str, Any]) -> Message:
     try:
         return _ADAPTER.validate_python(obj)
     except ValidationError as exc:
-        raise MalformedMessage(f"invalid {kind!r} message: {describe_validation_error(exc)}") from None
+        detail = describe_validation_error(exc)
+        raise MalformedMessage(f"invalid {kind!r} message: {detail}") from None
     except (RecursionError, ValueError, TypeError) as exc:
         raise MalformedMessage(f"invalid {kind!r} message: {_short(exc)}") from None
 
