@@ -85,3 +85,22 @@ class MessageTooLarge(TransportError):
     """A message is larger than the negotiated maximum."""
 
     code = "too-large"
+
+
+class MalformedPacket(ProtocolError):
+    """An IP packet (or a batch of them) from the TUN device or a peer that is truncated or
+    not IPv4/IPv6 at all."""
+
+    code = "malformed-packet"
+
+
+class TunError(MvpError):
+    """A TUN device could not be created, configured or used."""
+
+    code = "tun"
+
+
+class TunUnavailable(TunError):
+    """TUN devices cannot be made here at all: no ``/dev/net/tun``, or no CAP_NET_ADMIN."""
+
+    code = "tun-unavailable"
