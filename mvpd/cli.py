@@ -1,0 +1,132 @@
+"""The ``mvpd`` command: run the daemon, the standalone signaling server, or helpers.
+
+``mvpd`` alone is ``mvpd run``. Exit codes: 0 clean stop, 1 runtime failure, 2 usage,
+78 (EX_CONFIG) invalid configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from .config import EX_CONFIG, AgentSettings, load_settings
+from .proto.errors import ConfigError, MvpError
+
+app = typer.Typer(
+    name="mvpd",
+    help=(
+        "mvp-agent daemon: WebRTC data channels (chat, JSON, bytes, IP tunnel) between peers, "
+        "driven by mvpctl over a Unix socket. Settings come from the environment, .env and "
+        "/etc/mvp-agent.yaml (or AGENT_CONFIG); see `mvpd check-config`."
+    ),
+    epilog="Exit codes: 0 clean stop, 1 failure, 2 usage, 78 invalid configuration.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="Config file (YAML or JSON); replaces AGENT_CONFIG."
+)
+
+
+def _load(config: Path | None, **overrides: object) -> AgentSettings:
+    try:
+        return load_settings(config_file=config, **{k: v for k, v in overrides.items() if v})
+    except ConfigError as exc:
+        typer.echo(f"mvpd: {exc}", err=True)
+        raise typer.Exit(EX_CONFIG) from None
+
+
+@app.callback(invoke_without_command=True)
+def _default(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run)
+
+
+@app.command()
+def run(
+    config: Path | None = ConfigOption,
+    socket: Path | None = typer.Option(
+        None, "--socket", help="Control socket path (MVPD_SOCKET; default /run/mvpd/mvpd.sock)."
+    ),
+    agent_id: str | None = typer.Option(None, "--id", help="This agent's id (AGENT_ID)."),
+    signaling_url: str | None = typer.Option(
+        None, "--signaling-url", help="Signaling server URL (SIGNALING_URL)."
+    ),
+    embed_signaling: bool = typer.Option(
+        False,
+        "--embed-signaling",
+        help="Also run the reference signaling server in this process "
+        "(signaling_server.enabled).",
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT (what systemd runs)."""
+    from .daemon import run_daemon  # heavy imports (aiortc) only when running
+
+    settings = _load(config, socket=socket, agent_id=agent_id, signaling_url=signaling_url)
+    if embed_signaling:
+        settings.signaling_server.enabled = True
+    raise typer.Exit(run_daemon(settings, verbose=verbose))
+
+
+@app.command()
+def signal(
+    listen: str = typer.Option(
+        "127.0.0.1:8765", "--listen", "-l", help="HOST:PORT to listen on (port 0: any free port)."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar="MVPD_SIGNALING_TOKEN", help="One token every agent must present."
+    ),
+    tokens_file: Path | None = typer.Option(
+        None, "--tokens-file", help="File of 'agent-id token' lines: one token per agent id."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Run the reference signaling server alone (no root needed)."""
+    from .signaling.server import main as signal_main
+
+    argv = ["--listen", listen]
+    if token:
+        argv += ["--token", token]
+    if tokens_file:
+        argv += ["--tokens-file", str(tokens_file)]
+    if verbose:
+        argv += ["--verbose"]
+    raise typer.Exit(signal_main(argv))
+
+
+@app.command("check-config")
+def check_config(config: Path | None = ConfigOption) -> None:
+    """Validate the configuration and print the effective settings (secrets hidden)."""
+    settings = _load(config)
+    data = settings.redacted()
+    data["config_file"] = str(settings.config_file) if settings.config_file else None
+    typer.echo(json.dumps(data, indent=2))
+    for warning in settings.ice_warnings():
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command("install-units")
+def install_units(
+    prefix: Path = typer.Option(Path("/"), "--prefix", help="Root to install under."),
+) -> None:
+    """Install the systemd units, the sysusers.d entry and /etc/mvp-agent.yaml (an existing
+    config is kept); then run `systemctl daemon-reload`."""
+    from .systemd import install_units as do_install
+
+    for path in do_install(prefix=prefix, bin_path=Path(sys.argv[0]).resolve()):
+        typer.echo(f"installed {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except MvpError as exc:
+        typer.echo(f"mvpd: {exc}", err=True)
+        sys.exit(1)
