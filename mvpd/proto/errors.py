@@ -104,3 +104,82 @@ class TunUnavailable(TunError):
     """TUN devices cannot be made here at all: no ``/dev/net/tun``, or no CAP_NET_ADMIN."""
 
     code = "tun-unavailable"
+
+
+class RpcError(MvpError):
+    """A control-socket call failed. ``code`` is the wire error code (``mvpd.proto.rpc.ErrorCode``);
+    the client raises the subclass that matches the code of an error reply."""
+
+    code = "internal"
+
+
+class FrameError(RpcError):
+    """Bytes on the control socket that are not a valid frame (length + msgpack map)."""
+
+    code = "bad-frame"
+
+
+class FrameTooLarge(FrameError):
+    """A frame longer than the size cap; the connection cannot be resynchronised."""
+
+    code = "too-large"
+
+
+class BadRequest(RpcError):
+    """A well-formed frame that is not a valid hello, request or reply."""
+
+    code = "bad-request"
+
+
+class VersionMismatch(BadRequest):
+    """Client and daemon speak different control protocol versions."""
+
+    code = "version-mismatch"
+
+
+class UnknownMethod(RpcError):
+    """The method name is not in the method table."""
+
+    code = "unknown-method"
+
+
+class InvalidParams(RpcError):
+    """The parameters do not match the method's model (missing, extra, wrong type)."""
+
+    code = "invalid-params"
+
+
+class Forbidden(RpcError):
+    """The caller (by its peer credentials) may not make this call."""
+
+    code = "forbidden"
+
+
+class NotFound(RpcError):
+    """The named peer or subscription does not exist."""
+
+    code = "not-found"
+
+
+class RpcPeerError(RpcError):
+    """The daemon could not do what was asked with a peer (connect failed, channel closed, ...)."""
+
+    code = "peer-error"
+
+
+class RpcTimeout(RpcError):
+    """The call did not finish in time."""
+
+    code = "timeout"
+
+
+class Busy(RpcError):
+    """Too many connections, calls or streams: a limit protects the daemon."""
+
+    code = "busy"
+
+
+class DaemonNotRunning(RpcError):
+    """No daemon listens on the control socket (client side)."""
+
+    code = "not-running"
