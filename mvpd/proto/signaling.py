@@ -158,7 +158,7 @@ def parse_message(data: str | bytes | dict[str, Any]) -> Message:
         if len(data) > MAX_MESSAGE_SIZE * 16:
             raise MalformedMessage("message is far over any size limit")
         try:
-            obj = json.loads(data)
+            obj = json.loads(data, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             raise MalformedMessage(f"not JSON: {_short(exc)}") from None
     else:
@@ -171,12 +171,21 @@ def parse_message(data: str | bytes | dict[str, Any]) -> Message:
     if kind not in MESSAGE_TYPES:
         raise UnknownMessageType(f"unknown message type {kind[:64]!r}", message_type=kind[:64])
     try:
-        return _ADAPTER.validate_python(obj)
+        message = _ADAPTER.validate_python(obj)
+        # Extra fields are kept unvalidated; make sure they can go back on the wire (a lone
+        # surrogate from a JSON escape cannot), so relaying a parsed message never fails.
+        message.to_json()
     except ValidationError as exc:
         detail = describe_validation_error(exc)
         raise MalformedMessage(f"invalid {kind!r} message: {detail}") from None
     except (RecursionError, ValueError, TypeError) as exc:
         raise MalformedMessage(f"invalid {kind!r} message: {_short(exc)}") from None
+    return message
+
+
+def _reject_constant(name: str) -> Any:
+    """``NaN`` and ``Infinity`` are not JSON, whatever Python's parser accepts."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def dump_message(message: Message) -> str:

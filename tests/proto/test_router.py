@@ -1,0 +1,290 @@
+"""SignalingRouter: routing, identity, tokens, limits. Synchronous, with an injected clock."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from mvpd.proto.router import (
+    CLOSE_BAD_TOKEN,
+    CLOSE_POLICY,
+    CLOSE_REPLACED,
+    CLOSE_TOO_BIG,
+    Close,
+    Send,
+    SignalingRouter,
+)
+
+Router = SignalingRouter[str]
+
+
+def sends(actions: list[Any], conn: str | None = None) -> list[dict[str, Any]]:
+    """The JSON objects sent (to ``conn`` when given)."""
+    return [
+        json.loads(a.text)
+        for a in actions
+        if isinstance(a, Send) and (conn is None or a.conn == conn)
+    ]
+
+
+def closes(actions: list[Any]) -> list[Close[str]]:
+    return [a for a in actions if isinstance(a, Close)]
+
+
+def reg(router: Router, conn: str, agent_id: str, token: str | None = None) -> list[Any]:
+    router.connect(conn)
+    msg: dict[str, Any] = {"type": "register", "id": agent_id}
+    if token is not None:
+        msg["token"] = token
+    return router.receive(conn, json.dumps(msg), 0.0)
+
+
+def test_register_is_answered_and_routes_by_to() -> None:
+    r = Router()
+    assert sends(reg(r, "c1", "alice")) == [{"type": "registered", "id": "alice"}]
+    reg(r, "c2", "bob")
+    out = r.receive("c1", json.dumps({"type": "offer", "to": "bob", "sdp": "v=0"}), 1.0)
+    assert out == [Send("c2", out[0].text)]
+    assert json.loads(out[0].text) == {"type": "offer", "from": "alice", "to": "bob", "sdp": "v=0"}
+    assert r.registered_ids() == ["alice", "bob"]
+    assert r.stats.messages_routed == 1
+    assert r.stats.routed_by_type["offer"] == 1
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"type": "answer", "to": "bob", "sdp": "v=0"},
+        {
+            "type": "candidate",
+            "to": "bob",
+            "candidate": {
+                "candidate": "candidate:1 1 UDP 1 127.0.0.1 5 typ host",
+                "sdpMid": "0",
+                "sdpMLineIndex": 0,
+            },
+        },
+        {"type": "candidate", "to": "bob", "candidate": None},
+        {"type": "bye", "to": "bob"},
+    ],
+)
+def test_every_routed_type_reaches_the_target(msg: dict[str, Any]) -> None:
+    r = Router()
+    reg(r, "c1", "alice")
+    reg(r, "c2", "bob")
+    [out] = sends(r.receive("c1", json.dumps(msg), 0.0), "c2")
+    assert out == {**msg, "from": "alice"}
+
+
+def test_spoofed_from_is_overwritten_and_extra_fields_kept() -> None:
+    r = Router()
+    reg(r, "c1", "mallory")
+    reg(r, "c2", "bob")
+    text = json.dumps({"type": "offer", "from": "alice", "to": "bob", "sdp": "x", "x-n": 1})
+    [out] = sends(r.receive("c1", text, 0.0), "c2")
+    assert out["from"] == "mallory"
+    assert out["x-n"] == 1
+
+
+def test_routed_before_register_is_refused_but_connection_kept() -> None:
+    r = Router()
+    reg(r, "c2", "bob")
+    r.connect("c1")
+    out = r.receive("c1", json.dumps({"type": "offer", "to": "bob", "sdp": "x"}), 0.0)
+    assert sends(out) == [
+        {
+            "type": "error",
+            "code": "not-registered",
+            "message": "register before sending messages",
+            "about": "offer",
+        }
+    ]
+    assert not closes(out)
+    # Registering afterwards works on the same connection.
+    assert sends(r.receive("c1", '{"type":"register","id":"alice"}', 0.0))[0]["type"] == (
+        "registered"
+    )
+
+
+def test_offline_target_names_the_peer() -> None:
+    r = Router()
+    reg(r, "c1", "alice")
+    [err] = sends(r.receive("c1", '{"type":"bye","to":"carol"}', 0.0))
+    assert err["code"] == "offline"
+    assert err["peer"] == "carol"
+    assert err["about"] == "bye"
+
+
+def test_disconnect_frees_the_id() -> None:
+    r = Router()
+    reg(r, "c1", "alice")
+    reg(r, "c2", "bob")
+    assert r.disconnect("c2") == []
+    [err] = sends(r.receive("c1", '{"type":"bye","to":"bob"}', 0.0))
+    assert err["code"] == "offline"
+    assert r.connection_count == 1
+
+
+def test_second_register_replaces_the_first_and_tells_it() -> None:
+    r = Router()
+    reg(r, "old", "alice")
+    out = reg(r, "new", "alice")
+    assert sends(out, "old")[0]["code"] == "replaced"
+    [close] = closes(out)
+    assert close.conn == "old"
+    assert close.code == CLOSE_REPLACED
+    assert "replaced" in close.reason
+    assert sends(out, "new") == [{"type": "registered", "id": "alice"}]
+    # The old connection's late frames are ignored; its disconnect does not unregister alice.
+    assert r.receive("old", '{"type":"bye","to":"alice"}', 0.0) == []
+    r.disconnect("old")
+    reg(r, "c3", "bob")
+    assert sends(r.receive("c3", '{"type":"bye","to":"alice"}', 0.0), "new")[0]["from"] == "bob"
+
+
+def test_reregister_under_a_new_id_frees_the_old_one() -> None:
+    r = Router()
+    reg(r, "c1", "alice")
+    r.receive("c1", '{"type":"register","id":"alice2"}', 0.0)
+    assert r.registered_ids() == ["alice2"]
+    assert r.agent_id("c1") == "alice2"
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong", "s3cret-but-longer", "sécret"])
+def test_bad_token_gets_error_and_close(token: str | None) -> None:
+    r = Router(token="s3cret")
+    out = reg(r, "c1", "alice", token)
+    [err] = sends(out)
+    assert err["code"] == "bad-token"
+    [close] = closes(out)
+    assert close.code == CLOSE_BAD_TOKEN
+    assert "token" in close.reason and "alice" in close.reason
+    assert "s3cret" not in close.reason and "s3cret" not in err["message"]
+    assert r.registered_ids() == []
+    # Nothing more is accepted from it.
+    assert r.receive("c1", '{"type":"register","id":"alice","token":"s3cret"}', 0.0) == []
+
+
+def test_shared_and_per_agent_tokens() -> None:
+    r = Router(token="shared", tokens={"alice": "a-tok"})
+    assert sends(reg(r, "c1", "alice", "a-tok"))[0]["type"] == "registered"
+    assert sends(reg(r, "c2", "alice", "shared"))[-1]["type"] == "registered"
+    assert sends(reg(r, "c3", "bob", "shared"))[0]["type"] == "registered"
+    assert sends(reg(r, "c4", "bob", "a-tok"))[0]["code"] == "bad-token"
+
+    only_own = Router(tokens={"alice": "a-tok"})
+    assert sends(reg(only_own, "c1", "alice", "a-tok"))[0]["type"] == "registered"
+    assert sends(reg(only_own, "c2", "bob", "a-tok"))[0]["code"] == "bad-token"
+    assert sends(reg(only_own, "c3", "bob"))[0]["code"] == "bad-token"
+
+
+def test_open_server_ignores_tokens() -> None:
+    r = Router()
+    assert not r.auth_required
+    assert sends(reg(r, "c1", "alice", "anything"))[0]["type"] == "registered"
+
+
+def test_too_large_frame_gets_error_and_1009() -> None:
+    r = Router(max_message_size=1024)
+    reg(r, "c1", "alice")
+    text = json.dumps({"type": "offer", "to": "alice", "sdp": "é" * 600})  # > 1024 bytes
+    out = r.receive("c1", text, 0.0)
+    assert sends(out)[0]["code"] == "too-large"
+    assert closes(out)[0].code == CLOSE_TOO_BIG
+    # Exactly at the limit is fine.
+    r2 = Router(max_message_size=1024)
+    reg(r2, "c1", "alice")
+    base = json.dumps({"type": "offer", "to": "alice", "sdp": ""})
+    exact = json.dumps({"type": "offer", "to": "alice", "sdp": "a" * (1024 - len(base))})
+    assert sends(r2.receive("c1", exact, 0.0))[0]["type"] == "offer"
+
+
+def test_rate_limit_drops_answers_once_then_recovers_with_time() -> None:
+    r = Router(rate=2.0, burst=3, flood_close_after=100)
+    reg(r, "c1", "alice")  # register spends one token
+    reg(r, "c2", "bob")
+    bye = '{"type":"bye","to":"bob"}'
+    assert len(sends(r.receive("c1", bye, 0.0), "c2")) == 1
+    assert len(sends(r.receive("c1", bye, 0.0), "c2")) == 1
+    first_drop = r.receive("c1", bye, 0.0)
+    assert sends(first_drop) == [
+        {
+            "type": "error",
+            "code": "rate-limited",
+            "message": "over 2 messages/s (burst 3); message dropped",
+        }
+    ]
+    assert r.receive("c1", bye, 0.0) == []  # later drops are silent
+    assert r.stats.rate_limited_dropped == 2
+    # Half a second later one token is back.
+    assert len(sends(r.receive("c1", bye, 0.5), "c2")) == 1
+    # The other client is unaffected.
+    assert len(sends(r.receive("c2", '{"type":"bye","to":"alice"}', 0.5), "c1")) == 1
+
+
+def test_a_connection_that_keeps_flooding_is_closed() -> None:
+    r = Router(rate=1.0, burst=2, flood_close_after=5)
+    reg(r, "c1", "alice")
+    actions: list[Any] = []
+    for _ in range(10):
+        actions += r.receive("c1", '{"type":"bye","to":"alice"}', 0.0)
+    [close] = closes(actions)
+    assert close.code == CLOSE_POLICY
+    assert "rate limit" in close.reason
+    assert r.stats.closed_for_flooding == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("not json", "bad-message"),
+        ("[1,2]", "bad-message"),
+        ('{"type": 5}', "bad-message"),
+        ('{"type":"offer","to":"bob"}', "bad-message"),
+        ('{"type":"register","id":"has space"}', "bad-message"),
+        ('{"type":"hello"}', "unknown-type"),
+        ('{"type":"registered","id":"x"}', "bad-message"),
+        ('{"type":"error","code":"x"}', "bad-message"),
+        (b"\xff\xfe", "bad-message"),
+    ],
+)
+def test_bad_frames_get_errors_never_exceptions(text: str | bytes, code: str) -> None:
+    r = Router()
+    reg(r, "c1", "alice")
+    out = r.receive("c1", text, 0.0)
+    [err] = sends(out)
+    assert err["type"] == "error"
+    assert err["code"] == code
+    assert not closes(out)
+
+
+def test_frame_from_unknown_connection_is_handled() -> None:
+    r = Router()
+    out = r.receive("ghost", '{"type":"register","id":"ghost"}', 0.0)
+    assert sends(out)[0]["type"] == "registered"
+
+
+def test_logs_registration_at_info_and_routing_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mvpd.signaling.server")
+    r = Router(token="tok")
+    reg(r, "c1", "alice", "tok")
+    r.receive("c1", '{"type":"bye","to":"alice"}', 0.0)
+    r.disconnect("c1")
+    levels = {(rec.levelno, rec.getMessage()) for rec in caplog.records}
+    assert (logging.INFO, "registered alice") in levels
+    assert (logging.DEBUG, "routed bye from alice to alice") in levels
+    assert (logging.INFO, "unregistered alice") in levels
+    assert all("tok" not in rec.getMessage() for rec in caplog.records)
+
+
+def test_stats_as_dict() -> None:
+    r = Router()
+    reg(r, "c1", "alice")
+    r.receive("c1", '{"type":"bye","to":"nobody"}', 0.0)
+    d = r.stats.as_dict()
+    assert d["registrations"] == 1
+    assert d["errors_by_code"] == {"offline": 1}
+    assert d["connections_total"] == 1
