@@ -69,6 +69,12 @@ class ConnectionClosed(MvpError):
     code = "closed"
 
 
+class SignalingUnavailable(ConnectionClosed):
+    """The signaling server cannot be reached (yet): connect or send timed out."""
+
+    code = "signaling-unavailable"
+
+
 class PeerError(MvpError):
     """A peer connection could not be made or was lost."""
 
