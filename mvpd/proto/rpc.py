@@ -17,9 +17,11 @@ A version mismatch in the hello gets an error reply (``id`` nil) and the connect
 Errors that cannot be tied to a request (bad frames) carry ``"id": nil``.
 
 Streams: ``recv`` and ``pipe.open`` answer ``{"sub": N}``; events for that subscription follow
-as ``{"sub": N, "event": ..., "data": ...}``. Every subscription ends with exactly one terminal
-event: ``end`` (recv), ``eof`` then ``end`` (pipe, read side) or ``error`` ``{code, message}``.
-``cancel {sub}`` ends a subscription early (the server then sends ``end``).
+as ``{"sub": N, "event": ..., "data": ...}``. The last event of every subscription is ``end``
+(after it the number is dead); an ``error`` event ``{code, message}`` may come just before it.
+``recv`` sends ``message`` events ``{peer, kind, data}``; a pipe sends ``data`` ``{data}`` and
+``eof`` when the peer finished sending, and ends once both directions are done (``pipe.eof``
+from the client plus ``eof`` or ``error`` from the peer). ``cancel {sub}`` ends one early.
 
 Everything here is pure: :class:`FrameDecoder` is fed bytes and hands back maps; the other
 functions build and check messages. The I/O lives in ``mvpd.control`` (server) and
@@ -227,6 +229,26 @@ class FrameDecoder:
             if message is None:
                 return out
             out.append(message)
+
+    def feed_items(self, data: bytes) -> list[dict[str, Any] | FrameError]:
+        """Like :meth:`feed`, but never raises: errors come back as items in stream order, so
+        an I/O loop can answer each one and carry on with the messages after it. After a
+        :class:`FrameTooLarge` item (always the last) the connection must be closed."""
+        items: list[dict[str, Any] | FrameError] = []
+        while True:
+            try:
+                messages = self.feed(data)
+            except FrameTooLarge as exc:
+                items.append(exc)
+                return items
+            except FrameError as exc:
+                items.append(exc)
+                data = b""
+                continue
+            items.extend(messages)
+            if not messages or self._pending is None:
+                return items
+            data = b""
 
     def _next(self) -> dict[str, Any] | None:
         if len(self._buffer) < HEADER.size:

@@ -1,0 +1,784 @@
+"""The control socket server: ``mvpctl`` (or any local program) drives ``mvpd`` through it.
+
+A Unix stream socket speaking the frames and messages of :mod:`mvpd.proto.rpc`. The daemon
+supplies a :class:`ControlHandler` (one coroutine per method); this module does everything
+else: the socket file, the hello, authorisation, validation, concurrency limits, streams.
+
+Authorisation is by the kernel's peer credentials (``SO_PEERCRED``), checked on every call,
+not by the socket's file mode alone: uid 0 and members of the configured group (primary or
+supplementary) get ``write``; everyone else gets ``read`` (``status``, ``peers``) or nothing,
+as configured. Every write call is logged with the caller's uid and pid.
+
+Limits (per connection unless said otherwise) keep one client from hurting the daemon or the
+other clients: at most :attr:`ControlLimits.max_inflight` calls run at once (further requests
+are simply not read: the client's socket buffer fills up), at most
+:attr:`ControlLimits.max_streams` subscriptions, read-only callers may send frames of at most
+:attr:`ControlLimits.read_only_max_frame` bytes, and read-only connections are capped in total
+so that they cannot lock out root and the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from .proto.errors import (
+    BadRequest,
+    Busy,
+    ConnectionClosed,
+    Forbidden,
+    FrameError,
+    FrameTooLarge,
+    InvalidParams,
+    MvpError,
+    NotFound,
+    RpcError,
+)
+from .proto.rpc import (
+    MAX_FRAME,
+    Access,
+    ConnectParams,
+    FrameDecoder,
+    Message,
+    NoParams,
+    PeerParams,
+    PeerStatus,
+    PipeWriteParams,
+    RecvParams,
+    ReloadResult,
+    Request,
+    SendParams,
+    SendResult,
+    StatusResult,
+    SubParams,
+    encode_frame,
+    error_message,
+    event_message,
+    method_spec,
+    parse_client_hello,
+    parse_request,
+    request_id_of,
+    result_message,
+    server_hello,
+    to_wire,
+    validate_params,
+)
+
+log = logging.getLogger("mvpd.control")
+
+_UCRED = struct.Struct("3i")
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from the kernel (``SO_PEERCRED`` at connect time), and what they may do.
+
+    ``access`` is re-resolved (group membership can change) at most every
+    :attr:`ControlLimits.access_ttl` seconds while a connection lives."""
+
+    pid: int
+    uid: int
+    gid: int
+    access: Access
+
+    def __str__(self) -> str:
+        return f"uid={self.uid} pid={self.pid}"
+
+
+class PipeStream(Protocol):
+    """A byte pipe to one peer, returned by :meth:`ControlHandler.rpc_pipe_open`.
+
+    The control server owns it until it calls :meth:`close` (exactly once, always: when both
+    directions are done, on ``cancel``, or when the client goes away)."""
+
+    def read(self) -> AsyncIterator[bytes]:
+        """Bytes from the peer, chunk by chunk; the iterator ends at the peer's EOF. Raise an
+        :class:`MvpError` if the pipe breaks (it reaches the client as an ``error`` event).
+        The server reads only as fast as the client takes the data (backpressure)."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` to the peer; return once the daemon has accepted it (e.g. the data
+        channel's buffer is below its threshold). This await is the client's backpressure.
+        Calls are never concurrent for one pipe and come in the client's order."""
+        ...
+
+    async def write_eof(self) -> None:
+        """The client has no more data: tell the peer (end of stream)."""
+        ...
+
+    async def close(self) -> None:
+        """Release everything (unsubscribe, stop reading). Must not raise."""
+        ...
+
+
+class ControlHandler(Protocol):
+    """What the daemon implements: one coroutine per RPC method.
+
+    Each receives the validated parameter model (see :data:`mvpd.proto.rpc.METHODS`) and the
+    :class:`Caller` (already authorised for the method: the handler need not check access
+    again). Results may be the pydantic models named below or equivalent plain dicts.
+
+    Errors: raise an :class:`MvpError` with a message for the user; it becomes the error
+    reply. Use :class:`~mvpd.proto.errors.NotFound` for an unknown peer,
+    :class:`~mvpd.proto.errors.RpcTimeout` (or ``TimeoutError``) when a wait ran out, and
+    :class:`~mvpd.proto.errors.PeerError` / ``TransportError`` (sent as ``peer-error``) when
+    a peer connection failed. Any other exception is logged with its traceback here and
+    the client sees only ``internal``. Cancellation (client gone) is delivered as
+    ``asyncio.CancelledError``; let it propagate.
+    """
+
+    async def rpc_status(self, params: NoParams, caller: Caller) -> StatusResult | dict[str, Any]:
+        """``status``: agent id, version, uptime, signaling state and every peer."""
+        ...
+
+    async def rpc_peers(
+        self, params: NoParams, caller: Caller
+    ) -> list[PeerStatus] | list[dict[str, Any]]:
+        """``peers``: every known peer."""
+        ...
+
+    async def rpc_connect(
+        self, params: ConnectParams, caller: Caller
+    ) -> PeerStatus | dict[str, Any]:
+        """``connect``: connect to ``params.peer`` (reuse an open connection); with
+        ``params.wait`` return only once the channel is open, raising ``RpcTimeout`` after
+        ``params.timeout`` (or the configured connect timeout)."""
+        ...
+
+    async def rpc_disconnect(self, params: PeerParams, caller: Caller) -> None:
+        """``disconnect``: close the connection to ``params.peer`` (``NotFound`` if none)."""
+        ...
+
+    async def rpc_send(self, params: SendParams, caller: Caller) -> SendResult | dict[str, Any]:
+        """``send``: one message; ``params.kind`` says which of ``text``, ``json_value``
+        (wire name ``json``) and ``data`` was given. Return the number of bytes sent."""
+        ...
+
+    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[Message]:
+        """``recv``: check the request (raise here, e.g. ``NotFound``, to refuse it), then
+        return an async iterator of the peer's messages: those queued now, then, if
+        ``params.follow``, new ones as they arrive, at most ``params.limit``.
+
+        Return an async *generator* so its ``finally`` runs: the server calls ``aclose()``
+        when the client cancels or goes away. End the iterator when the stream is over (not
+        following and the queue is drained, or the peer is gone for good); the server then
+        sends ``end``. An :class:`MvpError` raised while iterating becomes an ``error`` event.
+        The server pulls the next message only after the previous one was written to the
+        client's socket, so the daemon's own bounded queue is where a slow reader shows."""
+        ...
+
+    async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
+        """``pipe.open``: a byte pipe to ``params.peer`` (raise to refuse). See
+        :class:`PipeStream`; ``pipe.write`` and ``pipe.eof`` are routed to it by the server."""
+        ...
+
+    async def rpc_reload(self, params: NoParams, caller: Caller) -> ReloadResult | dict[str, Any]:
+        """``reload``: re-read the configuration; say which changes took effect."""
+        ...
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    """Resource limits of the control server."""
+
+    #: Largest frame from callers with write access.
+    max_frame: int = MAX_FRAME
+    #: Largest frame from read-only callers (they can only ask for status).
+    read_only_max_frame: int = 64 * 1024
+    #: Calls running at once per connection; more requests wait in the socket buffer.
+    max_inflight: int = 16
+    #: Subscriptions (recv streams, pipes) per connection.
+    max_streams: int = 16
+    #: Queued ``pipe.write``/``pipe.eof`` calls per pipe before the server stops reading.
+    pipe_queue: int = 8
+    #: Connections from read-only callers, and from everyone, at once.
+    max_read_only_connections: int = 32
+    max_connections: int = 512
+    #: Seconds a new connection has to send its hello.
+    hello_timeout: float = 10.0
+    #: Seconds a resolved access level is trusted before group membership is looked up again.
+    access_ttl: float = 5.0
+
+
+def peer_credentials(sock: Any) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def resolve_access(
+    uid: int, gid: int, group: str, others_access: Literal["read", "none"]
+) -> Access | None:
+    """What a caller may do: ``write`` for root and members of ``group`` (primary gid or
+    supplementary membership from the group database), else ``read`` or None (nothing)."""
+    if uid == 0:
+        return "write"
+    try:
+        group_id: int | None = grp.getgrnam(group).gr_gid
+    except KeyError:
+        group_id = None
+    if group_id is not None:
+        if gid == group_id:
+            return "write"
+        try:
+            user = pwd.getpwuid(uid)
+        except KeyError:
+            user = None
+        if user is not None and group_id in os.getgrouplist(user.pw_name, user.pw_gid):
+            return "write"
+    return "read" if others_access == "read" else None
+
+
+class ControlServer:
+    """The control socket at ``path``, serving ``handler``.
+
+    ``group`` and ``others_access`` configure authorisation (see the module docstring).
+    ``await start()`` creates the socket (raising :class:`MvpError` if another mvpd already
+    serves it), ``await close()`` stops serving, ends every connection and removes it."""
+
+    def __init__(
+        self,
+        path: Path,
+        handler: ControlHandler,
+        *,
+        group: str = "mvp",
+        others_access: Literal["read", "none"] = "read",
+        agent_id: str,
+        version: str = "",
+        limits: ControlLimits | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.handler = handler
+        self.group = group
+        self.others_access = others_access
+        self.agent_id = agent_id
+        self.server_name = f"mvpd {version}".strip()
+        self.limits = limits or ControlLimits()
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._inode: int | None = None
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._connections)
+
+    async def start(self) -> None:
+        """Create the socket and start accepting connections."""
+        if len(os.fsencode(self.path)) > 107:
+            raise MvpError(f"control socket path {self.path} is too long (108 bytes at most)")
+        self._make_parent()
+        await self._remove_stale_socket()
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._accept, path=str(self.path), limit=_READ_CHUNK
+            )
+        except OSError as exc:
+            raise MvpError(f"cannot listen on control socket {self.path}: {exc}") from None
+        self._inode = os.stat(self.path).st_ino
+        self._set_mode()
+        log.info(
+            "control socket %s: group %r may change things, others: %s",
+            self.path,
+            self.group,
+            self.others_access,
+        )
+
+    async def close(self) -> None:
+        """Stop accepting, end every connection (closing their streams), remove the socket."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.abort()
+        for conn in list(self._connections):
+            await conn.finished.wait()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+        try:
+            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self._inode = None
+
+    # --- socket file -----------------------------------------------------------------------
+
+    def _make_parent(self) -> None:
+        parent = self.path.parent
+        if not parent.exists():
+            parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(parent, 0o755)  # mkdir's mode is filtered by the umask
+
+    async def _remove_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MvpError(
+                f"{self.path} exists and is not a socket; remove it or set another "
+                "control socket path (MVPD_SOCKET)"
+            )
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale control socket %s", self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        except (TimeoutError, OSError) as exc:
+            # Something is bound there but does not accept quickly: do not take it away.
+            raise MvpError(
+                f"another mvpd is running on {self.path} (it does not answer: {exc})"
+            ) from None
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        raise MvpError(f"another mvpd is running on {self.path}")
+
+    def _set_mode(self) -> None:
+        try:
+            group_id: int | None = grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            group_id = None
+            log.warning("group %r does not exist: only root may change things", self.group)
+        if group_id is not None:
+            os.chown(self.path, -1, group_id)
+        # Others need write permission on the socket to connect at all (for status).
+        group_mode = 0o660 if group_id is not None else 0o600
+        mode = 0o666 if self.others_access == "read" else group_mode
+        os.chmod(self.path, mode)
+
+    # --- connections -------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Connection(self, reader, writer)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            conn.finished.set()
+
+    def _count(self, access: Access) -> int:
+        return sum(1 for c in self._connections if c.caller is not None and c.access == access)
+
+
+@dataclass(eq=False)
+class _Subscription:
+    sub: int
+    kind: Literal["recv", "pipe"]
+    task: asyncio.Task[None] | None = None
+    pipe: PipeStream | None = None
+    queue: asyncio.Queue[tuple[int, str, Any]] | None = None
+    writer_task: asyncio.Task[None] | None = None
+    read_done: bool = False
+    write_done: bool = False
+    ended: bool = False
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One client connection: reads frames, authorises and dispatches, writes replies."""
+
+    server: ControlServer
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    caller: Caller | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    _access_at: float = 0.0
+    _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _subs: dict[int, _Subscription] = field(default_factory=dict)
+    _next_sub: int = 1
+    _streams_reserved: int = 0
+    _closing: bool = False
+    _main: asyncio.Task[Any] | None = None
+    #: Messages that arrived in the same read as the hello.
+    _leftover: list[dict[str, Any] | FrameError] = field(default_factory=list)
+
+    @property
+    def access(self) -> Access | None:
+        return self.caller.access if self.caller is not None else None
+
+    def abort(self) -> None:
+        """End this connection from outside (server shutdown)."""
+        self._closing = True
+        if self._main is not None:
+            self._main.cancel()
+
+    async def run(self) -> None:
+        self._main = asyncio.current_task()
+        limits = self.server.limits
+        try:
+            pid, uid, gid = peer_credentials(self.writer.get_extra_info("socket"))
+        except OSError as exc:
+            log.warning("control connection without peer credentials refused: %s", exc)
+            self.writer.close()
+            return
+        try:
+            await self._serve(pid, uid, gid)
+        except (asyncio.CancelledError, ConnectionClosed):
+            pass
+        except Exception:  # a bug here must cost one connection, never the daemon
+            log.exception("control connection uid=%d pid=%d failed", uid, pid)
+        finally:
+            self._closing = True
+            await self._teardown()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), limits.hello_timeout)
+
+    async def _serve(self, pid: int, uid: int, gid: int) -> None:
+        limits = self.server.limits
+        access = resolve_access(uid, gid, self.server.group, self.server.others_access)
+        decoder = FrameDecoder(
+            limits.max_frame if access == "write" else min(limits.read_only_max_frame, 4096)
+        )
+        # The hello: the first frame, within hello_timeout.
+        try:
+            first = await asyncio.wait_for(self._read_first(decoder), limits.hello_timeout)
+        except TimeoutError:
+            await self._send_quietly(error_message(None, BadRequest("no hello received in time")))
+            return
+        if first is None:
+            return
+        try:
+            hello = parse_client_hello(first)
+        except RpcError as exc:
+            await self._send_quietly(error_message(None, exc))
+            return
+        if access is None:
+            log.info(
+                "control connection refused: uid=%d pid=%d is not in group %r",
+                uid,
+                pid,
+                self.server.group,
+            )
+            await self._send_quietly(error_message(None, Forbidden(self._forbidden_text(uid))))
+            return
+        total = len(self.server._connections)
+        if total > limits.max_connections or (
+            access == "read" and self.server._count("read") >= limits.max_read_only_connections
+        ):
+            await self._send_quietly(
+                error_message(None, Busy("too many control connections; try again later"))
+            )
+            return
+        self.caller = Caller(pid=pid, uid=uid, gid=gid, access=access)
+        self._access_at = time.monotonic()
+        decoder.max_frame = limits.max_frame if access == "write" else limits.read_only_max_frame
+        log.debug("control client %r connected: %s access=%s", hello.client, self.caller, access)
+        await self._send(server_hello(self.server.server_name, self.server.agent_id, access))
+
+        slots = asyncio.Semaphore(limits.max_inflight)
+        items: list[dict[str, Any] | FrameError] = list(self._leftover)
+        while True:
+            for item in items:
+                if isinstance(item, FrameTooLarge):
+                    await self._send_quietly(error_message(None, item))
+                    return
+                if isinstance(item, FrameError):
+                    await self._send(error_message(None, item))
+                    continue
+                await self._dispatch(item, slots)
+            chunk = await self.reader.read(_READ_CHUNK)
+            if not chunk:
+                return
+            items = decoder.feed_items(chunk)
+
+    async def _read_first(self, decoder: FrameDecoder) -> dict[str, Any] | None:
+        while True:
+            chunk = await self.reader.read(_READ_CHUNK)
+            if not chunk:
+                return None
+            items = decoder.feed_items(chunk)
+            if items:
+                first = items[0]
+                if isinstance(first, FrameError):
+                    await self._send_quietly(error_message(None, first))
+                    return None
+                self._leftover = items[1:]
+                return first
+
+    def _forbidden_text(self, uid: int) -> str:
+        return (
+            f"uid {uid} may not use this control socket: only root and members of group "
+            f"{self.server.group!r} may (add the user with `usermod -aG {self.server.group} "
+            "USER` and log in again)"
+        )
+
+    def _current_access(self) -> Access | None:
+        caller = self.caller
+        assert caller is not None
+        now = time.monotonic()
+        if now - self._access_at >= self.server.limits.access_ttl:
+            access = resolve_access(
+                caller.uid, caller.gid, self.server.group, self.server.others_access
+            )
+            self._access_at = now
+            if access != caller.access:
+                log.info("control caller %s: access changed to %s", caller, access)
+                if access is None:
+                    raise ConnectionClosed("access revoked")
+                self.caller = Caller(caller.pid, caller.uid, caller.gid, access)
+        return self.caller.access if self.caller is not None else None
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    async def _dispatch(self, message: dict[str, Any], slots: asyncio.Semaphore) -> None:
+        request_id = request_id_of(message)
+        try:
+            req = parse_request(message)
+            spec = method_spec(req.method)
+            access = self._current_access()
+            if spec.access == "write" and access != "write":
+                raise Forbidden(
+                    f"{req.method} needs write access: only root and members of group "
+                    f"{self.server.group!r} may change things"
+                )
+            params = validate_params(req.method, req.params)
+        except RpcError as exc:
+            await self._send(error_message(request_id, exc))
+            return
+        caller = self.caller
+        assert caller is not None
+        if spec.access == "write":
+            level = logging.DEBUG if req.method == "pipe.write" else logging.INFO
+            log.log(
+                level,
+                "control call %s by %s",
+                req.method,
+                caller,
+                extra={
+                    "RPC_METHOD": req.method,
+                    "CALLER_UID": caller.uid,
+                    "CALLER_PID": caller.pid,
+                },
+            )
+        if req.method in ("pipe.write", "pipe.eof"):
+            await self._enqueue_pipe(req, params)
+        elif req.method == "cancel":
+            assert isinstance(params, SubParams)
+            sub = self._subs.get(params.sub)
+            if sub is None:
+                await self._send(error_message(req.id, NotFound(f"no subscription {params.sub}")))
+                return
+            await self._send(result_message(req.id, {}))
+            await self._end(sub, cancel=True)
+        else:
+            await slots.acquire()
+            self._spawn(self._call(req, params, caller, spec.stream), slots.release)
+
+    def _spawn(
+        self, coro: Awaitable[None], on_done: Callable[[], None] | None = None
+    ) -> asyncio.Task[None]:
+        async def wrapped() -> None:
+            await coro
+
+        task = asyncio.create_task(wrapped())
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if on_done is not None:
+                on_done()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _call(self, req: Request, params: Any, caller: Caller, stream: bool) -> None:
+        handler_method = getattr(self.server.handler, "rpc_" + req.method.replace(".", "_"), None)
+        try:
+            if handler_method is None:
+                raise RpcError(f"{req.method} is not implemented by this mvpd")
+            if stream:
+                if len(self._subs) + self._streams_reserved >= self.server.limits.max_streams:
+                    raise Busy(
+                        f"too many streams on this connection "
+                        f"({self.server.limits.max_streams} at most)"
+                    )
+                self._streams_reserved += 1
+                try:
+                    value = await handler_method(params, caller)
+                finally:
+                    self._streams_reserved -= 1
+                await self._start_stream(req, value)
+                return
+            result = to_wire(await handler_method(params, caller))
+            frame = result_message(req.id, {} if result is None else result)
+            await self._send(frame)
+        except asyncio.CancelledError:
+            raise
+        except ConnectionClosed:
+            return
+        except Exception as exc:
+            if not isinstance(exc, MvpError | TimeoutError):
+                log.exception("control call %s by %s failed", req.method, caller)
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(error_message(req.id, exc))
+
+    # --- streams -------------------------------------------------------------------------------
+
+    async def _start_stream(self, req: Request, value: Any) -> None:
+        sub = _Subscription(self._next_sub, "pipe" if req.method == "pipe.open" else "recv")
+        self._next_sub += 1
+        if sub.kind == "pipe":
+            sub.pipe = value
+            sub.queue = asyncio.Queue(self.server.limits.pipe_queue)
+        self._subs[sub.sub] = sub
+        try:
+            await self._send(result_message(req.id, {"sub": sub.sub}))
+        except BaseException:
+            await self._end(sub, cancel=True, notify=False)
+            raise
+        if sub.kind == "recv":
+            sub.task = self._spawn(self._pump_messages(sub, value))
+        else:
+            sub.task = self._spawn(self._pump_pipe(sub))
+            sub.writer_task = self._spawn(self._pipe_writer(sub))
+
+    async def _pump_messages(self, sub: _Subscription, messages: AsyncIterator[Message]) -> None:
+        try:
+            async for message in messages:
+                await self._send(event_message(sub.sub, "message", to_wire(message)))
+        except (asyncio.CancelledError, ConnectionClosed):
+            raise
+        except Exception as exc:
+            await self._stream_error(sub, exc)
+        finally:
+            aclose = getattr(messages, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        sub.task = None
+        await self._end(sub)
+
+    async def _pump_pipe(self, sub: _Subscription) -> None:
+        assert sub.pipe is not None
+        try:
+            async for chunk in sub.pipe.read():
+                await self._send(event_message(sub.sub, "data", {"data": bytes(chunk)}))
+        except (asyncio.CancelledError, ConnectionClosed):
+            raise
+        except Exception as exc:
+            await self._stream_error(sub, exc)
+        else:
+            await self._send(event_message(sub.sub, "eof"))
+        sub.read_done = True
+        sub.task = None
+        if sub.write_done:
+            await self._end(sub)
+
+    async def _pipe_writer(self, sub: _Subscription) -> None:
+        assert sub.pipe is not None and sub.queue is not None
+        while True:
+            request_id, method, data = await sub.queue.get()
+            try:
+                if sub.write_done:
+                    raise BadRequest(f"pipe {sub.sub}: the writing side has already ended")
+                if method == "pipe.write":
+                    await sub.pipe.write(data)
+                else:
+                    await sub.pipe.write_eof()
+                    sub.write_done = True
+                await self._send(result_message(request_id, {}))
+            except (asyncio.CancelledError, ConnectionClosed):
+                raise
+            except Exception as exc:
+                if not isinstance(exc, MvpError | TimeoutError):
+                    log.exception("pipe %s failed", method)
+                await self._send(error_message(request_id, exc))
+            if sub.write_done and sub.read_done:
+                sub.writer_task = None
+                await self._end(sub)
+                return
+
+    async def _enqueue_pipe(self, req: Request, params: Any) -> None:
+        sub = self._subs.get(params.sub)
+        if sub is None or sub.ended:
+            await self._send(error_message(req.id, NotFound(f"no subscription {params.sub}")))
+            return
+        if sub.kind != "pipe" or sub.queue is None:
+            await self._send(
+                error_message(req.id, InvalidParams(f"subscription {params.sub} is not a pipe"))
+            )
+            return
+        data = params.data if isinstance(params, PipeWriteParams) else None
+        # Awaiting here stops reading this connection while the pipe is backed up.
+        await sub.queue.put((req.id, req.method, data))
+
+    async def _stream_error(self, sub: _Subscription, exc: Exception) -> None:
+        if not isinstance(exc, MvpError | TimeoutError):
+            log.exception("stream %d failed", sub.sub)
+        await self._send(event_message(sub.sub, "error", error_message(None, exc)["error"]))
+
+    async def _end(self, sub: _Subscription, *, cancel: bool = False, notify: bool = True) -> None:
+        """Finish a subscription once: stop its tasks, close its pipe, send ``end``."""
+        if sub.ended:
+            return
+        sub.ended = True
+        current = asyncio.current_task()
+        for task in (sub.task, sub.writer_task):
+            if task is not None and task is not current and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if sub.pipe is not None:
+            try:
+                await sub.pipe.close()
+            except Exception:
+                log.exception("closing pipe %d failed", sub.sub)
+        self._subs.pop(sub.sub, None)
+        if notify and not self._closing:
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(event_message(sub.sub, "end"))
+
+    async def _teardown(self) -> None:
+        for sub in list(self._subs.values()):
+            await self._end(sub, cancel=True, notify=False)
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    # --- writing -------------------------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        try:
+            frame = encode_frame(message)
+        except FrameTooLarge as exc:
+            if "id" not in message:
+                raise
+            frame = encode_frame(error_message(message["id"], exc))
+        async with self._write_lock:
+            if self.writer.is_closing():
+                raise ConnectionClosed("control client went away")
+            try:
+                self.writer.write(frame)
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionClosed(f"control client went away: {exc}") from None
+
+    async def _send_quietly(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(message)
