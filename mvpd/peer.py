@@ -1,0 +1,659 @@
+"""One WebRTC peer connection per remote agent: negotiation, channels, state, stats.
+
+This is the only module that touches aiortc. What shapes it (aiortc 1.16):
+
+* Half-trickle: aiortc gathers every local candidate inside ``setLocalDescription`` and
+  never emits candidates, so our offer/answer SDP is complete. Browsers trickle theirs, and
+  those may arrive before the offer or answer: they are queued until the remote description
+  is set (aiortc has no ICE transport to give them to before that) and never dropped. An
+  empty or null candidate means end-of-candidates.
+* ``RTCConfiguration()`` without ``iceServers`` contacts a public STUN server, so the list is
+  always passed, empty when none are configured.
+* No rollback and no ICE restart: on glare the agent with the lower id throws its own peer
+  connection away and answers; recovery from failure is a new session.
+* The mode travels in-band: the offerer opens the main channel with ``label`` =
+  ``data_channel_label`` and ``protocol`` = mode, which the answerer reads from the
+  channel-open message to build the matching transport.
+* aiortc's ``getStats()`` only reports RTP senders and receivers, so the selected candidate
+  pair is read from the ICE connection of the SCTP transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
+from aiortc.sdp import candidate_from_sdp
+
+from .config import AgentSettings
+from .proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
+from .proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
+from .transports import (
+    PIPE_LABEL,
+    PipeTransport,
+    Transport,
+    create_transport,
+    transport_class,
+)
+
+log = logging.getLogger(__name__)
+
+#: Remote candidates kept while waiting for the remote description. Far above what any
+#: browser sends (a few per interface); only a hostile peer reaches it.
+MAX_PENDING_CANDIDATES = 512
+#: Signaling messages waiting for this session's worker.
+MAX_INBOX = 256
+#: How long a Bye may take to leave before closing goes on without it.
+BYE_TIMEOUT = 2.0
+#: aiortc's SCTP data channel payload protocol identifier for UTF-8 text.
+_PPID_STRING = 51
+
+SendSignal = Callable[[RoutedMessage], Awaitable[None]]
+
+
+class PeerState(str, enum.Enum):
+    """Life of a session: new -> connecting -> connected -> closed | failed."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (PeerState.CLOSED, PeerState.FAILED)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    state: PeerState
+    at: float
+    reason: str = ""
+
+
+StateListener = Callable[["PeerSession", StateChange], None]
+TransportListener = Callable[["PeerSession", Transport[Any]], None]
+
+
+def ice_configuration(settings: AgentSettings) -> RTCConfiguration:
+    """The aiortc configuration for ``settings``: explicit (maybe empty) server list and
+    transport policy, so ``relay`` forces TURN."""
+    servers = [
+        RTCIceServer(
+            urls=list(server.urls),
+            username=server.username,
+            credential=(
+                server.credential.get_secret_value() if server.credential is not None else None
+            ),
+        )
+        for server in settings.ice_servers
+    ]
+    policy = (
+        RTCIceTransportPolicy.RELAY
+        if settings.ice_transport_policy == "relay"
+        else RTCIceTransportPolicy.ALL
+    )
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+def parse_candidate(init: IceCandidate) -> Any:
+    """An aiortc ``RTCIceCandidate`` from a browser's RTCIceCandidateInit.
+
+    Raises ``ValueError`` when the candidate line cannot be parsed.
+    """
+    line = init.candidate.strip()
+    line = line.removeprefix("a=").removeprefix("candidate:")
+    try:
+        candidate = candidate_from_sdp(line)
+    except (AssertionError, IndexError, ValueError) as exc:
+        raise ValueError(f"cannot parse ICE candidate {init.candidate[:80]!r}") from exc
+    candidate.sdpMid = init.sdpMid
+    candidate.sdpMLineIndex = init.sdpMLineIndex
+    if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
+        # Data-only sessions have a single m-line.
+        candidate.sdpMLineIndex = 0
+    return candidate
+
+
+class PeerSession:
+    """The connection to one remote agent: one RTCPeerConnection, its data channels and
+    their transports.
+
+    Signaling messages for this peer go to :meth:`deliver` (queued, handled in order by the
+    session's own task, so a slow gather never blocks other peers) or directly to
+    :meth:`handle`. Outgoing signaling goes through ``send_signal``.
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        peer_id: str,
+        *,
+        send_signal: SendSignal,
+        mode: str | None = None,
+        on_state: StateListener | None = None,
+        on_transport: TransportListener | None = None,
+    ) -> None:
+        self.settings = settings
+        self.peer_id = peer_id
+        self.local_id = settings.agent_id
+        self.mode = mode or settings.mode_for(peer_id)
+        self.role: str | None = None  # "offerer" or "answerer"
+        self._send_signal = send_signal
+        self._state_listeners: list[StateListener] = [on_state] if on_state else []
+        self._transport_listeners: list[TransportListener] = [on_transport] if on_transport else []
+        self.history: list[StateChange] = [StateChange(PeerState.NEW, time.time())]
+        self.transports: dict[str, Transport[Any]] = {}
+        self._pc: Any = None
+        self._remote_description_set = False
+        self._remote_ufrag: str | None = None
+        self._pending_candidates: list[IceCandidate | None] = []
+        self._inbox: asyncio.Queue[RoutedMessage] = asyncio.Queue(MAX_INBOX)
+        self._worker: asyncio.Task[None] | None = None
+        self._timeout_task: asyncio.Task[None] | None = None
+        self._main_open: asyncio.Future[Transport[Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pipe_waiters: list[asyncio.Future[PipeTransport]] = []
+        self._closing = False
+        self._close_task: asyncio.Future[None] | None = None
+        self.failure: str | None = None
+        self.inbox_dropped = 0
+        self.candidates_ignored = 0
+        for warning in settings.ice_warnings():
+            log.warning("ICE servers: %s", warning)
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> PeerState:
+        return self.history[-1].state
+
+    @property
+    def since(self) -> float:
+        """When the current state was entered (UNIX time)."""
+        return self.history[-1].at
+
+    @property
+    def transport(self) -> Transport[Any] | None:
+        """The main transport (chat/json/bytes/...), once its channel exists."""
+        return self.transports.get(self.settings.data_channel_label)
+
+    @property
+    def negotiated(self) -> bool:
+        """Offer and answer have both been applied."""
+        return self._remote_description_set and self._pc is not None
+
+    def add_state_listener(self, listener: StateListener) -> None:
+        self._state_listeners.append(listener)
+
+    def add_transport_listener(self, listener: TransportListener) -> None:
+        self._transport_listeners.append(listener)
+
+    def _set_state(self, state: PeerState, reason: str = "") -> None:
+        if state == self.state or self.state.is_final:
+            return
+        change = StateChange(state, time.time(), reason)
+        self.history.append(change)
+        log.info(
+            "peer %s: %s%s", self.peer_id, state.value, f" ({reason})" if reason else ""
+        )
+        for listener in list(self._state_listeners):
+            try:
+                listener(self, change)
+            except Exception:
+                log.exception("state listener for peer %s failed", self.peer_id)
+
+    # --- starting --------------------------------------------------------------------------
+
+    def _new_pc(self) -> Any:
+        pc = RTCPeerConnection(ice_configuration(self.settings))
+
+        def on_datachannel(channel: Any) -> None:
+            if pc is self._pc:
+                self._on_remote_channel(channel)
+
+        def on_connection_state() -> None:
+            if pc is not self._pc or self._closing:
+                return
+            state = pc.connectionState
+            log.debug("peer %s: connection state %s", self.peer_id, state)
+            if state == "failed":
+                self._spawn_close("ICE or DTLS failed", failed=True)
+            elif state == "closed":
+                self._spawn_close("the peer connection closed")
+
+        pc.on("datachannel", on_datachannel)
+        pc.on("connectionstatechange", on_connection_state)
+        self._pc = pc
+        self._remote_description_set = False
+        self._remote_ufrag = None
+        return pc
+
+    def _is_current(self, pc: Any) -> bool:
+        return pc is self._pc
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.ensure_future(self._run_inbox())
+        if self._timeout_task is None:
+            self._timeout_task = asyncio.ensure_future(self._connect_watchdog())
+
+    async def start_offer(self) -> None:
+        """Create the peer connection and the main channel, send the offer."""
+        if self.state != PeerState.NEW or self._pc is not None:
+            raise PeerError(f"session with {self.peer_id} was already started")
+        factory = transport_class(self.mode)  # fails early for unknown modes
+        self.role = "offerer"
+        self._set_state(PeerState.CONNECTING, "offering")
+        self._start_worker()
+        pc = self._new_pc()
+        transport = factory()
+        options = transport.channel_options
+        channel = pc.createDataChannel(
+            self.settings.data_channel_label,
+            ordered=options.ordered,
+            maxRetransmits=options.max_retransmits,
+            maxPacketLifeTime=options.max_packet_lifetime,
+            protocol=self.mode,
+        )
+        self._attach(transport, channel)
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+        except Exception as exc:
+            await self.close(f"cannot create an offer: {exc}", failed=True)
+            raise PeerError(f"cannot create an offer for {self.peer_id}: {exc}") from exc
+        if not self._is_current(pc):
+            return  # an incoming offer won the glare while we were gathering
+        sdp: str = pc.localDescription.sdp
+        await self._signal(Offer(sender=self.local_id, to=self.peer_id, sdp=sdp))
+
+    async def wait_open(self, timeout: float | None = None) -> Transport[Any]:
+        """Wait for the main channel to open; :class:`PeerError` on failure or timeout."""
+        limit = self.settings.connect_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._main_open), limit)
+        except asyncio.TimeoutError:
+            reason = self._timeout_reason(limit)
+            await self.close(reason, failed=True, send_bye=True)
+            raise PeerError(reason, code="timeout") from None
+
+    def _timeout_reason(self, limit: float) -> str:
+        ice = self._pc.iceConnectionState if self._pc is not None else "none"
+        signaling = self._pc.signalingState if self._pc is not None else "none"
+        return (
+            f"no open data channel to {self.peer_id} after {limit:g} s "
+            f"(signaling {signaling}, ICE {ice}); is the peer online and reachable?"
+        )
+
+    async def _connect_watchdog(self) -> None:
+        limit = self.settings.connect_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(self._main_open), limit)
+        except asyncio.TimeoutError:
+            await self.close(self._timeout_reason(limit), failed=True, send_bye=True)
+        except (MvpError, asyncio.CancelledError):
+            pass
+
+    # --- signaling in ----------------------------------------------------------------------
+
+    def deliver(self, message: RoutedMessage) -> None:
+        """Queue a signaling message from the peer for the session's worker."""
+        if self.state.is_final:
+            log.debug("peer %s: %s after close ignored", self.peer_id, message.type)
+            return
+        self._start_worker()
+        try:
+            self._inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.inbox_dropped += 1
+            log.warning("peer %s: too many signaling messages; dropped a %s",
+                        self.peer_id, message.type)
+
+    async def _run_inbox(self) -> None:
+        while not self._closing:
+            message = await self._inbox.get()
+            try:
+                await self.handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A bad SDP or candidate from the peer must not kill the worker.
+                log.warning("peer %s: cannot handle %s: %s", self.peer_id, message.type, exc)
+                if message.type in ("offer", "answer"):
+                    await self.close(f"bad {message.type} from the peer: {exc}", failed=True,
+                                     send_bye=True)
+
+    async def handle(self, message: RoutedMessage) -> None:
+        """Apply one signaling message from the peer."""
+        if self.state.is_final:
+            return
+        if isinstance(message, Offer):
+            await self.handle_offer(message)
+        elif isinstance(message, Answer):
+            await self.handle_answer(message)
+        elif isinstance(message, Candidate):
+            await self.handle_candidate(message)
+        elif isinstance(message, Bye):
+            reason = f"the peer said bye{': ' + message.reason if message.reason else ''}"
+            await self.close(reason)
+
+    async def handle_offer(self, offer: Offer) -> None:
+        """Answer an offer (resolving glare: the lower agent id yields)."""
+        if self._pc is not None:
+            if self._pc.signalingState == "have-local-offer":
+                if self.local_id < self.peer_id:
+                    log.info("peer %s: both sides offered; %s < %s, so we answer",
+                             self.peer_id, self.local_id, self.peer_id)
+                    await self._discard_pc()
+                else:
+                    log.info("peer %s: both sides offered; %s > %s, so we keep our offer",
+                             self.peer_id, self.local_id, self.peer_id)
+                    return
+            else:
+                log.warning("peer %s: unexpected offer in signaling state %s ignored",
+                            self.peer_id, self._pc.signalingState)
+                return
+        self.role = "answerer"
+        self._set_state(PeerState.CONNECTING, "answering")
+        self._start_worker()
+        pc = self._new_pc()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+        await self._remote_description_applied(offer.sdp)
+        await pc.setLocalDescription(await pc.createAnswer())
+        if pc is self._pc and not self.state.is_final:
+            await self._signal(
+                Answer(sender=self.local_id, to=self.peer_id, sdp=pc.localDescription.sdp)
+            )
+
+    async def handle_answer(self, answer: Answer) -> None:
+        pc = self._pc
+        if pc is None or pc.signalingState != "have-local-offer":
+            state = pc.signalingState if pc is not None else "no offer"
+            log.warning("peer %s: unexpected answer (%s) ignored", self.peer_id, state)
+            return
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+        await self._remote_description_applied(answer.sdp)
+
+    async def handle_candidate(self, message: Candidate) -> None:
+        """Add a trickled remote candidate, or queue it until the remote description."""
+        if not self._remote_description_set:
+            if len(self._pending_candidates) >= MAX_PENDING_CANDIDATES:
+                self.candidates_ignored += 1
+                log.warning("peer %s: over %d early candidates; ignoring more",
+                            self.peer_id, MAX_PENDING_CANDIDATES)
+                return
+            self._pending_candidates.append(message.candidate)
+            return
+        await self._add_candidate(message.candidate)
+
+    async def _remote_description_applied(self, sdp: str) -> None:
+        self._remote_description_set = True
+        self._remote_ufrag = _ice_ufrag(sdp)
+        self._guard_text_decoding()
+        pending, self._pending_candidates = self._pending_candidates, []
+        for init in pending:
+            await self._add_candidate(init)
+
+    async def _add_candidate(self, init: IceCandidate | None) -> None:
+        pc = self._pc
+        if pc is None:
+            return
+        if init is not None and init.usernameFragment and self._remote_ufrag and (
+            init.usernameFragment != self._remote_ufrag
+        ):
+            # A candidate for a peer connection the remote has replaced (glare, restart).
+            self.candidates_ignored += 1
+            log.debug("peer %s: candidate for another ICE session ignored", self.peer_id)
+            return
+        try:
+            if init is None or not init.candidate.strip():
+                await pc.addIceCandidate(None)
+            else:
+                await pc.addIceCandidate(parse_candidate(init))
+        except (ValueError, AssertionError) as exc:
+            self.candidates_ignored += 1
+            log.warning("peer %s: remote candidate ignored: %s", self.peer_id, exc)
+
+    def _guard_text_decoding(self) -> None:
+        """Make invalid UTF-8 in a text message harmless.
+
+        aiortc decodes text messages with ``bytes.decode`` inside its SCTP receive path; an
+        invalid one raises there and tears the whole association down. A peer must not be
+        able to do that, so such a message is handed to the channel as bytes instead, where
+        the transport counts it as invalid.
+        """
+        sctp = self._pc.sctp if self._pc is not None else None
+        if sctp is None or getattr(sctp, "_mvpd_guarded", False):
+            return
+        original = sctp._data_channel_receive
+
+        async def receive(stream_id: int, pp_id: int, data: bytes) -> None:
+            if pp_id == _PPID_STRING:
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:
+                    channel = sctp._data_channels.get(stream_id)
+                    if channel is not None:
+                        channel.emit("message", bytes(data))
+                    return
+            await original(stream_id, pp_id, data)
+
+        sctp._data_channel_receive = receive
+        sctp._mvpd_guarded = True
+
+    # --- channels --------------------------------------------------------------------------
+
+    def _attach(self, transport: Transport[Any], channel: Any) -> None:
+        label = channel.label
+        old = self.transports.get(label)
+        if old is not None and not old.is_closed:
+            log.warning("peer %s: second channel %r replaces the first", self.peer_id, label)
+            old.close()
+        self.transports[label] = transport
+        transport.attach_channel(channel)
+        if label == self.settings.data_channel_label:
+            channel.on("open", lambda: self._main_channel_opened(transport))
+            if channel.readyState == "open":
+                self._main_channel_opened(transport)
+            transport.add_close_listener(lambda: self._main_channel_closed(transport))
+        elif isinstance(transport, PipeTransport):
+            for waiter in self._pipe_waiters:
+                if not waiter.done():
+                    waiter.set_result(transport)
+            self._pipe_waiters.clear()
+        for listener in list(self._transport_listeners):
+            try:
+                listener(self, transport)
+            except Exception:
+                log.exception("transport listener for peer %s failed", self.peer_id)
+
+    def _on_remote_channel(self, channel: Any) -> None:
+        label = channel.label
+        if label == self.settings.data_channel_label:
+            mode = channel.protocol or self.settings.mode_for(self.peer_id)
+            try:
+                transport = create_transport(mode)
+            except TransportError as exc:
+                log.warning("peer %s: refusing channel %r: %s", self.peer_id, label, exc)
+                channel.close()
+                self._spawn_close(f"the peer asked for mode {mode!r}: {exc}", failed=True)
+                return
+            if mode != self.mode:
+                log.info("peer %s: the peer chose mode %s", self.peer_id, mode)
+            self.mode = mode
+            self._attach(transport, channel)
+        elif label == PIPE_LABEL:
+            self._attach(PipeTransport(), channel)
+        else:
+            log.warning("peer %s: unknown channel %r closed", self.peer_id, label)
+            channel.close()
+
+    def _main_channel_opened(self, transport: Transport[Any]) -> None:
+        if self.transport is not transport or self.state.is_final:
+            return
+        self._set_state(PeerState.CONNECTED, f"{self.mode} channel open")
+        if not self._main_open.done():
+            self._main_open.set_result(transport)
+
+    def _main_channel_closed(self, transport: Transport[Any]) -> None:
+        if self.transport is transport and not self._closing:
+            self._spawn_close("the data channel closed")
+
+    async def open_pipe(self) -> PipeTransport:
+        """Open a new pipe channel to the peer (replacing an old one) and wait until open."""
+        pc = self._pc
+        if pc is None or self.state != PeerState.CONNECTED:
+            raise PeerError(f"not connected to {self.peer_id}")
+        transport = PipeTransport()
+        channel = pc.createDataChannel(PIPE_LABEL, ordered=True, protocol="pipe")
+        self._attach(transport, channel)
+        try:
+            await asyncio.wait_for(transport.wait_open(), self.settings.connect_timeout)
+        except (asyncio.TimeoutError, ConnectionClosed) as exc:
+            transport.close()
+            raise PeerError(f"the pipe to {self.peer_id} did not open: {exc}") from None
+        return transport
+
+    async def wait_pipe(self, timeout: float | None = None) -> PipeTransport:
+        """The pipe the peer opened (now or later)."""
+        current = self.transports.get(PIPE_LABEL)
+        if isinstance(current, PipeTransport) and not current.is_closed:
+            return current
+        waiter: asyncio.Future[PipeTransport] = asyncio.get_running_loop().create_future()
+        self._pipe_waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            raise PeerError(f"{self.peer_id} opened no pipe", code="timeout") from None
+
+    # --- signaling out ---------------------------------------------------------------------
+
+    async def _signal(self, message: RoutedMessage) -> None:
+        try:
+            await self._send_signal(message)
+        except Exception as exc:
+            reason = f"cannot send {message.type} to {self.peer_id} via signaling: {exc}"
+            await self.close(reason, failed=True)
+            raise PeerError(reason) from exc
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def _spawn_close(self, reason: str, *, failed: bool = False) -> None:
+        if not self._closing and self._close_task is None:
+            self._close_task = asyncio.ensure_future(self.close(reason, failed=failed))
+
+    async def _discard_pc(self) -> None:
+        """Throw the current peer connection away without ending the session (glare)."""
+        pc, self._pc = self._pc, None
+        # Forget the transports before closing them, so their close does not end the session.
+        transports = list(self.transports.values())
+        self.transports.clear()
+        for transport in transports:
+            transport.close()
+        if pc is not None:
+            await pc.close()
+
+    async def close(
+        self, reason: str = "closed", *, failed: bool = False, send_bye: bool = False
+    ) -> None:
+        """End the session and release everything (idempotent)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.failure = reason if failed else None
+        state = PeerState.FAILED if failed else PeerState.CLOSED
+        self._set_state(state, reason)
+        if not self._main_open.done():
+            self._main_open.set_exception(PeerError(reason))
+            self._main_open.exception()  # retrieved: nobody may be waiting
+        for waiter in self._pipe_waiters:
+            if not waiter.done():
+                waiter.set_exception(PeerError(reason))
+                waiter.exception()
+        current = asyncio.current_task()
+        for task in (self._worker, self._timeout_task):
+            if task is not None and task is not current:
+                task.cancel()
+        if send_bye:
+            bye = Bye(sender=self.local_id, to=self.peer_id, reason=reason[:256])
+            try:
+                await asyncio.wait_for(self._send_signal(bye), BYE_TIMEOUT)
+            except Exception as exc:
+                log.debug("peer %s: bye not sent: %s", self.peer_id, exc)
+        for transport in self.transports.values():
+            transport.close()
+        pc, self._pc = self._pc, None
+        if pc is not None:
+            try:
+                await pc.close()
+            except Exception as exc:
+                log.debug("peer %s: closing the peer connection: %s", self.peer_id, exc)
+
+    # --- status ----------------------------------------------------------------------------
+
+    def ice_path(self) -> dict[str, Any]:
+        """The selected candidate pair: ``path`` is ``direct``, ``relayed`` or ``None``."""
+        pair = _selected_pair(self._pc)
+        if pair is None:
+            return {"path": None, "local_candidate": None, "remote_candidate": None}
+        local, remote = pair.local_candidate, pair.remote_candidate
+        relayed = "relay" in (local.type, remote.type)
+        return {
+            "path": "relayed" if relayed else "direct",
+            "local_candidate": local.to_sdp(),
+            "remote_candidate": remote.to_sdp(),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain-data status of the session (for ``mvpctl status``)."""
+        pc = self._pc
+        return {
+            "peer": self.peer_id,
+            "state": self.state.value,
+            "since": self.since,
+            "role": self.role,
+            "mode": self.mode,
+            "failure": self.failure,
+            "history": [
+                {"state": c.state.value, "at": c.at, "reason": c.reason} for c in self.history
+            ],
+            "connection_state": pc.connectionState if pc is not None else None,
+            "ice_state": pc.iceConnectionState if pc is not None else None,
+            "ice": self.ice_path(),
+            "transports": {
+                label: {"mode": t.mode, "open": t.is_open, **t.counters.as_dict()}
+                for label, t in self.transports.items()
+            },
+            "candidates_ignored": self.candidates_ignored,
+            "pending_candidates": len(self._pending_candidates),
+        }
+
+
+def _selected_pair(pc: Any) -> Any:
+    """aioice's nominated pair for component 1 of the SCTP transport, if any."""
+    try:
+        connection = pc.sctp.transport.transport._connection
+        return connection._nominated.get(1)
+    except AttributeError:
+        return None
+
+
+def _ice_ufrag(sdp: str) -> str | None:
+    for line in sdp.splitlines():
+        if line.startswith("a=ice-ufrag:"):
+            return line.split(":", 1)[1].strip()
+    return None

@@ -1,0 +1,75 @@
+"""Data-channel transports: one per data channel, chosen by mode.
+
+``create_transport(mode)`` builds the transport for ``chat``, ``json`` or ``bytes``; the
+pipe (``mvpctl pipe``) has its own channel and :class:`PipeTransport`. Nothing here imports
+aiortc: transports accept any object shaped like an ``RTCDataChannel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..proto.errors import TransportError
+from .base import (
+    MAX_MESSAGE_SIZE,
+    ChannelOptions,
+    DataChannelLike,
+    DecodeError,
+    Transport,
+    TransportCounters,
+    TransportErrorEvent,
+)
+from .bytesmsg import BytesTransport
+from .chat import ChatTransport
+from .jsonmsg import JsonTransport
+from .pipe import PIPE_LABEL, PipeTransport
+
+__all__ = [
+    "MAX_MESSAGE_SIZE",
+    "PIPE_LABEL",
+    "TRANSPORTS",
+    "BytesTransport",
+    "ChannelOptions",
+    "ChatTransport",
+    "DataChannelLike",
+    "DecodeError",
+    "JsonTransport",
+    "PipeTransport",
+    "Transport",
+    "TransportCounters",
+    "TransportErrorEvent",
+    "create_transport",
+    "register_transport",
+    "transport_class",
+]
+
+#: Mode name -> transport factory. The TUN transport registers itself as "tun".
+TRANSPORTS: dict[str, Callable[..., Transport[Any]]] = {
+    "chat": ChatTransport,
+    "json": JsonTransport,
+    "bytes": BytesTransport,
+}
+
+
+def register_transport(mode: str, factory: Callable[..., Transport[Any]]) -> None:
+    """Make ``create_transport(mode)`` build ``factory(**kwargs)``."""
+    TRANSPORTS[mode] = factory
+
+
+def transport_class(mode: str) -> Callable[..., Transport[Any]]:
+    """The factory for ``mode``; :class:`TransportError` naming the known modes if none."""
+    factory = TRANSPORTS.get(mode)
+    if factory is None:
+        if mode == "tun":
+            raise TransportError(
+                "tun mode is not available: the TUN transport is not installed in this build"
+            )
+        known = ", ".join(sorted(TRANSPORTS))
+        raise TransportError(f"unknown transport mode {mode!r}; known modes: {known}")
+    return factory
+
+
+def create_transport(mode: str, **kwargs: Any) -> Transport[Any]:
+    """A new, unattached transport for ``mode`` (``chat``, ``json`` or ``bytes``)."""
+    return transport_class(mode)(**kwargs)

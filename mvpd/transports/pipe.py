@@ -1,0 +1,214 @@
+"""A lossless, flow-controlled byte stream over its own data channel (``mvpctl pipe``).
+
+Framing: every message starts with a one-byte type.
+
+* ``DATA`` (0x00) + payload bytes;
+* ``EOF`` (0x01): the sender will write no more (half close);
+* ``CREDIT`` (0x02) + 4-byte big-endian count: the receiver may take that many more payload
+  bytes.
+
+Each side starts by granting :data:`DEFAULT_WINDOW` bytes and grants more only as its local
+reader consumes data, so a sender never overruns a receiver whose reader is slow or has not
+attached yet: the receiver buffers at most one window, the sender waits. The channel is
+reliable and ordered, so the stream is lossless and ``EOF`` arrives after the last data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+
+from ..proto.errors import ConnectionClosed, ProtocolError, TransportError
+from .base import ChannelOptions, Transport
+
+log = logging.getLogger(__name__)
+
+PIPE_LABEL = "mvp-pipe"
+
+FRAME_DATA = 0x00
+FRAME_EOF = 0x01
+FRAME_CREDIT = 0x02
+
+#: Bytes a receiver is willing to buffer for its reader.
+DEFAULT_WINDOW = 1024 * 1024
+#: Payload bytes per DATA frame (well under the 256 KiB message limit).
+DEFAULT_CHUNK = 64 * 1024
+_CREDIT = struct.Struct("!BI")
+
+
+class PipeTransport(Transport[bytes]):
+    """A bidirectional byte stream with end-to-end EOF and credit-based flow control.
+
+    Writer side: :meth:`write` (waits for credit and buffer room) and :meth:`write_eof`.
+    Reader side: :meth:`read` returns ``b""`` at EOF and raises :class:`ConnectionClosed`
+    when the channel closes before EOF (a truncated stream).
+    """
+
+    mode = "pipe"
+    channel_options = ChannelOptions(ordered=True)
+
+    def __init__(
+        self,
+        *,
+        window: int = DEFAULT_WINDOW,
+        chunk_size: int = DEFAULT_CHUNK,
+        high_watermark: int = 512 * 1024,
+        low_watermark: int = 128 * 1024,
+    ) -> None:
+        super().__init__(
+            high_watermark=high_watermark, low_watermark=low_watermark, queue_size=0
+        )
+        if not 0 < chunk_size < self.max_message_size:
+            raise ValueError("chunk_size must be between 1 and the message size limit")
+        self.window = window
+        self.chunk_size = min(chunk_size, window)
+        # Receiving: data for the local reader, at most `window` bytes.
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._granted = 0  # bytes the peer may still send us
+        self._consumed = 0  # bytes read since the last grant
+        self._eof_received = False
+        self._data_event = asyncio.Event()
+        # Sending.
+        self._credit = 0
+        self._credit_event = asyncio.Event()
+        self._eof_sent = False
+        self._write_lock = asyncio.Lock()
+        self.payload_in = 0
+        self.payload_out = 0
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer sent EOF and every byte has been read."""
+        return self._eof_received and not self._buffer
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet (never more than :attr:`window`)."""
+        return self._buffered
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (any amount when ``n < 0``); ``b""`` at EOF."""
+        while not self._buffer:
+            if self._eof_received:
+                return b""
+            if self.is_closed:
+                raise ConnectionClosed("the pipe closed before end of stream")
+            self._data_event.clear()
+            await self._data_event.wait()
+        head = self._buffer.popleft()
+        if 0 <= n < len(head):
+            head, rest = head[:n], head[n:]
+            self._buffer.appendleft(rest)
+        self._buffered -= len(head)
+        self._consumed += len(head)
+        self._maybe_grant()
+        return head
+
+    async def read_all(self) -> bytes:
+        """Everything until EOF (tests and small transfers)."""
+        parts = []
+        while chunk := await self.read():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _maybe_grant(self) -> None:
+        # Grant in batches (a quarter window) so credit frames stay rare.
+        if self._consumed >= max(self.window // 4, 1) and self.is_open:
+            self._grant(self._consumed)
+            self._consumed = 0
+
+    def _grant(self, amount: int) -> None:
+        try:
+            self._send(_CREDIT.pack(FRAME_CREDIT, amount))
+        except (TransportError, ConnectionClosed) as exc:
+            log.debug("pipe %r: cannot grant credit: %s", self.label, exc)
+            return
+        self._granted += amount
+
+    def on_open(self) -> None:
+        self._grant(self.window)
+
+    def receive(self, data: str | bytes) -> None:
+        if isinstance(data, str) or not data:
+            self.report_error("bad-frame", "pipe frames are non-empty binary messages")
+            return
+        kind = data[0]
+        if kind == FRAME_DATA:
+            payload = data[1:]
+            if self._eof_received:
+                self._violation("data after EOF")
+                return
+            if len(payload) > self._granted:
+                self._violation(f"{len(payload)} bytes sent with {self._granted} granted")
+                return
+            self._granted -= len(payload)
+            if payload:
+                self._buffer.append(payload)
+                self._buffered += len(payload)
+                self.payload_in += len(payload)
+            self._data_event.set()
+        elif kind == FRAME_EOF:
+            self._eof_received = True
+            self._data_event.set()
+        elif kind == FRAME_CREDIT and len(data) == _CREDIT.size:
+            _, amount = _CREDIT.unpack(data)
+            self._credit += amount
+            self._credit_event.set()
+        else:
+            self.report_error("bad-frame", f"unknown pipe frame type {kind} ({len(data)} bytes)")
+
+    def _violation(self, detail: str) -> None:
+        # The peer broke the flow-control contract: buffering more would make memory
+        # unbounded and dropping would lose data, so the stream ends.
+        self.report_error("credit-violation", detail)
+        log.warning("pipe %r: %s; closing the pipe", self.label, detail)
+        self.close()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``, waiting for credit from the peer and for buffer room."""
+        view = memoryview(bytes(data) if not isinstance(data, bytes) else data)
+        async with self._write_lock:
+            if self._eof_sent:
+                raise TransportError("cannot write to the pipe after EOF")
+            while view:
+                await self._wait_credit()
+                size = min(len(view), self.chunk_size, self._credit)
+                frame = bytes([FRAME_DATA]) + view[:size]
+                await self.wait_writable()
+                self._send(frame)
+                self._credit -= size
+                self.payload_out += size
+                view = view[size:]
+
+    async def write_eof(self) -> None:
+        """Tell the peer no more data follows (after everything written so far)."""
+        async with self._write_lock:
+            if self._eof_sent:
+                return
+            await self.wait_writable()
+            self._send(bytes([FRAME_EOF]))
+            self._eof_sent = True
+
+    async def _wait_credit(self) -> None:
+        while self._credit <= 0:
+            if self.is_closed:
+                raise ConnectionClosed("the pipe closed while waiting for the reader")
+            self._credit_event.clear()
+            await self._credit_event.wait()
+
+    def _on_channel_close(self) -> None:
+        super()._on_channel_close()
+        self._data_event.set()
+        self._credit_event.set()
+
+    def check_protocol(self) -> None:
+        """Raise :class:`ProtocolError` if the peer broke the pipe protocol."""
+        if self.counters.errors.get("credit-violation"):
+            raise ProtocolError("the peer sent more pipe data than it was granted")
