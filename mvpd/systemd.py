@@ -1,0 +1,234 @@
+"""systemd integration: sd_notify (READY, STATUS, STOPPING, RELOADING, WATCHDOG) and unit install.
+
+Every notify function is a no-op when the process does not run under a service manager that
+listens (no ``NOTIFY_SOCKET``), so the daemon calls them unconditionally. Messages go through
+systemd-python's ``systemd.daemon.notify`` when it is installed; without it a few lines of stdlib
+send the same datagram, because a ``Type=notify`` unit whose process never says READY=1 is
+killed after its start timeout: silently dropping the message would be worse than the extra
+code.
+
+:func:`install_units` copies the unit files, the sysusers.d entry and the example config into a
+root (``/`` on a real machine) with ``ExecStart`` pointing at the installed ``mvpd``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from .proto.errors import MvpError
+
+log = logging.getLogger(__name__)
+
+try:  # systemd-python is an optional extra (it needs libsystemd at build time).
+    from systemd import daemon as _sd_daemon
+except ImportError:  # pragma: no cover - depends on the installation
+    _sd_daemon = None
+
+#: The path in the shipped unit files that :func:`install_units` replaces.
+SHIPPED_BIN = "/usr/local/bin/mvpd"
+UNIT_NAMES = ("mvpd.service", "mvp-signal.service")
+SYSUSERS_NAME = "mvp-agent.conf"
+CONFIG_NAME = "mvp-agent.yaml"
+
+
+# --- sd_notify ------------------------------------------------------------------------------
+
+
+def under_systemd() -> bool:
+    """Whether a service manager listens for notifications (``NOTIFY_SOCKET`` is set)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
+def notify(message: str) -> bool:
+    """Send one sd_notify message (``KEY=value`` lines); False when nobody listens or it
+    failed. Never raises: notifications must not take the daemon down."""
+    if not under_systemd():
+        return False
+    try:
+        if _sd_daemon is not None:
+            return bool(_sd_daemon.notify(message))
+        return _notify_stdlib(message)
+    except (OSError, ValueError) as exc:
+        log.debug("sd_notify failed: %s", exc)
+        return False
+
+
+def _notify_stdlib(message: str) -> bool:
+    """The datagram sd_notify(3) sends, for installations without systemd-python."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        return False  # vsock and other forms are not used for services
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+    return True
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """STATUS= is a single line; keep it short enough for ``systemctl status``."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def notify_ready(status: str | None = None) -> bool:
+    """READY=1 (with a STATUS= line when given): the service is up, e.g. the control socket
+    listens. With ``Type=notify`` systemd keeps the unit ``activating`` until this arrives."""
+    message = "READY=1"
+    if status:
+        message += f"\nSTATUS={_one_line(status)}"
+    return notify(message)
+
+
+def notify_status(text: str) -> bool:
+    """STATUS=: the one-line summary ``systemctl status`` shows."""
+    return notify(f"STATUS={_one_line(text)}")
+
+
+def notify_stopping(status: str | None = None) -> bool:
+    """STOPPING=1: the service has begun shutting down (send on SIGTERM)."""
+    message = "STOPPING=1"
+    if status:
+        message += f"\nSTATUS={_one_line(status)}"
+    return notify(message)
+
+
+def notify_reloading(status: str | None = None) -> bool:
+    """RELOADING=1 with MONOTONIC_USEC: a reload has begun; send :func:`notify_ready` when it
+    is done. systemd >= 253 (``Type=notify-reload``) requires MONOTONIC_USEC to match the
+    reload to its request; 252 (Debian 12) ignores the field and accepts the message as is."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    message = f"RELOADING=1\nMONOTONIC_USEC={usec}"
+    if status:
+        message += f"\nSTATUS={_one_line(status)}"
+    return notify(message)
+
+
+def notify_watchdog() -> bool:
+    """WATCHDOG=1: one keep-alive ping."""
+    return notify("WATCHDOG=1")
+
+
+def watchdog_interval() -> float | None:
+    """The watchdog timeout in seconds from ``WATCHDOG_USEC``, or None when no watchdog is
+    set for this process (unset, invalid, or ``WATCHDOG_PID`` names another process)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not under_systemd():
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid:
+        try:
+            if int(pid) != os.getpid():
+                return None
+        except ValueError:
+            return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 1_000_000 if value > 0 else None
+
+
+async def run_watchdog(interval: float) -> None:
+    """Ping the watchdog every ``interval / 2`` seconds until cancelled.
+
+    The pings come from the event loop itself, so a blocked or stuck loop stops them and
+    systemd restarts the service (``WatchdogSec=`` with ``Restart=on-failure``)."""
+    if interval <= 0:
+        raise ValueError("the watchdog interval must be positive")
+    period = interval / 2
+    while True:
+        notify_watchdog()
+        await asyncio.sleep(period)
+
+
+def start_watchdog() -> asyncio.Task[None] | None:
+    """Start :func:`run_watchdog` as a task when systemd asked for a watchdog; keep the
+    returned task and cancel it on shutdown. Must be called inside a running loop."""
+    interval = watchdog_interval()
+    if interval is None:
+        return None
+    return asyncio.get_running_loop().create_task(run_watchdog(interval), name="sd-watchdog")
+
+
+# --- installing the units -------------------------------------------------------------------
+
+
+def packaging_dir() -> Path:
+    """Where the shipped unit files live: ``packaging/systemd`` of the source tree."""
+    return Path(__file__).resolve().parent.parent / "packaging" / "systemd"
+
+
+def _rewrite_exec(text: str, bin_path: Path) -> str:
+    """Point every ``Exec*=`` line that runs the shipped mvpd path at ``bin_path``."""
+    if any(ch.isspace() for ch in str(bin_path)):
+        raise MvpError(f"the mvpd path {str(bin_path)!r} contains white space; install it "
+                       "somewhere without spaces")
+    pattern = re.compile(rf"^(Exec[A-Za-z]*=[-@:+!]*){re.escape(SHIPPED_BIN)}(?=\s|$)", re.M)
+    return pattern.sub(lambda m: m.group(1) + str(bin_path), text)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically: a crash never leaves a half-written unit behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+def install_units(
+    prefix: Path = Path("/"),
+    *,
+    bin_path: Path,
+    source: Path | None = None,
+    config_source: Path | None = None,
+) -> list[Path]:
+    """Install the systemd units, the sysusers.d entry and the example config under ``prefix``.
+
+    - ``etc/systemd/system/{mvpd,mvp-signal}.service`` with ``ExecStart`` rewritten to
+      ``bin_path`` (the absolute path of the installed ``mvpd``);
+    - ``etc/sysusers.d/mvp-agent.conf`` (the ``mvp`` group);
+    - ``etc/mvp-agent.yaml`` from the source tree, mode 0600 because it can hold tokens, only
+      when no config exists there yet: an operator's config is never overwritten.
+
+    Returns the paths written. Afterwards (with ``prefix`` ``/``) run ``systemd-sysusers`` and
+    ``systemctl daemon-reload``. Raises :class:`MvpError` when the unit files cannot be found
+    or ``bin_path`` is not absolute.
+    """
+    if not bin_path.is_absolute():
+        raise MvpError(f"the mvpd path must be absolute, got {bin_path}")
+    src = source if source is not None else packaging_dir()
+    missing = [n for n in (*UNIT_NAMES, SYSUSERS_NAME) if not (src / n).is_file()]
+    if missing:
+        raise MvpError(f"unit files not found in {src}: {', '.join(missing)}")
+    written: list[Path] = []
+    unit_dir = prefix / "etc" / "systemd" / "system"
+    for name in UNIT_NAMES:
+        text = _rewrite_exec((src / name).read_text(encoding="utf-8"), bin_path)
+        target = unit_dir / name
+        _write(target, text.encode(), 0o644)
+        written.append(target)
+    target = prefix / "etc" / "sysusers.d" / SYSUSERS_NAME
+    _write(target, (src / SYSUSERS_NAME).read_bytes(), 0o644)
+    written.append(target)
+    config = config_source if config_source is not None else src.parent.parent / "etc" / CONFIG_NAME
+    target = prefix / "etc" / CONFIG_NAME
+    if config.is_file() and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never replace a config that appeared since the check.
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out, config.open("rb") as inp:
+                shutil.copyfileobj(inp, out)
+            written.append(target)
+    return written

@@ -1,0 +1,112 @@
+"""The booted-systemd harness itself, proven with a tiny Type=notify service that uses
+mvpd.systemd (READY, STATUS, STOPPING, RELOADING, watchdog) and mvpd.logs (journal fields)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from harness import PROJECT, PYTHON, SystemdContainer
+
+pytestmark = pytest.mark.root
+
+UNIT = "notify-probe.service"
+UNIT_TEXT = f"""\
+[Unit]
+Description=notify probe for the systemd harness tests
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={PYTHON} {PROJECT}/tests/systemd/notify_service.py
+ExecReload=/bin/kill -HUP $MAINPID
+Environment=PYTHONPATH={PROJECT} PYTHONDONTWRITEBYTECODE=1
+WatchdogSec=2
+TimeoutStopSec=3
+Restart=on-failure
+RestartSec=100ms
+"""
+
+
+@pytest.fixture
+def notify_unit(systemd_container: SystemdContainer) -> SystemdContainer:
+    c = systemd_container
+    c.write_file(f"/etc/systemd/system/{UNIT}", UNIT_TEXT)
+    c.systemctl("daemon-reload")
+    c.systemctl("start", UNIT)
+    yield c
+    c.systemctl("stop", UNIT, check=False)
+    c.systemctl("reset-failed", UNIT, check=False)
+
+
+def test_container_is_booted_systemd(systemd_container: SystemdContainer) -> None:
+    c = systemd_container
+    assert c.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
+    assert c.run(["systemd-detect-virt", "--container"], check=False).stdout.strip()
+    assert c.run(["systemctl", "is-system-running"], check=False).stdout.strip() in (
+        "running", "degraded")
+    # Host-wide sysctls are out of reach; the network namespace's own are writable.
+    denied = c.run(["sh", "-c", "echo 1 > /proc/sys/kernel/sysrq"], check=False)
+    assert denied.returncode != 0
+    c.run(["sh", "-c", "cat /proc/sys/net/ipv4/ip_forward > /proc/sys/net/ipv4/ip_forward"])
+    assert c.run(["test", "-c", "/dev/net/tun"]).returncode == 0
+
+
+def test_notify_ready_and_status(notify_unit: SystemdContainer) -> None:
+    props = notify_unit.show(UNIT, "ActiveState", "SubState", "StatusText", "Type")
+    assert props["ActiveState"] == "active", props
+    assert props["Type"] == "notify"
+    assert props["StatusText"] == "probe up: 2 peers"
+
+
+def test_reload_goes_through_reloading_back_to_ready(notify_unit: SystemdContainer) -> None:
+    notify_unit.systemctl("reload", UNIT)
+    notify_unit.wait_for(UNIT, "StatusText", "probe up: reloaded")
+    assert notify_unit.wait_for(UNIT, "ActiveState", "active") == "active"
+    assert "reloaded" in notify_unit.journal("-u", UNIT, "EVENT=reloaded", "-o", "cat")
+
+
+def test_watchdog_restarts_a_stopped_process(notify_unit: SystemdContainer) -> None:
+    c = notify_unit
+    before = c.show(UNIT, "MainPID", "NRestarts")
+    assert before["NRestarts"] == "0"
+    c.systemctl("kill", "--kill-whom=main", "-s", "SIGSTOP", UNIT)
+    c.wait_for(UNIT, "NRestarts", "1", timeout=20)
+    c.wait_for(UNIT, "ActiveState", "active", timeout=20)
+    after = c.show(UNIT, "MainPID", "StatusText")
+    assert after["MainPID"] != before["MainPID"]
+    assert after["StatusText"] == "probe up: 2 peers"
+    assert "Watchdog timeout" in c.journal("-u", UNIT, "-o", "cat")
+
+
+def test_stop_sends_stopping_and_exits_cleanly(notify_unit: SystemdContainer) -> None:
+    c = notify_unit
+    c.systemctl("stop", UNIT)
+    props = c.show(UNIT, "ActiveState", "Result", "ExecMainStatus")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    assert "stopping" in c.journal("-u", UNIT, "EVENT=stopping", "-o", "cat")
+
+
+def test_journal_entries_carry_fields_and_no_secrets(notify_unit: SystemdContainer) -> None:
+    c = notify_unit
+    deadline = time.monotonic() + 10
+    entries: list[dict[str, str]] = []
+    while time.monotonic() < deadline and len(entries) < 1:
+        out = c.journal("-u", UNIT, "PEER_ID=bob", "-o", "json")
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        time.sleep(0.1)
+    assert entries, "no entry with PEER_ID=bob"
+    bob = entries[-1]
+    assert bob["MESSAGE"] == "peer bob connected"
+    assert (bob["EVENT"], bob["MODE"], bob["PRIORITY"]) == ("connected", "chat", "6")
+    assert bob["TOKEN"] == "***"
+    assert bob["SYSLOG_IDENTIFIER"] == "mvpd"
+    assert bob["LOGGER"] == "notify-probe"
+
+    carol = json.loads(c.journal("-u", UNIT, "PEER_ID=carol", "-o", "json", "-n", "1"))
+    assert carol["MESSAGE"] == "dropped 3 packets, token=***"
+    assert (carol["EVENT"], carol["MODE"], carol["COUNT"], carol["PRIORITY"]) == (
+        "drop", "tun", "3", "4")
+    everything = c.journal("-u", UNIT, "-o", "verbose")
+    assert "hunter2" not in everything
