@@ -1,0 +1,456 @@
+"""The agent's signaling client: one WebSocket session that outlives network trouble.
+
+The seed's API::
+
+    signaling = SignalingClient(settings)
+    await signaling.connect()
+    await signaling.send({"type": "offer", "to": "bob", "sdp": "..."})
+    message = await signaling.recv()
+
+After ``connect()`` a background task owns the connection: it registers, keeps the connection
+alive with pings, and after any loss reconnects with exponential backoff and jitter and
+registers again. It works with servers that only route and never answer: ``registered`` and
+``error`` replies are optional extras, never waited for. An ``error`` with code ``bad-token``,
+``replaced`` or ``id-taken`` (or the matching close codes 4003 and 4009) is final: the client
+stops, its state becomes ``rejected`` and :meth:`recv` raises :class:`SignalingRejected`.
+
+States (see :attr:`SignalingClient.state` and ``on_state``): ``disconnected`` (not started, or
+between attempts), ``connecting``, ``connected``, ``rejected``, ``closed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeAlias, cast
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed as WsConnectionClosed
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
+from ..config import AgentSettings
+from ..proto.errors import (
+    ConfigError,
+    ConnectionClosed,
+    MalformedMessage,
+    SignalingError,
+    SignalingRejected,
+    SignalingUnavailable,
+)
+from ..proto.router import PERMANENT_CLOSE_CODES, PERMANENT_ERROR_CODES
+from ..proto.signaling import (
+    ROUTED_TYPES,
+    Error,
+    Message,
+    Register,
+    Registered,
+    parse_message,
+)
+
+logger = logging.getLogger("mvpd.signaling.client")
+
+State: TypeAlias = Literal["disconnected", "connecting", "connected", "rejected", "closed"]
+StateCallback: TypeAlias = Callable[[str], object]
+
+#: Put in the inbox to wake readers when the client stops.
+_STOP = object()
+
+
+class SignalingClient:
+    """A self-healing signaling session for ``settings.agent_id`` at ``settings.signaling_url``.
+
+    ``on_state`` is called with each new state (a plain function; a coroutine function is
+    scheduled as a task). The timing keywords exist for tests and unusual deployments.
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        on_state: StateCallback | None = None,
+        connect_timeout: float = 10.0,
+        send_timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        max_message_size: int = 1 << 20,
+        inbox_size: int = 1024,
+    ) -> None:
+        self.settings = settings
+        self.agent_id: str = settings.agent_id
+        self.url: str = settings.signaling_url
+        self._on_state = on_state
+        self.connect_timeout = connect_timeout
+        self.send_timeout = send_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.max_message_size = max_message_size
+        self._ssl = self._ssl_context()
+        self._state: State = "disconnected"
+        self._ws: ClientConnection | None = None
+        self._connected = asyncio.Event()
+        self._inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=inbox_size)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._rejection: SignalingRejected | None = None
+        self._last_error: str | None = None
+        self._state_tasks: set[asyncio.Task[Any]] = set()
+        #: Whether our server confirmed the registration on the current connection (only ours
+        #: does; nothing depends on it).
+        self.registered = False
+        #: Connections made so far (1 after the first, 2 after the first reconnect, ...).
+        self.connections = 0
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """``disconnected``, ``connecting``, ``connected``, ``rejected`` or ``closed``."""
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up right now."""
+        return self._state == "connected"
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last connection attempt failed or the last connection was lost."""
+        return self._last_error
+
+    def start(self) -> None:
+        """Start connecting in the background and return at once (the daemon's way: the
+        server may come up later). Must be called from a running event loop."""
+        if self._state in ("rejected", "closed"):
+            raise ConnectionClosed(f"the signaling client is {self._state}")
+        if self._supervisor is None:
+            self._supervisor = asyncio.get_running_loop().create_task(
+                self._run(), name=f"signaling-client-{self.agent_id}"
+            )
+
+    async def connect(self, timeout: float | None = None) -> None:
+        """Connect and register, waiting up to ``timeout`` (default ``connect_timeout``)
+        seconds for the first connection; from then on reconnection is automatic.
+
+        Raises :class:`SignalingUnavailable` when the server cannot be reached in time (the
+        client is then closed) and :class:`SignalingRejected` when it refuses us.
+        """
+        self.start()
+        limit = self.connect_timeout if timeout is None else timeout
+        try:
+            await self.wait_connected(limit)
+        except SignalingUnavailable:
+            await self.close()
+            raise SignalingUnavailable(
+                f"cannot reach the signaling server at {self.url} within {limit:g} s"
+                + (f": {self._last_error}" if self._last_error else "")
+            ) from None
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until a connection is up. Raises :class:`SignalingUnavailable` on timeout,
+        :class:`SignalingRejected` or :class:`ConnectionClosed` when it never will be."""
+        self._raise_if_stopped()
+        if self._connected.is_set():
+            return
+        if self._supervisor is None:
+            raise ConnectionClosed("the signaling client is not started; call connect()")
+        waiter = asyncio.ensure_future(self._connected.wait())
+        try:
+            await asyncio.wait(
+                {waiter, self._supervisor}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        if self._connected.is_set():
+            return
+        self._raise_if_stopped()
+        raise SignalingUnavailable(
+            f"no connection to the signaling server at {self.url}"
+            + (f" ({self._last_error})" if self._last_error else "")
+        )
+
+    async def send(self, message: Message | Mapping[str, Any]) -> None:
+        """Send one message: a model or a plain dict as in the seed.
+
+        ``from`` is set to our id on offer/answer/candidate/bye (routing-only servers do not
+        fill it in). While disconnected this waits up to ``send_timeout`` for the connection
+        to come back, then raises :class:`SignalingUnavailable`. An invalid message raises
+        :class:`MalformedMessage` and is not sent.
+        """
+        text = self._encode(message)
+        deadline = time.monotonic() + self.send_timeout
+        while True:
+            self._raise_if_stopped()
+            ws = self._ws
+            if ws is not None and self._connected.is_set():
+                try:
+                    await ws.send(text)
+                    return
+                except WsConnectionClosed:
+                    # Lost while sending: wait for the next connection and try again.
+                    self._connected.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SignalingUnavailable(
+                    f"not connected to the signaling server at {self.url}; message not sent"
+                )
+            await self.wait_connected(remaining)
+
+    async def recv(self) -> Message:
+        """The next message from the server (messages for us, and ``error`` notices).
+
+        Raises :class:`SignalingRejected` once the server refused us and
+        :class:`ConnectionClosed` after :meth:`close`.
+        """
+        if self._inbox.empty():
+            self._raise_if_stopped()
+        item = await self._inbox.get()
+        if item is _STOP:
+            # Leave the marker for any other reader.
+            with contextlib.suppress(asyncio.QueueFull):
+                self._inbox.put_nowait(_STOP)
+            self._raise_if_stopped()
+            raise ConnectionClosed("the signaling client is closed")
+        return cast(Message, item)
+
+    def __aiter__(self) -> SignalingClient:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.recv()
+        except SignalingRejected:
+            raise
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection. Idempotent."""
+        self._stopping = True
+        supervisor, self._supervisor = self._supervisor, None
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), timeout=2)
+        if supervisor is not None and not supervisor.done():
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await supervisor
+        self._ws = None
+        self._connected.clear()
+        if self._state != "rejected":
+            self._set_state("closed")
+        self._wake_readers()
+
+    async def __aenter__(self) -> SignalingClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- the connection loop -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        try:
+            while not self._stopping:
+                self._set_state("connecting")
+                try:
+                    ws = await self._open()
+                    if ws is not None:
+                        started = time.monotonic()
+                        await self._session(ws)
+                        if self._stopping or self._rejection is not None:
+                            return
+                        # A connection that lasted a while resets the backoff; one dropped at
+                        # once (a server that accepts and closes) keeps it growing.
+                        if time.monotonic() - started > max(10.0, self.backoff_initial * 4):
+                            attempt = 0
+                except Exception as exc:  # a bug must not end reconnection for good
+                    logger.exception("signaling connection failed unexpectedly")
+                    self._last_error = _describe(exc)
+                self._set_state("disconnected")
+                delay = self._backoff(attempt)
+                attempt += 1
+                logger.info(
+                    "signaling server %s unreachable (%s); retrying in %.1f s",
+                    self.url,
+                    self._last_error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        finally:
+            self._connected.clear()
+            self._ws = None
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random."""
+        ceiling = min(self.backoff_max, self.backoff_initial * (2.0 ** min(attempt, 30)))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    async def _open(self) -> ClientConnection | None:
+        try:
+            ws = await ws_connect(
+                self.url,
+                ssl=self._ssl,
+                open_timeout=self.connect_timeout,
+                ping_interval=self.ping_interval,
+                ping_timeout=self.ping_timeout,
+                close_timeout=5,
+                max_size=self.max_message_size,
+                logger=logging.getLogger("mvpd.signaling.client.ws"),
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            self._last_error = _describe(exc)
+            return None
+        token = self.settings.signaling_token
+        register = Register(id=self.agent_id, token=token.get_secret_value() if token else None)
+        try:
+            await ws.send(register.to_json())
+        except WsConnectionClosed as exc:
+            self._last_error = _describe(exc)
+            return None
+        self._ws = ws
+        self.registered = False
+        self.connections += 1
+        self._last_error = None
+        self._connected.set()
+        self._set_state("connected")
+        logger.info("connected to %s as %s", self.url, self.agent_id)
+        return ws
+
+    async def _session(self, ws: ClientConnection) -> None:
+        """Read until the connection ends; queue what is for us."""
+        try:
+            async for raw in ws:
+                self._handle_frame(raw)
+                if self._rejection is not None:
+                    await ws.close()
+                    break
+        except WsConnectionClosed:
+            pass
+        finally:
+            self._connected.clear()
+            self._ws = None
+        rcvd = ws.protocol.close_rcvd
+        if self._rejection is None and rcvd is not None and rcvd.code in PERMANENT_CLOSE_CODES:
+            self._reject(f"closed by the server: {rcvd.reason or rcvd.code}")
+        if self._rejection is None and not self._stopping:
+            self._last_error = (
+                f"connection lost ({rcvd.code} {rcvd.reason})".rstrip()
+                if rcvd is not None
+                else "connection lost"
+            )
+            logger.warning("lost the signaling connection to %s: %s", self.url, self._last_error)
+
+    def _handle_frame(self, raw: str | bytes) -> None:
+        try:
+            message = parse_message(raw)
+        except SignalingError as exc:
+            logger.warning("ignoring a message from the signaling server: %s", exc.message)
+            return
+        if isinstance(message, Registered):
+            self.registered = True
+            logger.debug("registration confirmed as %s", message.id)
+            return
+        if isinstance(message, Error):
+            if message.code in PERMANENT_ERROR_CODES:
+                self._reject(f"{message.code}: {message.message}".rstrip(": "), code=message.code)
+                return
+            logger.info("signaling server error %s: %s", message.code, message.message)
+        elif isinstance(message, Register):
+            logger.warning("ignoring a 'register' message from the signaling server")
+            return
+        try:
+            self._inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            logger.warning(
+                "inbox full (%d messages unread); dropping a %s message",
+                self._inbox.qsize(),
+                message.type,
+            )
+
+    def _reject(self, why: str, *, code: str = "rejected") -> None:
+        self._rejection = SignalingRejected(
+            f"the signaling server at {self.url} refused {self.agent_id!r}: {why}", code=code
+        )
+        logger.error("%s; not reconnecting", self._rejection.message)
+        self._set_state("rejected")
+        self._wake_readers()
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _encode(self, message: Message | Mapping[str, Any]) -> str:
+        if isinstance(message, Mapping):
+            data = dict(message)
+            if data.get("type") in ROUTED_TYPES:
+                data["from"] = self.agent_id
+            parsed = parse_message(data)
+        else:
+            parsed = message
+            if parsed.type in ROUTED_TYPES:
+                parsed = parsed.model_copy(update={"sender": self.agent_id})
+        try:
+            text = parsed.to_json()
+        except ValueError as exc:
+            raise MalformedMessage(f"cannot serialise the message: {exc}") from None
+        if len(text.encode("utf-8")) > self.max_message_size:
+            raise MalformedMessage(
+                f"the {parsed.type!r} message is over {self.max_message_size} bytes"
+            )
+        return text
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.url.startswith("wss://"):
+            return None
+        ca_file = self.settings.signaling_ca_file
+        try:
+            return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the signaling CA file {ca_file}: {exc}") from None
+
+    def _raise_if_stopped(self) -> None:
+        if self._rejection is not None:
+            raise self._rejection
+        if self._stopping or self._state == "closed":
+            raise ConnectionClosed("the signaling client is closed")
+
+    def _wake_readers(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self._inbox.put_nowait(_STOP)
+
+    def _set_state(self, state: State) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        logger.debug("signaling state %s", state)
+        if self._on_state is None:
+            return
+        try:
+            result = self._on_state(state)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._state_tasks.add(task)
+                task.add_done_callback(self._state_tasks.discard)
+        except Exception:
+            logger.exception("the signaling state callback failed")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

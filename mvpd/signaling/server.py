@@ -1,0 +1,380 @@
+"""The reference signaling server: WebSocket I/O around :class:`SignalingRouter`.
+
+Every decision (who is registered, where a message goes, which limits apply) lives in
+:mod:`mvpd.proto.router`; this module only accepts connections, feeds frames to the router and
+carries out the sends and closes it returns.
+
+Runs inside the daemon (:func:`serve`) or alone::
+
+    python -m mvpd.signaling.server --listen 127.0.0.1:8765 [--token T] [--tokens-file F]
+
+Standalone, the first line on stdout is ``listening on ws://HOST:PORT`` (with the real port
+when ``--listen`` asks for port 0); SIGTERM or SIGINT stop it with exit status 0. The shared
+token may also come from the environment (``MVPD_SIGNALING_SERVER__TOKEN``), which keeps it out
+of the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import resource
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import SecretStr, ValidationError
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+
+from ..config import EX_CONFIG, SignalingServerSettings, split_host_port
+from ..proto.errors import ConfigError
+from ..proto.router import Action, Close, Send, SignalingRouter
+from ..proto.signaling import AGENT_ID_PATTERN, describe_validation_error
+
+logger = logging.getLogger("mvpd.signaling.server")
+
+#: Environment variable read by :func:`main` for the shared token.
+TOKEN_ENV = "MVPD_SIGNALING_SERVER__TOKEN"
+
+
+class SignalingServer:
+    """A WebSocket signaling server built from :class:`SignalingServerSettings`.
+
+    ``await start()`` binds (port 0 picks a free port, see :attr:`port`), ``await close()``
+    closes every connection and the listening socket.
+    """
+
+    def __init__(
+        self,
+        settings: SignalingServerSettings | None = None,
+        *,
+        flood_close_after: int | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else SignalingServerSettings()
+        token = self.settings.token.get_secret_value() if self.settings.token else None
+        tokens = (
+            load_tokens_file(self.settings.tokens_file, shared_token=token is not None)
+            if self.settings.tokens_file is not None
+            else None
+        )
+        self.router: SignalingRouter[ServerConnection] = SignalingRouter(
+            token=token,
+            tokens=tokens,
+            max_message_size=self.settings.max_message_size,
+            rate=self.settings.rate,
+            burst=self.settings.burst,
+            flood_close_after=flood_close_after,
+        )
+        self._host, self._port = split_host_port(self.settings.listen)
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: A peer that does not read its messages is dropped once this much is queued for it.
+        self._slow_consumer_limit = max(1 << 20, 8 * self.settings.max_message_size)
+        self.slow_consumers_dropped = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start accepting connections. Raises ``OSError`` if the address is taken."""
+        if self._server is not None:
+            return
+        ping = self.settings.ping_interval or None
+        self._server = await ws_serve(
+            self._handle,
+            self._host,
+            self._port,
+            # Frames somewhat over the cap still reach the router, which explains the refusal
+            # before closing; far larger ones are cut off by websockets itself (also 1009).
+            max_size=2 * self.settings.max_message_size,
+            # permessage-deflate keeps zlib state per connection: too costly for thousands of
+            # idle agents, and signaling frames are small.
+            compression=None,
+            ping_interval=ping,
+            ping_timeout=ping,
+            close_timeout=5,
+            logger=logging.getLogger("mvpd.signaling.server.ws"),
+        )
+        auth = "tokens required" if self.router.auth_required else "no token required"
+        logger.info("signaling server listening on %s (%s)", self.url, auth)
+
+    async def close(self) -> None:
+        """Close every connection (1001 going away) and stop listening."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def serve_forever(self) -> None:
+        """Run until :meth:`close` is called (or the task is cancelled)."""
+        await self.start()
+        assert self._server is not None
+        await self._server.wait_closed()
+
+    async def __aenter__(self) -> SignalingServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when the settings say 0)."""
+        if self._server is None:
+            raise RuntimeError("the signaling server is not started")
+        for sock in self._server.sockets:
+            return int(sock.getsockname()[1])
+        raise RuntimeError("the signaling server has no listening socket")
+
+    @property
+    def host(self) -> str:
+        """The host listened on."""
+        return self._host
+
+    @property
+    def url(self) -> str:
+        """``ws://HOST:PORT`` for clients on this machine."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"ws://{host}:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and current numbers, as plain data."""
+        data = self.router.stats.as_dict()
+        data["connections"] = self.router.connection_count
+        data["registered"] = len(self.router.registered_ids())
+        data["slow_consumers_dropped"] = self.slow_consumers_dropped
+        return data
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        self.router.connect(ws, loop.time())
+        try:
+            async for data in ws:
+                actions = self.router.receive(ws, data, loop.time())
+                if actions:
+                    await self._apply(ws, actions)
+        except ConnectionClosed:
+            pass
+        finally:
+            # disconnect() returns no actions today; apply them anyway, without waiting.
+            for action in self.router.disconnect(ws):
+                self._spawn(self._perform([action]))
+
+    async def _apply(
+        self, current: ServerConnection, actions: list[Action[ServerConnection]]
+    ) -> None:
+        """Carry out ``actions`` in order. Those for the connection being read are awaited
+        (its own backpressure); those for others run in a task per target, so one slow peer
+        never stalls the sender."""
+        mine: list[Action[ServerConnection]] = []
+        others: dict[ServerConnection, list[Action[ServerConnection]]] = {}
+        for action in actions:
+            if action.conn is current:
+                mine.append(action)
+            else:
+                others.setdefault(action.conn, []).append(action)
+        for target, batch in others.items():
+            if isinstance(batch[0], Send) and self._is_slow(target):
+                continue
+            self._spawn(self._perform(batch))
+        await self._perform(mine)
+
+    def _is_slow(self, target: ServerConnection) -> bool:
+        transport = target.transport
+        if transport is None or transport.get_write_buffer_size() <= self._slow_consumer_limit:
+            return False
+        self.slow_consumers_dropped += 1
+        logger.warning(
+            "dropping %s: it does not read its messages", self.router.agent_id(target) or "a client"
+        )
+        transport.abort()
+        return True
+
+    @staticmethod
+    async def _perform(actions: Sequence[Action[ServerConnection]]) -> None:
+        for action in actions:
+            try:
+                if isinstance(action, Send):
+                    await action.conn.send(action.text)
+                elif isinstance(action, Close):
+                    await action.conn.close(action.code, action.reason)
+            except ConnectionClosed:
+                return
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def serve(settings: SignalingServerSettings | None = None) -> SignalingServer:
+    """Start a signaling server (inside the daemon, or a test) and return it, listening."""
+    server = SignalingServer(settings)
+    await server.start()
+    return server
+
+
+def load_tokens_file(path: Path, *, shared_token: bool = False) -> dict[str, str]:
+    """Per-agent tokens: lines of ``agent-id token`` (``#`` comments) or a YAML mapping
+    ``agent-id: token``. Raises :class:`ConfigError` naming the file and line; never shows
+    a token."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"tokens file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"tokens file {path} is not UTF-8 text") from None
+    lines = [
+        (number, line.split())
+        for number, raw in enumerate(text.splitlines(), 1)
+        if (line := raw.strip()) and not line.startswith("#")
+    ]
+    tokens: dict[str, str] = {}
+    if lines and all(len(parts) == 2 and not parts[0].endswith(":") for _, parts in lines):
+        for number, (agent_id, token) in lines:
+            _check_token_entry(path, number, agent_id, tokens)
+            tokens[agent_id] = token
+    elif lines:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(
+                f"tokens file {path}{where}: neither 'agent-id token' lines nor a YAML mapping"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"tokens file {path}: neither 'agent-id token' lines nor a YAML mapping"
+            )
+        for agent_id, token in data.items():
+            if not isinstance(token, (str, int)) or isinstance(token, bool) or token == "":
+                raise ConfigError(f"tokens file {path}: the token for {agent_id!r} is not a string")
+            _check_token_entry(path, None, str(agent_id), tokens)
+            tokens[str(agent_id)] = str(token)
+    if not tokens and not shared_token:
+        # An empty file must not silently open the server to everyone.
+        raise ConfigError(f"tokens file {path} holds no tokens")
+    return tokens
+
+
+def _check_token_entry(path: Path, line: int | None, agent_id: str, seen: dict[str, str]) -> None:
+    where = f"{path}, line {line}" if line is not None else str(path)
+    if not re.match(AGENT_ID_PATTERN, agent_id):
+        raise ConfigError(f"tokens file {where}: {agent_id[:70]!r} is not a valid agent id")
+    if agent_id in seen:
+        raise ConfigError(f"tokens file {where}: {agent_id!r} is listed twice")
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit (each client is a descriptor);
+    return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mvpd.signaling.server",
+        description="Run the mvp-agent reference signaling server until SIGTERM or SIGINT.",
+    )
+    parser.add_argument("--listen", default=None, help="HOST:PORT (default 127.0.0.1:8765)")
+    parser.add_argument(
+        "--token", default=None, help=f"shared token every agent must present (or ${TOKEN_ENV})"
+    )
+    parser.add_argument(
+        "--tokens-file", type=Path, default=None, help="file of 'agent-id token' lines"
+    )
+    parser.add_argument("--max-message-size", type=int, default=None, help="bytes per frame")
+    parser.add_argument("--rate", type=float, default=None, help="messages/s per connection")
+    parser.add_argument("--burst", type=int, default=None, help="burst above --rate")
+    parser.add_argument("--ping-interval", type=float, default=None, help="seconds, 0 = off")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> SignalingServerSettings:
+    """Build the settings from parsed command-line arguments (and ``$TOKEN_ENV``)."""
+    values: dict[str, Any] = {"enabled": True}
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if token is not None:
+        values["token"] = SecretStr(token)
+    for name in ("listen", "tokens_file", "max_message_size", "rate", "burst", "ping_interval"):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    try:
+        return SignalingServerSettings(**values)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"invalid signaling server settings: {describe_validation_error(exc, hide_input=True)}"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mvpd.signaling.server`` (and ``mvpd signal``)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = settings_from_args(args)
+        server = SignalingServer(settings)
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EX_CONFIG
+    raise_open_files_limit()
+    try:
+        return asyncio.run(_run(server))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _run(server: SignalingServer) -> int:
+    try:
+        await server.start()
+    except OSError as exc:
+        print(
+            f"error: cannot listen on {server.settings.listen}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"listening on {server.url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("stopping: %s", server.stats())
+        await server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
