@@ -1,0 +1,214 @@
+"""PeerSession with real aiortc peers on loopback, signaling through an in-test forwarder."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from peerlink import Forwarder, make_settings, run, split_candidates, trickle, wait_for
+
+from mvpd.peer import PeerSession, PeerState, ice_configuration, parse_candidate
+from mvpd.proto.errors import ConnectionClosed, PeerError
+from mvpd.proto.signaling import Answer, Bye, IceCandidate, Offer, RoutedMessage
+from mvpd.transports import ChatTransport, JsonTransport
+
+
+async def connect(sa: PeerSession, sb: PeerSession) -> tuple[Any, Any]:
+    await sa.start_offer()
+    ta = await sa.wait_open()
+    tb = await sb.wait_open()
+    return ta, tb
+
+
+def test_offer_answer_chat_both_ways_and_status() -> None:
+    async def body() -> None:
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        ta, tb = await connect(sa, sb)
+        assert isinstance(ta, ChatTransport) and isinstance(tb, ChatTransport)
+        assert (sa.role, sb.role) == ("offerer", "answerer")
+        ta.send_text("hello bob")
+        assert await tb.recv() == "hello bob"
+        await tb.send_text_async("héllo alice ✓")
+        assert await ta.recv() == "héllo alice ✓"
+
+        assert sa.state == sb.state == PeerState.CONNECTED
+        assert [c.state for c in sa.history] == [
+            PeerState.NEW, PeerState.CONNECTING, PeerState.CONNECTED
+        ]
+        snap = sa.snapshot()
+        assert snap["state"] == "connected" and snap["mode"] == "chat"
+        assert snap["ice"]["path"] == "direct"
+        assert "typ host" in snap["ice"]["local_candidate"]
+        assert "typ host" in snap["ice"]["remote_candidate"]
+        counters = snap["transports"]["mvp"]
+        assert counters["messages_out"] == 1 and counters["messages_in"] == 1
+        assert counters["bytes_out"] == len(b"hello bob")
+
+        await sa.close("done", send_bye=True)
+        assert sa.state == PeerState.CLOSED
+        await wait_for(lambda: sb.state == PeerState.CLOSED)
+        assert "bye" in sb.history[-1].reason or "closed" in sb.history[-1].reason
+        with pytest.raises(ConnectionClosed):
+            tb.send_text("too late")
+
+    run(body())
+
+
+def test_mode_travels_with_the_channel() -> None:
+    async def body() -> None:
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        sa.mode = "json"  # bob's settings say chat
+        ta, tb = await connect(sa, sb)
+        assert isinstance(tb, JsonTransport) and sb.mode == "json"
+        ta.send_json({"n": 1, "list": [1, 2]})
+        assert await tb.recv() == {"n": 1, "list": [1, 2]}
+        await sa.close()
+
+    run(body())
+
+
+def test_candidates_arriving_before_the_offer_are_queued_not_dropped() -> None:
+    """Browser-style trickle in both directions: no candidate in any SDP, the offerer's
+    candidates sent before its offer. Without the early ones nobody knows an address."""
+
+    async def body() -> None:
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        early_seen: list[int] = []
+
+        async def strip(message: RoutedMessage) -> list[RoutedMessage]:
+            if isinstance(message, Offer):
+                sdp, lines = split_candidates(message.sdp)
+                assert lines
+                stripped = Offer(sender=message.sender, to=message.to, sdp=sdp)
+                # Candidates first; the answerer must hold them until the offer comes.
+                out: list[RoutedMessage] = [*trickle(message, lines), stripped]
+                for item in out[:-1]:
+                    sb.deliver(item)  # type: ignore[arg-type]
+                await wait_for(lambda: sb.snapshot()["pending_candidates"] == len(out) - 1)
+                early_seen.append(sb.snapshot()["pending_candidates"])
+                return [stripped]
+            if isinstance(message, Answer):
+                sdp, lines = split_candidates(message.sdp)
+                return [Answer(sender=message.sender, to=message.to, sdp=sdp),
+                        *trickle(message, lines)]
+            return [message]
+
+        fwd.filter = strip
+        ta, tb = await connect(sa, sb)
+        assert early_seen and early_seen[0] >= 2  # host candidate(s) + end-of-candidates
+        assert sb.snapshot()["pending_candidates"] == 0
+        ta.send_text("through trickled candidates")
+        assert await tb.recv() == "through trickled candidates"
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_glare_lower_id_yields_and_answers() -> None:
+    async def body() -> None:
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        held: list[RoutedMessage] = []
+        release = asyncio.Event()
+
+        async def cross(message: RoutedMessage) -> list[RoutedMessage]:
+            # Hold both offers until both were sent, so they cross on the wire.
+            if isinstance(message, Offer) and not release.is_set():
+                held.append(message)
+                if len(held) == 2:
+                    release.set()
+                    return held
+                return []
+            return [message]
+
+        fwd.filter = cross
+        await asyncio.gather(sa.start_offer(), sb.start_offer())
+        ta, tb = await asyncio.gather(sa.wait_open(), sb.wait_open())
+        # "alice" < "bob": alice threw her offer away and answered bob's.
+        assert sa.role == "answerer" and sb.role == "offerer"
+        answers = [m for m in fwd.sent if isinstance(m, Answer)]
+        assert [m.sender for m in answers] == ["alice"]
+        ta.send_text("after glare")
+        assert await tb.recv() == "after glare"
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_connect_timeout_is_a_clear_peer_error() -> None:
+    async def body() -> None:
+        async def nowhere(message: RoutedMessage) -> None:
+            return None
+
+        session = PeerSession(
+            make_settings("alice", connect_timeout=0.5), "ghost", send_signal=nowhere
+        )
+        await session.start_offer()
+        with pytest.raises(PeerError, match="no open data channel to ghost"):
+            await session.wait_open()
+        assert session.state == PeerState.FAILED
+        assert session.failure is not None and "ghost" in session.failure
+
+    run(body())
+
+
+def test_bye_from_peer_closes_and_releases() -> None:
+    async def body() -> None:
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        _, tb = await connect(sa, sb)
+        sb.deliver(Bye(sender="alice", to="bob", reason="going away"))
+        await wait_for(lambda: sb.state == PeerState.CLOSED)
+        assert "going away" in sb.history[-1].reason
+        assert tb.is_closed
+        # alice sees the association go down without any signaling.
+        await wait_for(lambda: sa.state.is_final)
+        await sa.close()
+
+    run(body())
+
+
+def test_malformed_candidates_are_ignored() -> None:
+    async def body() -> None:
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        await connect(sa, sb)
+        from mvpd.proto.signaling import Candidate
+
+        sb.deliver(Candidate(sender="alice", to="bob",
+                             candidate=IceCandidate(candidate="candidate:garbage", sdpMid="0")))
+        await wait_for(lambda: sb.candidates_ignored == 1)
+        assert sb.state == PeerState.CONNECTED
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_parse_candidate_accepts_browser_forms() -> None:
+    line = "candidate:842163049 1 udp 1677729535 10.0.0.5 46154 typ srflx raddr 0.0.0.0 rport 0"
+    cand = parse_candidate(IceCandidate(candidate=line, sdpMid="0"))
+    assert (cand.ip, cand.port, cand.type, cand.sdpMid) == ("10.0.0.5", 46154, "srflx", "0")
+    cand = parse_candidate(IceCandidate(candidate="a=" + line))
+    assert cand.sdpMLineIndex == 0
+    with pytest.raises(ValueError):
+        parse_candidate(IceCandidate(candidate="candidate:1 1 udp"))
+
+
+def test_ice_configuration_is_explicit() -> None:
+    cfg = ice_configuration(make_settings("alice"))
+    assert cfg.iceServers == []
+    relay = make_settings(
+        "alice",
+        ice_transport_policy="relay",
+        ice_servers=[{"urls": ["turn:127.0.0.1:3478"], "username": "u", "credential": "s3"}],
+    )
+    cfg = ice_configuration(relay)
+    assert cfg.iceTransportPolicy.value == "relay"
+    assert cfg.iceServers[0].credential == "s3" and cfg.iceServers[0].username == "u"
