@@ -1,0 +1,5 @@
+"""``python -m mvpctl``: the same as the ``mvpctl`` command."""
+
+from mvpctl.app import main
+
+main()

@@ -1,0 +1,532 @@
+"""``mvpctl``: drive the mvpd daemon from the command line.
+
+Only a client: every command is one or a few calls over the control socket (see
+:mod:`mvpctl.client`); the daemon decides and authorises everything.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import selectors
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+
+from mvpd.proto.errors import DaemonNotRunning, Forbidden, MvpError, RpcTimeout
+
+from .client import DEFAULT_SOCKET, Client, Subscription
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_FORBIDDEN = 4
+EXIT_TIMEOUT = 5
+#: Exit codes, as documented in ``mvpctl --help``.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_ERROR: "the daemon reported an error (or the connection broke)",
+    EXIT_USAGE: "usage error (bad option or argument)",
+    EXIT_NOT_RUNNING: "mvpd is not running (no control socket)",
+    EXIT_FORBIDDEN: "permission denied (not root and not in the socket's group)",
+    EXIT_TIMEOUT: "timed out",
+}
+
+_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+#: Bytes per pipe.write, and pipe.writes in flight at once.
+PIPE_CHUNK = 64 * 1024
+PIPE_WINDOW = 4
+
+app = typer.Typer(
+    name="mvpctl",
+    help="Control the mvpd WebRTC data-channel daemon: connect peers, send and receive "
+    "messages, pipe bytes, show status. Talks to mvpd over its control socket.",
+    epilog=_EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Options:
+    def __init__(self, socket: Path | None, as_json: bool) -> None:
+        self.socket = socket
+        self.json = as_json
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"mvpctl: {message}", err=True)
+    return typer.Exit(code)
+
+
+def exit_code_for(exc: MvpError) -> int:
+    """The documented exit code for an error."""
+    if isinstance(exc, DaemonNotRunning):
+        return EXIT_NOT_RUNNING
+    if isinstance(exc, Forbidden):
+        return EXIT_FORBIDDEN
+    if isinstance(exc, RpcTimeout):
+        return EXIT_TIMEOUT
+    return EXIT_ERROR
+
+
+def _handles_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn mvpd errors into a message on stderr and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except MvpError as exc:
+            raise _fail(exc.message, exit_code_for(exc)) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # stdout went away (e.g. `| head`): not an error of ours.
+            sys.stderr.close()
+            raise typer.Exit(EXIT_OK) from None
+
+    return wrapper
+
+
+@contextmanager
+def _client(ctx: typer.Context, *, timeout: float | None = 30.0) -> Iterator[Client]:
+    options: _Options = ctx.ensure_object(_Options)
+    client = Client.connect(options.socket, timeout=timeout)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    socket: Path | None = typer.Option(
+        None,
+        "--socket",
+        "-s",
+        envvar="MVPD_SOCKET",
+        help=f"The daemon's control socket (default {DEFAULT_SOCKET}).",
+        show_default=False,
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", "-j", help="Machine-readable JSON output where it applies."
+    ),
+) -> None:
+    ctx.obj = _Options(socket, as_json)
+
+
+def _want_json(ctx: typer.Context, flag: bool) -> bool:
+    options: _Options = ctx.ensure_object(_Options)
+    return flag or options.json
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return {"base64": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def _size(n: Any) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _since(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return f"{stamp} ({_duration(time.time() - value)} ago)"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    )
+
+
+def format_peers(peers: list[dict[str, Any]]) -> str:
+    """The peers as a human table."""
+    if not peers:
+        return "no peers"
+    rows = [["PEER", "STATE", "MODE", "PATH", "SINCE", "IN", "OUT", "MSGS IN/OUT", "DROPPED"]]
+    for p in peers:
+        dropped = sum(int(v) for v in (p.get("dropped") or {}).values())
+        rows.append(
+            [
+                str(p.get("peer", "?")),
+                str(p.get("state", "?")),
+                str(p.get("mode") or "-"),
+                str(p.get("path") or "unknown"),
+                _since(p.get("since")),
+                _size(p.get("bytes_in")),
+                _size(p.get("bytes_out")),
+                f"{p.get('messages_in', 0)}/{p.get('messages_out', 0)}",
+                str(dropped),
+            ]
+        )
+    lines = [_table(rows)]
+    for p in peers:
+        if p.get("error"):
+            lines.append(f"{p.get('peer')}: {p['error']}")
+    return "\n".join(lines)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The ``status`` result as text for humans."""
+    signaling = status.get("signaling") or {}
+    lines = [
+        f"agent      {status.get('agent_id', '?')}",
+        f"version    {status.get('version', '?')}",
+        f"uptime     {_duration(float(status.get('uptime') or 0))}",
+        f"signaling  {signaling.get('state', '?')} ({signaling.get('url', '?')})",
+        "",
+        format_peers(list(status.get("peers") or [])),
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+@_handles_errors
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", "-j", help="Print the raw status as JSON."),
+) -> None:
+    """Show the agent, its signaling state and every peer.
+
+    For each peer: state, mode, connected since, direct or relayed, bytes and messages
+    in and out, drops.
+    """
+    with _client(ctx) as client:
+        result = client.call("status")
+    if _want_json(ctx, as_json):
+        _print_json(result)
+    else:
+        typer.echo(format_status(result))
+
+
+@app.command()
+@_handles_errors
+def peers(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", "-j", help="Print the peers as JSON."),
+) -> None:
+    """List the known peers."""
+    with _client(ctx) as client:
+        result = client.call("peers")
+    if _want_json(ctx, as_json):
+        _print_json(result)
+    else:
+        typer.echo(format_peers(list(result)))
+
+
+# --- connect / disconnect / reload -----------------------------------------------------------
+
+
+@app.command()
+@_handles_errors
+def connect(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    mode: str | None = typer.Option(
+        None, "--mode", "-m", help="chat, json, bytes or tun (default: the peer's configured mode)."
+    ),
+    wait: bool = typer.Option(
+        True, "--wait/--no-wait", help="Wait until the data channel is open."
+    ),
+    timeout: float | None = typer.Option(
+        None,
+        "--timeout",
+        "-t",
+        min=0.001,
+        help="Seconds to wait (default: the daemon's connect timeout).",
+    ),
+) -> None:
+    """Connect to PEER (or reuse the open connection)."""
+    if mode is not None and mode not in ("chat", "json", "bytes", "tun"):
+        raise typer.BadParameter("must be chat, json, bytes or tun", param_hint="--mode")
+    params: dict[str, Any] = {"peer": peer, "wait": wait}
+    if mode is not None:
+        params["mode"] = mode
+    if timeout is not None:
+        params["timeout"] = timeout
+    # The daemon enforces the connect timeout; our socket just must not give up before it.
+    with _client(ctx, timeout=None) as client:
+        result = client.call("connect", timeout=None, **params)
+    if _want_json(ctx, False):
+        _print_json(result)
+    else:
+        typer.echo(f"{result.get('peer', peer)}: {result.get('state', '?')}")
+
+
+@app.command()
+@_handles_errors
+def disconnect(
+    ctx: typer.Context, peer: str = typer.Argument(..., help="The peer's agent id.")
+) -> None:
+    """Close the connection to PEER."""
+    with _client(ctx) as client:
+        client.call("disconnect", peer=peer)
+
+
+@app.command()
+@_handles_errors
+def reload(ctx: typer.Context) -> None:
+    """Make mvpd re-read its configuration.
+
+    Shows what took effect and what needs a restart.
+    """
+    with _client(ctx) as client:
+        result = client.call("reload")
+    if _want_json(ctx, False):
+        _print_json(result)
+        return
+    applied, not_applied = result.get("applied") or [], result.get("not_applied") or []
+    typer.echo("applied: " + (", ".join(applied) or "nothing changed"))
+    if not_applied:
+        typer.echo("need a restart: " + ", ".join(not_applied))
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+@app.command()
+@_handles_errors
+def send(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    text: str | None = typer.Argument(None, help="A text message."),
+    json_text: str | None = typer.Option(
+        None, "--json", "-j", metavar="JSON", help="Send this JSON value (e.g. '{\"a\": 1}')."
+    ),
+    file: str | None = typer.Option(
+        None, "--file", "-f", metavar="FILE", help="Send this file's bytes ('-' for stdin)."
+    ),
+) -> None:
+    """Send one message to PEER.
+
+    The message is TEXT, a JSON value (--json) or a file's bytes (--file).
+    """
+    given = [v for v in (text, json_text, file) if v is not None]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of TEXT, --json and --file")
+    params: dict[str, Any] = {"peer": peer}
+    if text is not None:
+        params["text"] = text
+    elif json_text is not None:
+        try:
+            params["json"] = json.loads(json_text)
+        except ValueError as exc:
+            raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--json") from None
+    else:
+        assert file is not None
+        try:
+            params["data"] = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {file}: {exc}", param_hint="--file") from None
+    with _client(ctx) as client:
+        result = client.call("send", **params)
+    if _want_json(ctx, False):
+        _print_json(result)
+
+
+def _print_message(message: dict[str, Any], as_json: bool, prefix: str = "") -> None:
+    kind, data = message.get("kind"), message.get("data")
+    if as_json:
+        typer.echo(json.dumps(message, sort_keys=True, default=_json_default))
+    elif kind == "bytes" and isinstance(data, bytes | bytearray):
+        sys.stdout.buffer.write(data)
+    elif kind == "text":
+        typer.echo(f"{prefix}{data}")
+    else:
+        typer.echo(f"{prefix}{json.dumps(data, default=_json_default)}")
+    sys.stdout.flush()
+
+
+@app.command()
+@_handles_errors
+def recv(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    follow: bool = typer.Option(
+        False, "--follow", "-F", help="Keep printing new messages as they arrive."
+    ),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Stop after N messages."),
+    as_json: bool = typer.Option(False, "--json", "-j", help="One JSON object per message."),
+) -> None:
+    """Print PEER's messages: those waiting now, then (--follow) new ones.
+
+    Text prints as lines, JSON as JSON, bytes raw (base64 inside --json output).
+    """
+    params: dict[str, Any] = {"peer": peer, "follow": follow}
+    if limit is not None:
+        params["limit"] = limit
+    use_json = _want_json(ctx, as_json)
+    with _client(ctx) as client:
+        stream = client.subscribe("recv", **params)
+        for event in _events_forever(client, stream):
+            if event.event == "message":
+                _print_message(event.data, use_json)
+
+
+def _events_forever(client: Client, stream: Subscription) -> Iterator[Any]:
+    while not stream.ended:
+        event = client.next_event(stream.sub, timeout=None)
+        if stream.check(event):
+            yield event
+
+
+@app.command()
+@_handles_errors
+def chat(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    connect_first: bool = typer.Option(
+        True, "--connect/--no-connect", help="Connect to PEER first if not connected."
+    ),
+) -> None:
+    """Chat with PEER interactively.
+
+    Each line typed goes out as a text message; the peer's messages print as they
+    arrive. Ends at end of input (Ctrl-D) or when the peer goes away.
+    """
+    options: _Options = ctx.ensure_object(_Options)
+    prefix = f"{peer}> " if sys.stdout.isatty() else ""
+    with _client(ctx) as commands, _client(ctx, timeout=None) as events:
+        if connect_first:
+            commands.call("connect", peer=peer, wait=True, timeout=None)
+        stream = events.subscribe("recv", peer=peer, follow=True)
+        selector = selectors.PollSelector()  # poll also takes regular files as stdin
+        stdin = sys.stdin.fileno()
+        selector.register(stdin, selectors.EVENT_READ)
+        selector.register(events, selectors.EVENT_READ)
+        pending = b""
+        while True:
+            while (event := events.take_event(stream.sub)) is not None:
+                if stream.check(event) and event.event == "message":
+                    _print_message(event.data, options.json, prefix)
+            if stream.ended:
+                typer.echo(f"mvpctl: {peer} is gone", err=True)
+                return
+            for key, _ in selector.select():
+                if key.fd == stdin:
+                    data = os.read(stdin, 65536)
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    if not data and pending:
+                        lines, pending = [*lines, pending], b""
+                    for line in lines:
+                        commands.call("send", peer=peer, text=line.decode("utf-8", "replace"))
+                    if not data:
+                        return
+                else:
+                    events.poll()
+
+
+@app.command()
+@_handles_errors
+def pipe(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    connect_first: bool = typer.Option(
+        True, "--connect/--no-connect", help="Connect to PEER first if not connected."
+    ),
+) -> None:
+    """Pipe bytes to and from PEER, like netcat.
+
+    Stdin goes to PEER, PEER's bytes go to stdout; end of input is passed on. Exits
+    when both directions are done.
+    """
+    with _client(ctx, timeout=None) as client:
+        if connect_first:
+            client.call("connect", peer=peer, wait=True, timeout=None)
+        stream = client.open_pipe(peer)
+        _run_pipe(client, stream)
+
+
+def _run_pipe(client: Client, stream: Subscription) -> None:
+    stdin = sys.stdin.fileno()
+    out = sys.stdout.buffer
+    selector = selectors.PollSelector()
+    selector.register(client, selectors.EVENT_READ)
+    reading_stdin = False
+    stdin_open = True
+    in_flight: deque[int] = deque()
+    while True:
+        while (event := client.take_event(stream.sub)) is not None:
+            if not stream.check(event):
+                continue
+            if event.event == "data":
+                out.write(event.data["data"])
+                out.flush()
+            elif event.event == "eof":
+                out.flush()
+        while in_flight and client.done(in_flight[0]):
+            client.wait(in_flight.popleft())
+        if stream.ended:
+            return
+        want_stdin = stdin_open and len(in_flight) < PIPE_WINDOW
+        if want_stdin != reading_stdin:
+            if want_stdin:
+                selector.register(stdin, selectors.EVENT_READ)
+            else:
+                selector.unregister(stdin)
+            reading_stdin = want_stdin
+        for key, _ in selector.select():
+            if key.fd == stdin:
+                data = os.read(stdin, PIPE_CHUNK)
+                if data:
+                    in_flight.append(client.pipe_write(stream.sub, data))
+                else:
+                    in_flight.append(client.pipe_eof(stream.sub))
+                    stdin_open = False
+            else:
+                client.poll()
+
+
+def main() -> None:
+    """Console entry point (``mvpctl``)."""
+    app()
+
+
+__all__ = ["EXIT_CODES", "app", "exit_code_for", "format_status", "main"]
