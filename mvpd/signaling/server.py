@@ -24,6 +24,7 @@ import os
 import re
 import resource
 import signal
+import ssl as ssl_module
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -57,8 +58,11 @@ class SignalingServer:
         self,
         settings: SignalingServerSettings | None = None,
         *,
+        ssl: ssl_module.SSLContext | None = None,
         flood_close_after: int | None = None,
     ) -> None:
+        #: TLS for wss:// (usually a reverse proxy does this; tests and small setups need not).
+        self.ssl = ssl
         self.settings = settings if settings is not None else SignalingServerSettings()
         token = self.settings.token.get_secret_value() if self.settings.token else None
         tokens = (
@@ -101,6 +105,7 @@ class SignalingServer:
             ping_interval=ping,
             ping_timeout=ping,
             close_timeout=5,
+            ssl=self.ssl,
             logger=logging.getLogger("mvpd.signaling.server.ws"),
         )
         auth = "tokens required" if self.router.auth_required else "no token required"
@@ -146,9 +151,10 @@ class SignalingServer:
 
     @property
     def url(self) -> str:
-        """``ws://HOST:PORT`` for clients on this machine."""
+        """``ws://HOST:PORT`` (``wss://`` with TLS) for clients on this machine."""
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"ws://{host}:{self.port}"
+        scheme = "wss" if self.ssl is not None else "ws"
+        return f"{scheme}://{host}:{self.port}"
 
     def stats(self) -> dict[str, Any]:
         """Counters and current numbers, as plain data."""
@@ -178,9 +184,9 @@ class SignalingServer:
     async def _apply(
         self, current: ServerConnection, actions: list[Action[ServerConnection]]
     ) -> None:
-        """Carry out ``actions`` in order. Those for the connection being read are awaited
-        (its own backpressure); those for others run in a task per target, so one slow peer
-        never stalls the sender."""
+        """Carry out ``actions`` in order. Sends to the connection being read are awaited
+        (its own backpressure); actions for others run in a task per target, so one slow peer
+        never stalls the sender. The router always puts a Close after the sends it follows."""
         mine: list[Action[ServerConnection]] = []
         others: dict[ServerConnection, list[Action[ServerConnection]]] = {}
         for action in actions:
@@ -192,7 +198,13 @@ class SignalingServer:
             if isinstance(batch[0], Send) and self._is_slow(target):
                 continue
             self._spawn(self._perform(batch))
-        await self._perform(mine)
+        sends = [a for a in mine if isinstance(a, Send)]
+        closes = [a for a in mine if isinstance(a, Close)]
+        await self._perform(sends)
+        if closes:
+            # Not awaited here: the read loop must keep draining frames (the router ignores
+            # them now), or a flooder's backlog would hide its close reply from websockets.
+            self._spawn(self._perform(closes))
 
     def _is_slow(self, target: ServerConnection) -> bool:
         transport = target.transport
@@ -347,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EX_CONFIG
+    if args.log_level != "debug":
+        # websockets reports every connection at info level: too much for thousands of agents.
+        logging.getLogger("mvpd.signaling.server.ws").setLevel(logging.WARNING)
     raise_open_files_limit()
     try:
         return asyncio.run(_run(server))

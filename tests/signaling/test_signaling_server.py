@@ -1,0 +1,293 @@
+"""The reference signaling server over real WebSockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from mvpd.config import SignalingServerSettings
+from mvpd.proto.errors import ConfigError
+from mvpd.signaling.server import SignalingServer, load_tokens_file, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(make: Callable[[], Awaitable[None]], timeout: float = 30) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(make(), timeout)
+
+    asyncio.run(bounded())
+
+
+def settings(**kw: Any) -> SignalingServerSettings:
+    return SignalingServerSettings(listen="127.0.0.1:0", **kw)
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    data = await asyncio.wait_for(ws.recv(), timeout)
+    obj = json.loads(data)
+    assert isinstance(obj, dict)
+    return obj
+
+
+async def register(server: SignalingServer, agent_id: str, token: str | None = None) -> Any:
+    ws = await connect(server.url)
+    msg: dict[str, Any] = {"type": "register", "id": agent_id}
+    if token is not None:
+        msg["token"] = token
+    await ws.send(json.dumps(msg))
+    return ws
+
+
+async def registered(server: SignalingServer, agent_id: str, token: str | None = None) -> Any:
+    ws = await register(server, agent_id, token)
+    assert await recv_json(ws) == {"type": "registered", "id": agent_id}
+    return ws
+
+
+async def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    return ws.close_code, ws.close_reason
+
+
+def test_routes_by_to_and_rewrites_spoofed_from() -> None:
+    async def main_() -> None:
+        async with SignalingServer(settings()) as server:
+            alice = await registered(server, "alice")
+            bob = await registered(server, "bob")
+            await alice.send(json.dumps({"type": "offer", "to": "bob", "sdp": "v=0"}))
+            assert await recv_json(bob) == {
+                "type": "offer",
+                "from": "alice",
+                "to": "bob",
+                "sdp": "v=0",
+            }
+            spoof = {"type": "answer", "from": "carol", "to": "alice", "sdp": "v=1", "x": [1]}
+            await bob.send(json.dumps(spoof))
+            assert await recv_json(alice) == {**spoof, "from": "bob"}
+            assert server.stats()["messages_routed"] == 2
+            assert server.stats()["registered"] == 2
+            await alice.close()
+            await bob.close()
+
+    run(main_)
+
+
+def test_bad_token_is_refused_and_closed_with_a_reason() -> None:
+    async def main_() -> None:
+        async with SignalingServer(settings(token=SecretStr("s3cret"))) as server:
+            ws = await register(server, "alice", "nope")
+            err = await recv_json(ws)
+            assert err["type"] == "error" and err["code"] == "bad-token"
+            code, reason = await closed_with(ws)
+            assert code == 4003
+            assert reason is not None and "bad token" in reason and "s3cret" not in reason
+            ok = await registered(server, "alice", "s3cret")
+            await ok.close()
+
+    run(main_)
+
+
+def test_per_agent_tokens_file(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# id token\nalice a-tok\nbob b-tok\n")
+
+    async def main_() -> None:
+        async with SignalingServer(settings(tokens_file=tokens)) as server:
+            alice = await registered(server, "alice", "a-tok")
+            bob = await register(server, "bob", "a-tok")
+            assert (await recv_json(bob))["code"] == "bad-token"
+            await alice.close()
+
+    run(main_)
+
+
+def test_duplicate_id_replaces_and_tells_the_old_connection() -> None:
+    async def main_() -> None:
+        async with SignalingServer(settings()) as server:
+            old = await registered(server, "alice")
+            new = await registered(server, "alice")
+            err = await recv_json(old)
+            assert err["code"] == "replaced"
+            code, reason = await closed_with(old)
+            assert code == 4009
+            assert reason is not None and "replaced" in reason
+            bob = await registered(server, "bob")
+            await bob.send('{"type":"bye","to":"alice"}')
+            assert (await recv_json(new))["from"] == "bob"
+            await new.close()
+            await bob.close()
+
+    run(main_)
+
+
+def test_offline_target_and_unregistered_sender() -> None:
+    async def main_() -> None:
+        async with SignalingServer(settings()) as server:
+            anon = await connect(server.url)
+            await anon.send('{"type":"offer","to":"bob","sdp":"x"}')
+            assert (await recv_json(anon))["code"] == "not-registered"
+            await anon.send('{"type":"register","id":"anon"}')
+            assert (await recv_json(anon))["type"] == "registered"
+            await anon.send('{"type":"offer","to":"bob","sdp":"x"}')
+            err = await recv_json(anon)
+            assert (err["code"], err["peer"]) == ("offline", "bob")
+            await anon.send("garbage")
+            assert (await recv_json(anon))["code"] == "bad-message"
+            await anon.send(b'{"type":"nope"}')
+            assert (await recv_json(anon))["code"] == "unknown-type"
+            await anon.close()
+
+    run(main_)
+
+
+@pytest.mark.parametrize("size", [2000, 100_000])
+def test_oversize_frame_closes_with_1009(size: int) -> None:
+    async def main_() -> None:
+        async with SignalingServer(settings(max_message_size=1024)) as server:
+            ws = await registered(server, "alice")
+            await ws.send(json.dumps({"type": "offer", "to": "alice", "sdp": "a" * size}))
+            if size < 2048:  # a little over: the router explains before closing
+                assert (await recv_json(ws))["code"] == "too-large"
+            code, _ = await closed_with(ws)
+            assert code == 1009
+
+    run(main_)
+
+
+def test_flooding_client_is_limited_and_closed_while_others_flow() -> None:
+    async def main_() -> None:
+        s = settings(rate=5.0, burst=5)
+        async with SignalingServer(s, flood_close_after=20) as server:
+            flooder = await registered(server, "flooder")
+            good = await registered(server, "good")
+            bob = await registered(server, "bob")
+            for _ in range(200):
+                try:
+                    await flooder.send('{"type":"bye","to":"bob"}')
+                except ConnectionClosed:
+                    break
+            seen: list[dict[str, Any]] = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    seen.append(await recv_json(flooder))
+            assert any(m.get("code") == "rate-limited" for m in seen)
+            assert flooder.close_code == 1008
+            # Bob got at most the burst from the flooder; good's messages still arrive.
+            await good.send('{"type":"bye","to":"bob","reason":"hi"}')
+            got = [await recv_json(bob)]
+            while got[-1]["from"] != "good":
+                got.append(await recv_json(bob))
+            assert len(got) <= 6
+            assert server.stats()["closed_for_flooding"] == 1
+            await good.close()
+            await bob.close()
+
+    run(main_)
+
+
+def test_port_zero_and_url() -> None:
+    async def main_() -> None:
+        server = SignalingServer(settings())
+        with pytest.raises(RuntimeError):
+            _ = server.port
+        await server.start()
+        assert server.port > 0
+        assert server.url == f"ws://127.0.0.1:{server.port}"
+        await server.close()
+
+    run(main_)
+
+
+# --- tokens file -------------------------------------------------------------------------------
+
+
+def test_tokens_file_formats(tmp_path: Path) -> None:
+    lines = tmp_path / "lines"
+    lines.write_text("alice  tok-a\n\n# comment\nbob\ttok-b\n")
+    assert load_tokens_file(lines) == {"alice": "tok-a", "bob": "tok-b"}
+    mapping = tmp_path / "tokens.yaml"
+    mapping.write_text("alice: tok-a\nbob: 1234\n")
+    assert load_tokens_file(mapping) == {"alice": "tok-a", "bob": "1234"}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot be read"),
+        ("", "holds no tokens"),
+        ("alice tok extra\n", "neither"),
+        ("bad id here: [\n", "neither"),
+        ("al ice: tok\n", "not a valid agent id"),
+        ("alice a\nalice b\n", "listed twice"),
+        ("alice: [1]\n", "not a string"),
+    ],
+)
+def test_tokens_file_errors_are_clear(tmp_path: Path, content: str | None, expected: str) -> None:
+    path = tmp_path / "tokens"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_tokens_file(path)
+    assert expected in info.value.message
+    assert str(path) in info.value.message
+
+
+def test_bad_tokens_file_makes_the_server_refuse_to_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        SignalingServer(settings(tokens_file=tmp_path / "missing"))
+    assert main(["--listen", "127.0.0.1:0", "--tokens-file", str(tmp_path / "missing")]) == 78
+    assert main(["--listen", "nonsense"]) == 78
+
+
+# --- standalone --------------------------------------------------------------------------------
+
+
+def test_standalone_prints_url_serves_and_exits_0_on_sigterm() -> None:
+    env = {**os.environ, "MVPD_SIGNALING_SERVER__TOKEN": "env-token"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvpd.signaling.server", "--listen", "127.0.0.1:0"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"listening on (ws://127\.0\.0\.1:(\d+))\n", line)
+        assert match, line
+
+        async def main_() -> None:
+            async with connect(match[1]) as ws:
+                await ws.send('{"type":"register","id":"alice","token":"bad"}')
+                assert (await recv_json(ws))["code"] == "bad-token"
+            async with connect(match[1]) as ws:
+                await ws.send('{"type":"register","id":"alice","token":"env-token"}')
+                assert (await recv_json(ws))["type"] == "registered"
+
+        run(main_)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert proc.stderr is not None
+        assert "env-token" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
