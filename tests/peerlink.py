@@ -115,3 +115,16 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None
     async with asyncio.timeout(timeout):
         while not predicate():  # noqa: ASYNC110 (state lives on the other peer)
             await asyncio.sleep(0.02)
+
+
+async def connected_pair(
+    mode: str = "chat", a: str = "alice", b: str = "bob"
+) -> tuple[PeerSession, PeerSession, Any, Any]:
+    """Two connected sessions (``a`` offers in ``mode``) and their main transports."""
+    fwd = Forwarder()
+    sa, sb = fwd.pair(a, b)
+    sa.mode = mode
+    await sa.start_offer()
+    ta = await sa.wait_open()
+    tb = await sb.wait_open()
+    return sa, sb, ta, tb

@@ -1,0 +1,111 @@
+"""Chat, JSON and bytes transports over real aiortc channels on loopback."""
+
+from __future__ import annotations
+
+import pytest
+from peerlink import connected_pair, run, wait_for
+
+from mvpd.peer import PeerState
+from mvpd.proto.errors import MessageTooLarge, TransportError
+from mvpd.transports import (
+    MAX_MESSAGE_SIZE,
+    BytesTransport,
+    ChatTransport,
+    JsonTransport,
+    TransportErrorEvent,
+    create_transport,
+)
+
+
+async def inject_raw_text(transport: object, payload: bytes) -> None:
+    """Send ``payload`` as a *text* message without UTF-8 checks (what a broken or hostile
+    peer could do): straight into aiortc's SCTP queue with the string PPID (51)."""
+    channel = transport.channel  # type: ignore[attr-defined]
+    sctp = channel.transport
+    sctp._data_channel_queue.append((channel, 51, payload))
+    await sctp._data_channel_flush()
+
+
+def test_factory_modes() -> None:
+    assert isinstance(create_transport("chat"), ChatTransport)
+    assert isinstance(create_transport("json"), JsonTransport)
+    assert isinstance(create_transport("bytes"), BytesTransport)
+    with pytest.raises(TransportError, match="tun mode is not available"):
+        create_transport("tun")
+    with pytest.raises(TransportError, match="unknown transport mode 'telnet'"):
+        create_transport("telnet")
+
+
+def test_chat_invalid_utf8_from_peer_is_counted_not_fatal() -> None:
+    async def body() -> None:
+        sa, sb, ta, tb = await connected_pair("chat")
+        errors: list[TransportErrorEvent] = []
+        tb.add_error_listener(errors.append)
+        await inject_raw_text(ta, b"\xff\xfe not utf-8")  # as a text message
+        ta.send_bytes(b"\xc3\x28")  # as a binary message
+        ta.send_text("still fine")
+        assert await tb.recv() == "still fine"
+        assert tb.counters.errors == {"invalid-utf8": 2}
+        assert [e.reason for e in errors] == ["invalid-utf8", "invalid-utf8"]
+        assert sb.state == PeerState.CONNECTED
+        await tb.send_text_async("and back")
+        assert await ta.recv() == "and back"
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_json_values_and_invalid_json_counted_not_fatal() -> None:
+    async def body() -> None:
+        sa, sb, ta, tb = await connected_pair("json")
+        errors: list[TransportErrorEvent] = []
+        tb.add_error_listener(errors.append)
+        seen: list[object] = []
+        tb.add_message_listener(seen.append)
+        ta.send_json({"a": [1, 2.5, None, True], "s": "ü"})
+        ta.send_text("{not json")
+        ta.send_text("[" * 1000 + "]" * 1000)  # too deep
+        await ta.send_json_async(42)
+        await ta.send_json_async("text")
+        assert await tb.recv() == {"a": [1, 2.5, None, True], "s": "ü"}
+        assert await tb.recv() == 42
+        assert await tb.recv() == "text"
+        assert tb.counters.errors == {"invalid-json": 2}
+        assert len(errors) == 2 and "not JSON" in errors[0].detail
+        assert seen == [{"a": [1, 2.5, None, True], "s": "ü"}, 42, "text"]
+        with pytest.raises(TransportError, match="cannot be sent as JSON"):
+            ta.send_json({"nan": float("nan")})
+        with pytest.raises(TransportError):
+            ta.send_json({1, 2})
+        assert sb.state == PeerState.CONNECTED
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_bytes_and_the_256_kib_limit() -> None:
+    async def body() -> None:
+        sa, sb, ta, tb = await connected_pair("bytes")
+        ta.send_bytes(b"")
+        assert await tb.recv() == b""
+        biggest = bytes(range(256)) * (MAX_MESSAGE_SIZE // 256)
+        assert len(biggest) == MAX_MESSAGE_SIZE
+        await ta.send_bytes_async(biggest)
+        assert await tb.recv() == biggest
+        with pytest.raises(MessageTooLarge, match=r"262145 bytes is over .* 262144"):
+            ta.send_bytes(biggest + b"x")
+        with pytest.raises(MessageTooLarge):
+            await ta.send_bytes_async(biggest + b"x")
+        # The limit counts UTF-8 bytes, not characters.
+        with pytest.raises(MessageTooLarge):
+            ta.send_text("é" * (MAX_MESSAGE_SIZE // 2 + 1))
+        ta.send_text("é" * (MAX_MESSAGE_SIZE // 2))
+        assert len(await tb.recv()) == MAX_MESSAGE_SIZE
+        assert ta.counters.errors == {"too-large": 3}
+        assert ta.counters.messages_out == 3
+        await sa.close()
+        await wait_for(lambda: sb.state.is_final)
+
+    run(body())
