@@ -35,6 +35,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 #: The path in the shipped unit files that :func:`install_units` replaces.
 SHIPPED_BIN = "/usr/local/bin/mvpd"
 UNIT_NAMES = ("mvpd.service", "mvp-signal.service")
+#: What ``ProtectHome=yes`` hides from the services.
+HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
+HOME_DROPIN = "50-home-paths.conf"
 SYSUSERS_NAME = "mvp-agent.conf"
 CONFIG_NAME = "mvp-agent.yaml"
 
@@ -186,6 +189,47 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     tmp.replace(path)
 
 
+def _shebang_interpreter(script: Path) -> Path | None:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with script.open("rb") as f:
+            first = f.readline(4096).decode()
+        if first.startswith("#!"):
+            parts = first[2:].split()
+            if parts and parts[0].startswith("/"):
+                return Path(parts[0])
+    return None
+
+
+def paths_under_home(bin_path: Path) -> list[Path]:
+    """What the services must see under /home, /root or /run/user to run ``bin_path``: its
+    virtualenv and the Python installation behind it (pyenv and ``pip --user`` put them
+    there, and ``ProtectHome=yes`` would make the start fail with 203/EXEC)."""
+    found: list[Path] = []
+    venv = bin_path.parent.parent
+    candidates = [venv if (venv / "pyvenv.cfg").is_file() else bin_path.parent]
+    interpreter = _shebang_interpreter(bin_path)
+    if interpreter is not None:
+        candidates.append(interpreter.parent.parent)  # the venv, or a prefix like /usr/local
+        with contextlib.suppress(OSError):
+            candidates.append(interpreter.resolve().parent.parent)  # the real installation
+    for path in candidates:
+        if any(home == path or home in path.parents for home in HOME_DIRS) \
+                and not any(p == path or p in path.parents for p in found):
+            found = [p for p in found if path not in p.parents]
+            found.append(path)
+    return sorted(found)
+
+
+def home_paths_dropin(paths: list[Path]) -> str:
+    """A unit drop-in keeping the home directories hidden except ``paths`` (read-only)."""
+    return (
+        "# Written by mvpd install-units: mvpd's Python lives under a home directory, which\n"
+        "# ProtectHome=yes would hide. Everything else there stays hidden.\n"
+        "[Service]\nProtectHome=tmpfs\n"
+        f"BindReadOnlyPaths={' '.join(str(p) for p in paths)}\n"
+    )
+
+
 def install_units(
     prefix: Path = Path("/"),
     *,
@@ -196,7 +240,9 @@ def install_units(
     """Install the systemd units, the sysusers.d entry and the example config under ``prefix``.
 
     - ``etc/systemd/system/{mvpd,mvp-signal}.service`` with ``ExecStart`` rewritten to
-      ``bin_path`` (the absolute path of the installed ``mvpd``);
+      ``bin_path`` (the absolute path of the installed ``mvpd``), plus a drop-in
+      ``50-home-paths.conf`` when that mvpd or its Python lives under a home directory
+      (see :func:`paths_under_home`);
     - ``etc/sysusers.d/mvp-agent.conf`` (the ``mvp`` group);
     - ``etc/mvp-agent.yaml`` from the source tree, mode 0600 because it can hold tokens, only
       when no config exists there yet: an operator's config is never overwritten.
@@ -213,11 +259,18 @@ def install_units(
         raise MvpError(f"unit files not found in {src}: {', '.join(missing)}")
     written: list[Path] = []
     unit_dir = prefix / "etc" / "systemd" / "system"
+    home_paths = paths_under_home(bin_path)
     for name in UNIT_NAMES:
         text = _rewrite_exec((src / name).read_text(encoding="utf-8"), bin_path)
         target = unit_dir / name
         _write(target, text.encode(), 0o644)
         written.append(target)
+        dropin = unit_dir / f"{name}.d" / HOME_DROPIN
+        if home_paths:
+            _write(dropin, home_paths_dropin(home_paths).encode(), 0o644)
+            written.append(dropin)
+        else:
+            dropin.unlink(missing_ok=True)  # left by an earlier install from a home dir
     target = prefix / "etc" / "sysusers.d" / SYSUSERS_NAME
     _write(target, (src / SYSUSERS_NAME).read_bytes(), 0o644)
     written.append(target)

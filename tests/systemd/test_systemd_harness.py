@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import pytest
 from harness import PROJECT, PYTHON, SystemdContainer
+
+from mvpd.systemd import home_paths_dropin, paths_under_home
 
 pytestmark = pytest.mark.root
 
@@ -30,7 +33,7 @@ RestartSec=100ms
 
 
 @pytest.fixture
-def notify_unit(systemd_container: SystemdContainer) -> SystemdContainer:
+def notify_unit(systemd_container: SystemdContainer) -> Iterator[SystemdContainer]:
     c = systemd_container
     c.write_file(f"/etc/systemd/system/{UNIT}", UNIT_TEXT)
     c.systemctl("daemon-reload")
@@ -110,3 +113,61 @@ def test_journal_entries_carry_fields_and_no_secrets(notify_unit: SystemdContain
         "drop", "tun", "3", "4")
     everything = c.journal("-u", UNIT, "-o", "verbose")
     assert "hunter2" not in everything
+
+
+# --- mvpd.service's hardening, applied to a probe ---------------------------------------------
+
+#: Options of mvpd.service that describe the daemon's lifecycle rather than its sandbox.
+LIFECYCLE_KEYS = {"Type", "NotifyAccess", "ExecStart", "ExecReload", "WatchdogSec", "Restart",
+                  "RestartSec", "RestartPreventExitStatus", "TimeoutStartSec", "TimeoutStopSec"}
+
+
+def sandbox_of(unit_text: str) -> list[str]:
+    """The [Service] lines of a unit except the lifecycle ones."""
+    lines, section = [], ""
+    for raw in unit_text.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section = line
+        elif (section == "[Service]" and "=" in line and not line.startswith("#")
+              and line.split("=", 1)[0] not in LIFECYCLE_KEYS):
+            lines.append(line)
+    return lines
+
+
+def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
+    systemd_container: SystemdContainer,
+) -> None:
+    c = systemd_container
+    shipped = (PROJECT / "packaging/systemd/mvpd.service").read_text()
+    sandbox = sandbox_of(shipped)
+    assert "ProtectSystem=strict" in sandbox and "DeviceAllow=/dev/net/tun rw" in sandbox
+    probe = "\n".join([
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart={PYTHON} {PROJECT}/tests/systemd/hardening_probe.py",
+        *sandbox,
+        f"Environment=PYTHONPATH={PROJECT}",
+    ]) + "\n"
+    # What install_units adds when the interpreter lives under a home directory (pyenv).
+    home_paths = paths_under_home(PYTHON.parent / "mvpd")
+    if home_paths:
+        probe += home_paths_dropin(home_paths).split("[Service]\n", 1)[1]
+        allowed = " ".join(p.relative_to(p.parents[-2]).parts[0] for p in home_paths)
+        probe += f"Environment=PROBE_HOME_ALLOWED={allowed}\n"
+    c.write_file("/etc/sysusers.d/mvp-agent.conf",
+                 (PROJECT / "packaging/systemd/mvp-agent.conf").read_text())
+    c.run(["systemd-sysusers"])
+    c.write_file("/etc/systemd/system/mvpd-probe.service", probe)
+    c.systemctl("daemon-reload")
+    started = c.systemctl("start", "mvpd-probe.service", check=False)
+    out = c.journal("-u", "mvpd-probe.service", "-o", "cat")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, f"no probe output (start exited {started.returncode}):\n{out}"
+    results = json.loads(lines[-1])
+    failed = {k: v for k, v in results.items() if not v.startswith("ok")}
+    assert not failed, json.dumps(results, indent=1)
+    assert started.returncode == 0
+    assert {"tun_create", "netlink_configure", "aiortc_data_channel", "control_socket_group",
+            "home_hidden", "no_write_usr", "bounding_set_nnp_seccomp"} <= set(results)
+    assert c.run(["ip", "link", "show", "mvpprobe0"], check=False).returncode != 0
