@@ -1,0 +1,90 @@
+"""The pipe: 20 MiB lossless with EOF, a late reader, bounded buffers on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from peerlink import connected_pair, run, wait_for
+
+from mvpd.transports import PIPE_LABEL, PipeTransport
+from mvpd.transports.pipe import DEFAULT_WINDOW
+
+TOTAL = 20 * 1024 * 1024
+
+
+def test_20_mib_pipe_with_late_reader_and_eof() -> None:
+    async def body() -> None:
+        sa, sb, _, _ = await connected_pair("chat")
+        pa = await sa.open_pipe()
+        await wait_for(lambda: PIPE_LABEL in sb.transports)
+        pb = await sb.wait_pipe()
+        assert isinstance(pb, PipeTransport) and pb.is_open
+
+        payload = hashlib.sha256(b"seed").digest() * (TOTAL // 32)
+        writer_done = asyncio.Event()
+
+        async def write() -> None:
+            # Odd sizes, so frames do not line up with the window.
+            view = memoryview(payload)
+            step = 300_001
+            for pos in range(0, len(view), step):
+                await pa.write(view[pos : pos + step])
+            await pa.write_eof()
+            writer_done.set()
+
+        writer = asyncio.ensure_future(write())
+        # Nobody reads on bob's side yet: alice may send one window and then must wait.
+        await wait_for(lambda: pb.buffered == DEFAULT_WINDOW)
+        await asyncio.sleep(0.3)
+        assert pa.payload_out == DEFAULT_WINDOW
+        assert pb.buffered == DEFAULT_WINDOW
+        assert not writer_done.is_set()
+
+        # The reader attaches late and reads slowly in small pieces at first.
+        digest = hashlib.sha256()
+        got = 0
+        highest = 0
+        while True:
+            chunk = await pb.read(4096 if got < 100_000 else -1)
+            if not chunk:
+                break
+            highest = max(highest, pb.buffered + len(chunk))
+            digest.update(chunk)
+            got += len(chunk)
+        await writer
+        assert got == TOTAL
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        assert pb.at_eof
+        assert highest <= DEFAULT_WINDOW
+        assert pb.counters.errors == {} and pa.counters.errors == {}
+        # The pipe works the other way round too, and EOF is per direction.
+        await pb.write(b"reply")
+        await pb.write_eof()
+        assert await pa.read_all() == b"reply"
+        await sa.close()
+        await sb.close()
+
+    run(body(), timeout=300)
+
+
+def test_pipe_closed_before_eof_is_not_a_clean_end() -> None:
+    async def body() -> None:
+        sa, sb, _, _ = await connected_pair("bytes")
+        pa = await sa.open_pipe()
+        pb = await sb.wait_pipe(timeout=10)
+        await pa.write(b"partial")
+        assert await pb.read() == b"partial"
+        pa.close()
+        from mvpd.proto.errors import ConnectionClosed
+
+        try:
+            await asyncio.wait_for(pb.read(), 10)
+        except ConnectionClosed:
+            pass
+        else:
+            raise AssertionError("a truncated stream must not look like EOF")
+        await sa.close()
+        await sb.close()
+
+    run(body())
