@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from mvpd.proto.errors import MvpError
-from mvpd.systemd import SHIPPED_BIN, install_units, packaging_dir
+from mvpd.systemd import (
+    HOME_DROPIN,
+    SHIPPED_BIN,
+    install_units,
+    packaging_dir,
+    paths_under_home,
+)
 
 MVPD_BIN = Path(sys.executable).parent / "mvpd"
 
@@ -99,3 +105,21 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def test_python_under_a_home_dir_gets_a_read_only_bind(tmp_path: Path) -> None:
+    script = tmp_path / "bin/mvpd"
+    script.parent.mkdir()
+    script.write_text("#!/home/alice/venv/bin/python\nimport sys\n")
+    assert paths_under_home(script) == [Path("/home/alice/venv")]
+    prefix = tmp_path / "root"
+    written = install_units(prefix, bin_path=script)
+    dropin = prefix / "etc/systemd/system/mvpd.service.d" / HOME_DROPIN
+    assert dropin in written
+    options = unit_options(dropin.read_text())
+    assert options == {"ProtectHome": ["tmpfs"], "BindReadOnlyPaths": ["/home/alice/venv"]}
+    # Reinstalled from a system path: the drop-in goes away.
+    script.write_text("#!/usr/bin/python3\n")
+    assert paths_under_home(script) == []
+    install_units(prefix, bin_path=script)
+    assert not dropin.exists()
