@@ -7,6 +7,8 @@ import logging
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mvpd.proto.router import (
     CLOSE_BAD_TOKEN,
@@ -288,3 +290,45 @@ def test_stats_as_dict() -> None:
     assert d["registrations"] == 1
     assert d["errors_by_code"] == {"offline": 1}
     assert d["connections_total"] == 1
+
+
+frames = st.one_of(
+    st.text(max_size=300),
+    st.binary(max_size=300),
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(
+                ["register", "offer", "answer", "candidate", "bye", "error", "x"]
+            )
+        },
+        optional={
+            "id": st.sampled_from(["alice", "bob", "", "a b"]) | st.integers(),
+            "to": st.sampled_from(["alice", "bob", "carol"]) | st.none(),
+            "from": st.text(max_size=5),
+            "sdp": st.text(max_size=20) | st.integers(),
+            "token": st.sampled_from(["tok", "bad", ""]) | st.none(),
+            "candidate": st.none() | st.dictionaries(st.text(max_size=5), st.text(max_size=5)),
+        },
+    ).map(json.dumps),
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["c1", "c2", "c3"]), frames), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_any_sequence_of_frames_never_raises(events: list[tuple[str, str | bytes]]) -> None:
+    r = SignalingRouter[str](token="tok", rate=100.0, burst=10, max_message_size=200)
+    for now, (conn, frame) in enumerate(events):
+        for action in r.receive(conn, frame, float(now) / 10):
+            assert isinstance(action, Send | Close)
+            if isinstance(action, Send):
+                assert json.loads(action.text)["type"] in (
+                    "registered",
+                    "error",
+                    "offer",
+                    "answer",
+                    "candidate",
+                    "bye",
+                )
+    for conn in ("c1", "c2", "c3"):
+        r.disconnect(conn)
+    assert r.registered_ids() == []
