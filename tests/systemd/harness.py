@@ -22,6 +22,7 @@ container's PID 1, waits, then removes the cgroup and the scratch directory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shlex
 import shutil
@@ -157,6 +158,11 @@ def host_cgroup2() -> Path | None:
     return None
 
 
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _own_cgroup2_path() -> str:
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         if line.startswith("0::"):
@@ -216,11 +222,13 @@ class SystemdContainer:
         self.cgroup = root / _own_cgroup2_path().lstrip("/") / self.name
         if not self.cgroup.parent.exists() or not os.access(self.cgroup.parent, os.W_OK):
             self.cgroup = root / self.name
+        remove_stale_cgroups(self.cgroup.parent)
         self.cgroup.mkdir()
         # The shell joins the new cgroup first, so unshare --cgroup roots the namespace there.
         outer = (
             f"echo $$ > {shlex.quote(str(self.cgroup / 'cgroup.procs'))} && "
-            "exec unshare --fork --pid --mount --uts --ipc --net --cgroup --propagation private "
+            "exec unshare --fork --kill-child=SIGKILL --pid --mount --uts --ipc --net --cgroup "
+            "--propagation private "
             f"sh -c {shlex.quote(_STAGE2)} stage2 {shlex.quote(str(self.mount_dir))}"
         )
         self.proc = subprocess.Popen(
@@ -229,6 +237,9 @@ class SystemdContainer:
             stdout=subprocess.DEVNULL,
             stderr=open(self.scratch / "boot.log", "wb"),  # noqa: SIM115 - closed by the child
             start_new_session=True,
+            # If the test process dies without cleaning up, unshare gets SIGKILL and takes
+            # the container's PID 1 (so the whole PID namespace) with it.
+            preexec_fn=_die_with_parent,
         )
         try:
             self.pid = self._find_init_pid()
@@ -389,6 +400,18 @@ class SystemdContainer:
         """``journalctl ARGS`` inside the container (after a journal sync)."""
         self.run(["journalctl", "--sync"], check=False)
         return self.run(["journalctl", "--no-pager", *args]).stdout
+
+
+def remove_stale_cgroups(parent: Path) -> list[Path]:
+    """Remove the cgroups of containers whose test process died before cleaning up: named
+    ``mvpd-test-*`` and empty (a running container's cgroup is populated and kept)."""
+    removed = []
+    for cgroup in parent.glob("mvpd-test-*"):
+        if cgroup.is_dir() and not SystemdContainer._cgroup_populated(cgroup):
+            with contextlib.suppress(OSError):
+                SystemdContainer._remove_cgroup(cgroup)
+                removed.append(cgroup)
+    return removed
 
 
 @contextlib.contextmanager
