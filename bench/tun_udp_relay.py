@@ -139,8 +139,8 @@ def measure(args: argparse.Namespace) -> int:
             (a, f"{TUN_A}/24", link.addr_a.ip, link.addr_b.ip),
             (b, f"{TUN_B}/24", link.addr_b.ip, link.addr_a.ip),
         ):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--relay", tun, str(local),
-                   str(remote), "--mtu", str(args.mtu), "--seconds", str(relay_seconds)]  # fmt: skip
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--relay", tun, str(local)]
+            cmd += [str(remote), "--mtu", str(args.mtu), "--seconds", str(relay_seconds)]
             if not args.uvloop:
                 cmd.append("--no-uvloop")
             relays.append(ns.popen(*cmd, stderr=None))
