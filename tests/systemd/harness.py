@@ -404,9 +404,13 @@ class SystemdContainer:
 
 def remove_stale_cgroups(parent: Path) -> list[Path]:
     """Remove the cgroups of containers whose test process died before cleaning up: named
-    ``mvpd-test-*`` and empty (a running container's cgroup is populated and kept)."""
+    ``mvpd-test-*``, empty and older than a minute (a running container's cgroup is populated;
+    one being set up by a parallel run is new)."""
     removed = []
     for cgroup in parent.glob("mvpd-test-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - cgroup.stat().st_mtime < 60:
+                continue
         if cgroup.is_dir() and not SystemdContainer._cgroup_populated(cgroup):
             with contextlib.suppress(OSError):
                 SystemdContainer._remove_cgroup(cgroup)
