@@ -156,6 +156,18 @@ class SignalingServer:
         scheme = "wss" if self.ssl is not None else "ws"
         return f"{scheme}://{host}:{self.port}"
 
+    def reload_tokens(self) -> None:
+        """Read the tokens file again (SIGHUP). On a :class:`ConfigError` the old tokens stay.
+        Agents already registered stay registered."""
+        token = self.settings.token.get_secret_value() if self.settings.token else None
+        tokens = (
+            load_tokens_file(self.settings.tokens_file, shared_token=token is not None)
+            if self.settings.tokens_file is not None
+            else None
+        )
+        self.router.set_tokens(token, tokens)
+        logger.info("tokens reloaded (%d per-agent)", len(tokens or {}))
+
     def stats(self) -> dict[str, Any]:
         """Counters and current numbers, as plain data."""
         data = self.router.stats.as_dict()

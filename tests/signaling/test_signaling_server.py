@@ -291,3 +291,22 @@ def test_standalone_prints_url_serves_and_exits_0_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_reload_tokens_keeps_old_ones_on_error(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice old\n")
+
+    async def main_() -> None:
+        async with SignalingServer(settings(tokens_file=tokens)) as server:
+            tokens.write_text("alice new\n")
+            server.reload_tokens()
+            ws = await registered(server, "alice", "new")
+            tokens.write_text("broken line with four\n")
+            with pytest.raises(ConfigError):
+                server.reload_tokens()
+            again = await registered(server, "alice", "new")
+            await ws.close()
+            await again.close()
+
+    run(main_)
