@@ -62,7 +62,7 @@ R = TypeVar("R")
 
 
 class _Options:
-    def __init__(self, socket: Path | None, as_json: bool) -> None:
+    def __init__(self, socket: str | None, as_json: bool) -> None:
         self.socket = socket
         self.json = as_json
 
@@ -115,7 +115,9 @@ def _client(ctx: typer.Context, *, timeout: float | None = 30.0) -> Iterator[Cli
 @app.callback()
 def _main(
     ctx: typer.Context,
-    socket: Path | None = typer.Option(
+    # A str, not a Path: click would check that the socket is readable and exit 2 (usage)
+    # where the daemon's refusal (exit 4) is the right answer.
+    socket: str | None = typer.Option(
         None,
         "--socket",
         "-s",
@@ -292,7 +294,7 @@ def connect(
         params["timeout"] = timeout
     # The daemon enforces the connect timeout; our socket just must not give up before it.
     with _client(ctx, timeout=None) as client:
-        result = client.call("connect", timeout=None, **params)
+        result = client.call("connect", reply_timeout=None, **params)
     if _want_json(ctx, False):
         _print_json(result)
     else:
@@ -434,7 +436,7 @@ def chat(
     prefix = f"{peer}> " if sys.stdout.isatty() else ""
     with _client(ctx) as commands, _client(ctx, timeout=None) as events:
         if connect_first:
-            commands.call("connect", peer=peer, wait=True, timeout=None)
+            commands.call("connect", reply_timeout=None, peer=peer, wait=True)
         stream = events.subscribe("recv", peer=peer, follow=True)
         selector = selectors.PollSelector()  # poll also takes regular files as stdin
         stdin = sys.stdin.fileno()
@@ -479,7 +481,7 @@ def pipe(
     """
     with _client(ctx, timeout=None) as client:
         if connect_first:
-            client.call("connect", peer=peer, wait=True, timeout=None)
+            client.call("connect", reply_timeout=None, peer=peer, wait=True)
         stream = client.open_pipe(peer)
         _run_pipe(client, stream)
 

@@ -166,10 +166,11 @@ class Client:
         return response.result
 
     def call(
-        self, method: str, /, *, timeout: float | None = DEFAULT_TIMEOUT, **params: Any
+        self, method: str, /, *, reply_timeout: float | None = DEFAULT_TIMEOUT, **params: Any
     ) -> Any:
-        """Call ``method`` and return its result (``timeout`` None waits forever)."""
-        return self.wait(self.request(method, **params), timeout=timeout)
+        """Call ``method`` with ``params`` and return its result. ``reply_timeout`` is how
+        long to wait for the answer (None: forever); it is not sent."""
+        return self.wait(self.request(method, **params), timeout=reply_timeout)
 
     def done(self, request_id: int) -> bool:
         """Whether the answer to ``request_id`` has arrived (call :meth:`wait` to collect it)."""
@@ -208,7 +209,7 @@ class Client:
 
     def subscribe(self, method: str, /, **params: Any) -> Subscription:
         """Open a stream (``recv``, ``pipe.open``) and return it."""
-        result = self.call(method, timeout=DEFAULT_TIMEOUT, **params)
+        result = self.call(method, **params)
         return Subscription(self, int(result["sub"]))
 
     def open_pipe(self, peer: str) -> Subscription:

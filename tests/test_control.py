@@ -1,0 +1,546 @@
+"""The control socket server over real Unix sockets: hello, calls, errors, streams, the socket
+file, bad input, limits, and authorisation by peer credentials (with a second real uid)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import pwd
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent / "mvpctl"))
+from control_harness import ServerThread
+
+from mvpctl.client import Client
+from mvpd.control import ControlLimits, ControlServer, resolve_access
+from mvpd.proto import rpc
+from mvpd.proto.errors import (
+    BadRequest,
+    ConnectionClosed,
+    InvalidParams,
+    MvpError,
+    NotFound,
+    RpcError,
+    RpcTimeout,
+    UnknownMethod,
+)
+
+PYTHON = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(tmp_path / "run" / "mvpd.sock") as running:
+        yield running
+
+
+def raw_connect(path: Path, hello: bool = True) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    if hello:
+        sock.sendall(rpc.encode_frame(rpc.client_hello("test")))
+        assert read_messages(sock, 1)[0]["access"] == "write"
+    return sock
+
+
+def read_messages(sock: socket.socket, count: int) -> list[dict[str, Any]]:
+    decoder = rpc.FrameDecoder()
+    out: list[dict[str, Any]] = []
+    while len(out) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        out.extend(decoder.feed(data))
+    return out
+
+
+def read_until_closed(sock: socket.socket) -> list[dict[str, Any]]:
+    decoder = rpc.FrameDecoder()
+    out: list[dict[str, Any]] = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not data:
+            return out
+        out.extend(decoder.feed(data))
+
+
+def assert_serving(path: Path) -> None:
+    with Client.connect(path, timeout=10) as client:
+        assert client.call("status")["agent_id"] == "alice"
+
+
+# --- hello, calls, errors ------------------------------------------------------------------------
+
+
+def test_hello_and_calls(server: ServerThread) -> None:
+    assert stat.S_IMODE(os.stat(server.path.parent).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o666
+    with Client.connect(server.path) as client:
+        assert (client.hello.agent_id, client.access) == ("alice", "write")
+        assert client.hello.server == "mvpd 0.1.0"
+        peer = client.call("connect", peer="bob", mode="json")
+        assert (peer["peer"], peer["state"], peer["mode"], peer["path"]) == (
+            "bob",
+            "connected",
+            "json",
+            "direct",
+        )
+        status = client.call("status")
+        assert [p["peer"] for p in status["peers"]] == ["bob"]
+        assert status["signaling"]["state"] == "connected"
+        assert client.call("peers")[0]["peer"] == "bob"
+        assert client.call("send", peer="bob", text="hé") == {"bytes": 2}
+        assert client.call("reload") == {"applied": ["log_level"], "not_applied": ["socket"]}
+        assert client.call("disconnect", peer="bob") == {}
+        assert client.call("peers") == []
+    assert [name for name, _ in server.handler.calls][:2] == ["connect", "status"]
+    caller = server.handler.calls[0][1]
+    assert (caller.uid, caller.pid, caller.access) == (0, os.getpid(), "write")
+
+
+def test_error_replies(server: ServerThread) -> None:
+    with Client.connect(server.path) as client:
+        with pytest.raises(UnknownMethod):
+            client.call("launch")
+        with pytest.raises(InvalidParams, match="wait"):
+            client.call("connect", peer="bob", wait="yes")
+        with pytest.raises(InvalidParams, match="exactly one"):
+            client.call("send", peer="bob", text="a", data=b"b")
+        with pytest.raises(NotFound, match="no peer 'ghost'"):
+            client.call("disconnect", peer="ghost")
+        with pytest.raises(RpcError, match="offline") as info:
+            client.call("connect", peer="unreachable")
+        assert info.value.code == "peer-error"
+        with pytest.raises(RpcError) as info:
+            client.call("connect", peer="crash")
+        assert info.value.code == "internal" and "a bug" not in info.value.message
+        with pytest.raises(RpcTimeout, match="no open channel"):
+            client.call("connect", peer="slow", timeout=0.05)
+        # Still a working connection after all that.
+        assert client.call("status")["agent_id"] == "alice"
+
+
+def test_calls_run_concurrently_and_pipelined_requests_are_all_answered(
+    server: ServerThread,
+) -> None:
+    with Client.connect(server.path) as client:
+        slow = client.request("connect", peer="slow", timeout=2)
+        # A slow call does not hold up the others on the same connection.
+        assert client.call("status")["agent_id"] == "alice"
+        ids = [client.request("peers") for _ in range(300)]
+        assert all(client.wait(i) == [] for i in ids)
+        with pytest.raises(RpcTimeout):
+            client.wait(slow)
+
+
+def test_version_mismatch_gets_an_error_and_the_connection_closed(server: ServerThread) -> None:
+    sock = raw_connect(server.path, hello=False)
+    sock.sendall(rpc.encode_frame({"hello": 99, "client": "future"}))
+    replies = read_until_closed(sock)
+    assert replies[0]["id"] is None
+    assert replies[0]["error"]["code"] == "version-mismatch"
+    assert "speaks version 1" in replies[0]["error"]["message"]
+    assert_serving(server.path)
+
+
+def test_a_request_before_the_hello_is_refused(server: ServerThread) -> None:
+    sock = raw_connect(server.path, hello=False)
+    sock.sendall(rpc.encode_frame(rpc.request(1, "status", {})))
+    replies = read_until_closed(sock)
+    assert replies[0]["error"]["code"] == "bad-request"
+
+
+# --- streams -------------------------------------------------------------------------------------
+
+
+def test_recv_stream_delivers_each_kind_then_ends(server: ServerThread) -> None:
+    with Client.connect(server.path) as client:
+        client.call("connect", peer="bob")
+        client.call("send", peer="bob", text="hello")
+        client.call("send", peer="bob", json={"a": [1, None]})
+        client.call("send", peer="bob", json=None)
+        client.call("send", peer="bob", data=b"\x00\xff")
+        stream = client.subscribe("recv", peer="bob")
+        got = [(e.event, e.data["kind"], e.data["data"]) for e in stream]
+        assert got == [
+            ("message", "text", "hello"),
+            ("message", "json", {"a": [1, None]}),
+            ("message", "json", None),
+            ("message", "bytes", b"\x00\xff"),
+        ]
+        assert stream.ended
+
+
+def test_recv_follow_limit_cancel_and_error(server: ServerThread) -> None:
+    with Client.connect(server.path) as client, Client.connect(server.path) as other:
+        client.call("connect", peer="bob")
+        follow = client.subscribe("recv", peer="bob", follow=True, limit=2)
+        other.call("send", peer="bob", text="one")
+        other.call("send", peer="bob", text="two")
+        assert [e.data["data"] for e in follow] == ["one", "two"]
+
+        endless = client.subscribe("recv", peer="bob", follow=True)
+        endless.cancel()
+        assert client.next_event(endless.sub, timeout=10).event == "end"
+        with pytest.raises(NotFound):
+            client.call("cancel", sub=endless.sub)
+
+        broken = client.subscribe("recv", peer="bob", follow=True)
+        other.call("send", peer="bob", text="explode")
+        with pytest.raises(RpcError, match="channel broke"):
+            list(broken)
+        assert client.next_event(broken.sub, timeout=10).event == "end"
+        assert server.handler.streams_closed == 3
+
+
+def test_pipe_echoes_bytes_and_eof_then_ends(server: ServerThread) -> None:
+    payload = os.urandom(300_000)
+    with Client.connect(server.path) as client:
+        client.call("connect", peer="bob")
+        pipe = client.open_pipe("bob")
+        requests = [
+            client.pipe_write(pipe.sub, payload[i : i + 65536])
+            for i in range(0, len(payload), 65536)
+        ]
+        requests.append(client.pipe_eof(pipe.sub))
+        received = bytearray()
+        events = []
+        for event in pipe:
+            events.append(event.event)
+            if event.event == "data":
+                received += event.data["data"]
+        assert bytes(received) == payload
+        assert events[-1] == "eof" and set(events[:-1]) == {"data"}
+        assert all(client.wait(r) == {} for r in requests)
+        with pytest.raises(NotFound):
+            client.call("pipe.write", sub=pipe.sub, data=b"late")
+    assert server.handler.pipes_closed == 1
+
+
+def test_pipe_write_errors_and_wrong_subscriptions(server: ServerThread) -> None:
+    with Client.connect(server.path) as client:
+        client.call("connect", peer="bob")
+        pipe = client.open_pipe("bob")
+        with pytest.raises(RpcError, match="channel broke") as info:
+            client.call("pipe.write", sub=pipe.sub, data=b"fail\n")
+        assert info.value.code == "peer-error"
+        recv = client.subscribe("recv", peer="bob", follow=True)
+        with pytest.raises(InvalidParams, match="not a pipe"):
+            client.call("pipe.write", sub=recv.sub, data=b"x")
+        client.call("pipe.eof", sub=pipe.sub)
+        # Refused: "already ended", or "no subscription" once the echo's EOF ended the pipe.
+        with pytest.raises((BadRequest, NotFound)):
+            client.call("pipe.write", sub=pipe.sub, data=b"x")
+
+
+def test_a_client_going_away_closes_its_streams(server: ServerThread) -> None:
+    with Client.connect(server.path) as client:
+        client.call("connect", peer="bob")
+        client.open_pipe("bob")
+        client.subscribe("recv", peer="bob", follow=True)
+    for _ in range(100):
+        if server.handler.pipes_closed == 1 and server.handler.streams_closed == 1:
+            break
+        server.run(asyncio.sleep(0.05))
+    assert (server.handler.pipes_closed, server.handler.streams_closed) == (1, 1)
+    assert server.server.connections == 0
+
+
+def test_stream_count_is_limited(tmp_path: Path) -> None:
+    limits = ControlLimits(max_streams=2)
+    with (
+        ServerThread(tmp_path / "s.sock", limits=limits) as server,
+        Client.connect(server.path) as client,
+    ):
+        client.call("connect", peer="bob")
+        client.subscribe("recv", peer="bob", follow=True)
+        client.subscribe("recv", peer="bob", follow=True)
+        with pytest.raises(RpcError, match="too many streams") as info:
+            client.subscribe("recv", peer="bob", follow=True)
+        assert info.value.code == "busy"
+
+
+# --- the socket file -----------------------------------------------------------------------------
+
+
+def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "mvpd.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # what a crashed daemon leaves behind
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    with ServerThread(path) as server:
+        assert_serving(server.path)
+    assert not path.exists()
+
+
+def test_a_live_daemons_socket_is_never_stolen(server: ServerThread) -> None:
+    second = ControlServer(server.path, server.handler, agent_id="intruder")
+    with pytest.raises(MvpError, match=f"another mvpd is running on {server.path}"):
+        asyncio.run(second.start())
+    assert_serving(server.path)
+
+
+def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "mvpd.sock"
+    path.write_text("precious")
+    with pytest.raises(MvpError, match="exists and is not a socket"):
+        asyncio.run(ControlServer(path, object(), agent_id="a").start())  # type: ignore[arg-type]
+    assert path.read_text() == "precious"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_malformed_frames_get_errors_and_the_server_carries_on(server: ServerThread) -> None:
+    other = Client.connect(server.path)  # a well-behaved client, connected all along
+
+    sock = raw_connect(server.path)
+    not_a_map = msgpack.packb([1, 2, 3])
+    sock.sendall(struct.pack(">I", len(not_a_map)) + not_a_map)
+    sock.sendall(rpc.encode_frame({"id": 4, "method": 12}))
+    sock.sendall(rpc.encode_frame(rpc.request(5, "status", {})))
+    replies = read_messages(sock, 3)
+    assert replies[0] == {
+        "id": None,
+        "error": {"code": "bad-frame", "message": "frame must hold a msgpack map, not list"},
+    }
+    assert replies[1]["id"] == 4 and replies[1]["error"]["code"] == "bad-request"
+    assert replies[2]["id"] == 5 and replies[2]["result"]["agent_id"] == "alice"
+
+    sock.sendall(struct.pack(">I", rpc.MAX_FRAME + 1))
+    replies = read_until_closed(sock)
+    assert replies[0]["error"]["code"] == "too-large"
+
+    truncated = raw_connect(server.path)
+    truncated.sendall(rpc.encode_frame(rpc.request(1, "status", {}))[:7])
+    truncated.close()
+
+    assert other.call("status")["agent_id"] == "alice"
+    other.close()
+    assert_serving(server.path)
+
+
+def test_read_only_callers_get_a_small_frame_limit(tmp_path: Path) -> None:
+    # Exercised directly: the decoder limit is what protects the daemon's memory.
+    limits = ControlLimits()
+    assert limits.read_only_max_frame < limits.max_frame
+    decoder = rpc.FrameDecoder(limits.read_only_max_frame)
+    with pytest.raises(rpc.FrameTooLarge):
+        decoder.feed(rpc.encode_frame({"x": b"y" * limits.read_only_max_frame}))
+
+
+def test_hello_must_come_in_time(tmp_path: Path) -> None:
+    with ServerThread(tmp_path / "s.sock", limits=ControlLimits(hello_timeout=0.2)) as server:
+        sock = raw_connect(server.path, hello=False)
+        replies = read_until_closed(sock)
+        assert replies[0]["error"]["message"] == "no hello received in time"
+        assert_serving(server.path)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[ServerThread]:
+    with tempfile.TemporaryDirectory() as tmp, ServerThread(Path(tmp) / "fuzz.sock") as server:
+        yield server
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    hello=st.booleans(),
+    chunks=st.lists(
+        st.binary(max_size=64)
+        | st.builds(
+            lambda m: rpc.encode_frame(m),
+            st.dictionaries(
+                st.text(max_size=8),
+                st.integers() | st.text(max_size=8) | st.binary(max_size=8),
+                max_size=3,
+            ),
+        )
+        | st.builds(
+            lambda i, m, p: rpc.encode_frame({"id": i, "method": m, "params": p}),
+            st.integers(-2, 2**64 - 1),
+            st.sampled_from([*rpc.METHODS, "nope", ""]),
+            st.dictionaries(
+                st.sampled_from(["peer", "sub", "data", "text", "follow"]),
+                st.integers() | st.text(max_size=8) | st.binary(max_size=8) | st.booleans(),
+                max_size=3,
+            ),
+        ),
+        max_size=6,
+    ),
+)
+def test_fuzzed_clients_never_hurt_the_server(
+    fuzz_server: ServerThread, hello: bool, chunks: list[bytes]
+) -> None:
+    sock = raw_connect(fuzz_server.path, hello=hello)
+    with contextlib.suppress(OSError):
+        for chunk in chunks:
+            sock.sendall(chunk)
+    sock.close()
+    assert_serving(fuzz_server.path)
+
+
+# --- authorisation -------------------------------------------------------------------------------
+
+
+def test_resolve_access_for_root_and_unknown_users() -> None:
+    assert resolve_access(0, 0, "no-such-group-xyz", "none") == "write"
+    assert resolve_access(54321, 54321, "no-such-group-xyz", "read") == "read"
+    assert resolve_access(54321, 54321, "no-such-group-xyz", "none") is None
+
+
+AS_USER = """
+import json, sys
+from mvpctl.client import Client
+from mvpd.proto.errors import MvpError
+out = {}
+try:
+    client = Client.connect(sys.argv[1])
+except MvpError as exc:
+    print(json.dumps({"connect": exc.code, "message": exc.message}))
+    raise SystemExit
+out["access"] = client.access
+for method, params in (("status", {}), ("peers", {}), ("connect", {"peer": "bob"})):
+    try:
+        client.call(method, **params)
+        out[method] = "ok"
+    except MvpError as exc:
+        out[method] = exc.code
+        out[method + "_message"] = exc.message
+print(json.dumps(out))
+"""
+
+
+def _run(*cmd: str) -> None:
+    for _ in range(20):  # useradd/groupadd fail while someone else holds the passwd lock
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if "lock" not in done.stderr:
+            break
+        asyncio.run(asyncio.sleep(0.25))
+    raise AssertionError(f"{cmd} failed: {done.stderr}")
+
+
+@pytest.fixture
+def other_user() -> Iterator[tuple[str, str]]:
+    """A throwaway system user and group, removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a throwaway user")
+    suffix = f"{os.getpid() % 100000}"
+    user, group = f"mvpctlt{suffix}", f"mvpctlg{suffix}"
+    _run("groupadd", "--system", group)
+    try:
+        _run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
+        try:
+            yield user, group
+        finally:
+            subprocess.run(["userdel", user], capture_output=True)
+    finally:
+        subprocess.run(["groupdel", group], capture_output=True)
+
+
+def run_as(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    entry = pwd.getpwnam(user)
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={entry.pw_uid}",
+            f"--regid={entry.pw_gid}",
+            "--clear-groups",
+            PYTHON,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    # pytest's tmp_path is 0700: another user could not reach a socket in it.
+    path = Path(tempfile.mkdtemp(prefix="mvpd-ctl-"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def test_second_uid_reads_but_writes_only_in_the_group(
+    other_user: tuple[str, str], public_dir: Path
+) -> None:
+    user, group = other_user
+    with ServerThread(public_dir / "mvpd.sock", group=group) as server:
+        assert grp.getgrgid(os.stat(server.path).st_gid).gr_name == group
+        done = run_as(user, "-c", AS_USER, str(server.path))
+        result = json.loads(done.stdout or done.stderr)
+        assert result["access"] == "read"
+        assert (result["status"], result["peers"], result["connect"]) == ("ok", "ok", "forbidden")
+        assert f"group {group!r}" in result["connect_message"]
+        uid = pwd.getpwnam(user).pw_uid
+        assert [c.uid for name, c in server.handler.calls if name == "status"] == [uid]
+        assert not [c for name, c in server.handler.calls if name == "connect"]
+
+        cli = run_as(user, "-m", "mvpctl", "--socket", str(server.path), "connect", "bob")
+        assert cli.returncode == 4, cli.stderr
+        assert "write access" in cli.stderr and group in cli.stderr
+
+        _run("gpasswd", "-a", user, group)
+        result = json.loads(run_as(user, "-c", AS_USER, str(server.path)).stdout)
+        assert result == {"access": "write", "status": "ok", "peers": "ok", "connect": "ok"}
+        assert [c.uid for name, c in server.handler.calls if name == "connect"] == [uid]
+
+
+def test_others_none_refuses_by_mode_and_by_credentials(
+    other_user: tuple[str, str], public_dir: Path
+) -> None:
+    user, group = other_user
+    with ServerThread(public_dir / "mvpd.sock", group=group, others_access="none") as server:
+        assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o660
+        done = run_as(user, "-m", "mvpctl", "--socket", str(server.path), "status")
+        assert done.returncode == 4, done.stderr
+        assert "permission denied" in done.stderr and repr(group) in done.stderr
+
+        # The file mode is not the only gate: opened up, the daemon still refuses.
+        os.chmod(server.path, 0o666)
+        result = json.loads(run_as(user, "-c", AS_USER, str(server.path)).stdout)
+        assert result["connect"] == "forbidden"
+        assert f"group {group!r}" in result["message"]
+        assert not server.handler.calls
+
+
+def test_connection_closed_error_when_daemon_goes_away(tmp_path: Path) -> None:
+    server = ServerThread(tmp_path / "s.sock").start()
+    client = Client.connect(server.path)
+    server.stop()
+    with pytest.raises(ConnectionClosed):
+        client.call("status")
+    client.close()
