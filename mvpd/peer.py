@@ -369,6 +369,9 @@ class PeerSession:
                 return
         self.role = "answerer"
         self._set_state(PeerState.CONNECTING, "answering")
+        if "m=application" not in offer.sdp:
+            # aiortc would happily answer an SDP without sections; nothing could ever open.
+            raise PeerError("the offer has no data channel (m=application) section")
         self._start_worker()
         pc = self._new_pc()
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))

@@ -1,0 +1,430 @@
+"""AgentCore: many peer sessions, fed by the signaling client, observed through events.
+
+The core reads every signaling message (one task iterating the client), routes it to the
+session for its sender, answers offers only from allowed peers (others get a ``bye`` with a
+reason), and publishes what happens (peer state changes, received messages, transport
+errors) to subscribers: one bounded queue each, with a drop counter, so a slow subscriber
+never slows the data plane. Established sessions do not need signaling: losing the
+signaling server leaves them running.
+
+Seed API::
+
+    core = AgentCore(settings, signaling)
+    await core.start()
+    await core.connect_to("peer-123")
+    channel = core.get_channel("peer-123")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .config import AgentSettings
+from .peer import PeerSession, PeerState, StateChange
+from .proto.errors import ConnectionClosed, MvpError, PeerError, SignalingRejected
+from .proto.signaling import (
+    AGENT_ID_PATTERN,
+    Answer,
+    Bye,
+    Candidate,
+    Error,
+    Message,
+    Offer,
+    Registered,
+    RoutedMessage,
+    parse_message,
+)
+from .transports import PipeTransport, Transport, TransportErrorEvent, transport_class
+
+log = logging.getLogger(__name__)
+
+#: Default capacity of one subscriber's event queue.
+DEFAULT_SUBSCRIBER_QUEUE = 1024
+#: Pause before iterating the signaling client again after its iterator ended or failed.
+SIGNALING_RETRY = 1.0
+
+
+class SignalingLike(Protocol):
+    """What the core needs from :class:`mvpd.signaling.client.SignalingClient`."""
+
+    async def send(self, message: Message | Mapping[str, Any]) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[Message]: ...
+
+
+@dataclass(frozen=True)
+class CoreEvent:
+    """One thing that happened. ``kind`` is one of:
+
+    * ``peer-state``: ``data`` = ``{"state", "reason", "mode", "role"}``;
+    * ``message``: ``{"label", "mode", "message"}`` (str, bytes or a JSON value);
+    * ``transport-error``: ``{"label", "reason", "detail"}``;
+    * ``channel``: a channel was attached, ``{"label", "mode"}`` (e.g. a pipe opened);
+    * ``offer-refused``: ``{"reason"}``;
+    * ``signaling-error``: the server reported an error, ``{"code", "message"}``.
+    """
+
+    kind: str
+    peer: str
+    data: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+
+class Subscription:
+    """A bounded event queue for one subscriber. When full, the oldest event is dropped
+    and counted in :attr:`dropped`. Iterate it, or ``await get()``; ``close()`` when done."""
+
+    def __init__(self, core: AgentCore, maxsize: int, kinds: frozenset[str] | None) -> None:
+        self._core = core
+        self._events: collections.deque[CoreEvent] = collections.deque(maxlen=max(maxsize, 1))
+        self._ready = asyncio.Event()
+        self.kinds = kinds
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, event: CoreEvent) -> None:
+        if self.closed or (self.kinds is not None and event.kind not in self.kinds):
+            return
+        if len(self._events) == self._events.maxlen:
+            self.dropped += 1
+        self._events.append(event)
+        self._ready.set()
+
+    async def get(self) -> CoreEvent:
+        """The next event; :class:`ConnectionClosed` after :meth:`close` (or core stop)."""
+        while not self._events:
+            if self.closed:
+                raise ConnectionClosed("the subscription is closed")
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def get_nowait(self) -> CoreEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def __aiter__(self) -> AsyncIterator[CoreEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[CoreEvent]:
+        while True:
+            try:
+                yield await self.get()
+            except ConnectionClosed:
+                return
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._ready.set()
+            self._core._unsubscribe(self)
+
+
+class AgentCore:
+    """All peer sessions of this agent, driven by one signaling client."""
+
+    def __init__(self, settings: AgentSettings, signaling: SignalingLike) -> None:
+        self.settings = settings
+        self.agent_id = settings.agent_id
+        self.signaling = signaling
+        self._sessions: dict[str, PeerSession] = {}
+        self._subscribers: list[Subscription] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._stopping = False
+        self.refused_offers = 0
+        self.ignored_messages = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start consuming signaling messages (the signaling client connects by itself)."""
+        if self._reader is None:
+            self._stopping = False
+            self._reader = asyncio.ensure_future(self._read_signaling())
+            for warning in self.settings.ice_warnings():
+                log.warning("ICE servers: %s", warning)
+
+    async def stop(self) -> None:
+        """Say bye to every peer, close every session, stop reading signaling."""
+        self._stopping = True
+        sessions = list(self._sessions.values())
+        await asyncio.gather(
+            *(s.close("agent stopping", send_bye=True) for s in sessions),
+            return_exceptions=True,
+        )
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        for task in list(self._tasks):
+            task.cancel()
+        for sub in list(self._subscribers):
+            sub.close()
+
+    # --- sessions --------------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> dict[str, PeerSession]:
+        """Live sessions by peer id (closed and failed ones are removed)."""
+        return dict(self._sessions)
+
+    def get_session(self, peer: str) -> PeerSession | None:
+        return self._sessions.get(peer)
+
+    def get_transport(self, peer: str) -> Transport[Any] | None:
+        """The main transport to ``peer`` (whatever its mode), if one exists."""
+        session = self._sessions.get(peer)
+        return session.transport if session is not None else None
+
+    def get_channel(self, peer: str) -> Any:
+        """The main data channel to ``peer`` (an aiortc ``RTCDataChannel``), or ``None``."""
+        transport = self.get_transport(peer)
+        return transport.channel if transport is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """Plain-data snapshot for ``mvpctl status``."""
+        return {
+            "agent_id": self.agent_id,
+            "signaling": getattr(self.signaling, "state", "unknown"),
+            "peers": {peer: s.snapshot() for peer, s in self._sessions.items()},
+            "refused_offers": self.refused_offers,
+            "ignored_messages": self.ignored_messages,
+            "subscribers": [
+                {"kinds": sorted(s.kinds) if s.kinds else None, "dropped": s.dropped}
+                for s in self._subscribers
+            ],
+        }
+
+    async def connect_to(self, peer: str, mode: str | None = None) -> Transport[Any]:
+        """Connect to ``peer`` and return the open main transport.
+
+        ``mode`` defaults to the peer's configured mode. An existing session is reused
+        (waited for while it connects). Raises :class:`PeerError` when the peer id is
+        invalid, the mode unknown, or no channel opens within ``connect_timeout``.
+        """
+        if not re.match(AGENT_ID_PATTERN, peer):
+            raise PeerError(f"{peer!r} is not a valid agent id")
+        if peer == self.agent_id:
+            raise PeerError("cannot connect to ourselves")
+        if self._stopping:
+            raise PeerError("the agent is stopping")
+        wanted = mode or self.settings.mode_for(peer)
+        try:
+            transport_class(wanted)
+        except MvpError as exc:
+            raise PeerError(exc.message) from None
+        session = self._sessions.get(peer)
+        if session is not None and not session.state.is_final:
+            if session.state == PeerState.CONNECTED and mode and session.mode != mode:
+                raise PeerError(
+                    f"already connected to {peer} in {session.mode} mode; disconnect first"
+                )
+            return await session.wait_open()
+        session = self._new_session(peer, wanted)
+        await session.start_offer()
+        return await session.wait_open()
+
+    async def disconnect(self, peer: str, reason: str = "disconnected") -> bool:
+        """Say bye to ``peer`` and close its session; ``False`` if there was none."""
+        session = self._sessions.get(peer)
+        if session is None:
+            return False
+        await session.close(reason, send_bye=True)
+        return True
+
+    async def open_pipe(self, peer: str) -> PipeTransport:
+        """Open a pipe channel to a connected peer."""
+        session = self._sessions.get(peer)
+        if session is None:
+            raise PeerError(f"not connected to {peer}")
+        return await session.open_pipe()
+
+    async def wait_pipe(self, peer: str, timeout: float | None = None) -> PipeTransport:
+        """The pipe ``peer`` opened to us (buffered until read, within its window)."""
+        session = self._sessions.get(peer)
+        if session is None:
+            raise PeerError(f"not connected to {peer}")
+        return await session.wait_pipe(timeout)
+
+    def _new_session(self, peer: str, mode: str | None) -> PeerSession:
+        session = PeerSession(
+            self.settings,
+            peer,
+            send_signal=self._send_signal,
+            mode=mode,
+            on_state=self._on_session_state,
+            on_transport=self._on_session_transport,
+        )
+        self._sessions[peer] = session
+        return session
+
+    async def _send_signal(self, message: RoutedMessage) -> None:
+        await self.signaling.send(message)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def subscribe(
+        self, maxsize: int = DEFAULT_SUBSCRIBER_QUEUE, kinds: set[str] | None = None
+    ) -> Subscription:
+        """A new event queue (all kinds, or only ``kinds``)."""
+        sub = Subscription(self, maxsize, frozenset(kinds) if kinds is not None else None)
+        self._subscribers.append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(sub)
+
+    def emit(self, kind: str, peer: str, **data: Any) -> None:
+        event = CoreEvent(kind, peer, data)
+        for sub in list(self._subscribers):
+            sub.put(event)
+
+    def _on_session_state(self, session: PeerSession, change: StateChange) -> None:
+        self.emit(
+            "peer-state",
+            session.peer_id,
+            state=change.state.value,
+            reason=change.reason,
+            mode=session.mode,
+            role=session.role,
+        )
+        if change.state.is_final and self._sessions.get(session.peer_id) is session:
+            del self._sessions[session.peer_id]
+
+    def _on_session_transport(self, session: PeerSession, transport: Transport[Any]) -> None:
+        peer = session.peer_id
+        label = transport.label
+        self.emit("channel", peer, label=label, mode=transport.mode)
+        if not isinstance(transport, PipeTransport):
+            mode = transport.mode
+
+            def on_message(message: Any) -> None:
+                self.emit("message", peer, label=label, mode=mode, message=message)
+
+            transport.add_message_listener(on_message)
+
+        def on_error(event: TransportErrorEvent) -> None:
+            self.emit("transport-error", peer, label=label, reason=event.reason,
+                      detail=event.detail)
+
+        transport.add_error_listener(on_error)
+
+    # --- signaling in ----------------------------------------------------------------------
+
+    async def _read_signaling(self) -> None:
+        while not self._stopping:
+            try:
+                async for raw in self.signaling:
+                    self.dispatch(raw)
+            except asyncio.CancelledError:
+                raise
+            except SignalingRejected as exc:
+                log.error("the signaling server refused us: %s; sessions keep running", exc)
+                return
+            except Exception as exc:
+                log.warning("reading signaling failed: %s", exc)
+            if self._stopping:
+                return
+            # The iterator ended (client closed or between connections): sessions keep
+            # running; look again later.
+            await asyncio.sleep(SIGNALING_RETRY)
+
+    def dispatch(self, raw: Message | Mapping[str, Any] | str | bytes) -> None:
+        """Route one signaling message. Never raises: bad input is logged and dropped."""
+        try:
+            message = raw if not isinstance(raw, (Mapping, str, bytes)) else parse_message(
+                raw if not isinstance(raw, Mapping) else dict(raw)
+            )
+        except MvpError as exc:
+            self.ignored_messages += 1
+            log.warning("ignored a signaling message: %s", exc)
+            return
+        try:
+            self._route(message)
+        except Exception:
+            self.ignored_messages += 1
+            log.exception("failed to handle a %s message", getattr(message, "type", "?"))
+
+    def _route(self, message: Message) -> None:
+        if isinstance(message, Registered):
+            log.debug("registered with the signaling server as %s", message.id)
+            return
+        if isinstance(message, Error):
+            self._on_server_error(message)
+            return
+        if not isinstance(message, (Offer, Answer, Candidate, Bye)):
+            log.debug("ignored a %s message", message.type)
+            return
+        peer = message.sender
+        if peer is None:
+            self.ignored_messages += 1
+            log.warning("ignored a %s message without a sender", message.type)
+            return
+        if message.to != self.agent_id:
+            self.ignored_messages += 1
+            log.warning("ignored a %s message from %s for %s", message.type, peer, message.to)
+            return
+        session = self._sessions.get(peer)
+        if isinstance(message, Offer):
+            self._on_offer(peer, message, session)
+            return
+        if session is None or session.state.is_final:
+            self.ignored_messages += 1
+            log.debug("ignored a %s from %s: no session", message.type, peer)
+            return
+        session.deliver(message)
+
+    def _on_offer(self, peer: str, offer: Offer, session: PeerSession | None) -> None:
+        if not self.settings.allows(peer):
+            self.refused_offers += 1
+            reason = "offer refused: this agent does not accept connections from you"
+            log.warning("refused an offer from %s: not in allowed_peers", peer)
+            self.emit("offer-refused", peer, reason="not in allowed_peers")
+            self._spawn(self._send_quietly(Bye(sender=self.agent_id, to=peer, reason=reason)))
+            return
+        if self._stopping:
+            return
+        if session is not None and not session.state.is_final and session.negotiated:
+            # A fresh offer on a negotiated session: the peer restarted. aiortc cannot
+            # renegotiate, so the old session goes and a new one answers.
+            log.info("peer %s sent a new offer; replacing its session", peer)
+            del self._sessions[peer]
+            self._spawn(session.close("the peer reconnected"))
+            session = None
+        if session is None or session.state.is_final:
+            session = self._new_session(peer, None)
+        session.deliver(offer)
+
+    def _on_server_error(self, error: Error) -> None:
+        log.warning("signaling server error %s: %s", error.code, error.message)
+        peer = error.peer or ""
+        self.emit("signaling-error", peer, code=error.code, message=error.message)
+        session = self._sessions.get(peer) if peer else None
+        if (
+            error.code == "offline"
+            and session is not None
+            and session.state == PeerState.CONNECTING
+        ):
+            self._spawn(session.close(f"{peer} is not connected to the signaling server",
+                                      failed=True))
+
+    async def _send_quietly(self, message: RoutedMessage) -> None:
+        try:
+            await self.signaling.send(message)
+        except Exception as exc:
+            log.debug("could not send %s to %s: %s", message.type, message.to, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

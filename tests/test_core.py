@@ -1,0 +1,252 @@
+"""AgentCore end to end: real signaling server and clients on 127.0.0.1, real aiortc peers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from peerlink import make_settings, run, wait_for
+
+from mvpd.config import SignalingServerSettings
+from mvpd.core import AgentCore, CoreEvent, Subscription
+from mvpd.proto.errors import PeerError
+from mvpd.signaling.client import SignalingClient
+from mvpd.signaling.server import SignalingServer
+from mvpd.transports import BytesTransport, ChatTransport, JsonTransport
+
+FAST: dict[str, Any] = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 5.0}
+
+
+class Agents:
+    def __init__(self, server: SignalingServer) -> None:
+        self.server = server
+        self.cores: dict[str, AgentCore] = {}
+        self.clients: dict[str, SignalingClient] = {}
+        self.events: dict[str, Subscription] = {}
+
+    async def add(self, agent_id: str, **settings: Any) -> AgentCore:
+        cfg = make_settings(agent_id, signaling_url=self.server.url, **settings)
+        client = SignalingClient(cfg, **FAST)
+        await client.connect()
+        core = AgentCore(cfg, client)
+        self.events[agent_id] = core.subscribe()
+        await core.start()
+        self.cores[agent_id] = core
+        self.clients[agent_id] = client
+        return core
+
+    async def close(self) -> None:
+        for core in self.cores.values():
+            await core.stop()
+        for client in self.clients.values():
+            await client.close()
+
+
+@asynccontextmanager
+async def agents() -> AsyncIterator[Agents]:
+    server = SignalingServer(SignalingServerSettings(listen="127.0.0.1:0"))
+    await server.start()
+    group = Agents(server)
+    try:
+        yield group
+    finally:
+        await group.close()
+        await server.close()
+
+
+async def next_event(sub: Subscription, kind: str, timeout: float = 20) -> CoreEvent:
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await sub.get()
+            if event.kind == kind:
+                return event
+
+
+async def state_event(sub: Subscription, peer: str, state: str) -> CoreEvent:
+    async with asyncio.timeout(20):
+        while True:
+            event = await next_event(sub, "peer-state")
+            if event.peer == peer and event.data["state"] == state:
+                return event
+
+
+def test_connect_chat_both_ways_events_and_status() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob")
+            ta = await alice.connect_to("bob")
+            assert isinstance(ta, ChatTransport)
+            assert alice.get_channel("bob").readyState == "open"
+            await state_event(group.events["bob"], "alice", "connected")
+            tb = bob.get_transport("alice")
+            assert isinstance(tb, ChatTransport)
+
+            await ta.send_text_async("hi bob")
+            event = await next_event(group.events["bob"], "message")
+            assert (event.peer, event.data["message"], event.data["mode"]) == (
+                "alice", "hi bob", "chat"
+            )
+            tb.send_text("hi alice")
+            assert await ta.recv() == "hi alice"
+
+            status = alice.status()
+            peer = status["peers"]["bob"]
+            assert peer["state"] == "connected" and peer["role"] == "offerer"
+            assert peer["ice"]["path"] == "direct"
+            assert peer["transports"]["mvp"]["messages_out"] == 1
+            assert status["signaling"] == "connected"
+            # connect_to an already connected peer returns the same transport.
+            assert await alice.connect_to("bob") is ta
+
+    run(body())
+
+
+def test_disconnect_is_seen_by_both_sides() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob")
+            await alice.connect_to("bob")
+            await state_event(group.events["bob"], "alice", "connected")
+            assert await alice.disconnect("bob", "user asked")
+            await state_event(group.events["alice"], "bob", "closed")
+            event = await state_event(group.events["bob"], "alice", "closed")
+            assert "user asked" in event.data["reason"] or "closed" in event.data["reason"]
+            assert alice.sessions == {} and bob.sessions == {}
+            assert not await alice.disconnect("bob")
+            # A new connection afterwards works.
+            await alice.connect_to("bob")
+
+    run(body())
+
+
+def test_offer_from_a_peer_not_allowed_is_refused_with_a_bye() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice", connect_timeout=10.0)
+            bob = await group.add("bob", allowed_peers=["carol"])
+            with pytest.raises(PeerError, match="offer refused"):
+                await alice.connect_to("bob")
+            event = await next_event(group.events["bob"], "offer-refused")
+            assert event.peer == "alice"
+            assert bob.sessions == {} and bob.refused_offers == 1
+
+    run(body())
+
+
+def test_three_peers_at_once_in_different_modes() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            others = {name: await group.add(name) for name in ("bob", "carol", "dave")}
+            chat, jsn, raw = await asyncio.gather(
+                alice.connect_to("bob", "chat"),
+                alice.connect_to("carol", "json"),
+                alice.connect_to("dave", "bytes"),
+            )
+            assert isinstance(chat, ChatTransport)
+            assert isinstance(jsn, JsonTransport)
+            assert isinstance(raw, BytesTransport)
+            await wait_for(lambda: all(o.get_transport("alice") for o in others.values()))
+            assert others["carol"].sessions["alice"].mode == "json"
+            chat.send_text("to bob")
+            jsn.send_json({"to": "carol"})
+            raw.send_bytes(b"\x00to dave")
+            assert await others["bob"].get_transport("alice").recv() == "to bob"  # type: ignore[union-attr]
+            assert await others["carol"].get_transport("alice").recv() == {"to": "carol"}  # type: ignore[union-attr]
+            assert await others["dave"].get_transport("alice").recv() == b"\x00to dave"  # type: ignore[union-attr]
+            assert sorted(alice.sessions) == ["bob", "carol", "dave"]
+
+    run(body())
+
+
+def test_simultaneous_connect_both_ways_ends_with_one_session() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob")
+            ta, tb = await asyncio.gather(alice.connect_to("bob"), bob.connect_to("alice"))
+            ta.send_text("one session")
+            assert await tb.recv() == "one session"
+            assert alice.get_transport("bob") is ta and bob.get_transport("alice") is tb
+
+    run(body())
+
+
+def test_open_session_survives_the_signaling_server_going_away() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob", mode="json")
+            ta = await alice.connect_to("bob", "json")
+            await wait_for(lambda: bob.get_transport("alice") is not None)
+            await group.server.close()
+            await wait_for(lambda: group.clients["alice"].state != "connected")
+            tb = bob.get_transport("alice")
+            assert tb is not None
+            await ta.send_json_async({"still": "working"})
+            assert await tb.recv() == {"still": "working"}
+            ta.send_text("not json")
+            event = await next_event(group.events["bob"], "transport-error")
+            assert event.data["reason"] == "invalid-json"
+            tb.send_json([1])
+            assert await ta.recv() == [1]
+            assert alice.sessions["bob"].state.value == "connected"
+
+    run(body())
+
+
+def test_pipe_through_the_core() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob")
+            await alice.connect_to("bob")
+            await wait_for(lambda: bob.get_transport("alice") is not None)
+            pipe = await alice.open_pipe("bob")
+            await pipe.write(b"x" * 100_000)
+            await pipe.write_eof()
+            received = await bob.wait_pipe("alice", timeout=10)
+            assert await received.read_all() == b"x" * 100_000
+            event = await next_event(group.events["bob"], "channel")
+            assert event.data["label"] in ("mvp", "mvp-pipe")
+
+    run(body())
+
+
+def test_bad_signaling_input_is_ignored() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            alice.dispatch("not json")
+            alice.dispatch({"type": "answer", "from": "zed", "to": "alice", "sdp": "v=0"})
+            alice.dispatch({"type": "candidate", "to": "alice", "candidate": None})
+            alice.dispatch({"type": "offer", "from": "zed", "to": "someone-else", "sdp": "x"})
+            assert alice.ignored_messages == 4
+            # A garbage offer fails its session, nothing else.
+            alice.dispatch({"type": "offer", "from": "zed", "to": "alice", "sdp": "garbage"})
+            event = await state_event(group.events["alice"], "zed", "failed")
+            assert "bad offer" in event.data["reason"]
+            assert alice.sessions == {}
+
+    run(body())
+
+
+def test_slow_subscriber_drops_oldest_and_counts() -> None:
+    async def body() -> None:
+        core = AgentCore(make_settings("alice"), signaling=None)  # type: ignore[arg-type]
+        slow = core.subscribe(maxsize=2)
+        only_state = core.subscribe(kinds={"peer-state"})
+        for i in range(5):
+            core.emit("message", "bob", message=i)
+        assert slow.dropped == 3
+        assert [(await slow.get()).data["message"] for _ in range(2)] == [3, 4]
+        assert only_state.get_nowait() is None
+        slow.close()
+        assert len(core.status()["subscribers"]) == 1
+
+    run(body())
