@@ -212,3 +212,91 @@ def test_ice_configuration_is_explicit() -> None:
     cfg = ice_configuration(relay)
     assert cfg.iceTransportPolicy.value == "relay"
     assert cfg.iceServers[0].credential == "s3" and cfg.iceServers[0].username == "u"
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_stun(port: int, proc: Any) -> None:
+    """Until coturn answers a STUN binding request on ``port``."""
+    import os
+    import socket
+    import struct
+    import time
+
+    request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
+    deadline = time.monotonic() + 10
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"turnserver exited with {proc.returncode}")
+            sock.sendto(request, ("127.0.0.1", port))
+            try:
+                sock.recv(2048)
+                return
+            except OSError:
+                continue
+    pytest.fail("turnserver did not answer STUN in time")
+
+
+@pytest.fixture
+def turn_server(tmp_path: Any) -> Any:
+    """coturn on 127.0.0.1 with one static user, stopped (by pid) afterwards."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("coturn (turnserver) is not installed")
+    port = _free_udp_port()
+    base = 40000 + (port % 20000)
+    proc = subprocess.Popen(
+        [binary, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
+         f"--listening-port={port}", f"--min-port={base}", f"--max-port={base + 200}",
+         "--lt-cred-mech", "--user=mvp:relay-secret", "--realm=mvp.test",
+         "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
+         f"--pidfile={tmp_path}/turn.pid", f"--log-file={tmp_path}/turn.log",
+         "--no-software-attribute"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_stun(port, proc)
+        yield f"turn:127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str) -> None:
+    async def body() -> None:
+        fwd = Forwarder()
+        relay = {
+            "ice_transport_policy": "relay",
+            "ice_servers": [
+                {"urls": [turn_server], "username": "mvp", "credential": "relay-secret"}
+            ],
+        }
+        sa, sb = fwd.pair("alice", "bob", **relay)
+        ta, tb = await connect(sa, sb)
+        ta.send_text("via the relay")
+        assert await tb.recv() == "via the relay"
+        for session in (sa, sb):
+            ice = session.snapshot()["ice"]
+            assert ice["path"] == "relayed"
+            assert "typ relay" in ice["local_candidate"]
+        offer = next(m for m in fwd.sent if isinstance(m, Offer))
+        assert "typ host" not in offer.sdp
+        await sa.close()
+        await sb.close()
+
+    run(body())
