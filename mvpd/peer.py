@@ -174,7 +174,7 @@ class PeerSession:
         self.inbox_dropped = 0
         self.candidates_ignored = 0
         for warning in settings.ice_warnings():
-            log.warning("ICE servers: %s", warning)
+            log.debug("ICE servers: %s", warning)  # AgentCore.start logs them once
 
     # --- state -----------------------------------------------------------------------------
 

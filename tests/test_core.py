@@ -138,6 +138,21 @@ def test_offer_from_a_peer_not_allowed_is_refused_with_a_bye() -> None:
     run(body())
 
 
+def test_connect_to_an_offline_peer_fails_fast_and_clearly() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice", connect_timeout=15.0)
+            with pytest.raises(PeerError, match="nobody is not connected to the signaling"):
+                await asyncio.wait_for(alice.connect_to("nobody"), 10)
+            with pytest.raises(PeerError, match="not a valid agent id"):
+                await alice.connect_to("bad id")
+            with pytest.raises(PeerError, match="unknown transport mode 'telnet'"):
+                await alice.connect_to("bob", "telnet")
+            assert alice.sessions == {}
+
+    run(body())
+
+
 def test_three_peers_at_once_in_different_modes() -> None:
     async def body() -> None:
         async with agents() as group:

@@ -9,6 +9,7 @@ from mvpd.peer import PeerState
 from mvpd.proto.errors import MessageTooLarge, TransportError
 from mvpd.transports import (
     MAX_MESSAGE_SIZE,
+    TRANSPORTS,
     BytesTransport,
     ChatTransport,
     JsonTransport,
@@ -30,8 +31,9 @@ def test_factory_modes() -> None:
     assert isinstance(create_transport("chat"), ChatTransport)
     assert isinstance(create_transport("json"), JsonTransport)
     assert isinstance(create_transport("bytes"), BytesTransport)
-    with pytest.raises(TransportError, match="tun mode is not available"):
-        create_transport("tun")
+    if "tun" not in TRANSPORTS:  # until the TUN transport registers itself
+        with pytest.raises(TransportError, match="tun mode is not available"):
+            create_transport("tun")
     with pytest.raises(TransportError, match="unknown transport mode 'telnet'"):
         create_transport("telnet")
 
