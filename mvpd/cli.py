@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -33,7 +34,7 @@ ConfigOption = typer.Option(
 )
 
 
-def _load(config: Path | None, **overrides: object) -> AgentSettings:
+def _load(config: Path | None, **overrides: Any) -> AgentSettings:
     try:
         return load_settings(config_file=config, **{k: v for k, v in overrides.items() if v})
     except ConfigError as exc:
