@@ -437,6 +437,8 @@ class _Connection:
             await self._serve(pid, uid, gid)
         except (asyncio.CancelledError, ConnectionClosed):
             pass
+        except OSError as exc:  # the client vanished mid-write (EPIPE, ECONNRESET)
+            log.debug("control connection uid=%d pid=%d lost: %s", uid, pid, exc)
         except Exception:  # a bug here must cost one connection, never the daemon
             log.exception("control connection uid=%d pid=%d failed", uid, pid)
         finally:
@@ -591,7 +593,13 @@ class _Connection:
         self, coro: Awaitable[None], on_done: Callable[[], None] | None = None
     ) -> asyncio.Task[None]:
         async def wrapped() -> None:
-            await coro
+            # A task's exception must end here: nobody awaits these tasks' results.
+            try:
+                await coro
+            except (ConnectionClosed, OSError):
+                pass  # the client went away; teardown closes the rest
+            except Exception:
+                log.exception("control connection task failed")
 
         task = asyncio.create_task(wrapped())
         self._tasks.add(task)

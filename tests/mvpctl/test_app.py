@@ -1,0 +1,213 @@
+"""mvpctl against a real control socket (served by the in-memory handler of control_harness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from control_harness import ServerThread
+from typer.testing import CliRunner
+
+from mvpctl.app import EXIT_CODES, app, format_status
+from mvpctl.client import Client
+
+PYTHON = sys.executable
+runner = CliRunner()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(tmp_path / "mvpd.sock") as running:
+        yield running
+
+
+def mvpctl(server: ServerThread, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["--socket", str(server.path), *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def mvpctl_process(
+    socket: Path, *args: str, stdin: bytes = b"", timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [PYTHON, "-m", "mvpctl", "--socket", str(socket), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def test_importing_the_cli_loads_no_daemon_machinery() -> None:
+    code = (
+        "import sys, mvpctl.app, mvpctl.client\n"
+        "heavy = ('aiortc', 'aioice', 'pyroute2', 'systemd', 'websockets', 'asyncio',\n"
+        "         'mvpd.control', 'mvpd.peer', 'mvpd.daemon', 'mvpd.config', 'mvpd.signaling',\n"
+        "         'mvpd.transports', 'mvpd.netdev', 'pydantic_settings', 'yaml')\n"
+        "print([m for m in sys.modules if m.split('.')[0] in heavy or m in heavy\n"
+        "       or any(m.startswith(h + '.') for h in heavy)])\n"
+    )
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_no_daemon_exits_3_with_the_message(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.sock"
+    done = mvpctl_process(missing, "status")
+    assert done.returncode == 3
+    assert done.stderr.decode().strip() == (
+        f"mvpctl: mvpd is not running (no socket at {missing}); start it with "
+        "`systemctl start mvpd` or `mvpd run`"
+    )
+
+
+def test_environment_names_the_socket(server: ServerThread) -> None:
+    env = {**os.environ, "MVPD_SOCKET": str(server.path)}
+    done = subprocess.run(
+        [PYTHON, "-m", "mvpctl", "peers"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "no peers")
+
+
+def test_help_documents_the_exit_codes() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for code, text in EXIT_CODES.items():
+        assert f"{code}  {text}" in result.stdout
+    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5]
+
+
+def test_connect_status_peers_disconnect(server: ServerThread) -> None:
+    assert mvpctl(server, "connect", "bob", "--mode", "json")[:2] == (0, "bob: connected\n")
+    code, out, _ = mvpctl(server, "status")
+    assert code == 0
+    assert "agent      alice" in out and "connected (ws://127.0.0.1:8765)" in out
+    header, row = out.splitlines()[-2:]
+    assert header.split()[:5] == ["PEER", "STATE", "MODE", "PATH", "SINCE"]
+    assert row.split()[:4] == ["bob", "connected", "json", "direct"]
+    assert "(1m05s ago)" in row
+    code, out, _ = mvpctl(server, "status", "--json")
+    assert code == 0 and json.loads(out)["peers"][0]["peer"] == "bob"
+    code, out, _ = mvpctl(server, "--json", "peers")
+    assert code == 0 and json.loads(out)[0]["state"] == "connected"
+    assert mvpctl(server, "disconnect", "bob")[0] == 0
+    code, _, err = mvpctl(server, "disconnect", "bob")
+    assert (code, err) == (1, "mvpctl: no peer 'bob'\n")
+
+
+def test_format_status_shows_bytes_and_messages() -> None:
+    text = format_status(
+        {
+            "agent_id": "alice",
+            "version": "1",
+            "uptime": 3700,
+            "signaling": {"url": "ws://x", "state": "reconnecting"},
+            "peers": [
+                {
+                    "peer": "bob",
+                    "state": "connected",
+                    "mode": "tun",
+                    "path": "relayed",
+                    "since": None,
+                    "bytes_in": 2048,
+                    "bytes_out": 10,
+                    "messages_in": 3,
+                    "messages_out": 4,
+                    "dropped": {"bad-source": 2},
+                    "error": None,
+                }
+            ],
+        }
+    )
+    assert "uptime     1h01m" in text and "reconnecting" in text
+    assert "relayed" in text and "2.0 KiB" in text and "10 B" in text and "3/4" in text
+
+
+def test_send_and_recv(server: ServerThread, tmp_path: Path) -> None:
+    mvpctl(server, "connect", "bob")
+    assert mvpctl(server, "send", "bob", "hello there")[0] == 0
+    assert mvpctl(server, "send", "bob", "--json", '{"n": 1}')[0] == 0
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"\x00\x01")
+    assert mvpctl(server, "send", "bob", "--file", str(blob))[0] == 0
+    code, out, _ = mvpctl(server, "recv", "bob", "--limit", "2")
+    assert (code, out) == (0, 'hello there\n{"n": 1}\n')
+    code, out, _ = mvpctl(server, "recv", "bob", "--json")
+    assert json.loads(out) == {"peer": "bob", "kind": "bytes", "data": {"base64": "AAE="}}
+
+
+def test_usage_errors_exit_2(server: ServerThread) -> None:
+    assert mvpctl(server, "send", "bob", "text", "--json", "1")[0] == 2
+    assert mvpctl(server, "send", "bob", "--json", "{nope")[0] == 2
+    assert mvpctl(server, "connect", "bob", "--mode", "tap")[0] == 2
+    assert mvpctl(server, "frobnicate")[0] == 2
+
+
+def test_daemon_errors_exit_1_and_timeouts_exit_5(server: ServerThread) -> None:
+    code, _, err = mvpctl(server, "connect", "unreachable")
+    assert (code, err) == (1, "mvpctl: unreachable is offline on the signaling server\n")
+    code, _, err = mvpctl(server, "connect", "slow", "--timeout", "0.05")
+    assert code == 5 and "no open channel" in err
+    code, _, err = mvpctl(server, "connect", "bad id")
+    assert code == 1 and "peer" in err
+
+
+def test_pipe_carries_bytes_and_eof_both_ways(server: ServerThread) -> None:
+    payload = os.urandom(200_000) + b"\n"
+    done = mvpctl_process(server.path, "pipe", "bob", stdin=payload)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == payload  # the echo peer returns everything, then its EOF
+    assert server.handler.pipes_closed == 1
+
+
+def test_pipe_with_nothing_to_send(server: ServerThread) -> None:
+    done = mvpctl_process(server.path, "pipe", "bob")
+    assert (done.returncode, done.stdout) == (0, b"")
+
+
+def test_pipe_error_exits_1(server: ServerThread) -> None:
+    done = mvpctl_process(server.path, "pipe", "bob", stdin=b"fail\n")
+    assert done.returncode == 1
+    assert b"channel broke" in done.stderr
+
+
+def test_chat_sends_lines_and_prints_the_peers(server: ServerThread) -> None:
+    # The echo peer answers each line; "bye" makes it end the stream, which ends the chat.
+    chat = subprocess.Popen(
+        [PYTHON, "-m", "mvpctl", "--socket", str(server.path), "chat", "bob"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert chat.stdin is not None and chat.stdout is not None
+    try:
+        for line in (b"hi\n", b"how are you\n"):
+            chat.stdin.write(line)
+            chat.stdin.flush()
+            assert chat.stdout.readline() == line
+        chat.stdin.write(b"bye\n")
+        chat.stdin.flush()
+        chat.wait(timeout=60)  # stdin still open: the peer's end is what stops it
+        _, err = chat.communicate(timeout=60)
+    finally:
+        if chat.poll() is None:
+            chat.kill()
+            chat.wait()
+    assert chat.returncode == 0, err
+    assert "bob is gone" in err.decode()
+    with Client.connect(server.path) as client:
+        peer = client.call("peers")[0]
+    assert peer["messages_out"] == 3
+
+
+def test_chat_ends_at_end_of_input(server: ServerThread) -> None:
+    last = "last line without newline"
+    done = mvpctl_process(server.path, "chat", "bob", stdin=f"one\n{last}".encode())
+    assert done.returncode == 0, done.stderr
+    with Client.connect(server.path) as client:
+        peer = client.call("peers")[0]
+    assert (peer["messages_out"], peer["bytes_out"]) == (2, len("one") + len(last))
