@@ -1,0 +1,37 @@
+"""End-to-end fixtures: a signaling server subprocess on a free port and daemons on it,
+all stopped by PID afterwards. The helpers live in :mod:`tests.e2e.harness`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import Daemon, Daemons, SignalServer
+
+
+@pytest.fixture
+def signal_server(tmp_path: Path) -> Iterator[SignalServer]:
+    server = SignalServer(tmp_path)
+    try:
+        yield server.start(0)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, signal_server: SignalServer) -> Iterator[Daemons]:
+    """``daemons("alice", env={...})`` starts a daemon on the test's signaling server."""
+    factory = Daemons(tmp_path, signal_server.url)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def pair(daemons: Daemons) -> tuple[Daemon, Daemon]:
+    """Two daemons, alice and bob, on one signaling server (not yet connected)."""
+    return daemons("alice"), daemons("bob")
+

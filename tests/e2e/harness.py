@@ -1,0 +1,272 @@
+"""End-to-end helpers: real ``mvpd run`` daemons, a real ``mvpd signal`` server and the real
+``mvpctl`` command, all as subprocesses on loopback.
+
+Every daemon gets its own empty config file (``AGENT_CONFIG`` in ``tmp_path``, so the
+machine's /etc/mvp-agent.yaml never leaks in), a control socket under ``tmp_path`` and a
+clean environment. Everything started here is stopped by PID afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mvpctl.client import Client
+from mvpd.proto.errors import MvpError
+
+BIN = Path(sys.executable).parent
+PYTHON = sys.executable
+#: Seconds a daemon may take to open its control socket.
+START_TIMEOUT = 20.0
+
+
+def _command(name: str) -> list[str]:
+    """The console script from this venv, else the module run by this interpreter."""
+    script = BIN / name
+    if script.exists():
+        return [str(script)]
+    module = {"mvpd": "mvpd.cli", "mvpctl": "mvpctl"}[name]
+    return [PYTHON, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+MVPD = _command("mvpd")
+MVPCTL = _command("mvpctl")
+
+
+def base_env() -> dict[str, str]:
+    """A minimal environment: nothing of the test runner's MVPD_* or ICE_* settings."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+# --- the signaling server ------------------------------------------------------------------
+
+
+class SignalServer:
+    """``mvpd signal`` as a subprocess. ``url`` is known once :meth:`start` returns."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.url = ""
+        self.starts = 0
+
+    def start(self, port: int | None = None) -> SignalServer:
+        """Start on ``port`` (default: the previous port, or any free one)."""
+        listen_port = self.port if port is None else port
+        self.starts += 1
+        out = self.workdir / f"signal-{self.starts}.out"
+        err = self.workdir / f"signal-{self.starts}.log"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [*MVPD, "signal", "--listen", f"127.0.0.1:{listen_port}"],
+                stdout=stdout, stderr=stderr, env=base_env(), cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+            )
+        proc = self.proc
+
+        def first_line() -> str | None:
+            if proc.poll() is not None:
+                pytest.fail(f"mvpd signal exited with {proc.returncode}: {err.read_text()}")
+            text = out.read_text()
+            return text.split("\n", 1)[0] if "\n" in text else None
+
+        line = wait_until(first_line, START_TIMEOUT, what="the signaling server to listen")
+        assert line.startswith("listening on ws://127.0.0.1:"), line
+        self.url = line.split()[-1]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no close frames, the clients just lose the TCP connection."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc)
+
+
+
+
+# --- daemons -------------------------------------------------------------------------------
+
+
+class Daemon:
+    """One ``mvpd run`` with its own id, config file, socket and log."""
+
+    def __init__(
+        self, workdir: Path, agent_id: str, signaling_url: str, env: dict[str, str] | None = None,
+        config: str = "", socket_path: Path | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.agent_id = agent_id
+        self.signaling_url = signaling_url
+        self.extra_env = dict(env or {})
+        self.config = workdir / f"{agent_id}.yaml"
+        self.config.write_text(config)
+        self.socket = socket_path or workdir / f"{agent_id}.sock"
+        self.log = workdir / f"{agent_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def env(self) -> dict[str, str]:
+        env = base_env()
+        env.update(
+            AGENT_ID=self.agent_id,
+            AGENT_CONFIG=str(self.config),
+            SIGNALING_URL=self.signaling_url,
+            MVPD_SOCKET=str(self.socket),
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> Daemon:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*MVPD, "run"], stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                cwd=self.workdir, stdin=subprocess.DEVNULL,
+            )
+        proc = self.proc
+
+        def serving() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"mvpd {self.agent_id} exited with {proc.returncode}:\n"
+                            f"{self.log.read_text()[-4000:]}")
+            if not self.socket.exists():
+                return False
+            try:
+                return bool(self.call("status"))
+            except MvpError:
+                return False
+
+        wait_until(serving, START_TIMEOUT, interval=0.1, what=f"mvpd {self.agent_id} to serve")
+        return self
+
+    def ctl(
+        self, *args: str, input: bytes | str | None = None, timeout: float = 60.0,
+        stdin: Any = None, stdout: Any = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``mvpctl --socket SOCK ARGS`` (text mode unless binary input is given)."""
+        text = not isinstance(input, bytes) and stdout is None and stdin is None
+        kwargs: dict[str, Any] = {"capture_output": True} if stdout is None else {
+            "stdout": stdout, "stderr": subprocess.PIPE}
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            [*MVPCTL, "--socket", str(self.socket), *args],
+            input=input, stdin=stdin, text=text, env=base_env(), timeout=timeout,
+            cwd=self.workdir, **kwargs,
+        )
+
+    def ctl_ok(self, *args: str, timeout: float = 60.0) -> str:
+        done = self.ctl(*args, timeout=timeout)
+        assert done.returncode == 0, (
+            f"mvpctl {' '.join(args)} failed ({done.returncode}): {done.stderr}\n"
+            f"--- {self.agent_id} log ---\n{self.log.read_text()[-3000:]}"
+        )
+        return str(done.stdout)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.ctl_ok("status", "--json"))  # type: ignore[no-any-return]
+
+    def call(self, method: str, **params: Any) -> Any:
+        """One RPC through :class:`mvpctl.client.Client` in this process: for polling,
+        where starting ``mvpctl`` (half a second each) would make tests slow."""
+        with Client.connect(self.socket, timeout=30) as client:
+            return client.call(method, **params)
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        """The peers as the daemon reports them, by peer id."""
+        return {p["peer"]: p for p in self.call("peers")}
+
+    def peer_state(self, peer: str) -> str | None:
+        entry = self.peers().get(peer)
+        return entry["state"] if entry else None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        _stop_process(self.proc)
+        return self.proc.returncode
+
+
+class Daemons:
+    """Starts daemons for one test and stops every one of them afterwards."""
+
+    def __init__(self, workdir: Path, signaling_url: str) -> None:
+        self.workdir = workdir
+        self.signaling_url = signaling_url
+        self.started: list[Daemon] = []
+
+    def __call__(self, agent_id: str, signaling_url: str | None = None, **kwargs: Any) -> Daemon:
+        daemon = Daemon(self.workdir, agent_id, signaling_url or self.signaling_url, **kwargs)
+        self.started.append(daemon)
+        return daemon.start()
+
+    def stop_all(self) -> None:
+        for daemon in self.started:
+            with contextlib.suppress(Exception):
+                daemon.stop()
+
+
+
