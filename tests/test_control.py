@@ -376,7 +376,7 @@ def fuzz_server() -> Iterator[ServerThread]:
             lambda m: rpc.encode_frame(m),
             st.dictionaries(
                 st.text(max_size=8),
-                st.integers() | st.text(max_size=8) | st.binary(max_size=8),
+                st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8),
                 max_size=3,
             ),
         )
@@ -386,7 +386,10 @@ def fuzz_server() -> Iterator[ServerThread]:
             st.sampled_from([*rpc.METHODS, "nope", ""]),
             st.dictionaries(
                 st.sampled_from(["peer", "sub", "data", "text", "follow"]),
-                st.integers() | st.text(max_size=8) | st.binary(max_size=8) | st.booleans(),
+                st.integers(-(2**63), 2**64 - 1)
+                | st.text(max_size=8)
+                | st.binary(max_size=8)
+                | st.booleans(),
                 max_size=3,
             ),
         ),
