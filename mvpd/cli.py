@@ -115,13 +115,45 @@ def check_config(config: Path | None = ConfigOption) -> None:
 @app.command("install-units")
 def install_units(
     prefix: Path = typer.Option(Path("/"), "--prefix", help="Root to install under."),
+    bin_path: Path | None = typer.Option(
+        None, "--bin", help="The mvpd executable the units run (default: this mvpd)."
+    ),
+    sysusers: bool = typer.Option(
+        True, "--sysusers/--no-sysusers",
+        help="Run systemd-sysusers to create group mvp (only with --prefix /).",
+    ),
+    daemon_reload: bool = typer.Option(
+        True, "--daemon-reload/--no-daemon-reload",
+        help="Run systemctl daemon-reload (only with --prefix /).",
+    ),
 ) -> None:
     """Install the systemd units, the sysusers.d entry and /etc/mvp-agent.yaml (an existing
-    config is kept); then run `systemctl daemon-reload`."""
+    config is kept); with --prefix / also run systemd-sysusers and systemctl daemon-reload."""
+    from .systemd import CONFIG_NAME, activate_units
     from .systemd import install_units as do_install
 
-    for path in do_install(prefix=prefix, bin_path=Path(sys.argv[0]).resolve()):
+    # A given --bin is kept as written (a stable symlink survives upgrades of its target).
+    target = bin_path.absolute() if bin_path else Path(sys.argv[0]).resolve()
+    config = prefix / "etc" / CONFIG_NAME
+    try:
+        written = do_install(prefix=prefix, bin_path=target)
+    except OSError as exc:
+        hint = " (run as root)" if isinstance(exc, PermissionError) else ""
+        raise MvpError(f"cannot install under {prefix}: {exc.strerror or exc}: "
+                       f"{exc.filename or ''}{hint}") from None
+    for path in written:
         typer.echo(f"installed {path}")
+    if config not in written and config.exists():
+        typer.echo(f"kept      {config} (an existing config is never overwritten)")
+    if prefix.resolve() == Path("/"):
+        for line in activate_units(sysusers=sysusers, daemon_reload=daemon_reload):
+            typer.echo(line)
+    else:
+        typer.echo(f"not run for --prefix {prefix}: systemd-sysusers, systemctl daemon-reload")
+    typer.echo(
+        "next: edit /etc/mvp-agent.yaml, then `systemctl enable --now mvpd`;\n"
+        "      `usermod -aG mvp USER` lets USER change things with mvpctl"
+    )
 
 
 def main() -> None:

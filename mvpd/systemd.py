@@ -8,7 +8,9 @@ killed after its start timeout: silently dropping the message would be worse tha
 code.
 
 :func:`install_units` copies the unit files, the sysusers.d entry and the example config into a
-root (``/`` on a real machine) with ``ExecStart`` pointing at the installed ``mvpd``.
+root (``/`` on a real machine) with ``ExecStart`` pointing at the installed ``mvpd``;
+:func:`activate_units` then creates the ``mvp`` group (``systemd-sysusers``) and makes systemd
+read the units (``systemctl daemon-reload``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .proto.errors import MvpError
@@ -40,6 +44,8 @@ HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
 HOME_DROPIN = "50-home-paths.conf"
 SYSUSERS_NAME = "mvp-agent.conf"
 CONFIG_NAME = "mvp-agent.yaml"
+#: Where sd_booted(3) looks: this directory exists only when systemd is the running init.
+SYSTEMD_RUNTIME_DIR = Path("/run/systemd/system")
 
 
 # --- sd_notify ------------------------------------------------------------------------------
@@ -285,3 +291,58 @@ def install_units(
                 shutil.copyfileobj(inp, out)
             written.append(target)
     return written
+
+
+def systemd_is_running() -> bool:
+    """Whether systemd is this machine's init (sd_booted(3)); ``systemctl`` fails otherwise."""
+    return SYSTEMD_RUNTIME_DIR.is_dir()
+
+
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _run_command(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, check=False)
+
+
+def activate_units(
+    *,
+    sysusers: bool = True,
+    daemon_reload: bool = True,
+    run: Runner = _run_command,
+) -> list[str]:
+    """After :func:`install_units` into ``/``: run ``systemd-sysusers`` for the installed
+    sysusers.d entry (creates the ``mvp`` group) and ``systemctl daemon-reload``.
+
+    Returns one line per step for the operator: what ran, or why it was skipped (turned off,
+    or systemd is not running, e.g. in an image build). Raises :class:`MvpError` naming the
+    command and its error output when one fails or is missing.
+    """
+    steps: list[tuple[bool, str, list[str], str]] = [
+        (sysusers, "--no-sysusers", ["systemd-sysusers", f"/etc/sysusers.d/{SYSUSERS_NAME}"],
+         "creates group mvp"),
+        (daemon_reload, "--no-daemon-reload", ["systemctl", "daemon-reload"],
+         "systemd reads the new units"),
+    ]
+    lines: list[str] = []
+    for enabled, flag, argv, purpose in steps:
+        shown = " ".join(argv)
+        if not enabled:
+            lines.append(f"skipped {shown} ({flag}); run it yourself before starting mvpd")
+            continue
+        if argv[0] == "systemctl" and not systemd_is_running():
+            lines.append(f"skipped {shown}: systemd is not running here "
+                         f"({SYSTEMD_RUNTIME_DIR} is missing)")
+            continue
+        try:
+            result = run(argv)
+        except FileNotFoundError:
+            raise MvpError(f"{argv[0]} is not installed: run the equivalent yourself "
+                           f"({purpose})") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise MvpError(f"{shown} failed: {exc}") from None
+        if result.returncode != 0:
+            detail = " ".join((result.stderr or result.stdout or "").split())[:500]
+            raise MvpError(f"{shown} exited {result.returncode}: {detail or 'no output'}")
+        lines.append(f"ran {shown} ({purpose})")
+    return lines

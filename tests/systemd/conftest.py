@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from harness import SystemdContainer, project_paths_reason, unsupported_reason
+from harness import (
+    MVPD_BIN,
+    InstalledUnits,
+    SystemdContainer,
+    project_paths_reason,
+    unsupported_reason,
+)
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +26,17 @@ def systemd_container() -> Iterator[SystemdContainer]:
         yield container
     finally:
         container.stop()
+
+
+@pytest.fixture(scope="session")
+def installed_units(systemd_container: SystemdContainer) -> Iterator[InstalledUnits]:
+    """``mvpd install-units`` run inside the container as an operator would (into ``/``,
+    with systemd-sysusers and daemon-reload); the units are stopped again at the end."""
+    if not MVPD_BIN.exists():
+        pytest.skip("the mvpd console script is not installed in the venv")
+    c = systemd_container
+    result = c.run([str(MVPD_BIN), "install-units"])
+    yield InstalledUnits(c, result.stdout + result.stderr)
+    for unit in ("mvpd.service", "mvp-signal.service"):
+        c.systemctl("stop", unit, check=False)
+        c.systemctl("reset-failed", unit, check=False)

@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 #: The project and its interpreter, reached inside the container through the overlay of ``/``.
@@ -40,6 +41,9 @@ PROJECT = Path(__file__).resolve().parents[2]
 PYTHON = Path(sys.executable)
 HOST_CGROUP2_CANDIDATES = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 SYSTEMD = Path("/lib/systemd/systemd")
+#: The console scripts of the project's venv, reached inside the container through the overlay.
+MVPD_BIN = PYTHON.parent / "mvpd"
+MVPCTL_BIN = PYTHON.parent / "mvpctl"
 
 #: Units that would touch the host (clock, sysctls, modules, binfmt, entropy) or that are
 #: pointless in a throwaway container and slow its boot.
@@ -400,6 +404,14 @@ class SystemdContainer:
         """``journalctl ARGS`` inside the container (after a journal sync)."""
         self.run(["journalctl", "--sync"], check=False)
         return self.run(["journalctl", "--no-pager", *args]).stdout
+
+
+@dataclass
+class InstalledUnits:
+    """The container after ``mvpd install-units`` ran inside it, and what that printed."""
+
+    container: SystemdContainer
+    output: str
 
 
 def remove_stale_cgroups(parent: Path) -> list[Path]:
