@@ -206,6 +206,16 @@ def test_mvpctl_as_group_member_and_as_another_user(alice: SystemdContainer) -> 
         assert outsider.returncode == 4, (outsider.stdout, outsider.stderr)
         assert "group 'mvp'" in outsider.stderr, outsider.stderr
         assert mvpctl(c, "status", user=USER).returncode == 0  # others may still read
+
+        # An operator who forgot sudo: one clear line, nothing written.
+        unit_before = c.run(["stat", "-c", "%Y", "/etc/systemd/system/mvpd.service"]).stdout
+        no_root = c.run(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups",
+                         str(MVPD_BIN), "install-units"], check=False)
+        assert no_root.returncode == 1, no_root
+        assert no_root.stderr.startswith("mvpd: cannot install under /: Permission denied: /etc/")
+        assert no_root.stderr.rstrip().endswith("(run as root)"), no_root.stderr
+        assert c.run(["stat", "-c", "%Y", "/etc/systemd/system/mvpd.service"]).stdout == \
+            unit_before
     finally:
         c.run(["userdel", USER], check=False)
         c.run(["chmod", "o-x", "/root"], check=False)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+import mvpd.systemd as systemd_module
 from mvpd.proto.errors import MvpError
 from mvpd.systemd import (
     HOME_DROPIN,
     SHIPPED_BIN,
+    activate_units,
     install_units,
     packaging_dir,
     paths_under_home,
@@ -123,3 +126,73 @@ def test_python_under_a_home_dir_gets_a_read_only_bind(tmp_path: Path) -> None:
     assert paths_under_home(script) == []
     install_units(prefix, bin_path=script)
     assert not dropin.exists()
+
+
+class FakeRunner:
+    """Records the commands activate_units would run; answers with a fixed exit code."""
+
+    def __init__(self, returncode: int = 0, stderr: str = "") -> None:
+        self.calls: list[list[str]] = []
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __call__(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        self.calls.append(list(argv))
+        return subprocess.CompletedProcess(list(argv), self.returncode, "", self.stderr)
+
+
+def test_activate_units_runs_sysusers_then_daemon_reload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(systemd_module, "SYSTEMD_RUNTIME_DIR", tmp_path)  # systemd runs
+    runner = FakeRunner()
+    lines = activate_units(run=runner)
+    assert runner.calls == [["systemd-sysusers", "/etc/sysusers.d/mvp-agent.conf"],
+                            ["systemctl", "daemon-reload"]]
+    assert lines == [
+        "ran systemd-sysusers /etc/sysusers.d/mvp-agent.conf (creates group mvp)",
+        "ran systemctl daemon-reload (systemd reads the new units)",
+    ]
+    runner = FakeRunner()
+    lines = activate_units(sysusers=False, daemon_reload=False, run=runner)
+    assert runner.calls == []
+    assert [line.split(" (")[0] for line in lines] == [
+        "skipped systemd-sysusers /etc/sysusers.d/mvp-agent.conf",
+        "skipped systemctl daemon-reload"]
+    assert "--no-sysusers" in lines[0] and "--no-daemon-reload" in lines[1]
+
+
+def test_activate_units_without_systemd_or_with_a_failing_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(systemd_module, "SYSTEMD_RUNTIME_DIR", tmp_path / "absent")
+    runner = FakeRunner()
+    lines = activate_units(run=runner)
+    # systemd-sysusers works on files alone (image builds); systemctl needs a running systemd.
+    assert runner.calls == [["systemd-sysusers", "/etc/sysusers.d/mvp-agent.conf"]]
+    assert lines[1].startswith("skipped systemctl daemon-reload: systemd is not running")
+    with pytest.raises(MvpError, match=r"systemd-sysusers \S+ exited 1: bad line 3"):
+        activate_units(run=FakeRunner(1, "bad line 3\n"))
+
+    def missing(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        raise FileNotFoundError(argv[0])
+
+    with pytest.raises(MvpError, match="systemd-sysusers is not installed"):
+        activate_units(run=missing)
+
+
+@pytest.mark.skipif(not MVPD_BIN.exists(), reason="the mvpd console script is not installed")
+def test_install_units_command_under_a_prefix(tmp_path: Path) -> None:
+    """`mvpd install-units --prefix DIR` installs there and runs nothing on this machine."""
+    argv = [str(MVPD_BIN), "install-units", "--prefix", str(tmp_path), "--bin", "/opt/mvp/mvpd"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert f"installed {tmp_path}/etc/systemd/system/mvpd.service" in out
+    assert f"not run for --prefix {tmp_path}: systemd-sysusers, systemctl daemon-reload" in out
+    unit = unit_options((tmp_path / "etc/systemd/system/mvpd.service").read_text())
+    assert unit["ExecStart"] == ["/opt/mvp/mvpd run"]
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert f"kept      {tmp_path}/etc/mvp-agent.yaml (an existing config is never " \
+           "overwritten)" in again.stdout.splitlines()
+
