@@ -652,7 +652,7 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGTERM, old_term)
 
 
-def run(plan: Plan, quick: bool, keep: bool) -> Report:
+def run(plan: Plan, quick: bool, keep: bool, parent: Path | None = None) -> Report:
     report = Report()
     report.facts.update(
         date=time.strftime("%Y-%m-%d"),
@@ -661,7 +661,8 @@ def run(plan: Plan, quick: bool, keep: bool) -> Report:
         quick=quick,
         load_before=os.getloadavg(),
     )
-    work = Path(tempfile.mkdtemp(prefix="mvp-bench."))
+    work = Path(tempfile.mkdtemp(prefix="mvp-bench.", dir=parent))
+    report.facts["workdir"] = str(work)
     children = Children()
     setup = Setup(children, work)
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -743,6 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--tmpdir", type=Path, help="make the temporary directory in here (default: $TMPDIR)"
+    )
     parser.add_argument("--echo-socket", help=argparse.SUPPRESS)
     parser.add_argument("--echo-peer", help=argparse.SUPPRESS)
     parser.add_argument("--echo-timeout", type=float, default=120, help=argparse.SUPPRESS)
@@ -753,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"run with the project's venv python ({REPO / '.venv/bin/python'})")
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
-    report = run(plan, args.quick, args.keep)
+    report = run(plan, args.quick, args.keep, args.tmpdir)
     facts = report.facts
     print(
         f"mvpd main-job benchmark, {facts['date']}, {facts['cpus']} CPUs, "
