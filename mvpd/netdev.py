@@ -17,8 +17,9 @@ Netlink
 -------
 pyroute2 0.9's synchronous ``IPRoute`` refuses to run inside a running asyncio loop, and its
 ``AsyncIPRoute`` does not work under uvloop (no AF_NETLINK datagram endpoints). So every
-netlink call here runs the synchronous ``IPRoute`` in a worker thread; they are rare
-(configuration time) and take a few milliseconds.
+netlink call here runs the synchronous ``IPRoute`` in a worker thread, on a plain selector
+loop of its own (never the policy's, which may be uvloop); they are rare (configuration
+time) and take a few milliseconds.
 """
 
 from __future__ import annotations
@@ -95,8 +96,14 @@ async def _netlink(operation: Callable[[Any], _T]) -> _T:
     def run() -> _T:
         from pyroute2 import IPRoute  # the daemon's only netlink user; keep it off import
 
-        with IPRoute() as ipr:
-            return operation(ipr)
+        # IPRoute makes its own event loop through the global policy, which is uvloop's in
+        # the daemon, and uvloop has no AF_NETLINK: give it a plain selector loop.
+        loop = asyncio.SelectorEventLoop()
+        try:
+            with IPRoute(use_event_loop=loop) as ipr:
+                return operation(ipr)
+        finally:
+            loop.close()
 
     return await asyncio.to_thread(run)
 
@@ -138,6 +145,9 @@ class TunDevice:
         self._closed = False
         self._routes: set[IPNetwork] = set()
         self._ifindex: int | None = None
+        #: The addresses and MTU :meth:`configure` gave the device.
+        self.addresses: list[IPInterface] = []
+        self.mtu: int | None = None
 
     # --- creation -----------------------------------------------------------------------
 
@@ -222,6 +232,10 @@ class TunDevice:
             raise TunError(
                 f"cannot configure TUN device {self.name} (address {iface}, mtu {mtu}): {exc}"
             ) from None
+        if iface is not None and iface not in self.addresses:
+            self.addresses.append(iface)
+        if mtu is not None:
+            self.mtu = mtu
         log.info("configured %s: address %s, mtu %s, up %s", self.name, iface, mtu, up)
 
     @property

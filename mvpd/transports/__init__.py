@@ -24,6 +24,7 @@ from .bytesmsg import BytesTransport
 from .chat import ChatTransport
 from .jsonmsg import JsonTransport
 from .pipe import PIPE_LABEL, PipeTransport
+from .tun import TunTransport
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -39,16 +40,19 @@ __all__ = [
     "Transport",
     "TransportCounters",
     "TransportErrorEvent",
+    "TunTransport",
     "create_transport",
     "register_transport",
     "transport_class",
 ]
 
-#: Mode name -> transport factory. The TUN transport registers itself as "tun".
+#: Mode name -> transport factory. A tun transport moves packets once the daemon's tunnel
+#: (``mvpd.tunnel``) binds it to the shared TUN device.
 TRANSPORTS: dict[str, Callable[..., Transport[Any]]] = {
     "chat": ChatTransport,
     "json": JsonTransport,
     "bytes": BytesTransport,
+    "tun": TunTransport,
 }
 
 
@@ -71,5 +75,5 @@ def transport_class(mode: str) -> Callable[..., Transport[Any]]:
 
 
 def create_transport(mode: str, **kwargs: Any) -> Transport[Any]:
-    """A new, unattached transport for ``mode`` (``chat``, ``json`` or ``bytes``)."""
+    """A new, unattached transport for ``mode`` (``chat``, ``json``, ``bytes`` or ``tun``)."""
     return transport_class(mode)(**kwargs)

@@ -1,42 +1,69 @@
-"""TUN mode: IP packets between a TUN device and one peer's data channel.
+"""TUN mode: one peer's IP packets over an unreliable, unordered data channel.
 
 The channel is unordered with ``maxRetransmits=0`` (IP above it does its own recovery; no
-TCP-over-TCP). Packets read from the device are routed by destination through a
-:class:`~mvpd.proto.ippacket.PacketFilter`, packed several to a message
-(:func:`~mvpd.proto.ippacket.encode_batch`) and sent; packets from the peer are accepted
-only when their source is in the peer's allowed IPs, then written to the device.
+TCP-over-TCP). The transport is the per-peer end of a shared tunnel (``mvpd.tunnel``): the
+tunnel owns the TUN device and the allowed-IPs table, reads packets from the device, routes
+each by destination and hands a peer's packets to :meth:`TunTransport.send_packets`; what
+the peer sends comes back through :meth:`PacketSink.from_peer`, which checks the source
+against the peer's allowed IPs before writing to the device.
 
-Backpressure: when the channel's send buffer reaches the high watermark, reading the device
-pauses (the kernel queues, then drops, as a congested link would) and resumes on
-``bufferedamountlow``. Every dropped packet is counted by reason in :attr:`TunTransport.drops`.
+Several packets share one message (:func:`~mvpd.proto.ippacket.encode_batch`) up to
+:data:`DEFAULT_BATCH_SIZE` bytes: aiortc's SCTP costs about the same per message whatever its
+size, so batching raises throughput (see BENCHMARKS.md, "TUN mode").
 
-The peer layer builds the transport with no arguments; the daemon then gives it a device:
-:meth:`TunTransport.open_device` (a device of its own, removed when the channel closes) or
-:meth:`TunTransport.attach_device` (a device the caller owns). Importing this module does not
-register the mode; whoever enables TUN mode calls
-``register_transport("tun", TunTransport)`` (``mvpd.transports``).
+Backpressure: when the channel's send buffer reaches the high watermark, the transport asks
+the tunnel to pause reading the device (the kernel queues, then drops, as a congested link
+would); ``bufferedamountlow`` lets it resume. Every dropped packet is counted by reason.
+
+The peer layer builds the transport with no arguments (``create_transport("tun")``); the
+tunnel then binds it to a peer id with :meth:`TunTransport.bind`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
-from ..netdev import DEFAULT_NAME_TEMPLATE, TunDevice
-from ..proto.errors import TransportError, TunError
-from ..proto.ippacket import AllowedIPs, DropCounters, DropReason, IPNetwork, PacketFilter
+from ..proto.errors import TransportError
+from ..proto.ippacket import DropCounters, DropReason, PacketFilter
 from .base import ChannelOptions, DataChannelLike, Transport
 
 log = logging.getLogger(__name__)
 
 #: Largest message one batch of packets becomes. aiortc cuts messages into 1160-byte SCTP
 #: chunks and with maxRetransmits=0 one lost chunk loses the whole message, so batches stay
-#: modest.
+#: modest (measured: see BENCHMARKS.md).
 DEFAULT_BATCH_SIZE = 8192
-#: Allowed IPs when none are configured: the peer may use any address (point-to-point).
-ANY_ADDRESS = ("0.0.0.0/0", "::/0")
+
+
+class PacketSink(Protocol):
+    """The tunnel side of a bound :class:`TunTransport`."""
+
+    def from_peer(self, transport: TunTransport, message: bytes) -> None:
+        """One message from the peer (a packet or a batch)."""
+
+    def pause_for(self, transport: TunTransport) -> None:
+        """The peer's send buffer is full: stop reading the device for now."""
+
+    def resume_for(self, transport: TunTransport) -> None:
+        """The peer's send buffer drained below the low watermark."""
+
+    def detach(self, transport: TunTransport) -> None:
+        """The channel closed: forget the peer."""
+
+    def device_info(self) -> dict[str, Any]:
+        """Device name, addresses and device-side drops, for status."""
+
+
+@dataclass
+class TunTraffic:
+    """IP packets exchanged with one peer (after filtering)."""
+
+    packets_in: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
 
 
 class TunTransport(Transport[bytes]):
@@ -45,123 +72,95 @@ class TunTransport(Transport[bytes]):
     mode = "tun"
     channel_options: ClassVar[ChannelOptions] = ChannelOptions(ordered=False, max_retransmits=0)
 
-    def __init__(
-        self,
-        *,
-        peer_id: str = "peer",
-        allowed_ips: Iterable[str | IPNetwork] = ANY_ADDRESS,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, batch_size: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("queue_size", 0)  # packets go to the device, never to recv()
         kwargs.setdefault("high_watermark", 512 * 1024)
         kwargs.setdefault("low_watermark", 128 * 1024)
         super().__init__(**kwargs)
-        self.peer_id = peer_id
-        self.batch_size = min(batch_size, self.max_message_size)
-        table = AllowedIPs()
-        table.replace_peer(peer_id, allowed_ips)
-        self.filter = PacketFilter(table)
-        self.device: TunDevice | None = None
-        self._owns_device = False
-        self.add_close_listener(self._stop)
-
-    # --- the device -------------------------------------------------------------------
+        size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        #: 0 (or anything below one packet) sends every packet in a message of its own.
+        self.batch_size = min(size, self.max_message_size)
+        self.peer_id: str | None = None
+        self.sink: PacketSink | None = None
+        #: Checks what this peer sends; shares the tunnel's allowed-IPs table.
+        self.filter: PacketFilter | None = None
+        self.traffic = TunTraffic()
+        self._drops = DropCounters()
+        self._paused = False
+        self.add_close_listener(self._closed_channel)
 
     @property
     def drops(self) -> DropCounters:
-        """Dropped packets by reason."""
-        return self.filter.drops
+        """Packets to or from this peer dropped, by reason."""
+        return self.filter.drops if self.filter is not None else self._drops
 
-    def set_allowed_ips(self, networks: Iterable[str | IPNetwork]) -> None:
-        """Replace the networks this peer may send from and that are routed to it."""
-        self.filter.allowed_ips.replace_peer(self.peer_id, networks)
-
-    def attach_device(self, device: TunDevice) -> None:
-        """Exchange packets with ``device`` (owned by the caller; not closed here)."""
-        if self.device is not None:
-            raise TransportError("a TUN device is already attached to this transport")
-        self.device = device
-        if self.is_open:
-            self._start_reading()
-
-    async def open_device(
-        self,
-        name: str = DEFAULT_NAME_TEMPLATE,
-        *,
-        address: str | ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None,
-        mtu: int | None = None,
-        routes: Iterable[str | IPNetwork] = (),
-    ) -> TunDevice:
-        """Create, configure and attach a device of this transport's own (removed when the
-        channel closes). ``routes``: networks behind the peer to route through it, typically
-        its configured allowed IPs (never the match-all defaults)."""
-        device = TunDevice.create(name)
-        try:
-            await device.configure(address, mtu=mtu)
-            for network in routes:
-                await device.add_route(network)
-        except BaseException:
-            device.close()
-            raise
-        self._owns_device = True
-        self.attach_device(device)
-        return device
-
-    def on_open(self) -> None:
-        if self.device is not None:
-            self._start_reading()
+    def bind(self, peer_id: str, sink: PacketSink, packet_filter: PacketFilter) -> None:
+        """Exchange packets for ``peer_id`` with ``sink`` (the tunnel)."""
+        if self.sink is not None:
+            raise TransportError("this TUN transport is already bound to a tunnel")
+        self.peer_id = peer_id
+        self.sink = sink
+        packet_filter.drops.add(DropReason.MALFORMED, self._drops[DropReason.MALFORMED])
+        self.filter = packet_filter
 
     def attach_channel(self, channel: DataChannelLike) -> None:
         super().attach_channel(channel)
-        channel.on("bufferedamountlow", self._resume_reading)
+        channel.on("bufferedamountlow", self._buffer_drained)
 
-    def _start_reading(self) -> None:
-        assert self.device is not None
-        if not self.device.reading and not self.device.closed:
-            self.device.start_reading(self._from_device, on_error=self._device_failed)
+    def on_open(self) -> None:
+        if self.sink is None:
+            log.warning("TUN channel %r opened with no tunnel bound: packets are dropped",
+                        self.label)
 
-    def _resume_reading(self) -> None:
-        if self.device is not None and self.is_open:
-            self.device.resume_reading()
+    def _buffer_drained(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self.sink is not None:
+                self.sink.resume_for(self)
 
-    def _device_failed(self, error: TunError) -> None:
-        log.warning("peer %s: %s; closing the TUN channel", self.peer_id, error)
-        self.report_error("device", str(error))
-        self.close()
-
-    def _stop(self) -> None:
-        device = self.device
-        if device is None:
-            return
-        device.pause_reading()
-        if self._owns_device:
-            device.close()
+    def _closed_channel(self) -> None:
+        self._paused = False
+        if self.sink is not None:
+            self.sink.detach(self)
 
     # --- device -> peer -------------------------------------------------------------------
 
-    def _from_device(self, packets: list[bytes]) -> None:
-        route = self.filter.route_outgoing  # counts malformed, too-big and no-route drops
-        ours = [p for p in packets if route(p) == self.peer_id]
-        if not ours:
-            return
+    def send_packets(self, packets: list[bytes]) -> None:
+        """Send packets routed to this peer, batched; drops are counted, never raised."""
+        drops = self.drops
         if not self.is_open:
-            self.drops.add(DropReason.NOT_CONNECTED, len(ours))
+            drops.add(DropReason.NOT_CONNECTED, len(packets))
+            return
+        if self.filter is None:
+            drops.add(DropReason.NOT_CONNECTED, len(packets))
             return
         limit = self.batch_size
-        messages = self.filter.pack_messages([p for p in ours if len(p) <= limit], limit)
-        big = [p for p in ours if len(p) > limit]  # alone, up to the channel's limit
-        if big:
-            messages += self.filter.pack_messages(big, self.max_message_size)
+        if limit <= 1:
+            messages = []
+            for packet in packets:
+                if len(packet) > self.max_message_size:
+                    drops.add(DropReason.TOO_BIG)
+                else:
+                    messages.append(bytes(packet))
+        else:
+            small = [p for p in packets if len(p) <= limit]
+            messages = self.filter.pack_messages(small, limit) if small else []
+            if len(small) != len(packets):  # alone, up to the channel's limit
+                big = [p for p in packets if len(p) > limit]
+                messages += self.filter.pack_messages(big, self.max_message_size)
         for message in messages:
             try:
                 self._send(message)
             except TransportError as exc:
-                self.drops.add(DropReason.NOT_CONNECTED)
+                drops.add(DropReason.NOT_CONNECTED)
                 log.debug("peer %s: send failed: %s", self.peer_id, exc)
                 return
-        if self.buffered_amount >= self.high_watermark and self.device is not None:
-            self.device.pause_reading()
+        self.traffic.packets_out += len(packets)
+        self.traffic.bytes_out += sum(len(p) for p in packets)
+        if self.buffered_amount >= self.high_watermark and not self._paused:
+            self._paused = True
+            if self.sink is not None:
+                self.sink.pause_for(self)
 
     # --- peer -> device -----------------------------------------------------------------
 
@@ -170,13 +169,10 @@ class TunTransport(Transport[bytes]):
             self.drops.add(DropReason.MALFORMED)
             self.report_error("malformed", "text message on the TUN channel")
             return
-        packets = self.filter.incoming_message(self.peer_id, data)
-        if self.device is None or self.device.closed:
-            self.drops.add(DropReason.NOT_CONNECTED, len(packets))
+        if self.sink is None:
+            self.drops.add(DropReason.NOT_CONNECTED)
             return
-        for packet in packets:
-            if not self.device.write(packet):
-                self.drops.add(DropReason.WRITE_FAILED)
+        self.sink.from_peer(self, data)
 
     def decode(self, data: str | bytes) -> bytes:
         return data.encode() if isinstance(data, str) else data
@@ -184,11 +180,23 @@ class TunTransport(Transport[bytes]):
     # --- status -----------------------------------------------------------------------
 
     def tun_status(self) -> dict[str, Any]:
-        """Device name, traffic and drops, for status output."""
-        device = self.device
+        """Device, addresses, this peer's allowed IPs, packets and bytes in and out, drops
+        by reason (this peer's, and the device's that no peer can be blamed for)."""
+        info = self.sink.device_info() if self.sink is not None else {}
+        allowed = (
+            [str(n) for n in self.filter.allowed_ips.networks(self.peer_id)]
+            if self.filter is not None and self.peer_id is not None
+            else []
+        )
         return {
-            "device": device.name if device is not None and not device.closed else None,
-            "allowed_ips": [str(n) for n in self.filter.allowed_ips.networks(self.peer_id)],
-            "device_stats": vars(device.stats).copy() if device is not None else {},
-            "drops": self.drops.as_dict(),
+            "device": info.get("device"),
+            "addresses": info.get("addresses", []),
+            "mtu": info.get("mtu"),
+            "allowed_ips": allowed,
+            "packets_in": self.traffic.packets_in,
+            "bytes_in": self.traffic.bytes_in,
+            "packets_out": self.traffic.packets_out,
+            "bytes_out": self.traffic.bytes_out,
+            "drops": {k: v for k, v in self.drops.as_dict().items() if v},
+            "device_drops": info.get("drops", {}),
         }

@@ -14,6 +14,7 @@ from mvpd.transports import (
     ChatTransport,
     JsonTransport,
     TransportErrorEvent,
+    TunTransport,
     create_transport,
 )
 
@@ -31,9 +32,8 @@ def test_factory_modes() -> None:
     assert isinstance(create_transport("chat"), ChatTransport)
     assert isinstance(create_transport("json"), JsonTransport)
     assert isinstance(create_transport("bytes"), BytesTransport)
-    if "tun" not in TRANSPORTS:  # until the TUN transport registers itself
-        with pytest.raises(TransportError, match="tun mode is not available"):
-            create_transport("tun")
+    assert "tun" in TRANSPORTS
+    assert isinstance(create_transport("tun"), TunTransport)
     with pytest.raises(TransportError, match="unknown transport mode 'telnet'"):
         create_transport("telnet")
 

@@ -1,0 +1,252 @@
+"""TUN mode end to end: real daemons in network namespaces joined by veth pairs, a real
+signaling server, real TUN devices, ping and TCP through the tunnel.
+
+Each test builds its own namespaces and removes them (and every process in them). Root is
+needed; without /dev/net/tun or network namespaces the tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_tun.harness import Lab, dump_logs, ping, status_json, tun_lab, wait_until
+from tests.netns import namespace, netem, require_tun
+
+pytestmark = pytest.mark.root
+
+#: 50 MiB, as the issue asks, for the clean-link transfer.
+BIG_TRANSFER = 50 * 1024 * 1024
+#: Under 20 ms delay and 5 % loss TCP through the tunnel runs at a fraction of the clean
+#: rate; a smaller file keeps the test within its time budget while still moving thousands
+#: of lost-and-recovered segments.
+LOSSY_TRANSFER = 4 * 1024 * 1024
+
+TWO = {
+    "alice": "tun:\n  address: 10.77.0.1/24\n",
+    "bob": "tun:\n  address: 10.77.0.2/24\n",
+}
+
+# A TCP sender and receiver with sha256, run with this project's Python inside namespaces.
+RECEIVER = """
+import hashlib, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 5201)); srv.listen(1); srv.settimeout(60)
+print("listening", flush=True)
+conn, _ = srv.accept(); conn.settimeout(120)
+h = hashlib.sha256(); n = 0
+while chunk := conn.recv(1 << 16):
+    h.update(chunk); n += len(chunk)
+print(n, h.hexdigest(), flush=True)
+"""
+SENDER = """
+import hashlib, os, socket, sys
+size = int(sys.argv[2]); rnd = __import__("random").Random(7)
+h = hashlib.sha256(); s = socket.create_connection((sys.argv[1], 5201), timeout=60)
+s.settimeout(120); left = size
+while left:
+    chunk = rnd.randbytes(min(left, 1 << 16)); s.sendall(chunk); h.update(chunk)
+    left -= len(chunk)
+s.shutdown(socket.SHUT_WR); s.recv(1); print(size, h.hexdigest(), flush=True)
+"""
+
+
+def transfer(lab: Lab, sender: str, receiver: str, address: str, size: int,
+             timeout: float) -> None:
+    """Send ``size`` random bytes over TCP through the tunnel; both ends' sha256 agree."""
+    rx = lab[receiver].ns.popen(sys.executable, "-c", RECEIVER, address)
+    try:
+        assert rx.stdout is not None
+        assert rx.stdout.readline().strip() == "listening"
+        tx = lab[sender].ns.run(sys.executable, "-c", SENDER, address, str(size),
+                                timeout=timeout)
+        out, err = rx.communicate(timeout=30)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait(5)
+    assert out.split() == tx.stdout.split(), f"{out} {err}\n{dump_logs(lab)}"
+    assert int(out.split()[0]) == size
+
+
+def test_ping_both_ways_status_and_disconnect_removes_the_device(tmp_path: Path) -> None:
+    require_tun()
+    with tun_lab(tmp_path, ["alice", "bob"], TWO) as lab:
+        alice, bob = lab["alice"], lab["bob"]
+        assert alice.tun_links() == [] and bob.tun_links() == []
+        lab.connect("alice", "bob")
+        ping(alice.ns, "10.77.0.2")
+        ping(bob.ns, "10.77.0.1")
+        [device] = alice.tun_links()
+        status = status_json(alice)
+        [peer] = status["peers"]
+        tun = peer["tun"]
+        assert tun["device"] == device
+        assert tun["addresses"] == ["10.77.0.1/24"]
+        assert tun["allowed_ips"] == ["10.77.0.0/24"]  # the default: the tunnel subnet
+        assert tun["packets_in"] >= 6 and tun["packets_out"] >= 6
+        assert tun["bytes_in"] > 0 and tun["bytes_out"] > 0
+        text = alice.ctl("status")
+        assert text.returncode == 0 and f"tun {device} (10.77.0.1/24" in text.stdout
+        # Device routes: the tunnel subnet goes through the device.
+        routes = alice.ns.ip_json("route", "show", "dev", device)
+        assert any(r["dst"] == "10.77.0.0/24" for r in routes)
+
+        alice.call("disconnect", peer="bob")
+        wait_until(lambda: alice.tun_links() == [] and bob.tun_links() == [], 15,
+                   what="both devices to go after disconnect")
+
+
+def test_sigkill_leaves_no_device_and_a_restart_works(tmp_path: Path) -> None:
+    require_tun()
+    with tun_lab(tmp_path, ["alice", "bob"], TWO) as lab:
+        alice = lab["alice"]
+        lab.connect("alice", "bob")
+        assert len(alice.tun_links()) == 1
+        alice.signal(signal.SIGKILL)
+        assert alice.tun_links() == []  # not persistent: the kernel removed it with the fd
+        alice.start(lab.url)
+        assert alice.tun_links() == []
+        lab.connect("alice", "bob")
+        ping(alice.ns, "10.77.0.2")
+        alice.stop()
+        assert alice.tun_links() == []  # and on a clean stop
+
+
+def test_spoofed_sources_and_malformed_packets_are_dropped_and_counted(tmp_path: Path) -> None:
+    """bob's daemon gets crafted packets into its TUN device (as if its kernel routed them to
+    alice): the spoofed ones reach alice's filter, which drops and counts them."""
+    require_tun()
+    with tun_lab(tmp_path, ["alice", "bob"], TWO) as lab:
+        alice, bob = lab["alice"], lab["bob"]
+        lab.connect("alice", "bob")
+        ping(bob.ns, "10.77.0.1", count=1)
+        # A raw socket in bob's namespace sends packets with a forged source into the tunnel
+        # (IP_HDRINCL): 10.99.0.5 is outside bob's allowed IPs (10.77.0.0/24) and 10.77.0.1
+        # is alice's own tunnel address.
+        code = textwrap.dedent("""
+            import socket
+            from tests.test_netdev import PRELUDE
+            exec(PRELUDE)
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            for src in ["10.99.0.5"] * 4 + ["10.77.0.1"] * 3:
+                s.sendto(echo_request(src, "10.77.0.1"), ("10.77.0.1", 0))
+        """)
+        bob.ns.python(code)
+
+        def drops() -> dict[str, int]:
+            peer = alice.peer("bob") or {}
+            return dict((peer.get("tun") or {}).get("drops") or {})
+
+        wait_until(lambda: drops().get("source-not-allowed", 0) >= 7, 10,
+                   what="7 spoofed packets counted")
+        assert drops()["source-not-allowed"] == 7
+        peer = alice.peer("bob")
+        assert peer is not None and peer["dropped"].get("source-not-allowed") == 7
+        ping(bob.ns, "10.77.0.1", count=1)  # real traffic still flows
+
+
+def test_two_tun_peers_share_one_device(tmp_path: Path) -> None:
+    require_tun()
+    configs = {
+        "hub": textwrap.dedent("""
+            tun:
+              address: 10.77.0.1/24
+            peers:
+              bob: {allowed_ips: [10.77.0.2/32]}
+              carol: {allowed_ips: [10.77.0.3/32, 10.88.0.0/24]}
+        """),
+        "bob": "tun:\n  address: 10.77.0.2/24\n",
+        "carol": "tun:\n  address: 10.77.0.3/24\n",
+    }
+    with tun_lab(tmp_path, ["hub", "bob", "carol"], configs) as lab:
+        hub = lab["hub"]
+        lab.connect("hub", "bob")
+        lab.connect("carol", "hub")
+        [device] = hub.tun_links()
+        ping(hub.ns, "10.77.0.2")
+        ping(hub.ns, "10.77.0.3")
+        ping(lab["bob"].ns, "10.77.0.1")
+        ping(lab["carol"].ns, "10.77.0.1")
+        routes = {r["dst"] for r in hub.ns.ip_json("route", "show", "dev", device)}
+        assert {"10.77.0.2", "10.77.0.3", "10.88.0.0/24"} <= routes, routes
+        bob_status = (hub.peer("bob") or {})["tun"]
+        carol_status = (hub.peer("carol") or {})["tun"]
+        assert bob_status["device"] == carol_status["device"] == device
+        assert sorted(carol_status["allowed_ips"]) == ["10.77.0.3/32", "10.88.0.0/24"]
+        # carol goes: her routes go, the device stays for bob.
+        lab["carol"].call("disconnect", peer="hub")
+        wait_until(lambda: hub.peer("carol") is None, 15, what="carol to leave")
+        wait_until(lambda: "10.88.0.0/24" not in {
+            r["dst"] for r in hub.ns.ip_json("route", "show", "dev", device)}, 10,
+            what="carol's routes to go")
+        assert hub.tun_links() == [device]
+        ping(hub.ns, "10.77.0.2", count=1)
+        hub.call("disconnect", peer="bob")
+        wait_until(lambda: hub.tun_links() == [], 15, what="the device to go with bob")
+
+
+def test_a_peer_without_tun_support_fails_clearly_and_the_daemon_carries_on(
+    tmp_path: Path,
+) -> None:
+    """bob's daemon runs where /dev/net/tun does not exist (an empty /dev/net in a mount
+    namespace of its own, as on a machine without the tun module): the tun session fails
+    with bob's reason; both daemons keep serving and still connect in chat mode."""
+    require_tun()
+    with tun_lab(tmp_path, ["alice", "bob"], TWO) as lab:
+        alice, bob = lab["alice"], lab["bob"]
+        bob.stop()
+        bob.start(lab.url, hide_tun=True)
+        # bob's refusal comes as a bye right after the channel opens (the mode travels in
+        # the channel, so bob learns it only then): the connect fails, or the session ends
+        # at once with bob's reason.
+        done = alice.ctl("connect", "bob", "--mode", "tun", "--timeout", "20")
+        if done.returncode != 0:
+            assert "TUN mode is unavailable on bob" in done.stderr, done.stderr
+        wait_until(lambda: alice.peer("bob") is None, 15, what="alice's session to end")
+        wait_until(lambda: "TUN mode is unavailable on bob" in alice.log_tail(20000), 5,
+                   what="bob's reason in alice's log")
+        assert "/dev/net/tun does not exist" in alice.log_tail(20000)
+        # Connecting *from* bob fails at once, before any offer.
+        done = bob.ctl("connect", "alice", "--mode", "tun")
+        assert done.returncode != 0 and "does not exist" in done.stderr, done.stderr
+        assert alice.tun_links() == []
+        status = alice.call("connect", peer="bob", mode="chat", wait=True)
+        assert status["state"] == "connected"
+
+
+def test_50_mib_tcp_through_the_tunnel(tmp_path: Path) -> None:
+    require_tun()
+    with tun_lab(tmp_path, ["alice", "bob"], TWO) as lab:
+        lab.connect("alice", "bob")
+        ping(lab["alice"].ns, "10.77.0.2", count=1)
+        transfer(lab, "alice", "bob", "10.77.0.2", BIG_TRANSFER, timeout=120)
+
+
+def require_netem() -> None:
+    """Skip, saying why, when the kernel has no netem qdisc (sch_netem)."""
+    with namespace("netem") as ns:
+        ns.run("ip", "link", "add", "mvpq0", "type", "veth", "peer", "name", "mvpq1")
+        probe = subprocess.run(
+            ["tc", "-n", ns.name, "qdisc", "add", "dev", "mvpq0", "root", "netem", "delay",
+             "1ms"], capture_output=True, text=True, timeout=20, check=False,
+        )
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel has no netem qdisc (sch_netem): {probe.stderr.strip()}")
+
+
+def test_tcp_through_the_tunnel_over_a_lossy_link(tmp_path: Path) -> None:
+    require_tun()
+    require_netem()
+    with tun_lab(tmp_path, ["alice", "bob"], TWO) as lab:
+        lab.connect("alice", "bob")
+        for host in (lab["alice"], lab["bob"]):
+            veth = next(n for n in host.ns.link_names() if n.startswith("mvpv"))
+            netem(host.ns, veth, "delay 20ms loss 5%")
+        ping(lab["bob"].ns, "10.77.0.1", count=3)
+        transfer(lab, "bob", "alice", "10.77.0.1", LOSSY_TRANSFER, timeout=120)
