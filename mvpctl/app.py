@@ -211,7 +211,25 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
     for p in peers:
         if p.get("error"):
             lines.append(f"{p.get('peer')}: {p['error']}")
+        if p.get("tun"):
+            lines.append(format_tun(str(p.get("peer", "?")), p["tun"]))
     return "\n".join(lines)
+
+
+def format_tun(peer: str, tun: dict[str, Any]) -> str:
+    """One tun peer's device, addresses, packets and drops by reason, on two lines."""
+    addresses = ", ".join(tun.get("addresses") or []) or "no address"
+    allowed = ", ".join(tun.get("allowed_ips") or []) or "none"
+    drops = {**(tun.get("drops") or {})}
+    for reason, count in (tun.get("device_drops") or {}).items():
+        drops[f"device {reason}"] = count
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"
+    return (
+        f"{peer}: tun {tun.get('device') or '-'} ({addresses}, mtu {tun.get('mtu') or '-'}), "
+        f"allowed IPs {allowed}\n"
+        f"{peer}: packets in {tun.get('packets_in', 0)} ({_size(tun.get('bytes_in'))}), "
+        f"out {tun.get('packets_out', 0)} ({_size(tun.get('bytes_out'))}); drops: {dropped}"
+    )
 
 
 def format_status(status: dict[str, Any]) -> str:

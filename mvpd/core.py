@@ -23,7 +23,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 DEFAULT_SUBSCRIBER_QUEUE = 1024
 #: Pause before iterating the signaling client again after its iterator ended or failed.
 SIGNALING_RETRY = 1.0
+
+
+#: See :meth:`AgentCore.add_transport_hook` and :meth:`AgentCore.add_connect_check`.
+TransportHook = Callable[[PeerSession, Transport[Any]], None]
+ConnectCheck = Callable[[str, str], None]
 
 
 class SignalingLike(Protocol):
@@ -141,6 +146,18 @@ class AgentCore:
         self._stopping = False
         self.refused_offers = 0
         self.ignored_messages = 0
+        self._transport_hooks: list[TransportHook] = []
+        self._connect_checks: list[ConnectCheck] = []
+
+    def add_transport_hook(self, hook: TransportHook) -> None:
+        """Call ``hook(session, transport)`` for every new transport, before anything else
+        hears of it (the TUN tunnel binds tun transports this way)."""
+        self._transport_hooks.append(hook)
+
+    def add_connect_check(self, check: ConnectCheck) -> None:
+        """Call ``check(peer, mode)`` before connecting; an :class:`MvpError` it raises
+        fails the connect with its message, before any session exists."""
+        self._connect_checks.append(check)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -220,6 +237,8 @@ class AgentCore:
         wanted = mode or self.settings.mode_for(peer)
         try:
             transport_class(wanted)
+            for check in self._connect_checks:
+                check(peer, wanted)
         except MvpError as exc:
             raise PeerError(exc.message) from None
         session = self._sessions.get(peer)
@@ -302,6 +321,11 @@ class AgentCore:
             del self._sessions[session.peer_id]
 
     def _on_session_transport(self, session: PeerSession, transport: Transport[Any]) -> None:
+        for hook in self._transport_hooks:
+            try:
+                hook(session, transport)
+            except Exception:
+                log.exception("transport hook for peer %s failed", session.peer_id)
         peer = session.peer_id
         label = transport.label
         self.emit("channel", peer, label=label, mode=transport.mode)

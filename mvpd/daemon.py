@@ -28,6 +28,7 @@ from .proto.rpc import ReloadResult
 from .rpc_methods import RpcMethods
 from .signaling.client import SignalingClient
 from .signaling.server import SignalingServer
+from .tunnel import Tunnel
 
 log = logging.getLogger("mvpd")
 
@@ -47,6 +48,7 @@ class Daemon:
         self.signaling_server: SignalingServer | None = None
         self.signaling: SignalingClient | None = None
         self.core: AgentCore | None = None
+        self.tunnel: Tunnel | None = None
         self.methods: RpcMethods | None = None
         self.control: ControlServer | None = None
         self._stop = asyncio.Event()
@@ -68,7 +70,11 @@ class Daemon:
                 log.info("embedded signaling server on %s", self.signaling_server.url)
             self.signaling = SignalingClient(s, on_state=self._on_signaling_state)
             self.signaling.start()
+            self.tunnel = Tunnel(s)
+            await self.tunnel.start()  # stale devices from an earlier run
             self.core = AgentCore(s, self.signaling)
+            self.core.add_connect_check(self.tunnel.check)
+            self.core.add_transport_hook(self.tunnel.attach)
             await self.core.start()
             self.methods = RpcMethods(
                 s, self.core, signaling_state=self._signaling_state, reload=self.reload
@@ -124,6 +130,7 @@ class Daemon:
             ("control socket", self.control.close if self.control else None),
             ("rpc", self.methods.close if self.methods else None),
             ("peers", self.core.stop if self.core else None),
+            ("tun device", self.tunnel.close if self.tunnel else None),
             ("signaling client", self.signaling.close if self.signaling else None),
             ("signaling server",
              self.signaling_server.close if self.signaling_server else None),
@@ -136,6 +143,7 @@ class Daemon:
             except Exception as exc:
                 log.warning("stopping the %s: %s", name, exc)
         self.control = self.methods = self.core = None
+        self.tunnel = None
         self.signaling = self.signaling_server = None
 
     # --- reload ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .proto.rpc import (
     SignalingStatus,
     StatusResult,
 )
-from .transports import PIPE_LABEL, PipeTransport, Transport
+from .transports import PIPE_LABEL, PipeTransport, Transport, TunTransport
 
 log = logging.getLogger("mvpd.rpc")
 
@@ -180,6 +180,9 @@ class RpcMethods:
         inbox = self.inboxes.get(session.peer_id)
         if inbox is not None and inbox.dropped:
             dropped["inbox-full"] += inbox.dropped
+        tun = _tun_status(session.transport)
+        if tun is not None:
+            dropped.update(tun["drops"])
         ice = snap["ice"]
         return PeerStatus(
             peer=session.peer_id,
@@ -191,6 +194,7 @@ class RpcMethods:
             remote_candidate=ice["remote_candidate"],
             dropped=dict(dropped),
             error=snap["failure"],
+            tun=tun,
             **totals,
         )
 
@@ -324,6 +328,11 @@ class RpcMethods:
         if transport is None or not transport.is_open:
             raise PeerError(f"the connection to {peer} is {session.state.value}, not open yet")
         return transport
+
+
+def _tun_status(transport: Transport[Any] | None) -> dict[str, Any] | None:
+    """The TUN part of a peer's status (device, addresses, packets, drops), if tun mode."""
+    return transport.tun_status() if isinstance(transport, TunTransport) else None
 
 
 def _log_background_failure(peer: str) -> Callable[[asyncio.Future[Any]], None]:

@@ -447,6 +447,10 @@ class PeerStatus(BaseModel):
     #: Drops by reason (e.g. ``queue-full``, ``bad-source``); never silently lost.
     dropped: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
+    #: TUN mode only: ``device``, ``addresses``, ``mtu``, ``allowed_ips``,
+    #: ``packets_in/out``, ``bytes_in/out`` (IP packets), ``drops`` (this peer's, by reason)
+    #: and ``device_drops`` (the shared device's, e.g. ``no-route``).
+    tun: dict[str, Any] | None = None
 
 
 class SignalingStatus(BaseModel):
