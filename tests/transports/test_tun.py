@@ -1,20 +1,35 @@
-"""TunTransport between a real TUN device (in a namespace the test makes) and a channel.
+"""TunTransport and the shared tunnel: a real TUN device (in a namespace the test makes),
+in-memory stand-ins for data channels and sessions.
 
-The channel is a small in-memory stand-in for an RTCDataChannel (the narrow part under test
-is the packet path; aiortc itself is exercised by the peer tests). The child process speaks
-for the remote peer: it puts ICMP echo requests on the channel and reads what comes back.
+The stand-ins are the narrow part here (aiortc itself runs in tests/e2e_tun): the child
+process plays two remote peers, puts ICMP echo requests on their channels and reads what
+comes back, so routing by destination and checking sources go through the kernel.
 """
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
+from mvpd.config import AgentSettings
+from mvpd.netdev import TunDevice
+from mvpd.proto.errors import TunError, TunUnavailable
 from mvpd.proto.ippacket import decode_message
 from mvpd.transports.tun import TunTransport
+from mvpd.tunnel import LOCAL_OWNER, Tunnel
 from tests.netns import namespace, require_tun
 from tests.test_netdev import run_child
 
-pytestmark = pytest.mark.root
+
+def settings(**tun: object) -> AgentSettings:
+    return AgentSettings.model_validate(
+        {"agent_id": "hub", "tun": tun, "peers": {
+            "bob": {"allowed_ips": ["10.85.0.2/32"]},
+            "carol": {"allowed_ips": ["10.85.0.3/32", "10.86.0.0/24"]},
+        }}
+    )
 
 
 def test_channel_options_are_unreliable_and_unordered() -> None:
@@ -24,16 +39,32 @@ def test_channel_options_are_unreliable_and_unordered() -> None:
     assert decode_message(b"\x45" + bytes(19))  # the wire format is ippacket's
 
 
-def test_packets_flow_both_ways_and_spoofed_sources_are_dropped() -> None:
+def test_allowed_ips_configured_default_and_conflicts() -> None:
+    tunnel = Tunnel(settings(address="10.85.0.1/24"))
+    assert [str(n) for n in tunnel.allowed_networks("bob")] == ["10.85.0.2/32"]
+    # No allowed_ips: the tunnel subnet, for one such peer at a time.
+    assert [str(n) for n in tunnel.allowed_networks("dave")] == ["10.85.0.0/24"]
+    tunnel.table.replace_peer("dave", tunnel.allowed_networks("dave"))
+    with pytest.raises(TunError, match="already belongs to tun peer dave"):
+        tunnel.allowed_networks("erin")
+    no_address = Tunnel(settings())
+    with pytest.raises(TunError, match=r"tun\.address is not set"):
+        no_address.allowed_networks("dave")
+    assert LOCAL_OWNER != "dave"
+
+
+def test_two_peers_share_one_device_routed_by_destination_and_checked_by_source() -> None:
     require_tun()
     body = r"""
+from mvpd.config import AgentSettings
 from mvpd.proto.ippacket import decode_message, encode_batch
 from mvpd.transports.tun import TunTransport
+from mvpd.tunnel import Tunnel
 
 
 class Channel:
-    label = "mvp-tun"
-    protocol = ""
+    label = "mvp"
+    protocol = "tun"
     readyState = "open"
     bufferedAmount = 0
     bufferedAmountLowThreshold = 0
@@ -60,41 +91,117 @@ class Channel:
             f(*args)
 
 
+class Session:
+    def __init__(self, peer_id):
+        self.peer_id = peer_id
+        self.closed = None
+
+    async def close(self, reason="", *, failed=False, send_bye=False):
+        self.closed = reason
+
+
+def replies(channel):
+    return [p for m in channel.sent for p in decode_message(m) if is_echo_reply(p)]
+
+
 async def main():
-    transport = TunTransport(peer_id="bob", allowed_ips=["10.85.0.2/32"])
-    channel = Channel()
-    transport.attach_channel(channel)
-    device = await transport.open_device("ttun%d", address="10.85.0.1/24", mtu=1400)
-    name = device.name
-    # Two echo requests from bob in one batch, plus one spoofed and one garbage message.
-    channel.emit("message", encode_batch([echo_request("10.85.0.2", "10.85.0.1", seq=1),
-                                          echo_request("10.85.0.2", "10.85.0.1", seq=2)]))
-    channel.emit("message", echo_request("10.85.0.9", "10.85.0.1", seq=3))
-    channel.emit("message", b"\x00\x00\x09oops")
-    channel.emit("message", "text is not a packet")
-    replies = []
-    while len(replies) < 2:
-        await asyncio.wait_for(channel.got.wait(), 10)
-        channel.got.clear()
-        replies = [p for m in channel.sent for p in decode_message(m) if is_echo_reply(p)]
-    seqs = sorted(int.from_bytes(p[26:28], "big") for p in replies)
-    dsts = sorted({str(parse_header(p).dst_address) for p in replies})
-    status = transport.tun_status()
-    channel.close()
-    report({"seqs": seqs, "dsts": dsts, "status": status, "name": name,
-            "links_after_close": link_names(), "reading": device.reading})
+    settings = AgentSettings.model_validate({
+        "agent_id": "hub", "tun": {"name": "ttun%d", "address": "10.85.0.1/24", "mtu": 1400},
+        "peers": {"bob": {"allowed_ips": ["10.85.0.2/32"]},
+                  "carol": {"allowed_ips": ["10.85.0.3/32"]}}})
+    tunnel = Tunnel(settings)
+    ends = {}
+    for peer in ("bob", "carol"):
+        transport, channel = TunTransport(), Channel()
+        transport.attach_channel(channel)
+        tunnel.attach(Session(peer), transport)
+        ends[peer] = (transport, channel)
+    await asyncio.sleep(0.3)  # configuration and routes
+    name = tunnel.device.name
+    links_both = link_names()
+    bob, bob_ch = ends["bob"]
+    carol, carol_ch = ends["carol"]
+    # bob: two echo requests in one batch, one spoofed from carol's address, one from the
+    # hub's own address, garbage and text.
+    bob_ch.emit("message", encode_batch([echo_request("10.85.0.2", "10.85.0.1", seq=1),
+                                         echo_request("10.85.0.2", "10.85.0.1", seq=2)]))
+    bob_ch.emit("message", echo_request("10.85.0.3", "10.85.0.1", seq=3))
+    bob_ch.emit("message", echo_request("10.85.0.1", "10.85.0.1", seq=4))
+    bob_ch.emit("message", b"\x00\x00\x09oops")
+    bob_ch.emit("message", "text is not a packet")
+    carol_ch.emit("message", echo_request("10.85.0.3", "10.85.0.1", seq=5))
+    for ch, want in ((bob_ch, 2), (carol_ch, 1)):
+        while len(replies(ch)) < want:
+            await asyncio.wait_for(ch.got.wait(), 10)
+            ch.got.clear()
+    bob_seqs = sorted(int.from_bytes(p[26:28], "big") for p in replies(bob_ch))
+    carol_seqs = sorted(int.from_bytes(p[26:28], "big") for p in replies(carol_ch))
+    bob_dsts = sorted({str(parse_header(p).dst_address) for p in replies(bob_ch)})
+    status = {"bob": bob.tun_status(), "carol": carol.tun_status()}
+    carol_ch.close()
+    await asyncio.sleep(0.3)
+    links_after_carol = link_names()
+    bob_ch.close()
+    await asyncio.sleep(0.1)
+    report({"bob_seqs": bob_seqs, "carol_seqs": carol_seqs, "bob_dsts": bob_dsts,
+            "status": status, "name": name, "links_both": links_both,
+            "links_after_carol": links_after_carol, "links_after_all": link_names(),
+            "device_after": tunnel.device is None})
+    await tunnel.close()
 
 asyncio.run(main())
 """
     with namespace("ttun") as ns:
         r = run_child(ns, body)
-    assert r["seqs"] == [1, 2]
-    assert r["dsts"] == ["10.85.0.2"]
-    drops = r["status"]["drops"]
-    assert drops["source-not-allowed"] == 1
-    assert drops["malformed"] == 2
-    assert r["status"]["allowed_ips"] == ["10.85.0.2/32"]
-    assert r["status"]["device"] == r["name"]
-    assert r["status"]["device_stats"]["packets_written"] == 2
-    assert r["name"] not in r["links_after_close"]
-    assert r["reading"] is False
+    assert r["bob_seqs"] == [1, 2]
+    assert r["carol_seqs"] == [5]
+    assert r["bob_dsts"] == ["10.85.0.2"]
+    bob, carol = r["status"]["bob"], r["status"]["carol"]
+    assert bob["device"] == carol["device"] == r["name"]
+    assert bob["addresses"] == ["10.85.0.1/24"] and bob["mtu"] == 1400
+    assert bob["allowed_ips"] == ["10.85.0.2/32"]
+    assert bob["drops"] == {"source-not-allowed": 2, "malformed": 2}
+    assert carol["drops"] == {}
+    assert bob["packets_in"] == 2 and bob["packets_out"] == 2
+    assert carol["packets_in"] == 1 and carol["packets_out"] == 1
+    assert r["name"] in r["links_both"]
+    assert r["name"] in r["links_after_carol"]  # bob still uses it
+    assert r["name"] not in r["links_after_all"]  # gone with the last peer
+    assert r["device_after"] is True
+
+
+def test_no_tun_device_fails_the_session_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without /dev/net/tun (a path that does not exist stands in) the connect check raises
+    and an incoming tun channel fails its session with the reason, sent in the bye."""
+    original = TunDevice.create
+    missing = tmp_path / "no-tun"
+    monkeypatch.setattr(TunDevice, "create", classmethod(
+        lambda cls, name="mvp-tun%d", **kw: original(name, path=missing)))
+
+    class Session:
+        peer_id = "bob"
+        closed: tuple[str, bool, bool] | None = None
+
+        async def close(self, reason: str = "", *, failed: bool = False,
+                        send_bye: bool = False) -> None:
+            self.closed = (reason, failed, send_bye)
+
+    async def body() -> Session:
+        tunnel = Tunnel(settings(address="10.85.0.1/24"))
+        with pytest.raises(TunUnavailable, match="does not exist"):
+            tunnel.check("bob", "tun")
+        tunnel.check("bob", "chat")  # other modes are not its business
+        session = Session()
+        tunnel.attach(session, TunTransport())
+        await asyncio.sleep(0.05)
+        assert tunnel.device is None and not tunnel.peers
+        await tunnel.close()
+        return session
+
+    session = asyncio.run(body())
+    assert session.closed is not None
+    reason, failed, send_bye = session.closed
+    assert reason.startswith("TUN mode is unavailable on hub:") and "does not exist" in reason
+    assert failed and send_bye
