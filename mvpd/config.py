@@ -204,6 +204,14 @@ class AgentSettings(BaseSettings):
         le=600,
         validation_alias=AliasChoices("MVPD_CONNECT_TIMEOUT", "connect_timeout"),
     )
+    #: Seconds an open connection may go without an answer to its liveness checks before it
+    #: counts as failed (0: off, leaving ICE consent freshness, about 30 s).
+    peer_timeout: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        validation_alias=AliasChoices("MVPD_PEER_TIMEOUT", "peer_timeout"),
+    )
     signaling_server: SignalingServerSettings = Field(
         default_factory=SignalingServerSettings,
         validation_alias=AliasChoices("MVPD_SIGNALING_SERVER", "signaling_server"),
@@ -380,6 +388,7 @@ ENV_NAMES: dict[str, str] = {
     "allowed_peers": "MVPD_ALLOWED_PEERS",
     "auto_connect": "MVPD_AUTO_CONNECT",
     "connect_timeout": "MVPD_CONNECT_TIMEOUT",
+    "peer_timeout": "MVPD_PEER_TIMEOUT",
     "signaling_server": "MVPD_SIGNALING_SERVER__*",
     "peers": "MVPD_PEERS",
     "tun": "MVPD_TUN__*",

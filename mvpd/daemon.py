@@ -152,8 +152,11 @@ class Daemon:
         systemd.notify_reloading("reloading configuration")
         result = self.reload()
         systemd.notify_ready(self.status_line())
-        log_event(log, logging.INFO, "reloaded", "reload: applied %s; not applied %s",
-                  result.applied or "nothing", result.not_applied or "nothing")
+        applied = ", ".join(result.applied) or "nothing changed"
+        not_applied = "; ".join(result.not_applied) or "nothing"
+        # APPLIED/NOT_APPLIED as fields: `journalctl -u mvpd EVENT=reloaded -o json`.
+        log_event(log, logging.INFO, "reloaded", "reload: applied %s; not applied: %s",
+                  applied, not_applied, applied=applied, not_applied=not_applied)
 
     def reload(self) -> ReloadResult:
         """Re-read the configuration and apply what can change at run time."""

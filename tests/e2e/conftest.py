@@ -33,5 +33,6 @@ def daemons(tmp_path: Path, signal_server: SignalServer) -> Iterator[Daemons]:
 @pytest.fixture
 def pair(daemons: Daemons) -> tuple[Daemon, Daemon]:
     """Two daemons, alice and bob, on one signaling server (not yet connected)."""
-    return daemons("alice"), daemons("bob")
+    alice, bob = daemons.many("alice", "bob")
+    return alice, bob
 

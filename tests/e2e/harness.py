@@ -178,12 +178,22 @@ class Daemon:
         return env
 
     def start(self) -> Daemon:
+        """Launch and wait until the control socket answers."""
+        return self.launch().wait_serving()
+
+    def launch(self) -> Daemon:
+        """Start the process without waiting for it."""
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*MVPD, "run"], stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                 cwd=self.workdir, stdin=subprocess.DEVNULL,
             )
+        return self
+
+    def wait_serving(self) -> Daemon:
+        """Wait until the control socket answers (fail the test if the daemon exits)."""
         proc = self.proc
+        assert proc is not None
 
         def serving() -> bool:
             if proc.poll() is not None:
@@ -234,6 +244,16 @@ class Daemon:
         """The peers as the daemon reports them, by peer id."""
         return {p["peer"]: p for p in self.call("peers")}
 
+    def send(self, peer: str, **params: Any) -> Any:
+        """``send`` over RPC: ``text=``, ``json=`` or ``data=``."""
+        return self.call("send", peer=peer, **params)
+
+    def messages(self, peer: str) -> list[Any]:
+        """The data of every message waiting from ``peer`` (``recv`` without follow)."""
+        with Client.connect(self.socket, timeout=30) as client:
+            stream = client.subscribe("recv", peer=peer, follow=False)
+            return [event.data["data"] for event in stream if event.event == "message"]
+
     def peer_state(self, peer: str) -> str | None:
         entry = self.peers().get(peer)
         return entry["state"] if entry else None
@@ -262,6 +282,15 @@ class Daemons:
         daemon = Daemon(self.workdir, agent_id, signaling_url or self.signaling_url, **kwargs)
         self.started.append(daemon)
         return daemon.start()
+
+    def many(self, *agent_ids: str, **kwargs: Any) -> list[Daemon]:
+        """Start several daemons side by side (quicker than one after the other)."""
+        started = []
+        for agent_id in agent_ids:
+            daemon = Daemon(self.workdir, agent_id, self.signaling_url, **kwargs)
+            self.started.append(daemon)
+            started.append(daemon.launch())
+        return [daemon.wait_serving() for daemon in started]
 
     def stop_all(self) -> None:
         for daemon in self.started:
