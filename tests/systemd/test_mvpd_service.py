@@ -308,7 +308,8 @@ def test_reload_applies_a_changed_allow_list(bob: SystemdContainer) -> None:
     c.systemctl("reload", UNIT)
     reloaded = poll("the reload in the journal",
                     lambda: journal_entries(c, "-u", "mvpd", "EVENT=reloaded")[reloads_before:])
-    assert "applied ['allowed_peers']" in reloaded[-1]["MESSAGE"], reloaded[-1]["MESSAGE"]
+    assert reloaded[-1]["MESSAGE"] == "reload: applied allowed_peers; not applied: nothing"
+    assert (reloaded[-1]["APPLIED"], reloaded[-1]["NOT_APPLIED"]) == ("allowed_peers", "nothing")
     assert c.show(UNIT, "ActiveState")["ActiveState"] == "active"
 
     allowed = mvpctl(c, "connect", "alice", socket=BOB_SOCKET)
