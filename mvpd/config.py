@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import warnings
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,6 +49,8 @@ from .proto.errors import ConfigError
 from .proto.signaling import AGENT_ID_PATTERN
 
 DEFAULT_CONFIG_FILE = Path("/etc/mvp-agent.yaml")
+#: The config file :func:`load_settings` chose, for the sources of the settings it builds.
+_FILE_OVERRIDE: ContextVar[tuple[Path | None] | None] = ContextVar("config_file", default=None)
 DEFAULT_SOCKET = Path("/run/mvpd/mvpd.sock")
 DEFAULT_SIGNALING_PORT = 8765
 EX_CONFIG = 78
@@ -265,7 +268,9 @@ class AgentSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, dotenv_settings, ConfigFileSource(settings_cls))
+        override = _FILE_OVERRIDE.get()
+        path = override[0] if override is not None else config_file_path()
+        return (init_settings, env_settings, dotenv_settings, ConfigFileSource(settings_cls, path))
 
     # --- helpers used by the daemon ---------------------------------------------------------
 
@@ -332,9 +337,9 @@ class ConfigFileSource(PydanticBaseSettingsSource):
 
     Unknown keys are errors (a typo must not silently fall back to a default)."""
 
-    def __init__(self, settings_cls: type[BaseSettings], path: Path | None = None) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
         super().__init__(settings_cls)
-        self.path = path if path is not None else config_file_path()
+        self.path = path
         self.data: dict[str, Any] = self._read() if self.path is not None else {}
 
     def _read(self) -> dict[str, Any]:
@@ -404,29 +409,19 @@ def load_settings(
     """
     path = Path(config_file) if config_file is not None else config_file_path(env_file)
 
-    class _Settings(AgentSettings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, dotenv_settings, ConfigFileSource(cls, path))
-
+    token = _FILE_OVERRIDE.set((path,))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded = _Settings(_env_file=env_file, **overrides)
+            settings = AgentSettings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         raise ConfigError(format_config_error(exc)) from None
     except ConfigError:
         raise
     except (ValueError, TypeError, OSError) as exc:  # e.g. JSON in an env var
         raise ConfigError(f"invalid configuration: {exc}") from None
-    settings = AgentSettings.model_construct(**dict(loaded))
+    finally:
+        _FILE_OVERRIDE.reset(token)
     settings._config_file = path
     return settings
 
