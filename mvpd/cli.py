@@ -163,3 +163,7 @@ def main() -> None:
     except MvpError as exc:
         typer.echo(f"mvpd: {exc}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
