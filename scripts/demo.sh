@@ -10,9 +10,11 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 work=$(mktemp -d /tmp/mvp-demo.XXXXXX)
 pids=()
+namespaces=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
     rm -rf "$work"
 }
 [ "${DEMO_KEEP:-}" = 1 ] || trap cleanup EXIT
@@ -75,5 +77,42 @@ step "disconnect"
 alice disconnect bob
 sleep 0.5
 bob peers
+
+step "TUN mode: an IP tunnel between two network namespaces"
+if [ "$(id -u)" != 0 ] || [ ! -e /dev/net/tun ]; then
+    echo "skipped: the TUN step needs root and /dev/net/tun (two network namespaces, a veth)"
+else
+    nsa="mvp-demo-a-$$"; nsb="mvp-demo-b-$$"
+    ip netns add "$nsa"; namespaces+=("$nsa")
+    ip netns add "$nsb"; namespaces+=("$nsb")
+    ip link add mvpdemo-a netns "$nsa" type veth peer name mvpdemo-b netns "$nsb"
+    ip -n "$nsa" addr add 10.203.0.1/24 dev mvpdemo-a
+    ip -n "$nsb" addr add 10.203.0.2/24 dev mvpdemo-b
+    for ns in "$nsa" "$nsb"; do
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set "mvpdemo-${ns:9:1}" up
+    done
+    echo "namespaces $nsa and $nsb joined by a veth (10.203.0.1 <-> 10.203.0.2)"
+    ip netns exec "$nsa" mvpd signal --listen 10.203.0.1:8765 >"$work/tun-signal.log" 2>&1 &
+    pids+=($!)
+    sleep 1
+    for side in a b; do
+        ns=$nsa; addr=10.0.0.1/24
+        [ "$side" = b ] && ns=$nsb && addr=10.0.0.2/24
+        ip netns exec "$ns" env AGENT_ID="tun-$side" MVPD_SOCKET="$work/tun-$side.sock" \
+            SIGNALING_URL=ws://10.203.0.1:8765 MODE=tun MVPD_TUN__ADDRESS="$addr" \
+            mvpd run >"$work/tun-$side.log" 2>&1 &
+        pids+=($!)
+    done
+    wait_socket "$work/tun-a.sock"
+    wait_socket "$work/tun-b.sock"
+    tun_a() { show mvpctl --socket "$work/tun-a.sock" "$@"; }
+    tun_a connect tun-b --mode tun
+    show ip netns exec "$nsa" ping -c 3 -i 0.2 -w 10 10.0.0.2
+    show ip netns exec "$nsb" ping -c 3 -i 0.2 -w 10 10.0.0.1
+    tun_a status
+    show ip -n "$nsa" -br addr show dev "$(ip -n "$nsa" -br link | awk '/^mvp-tun/ {print $1}')"
+fi
+
 echo
 echo "demo done (logs were in $work; removed)"

@@ -7,9 +7,11 @@ each by destination and hands a peer's packets to :meth:`TunTransport.send_packe
 the peer sends comes back through :meth:`PacketSink.from_peer`, which checks the source
 against the peer's allowed IPs before writing to the device.
 
-Several packets share one message (:func:`~mvpd.proto.ippacket.encode_batch`) up to
-:data:`DEFAULT_BATCH_SIZE` bytes: aiortc's SCTP costs about the same per message whatever its
-size, so batching raises throughput (see BENCHMARKS.md, "TUN mode").
+Each IP packet travels in a message of its own by default. The batch format of
+:func:`~mvpd.proto.ippacket.encode_batch` (several length-prefixed packets in one message) is
+always understood on receipt and can be turned on with ``batch_size``, but measured through
+mvpd it was not faster and made RTT jitter 5-10x worse (BENCHMARKS.md, "TUN mode"): aiortc's
+SCTP still cuts a batch into 1160-byte chunks and sends one SACK per chunk.
 
 Backpressure: when the channel's send buffer reaches the high watermark, the transport asks
 the tunnel to pause reading the device (the kernel queues, then drops, as a congested link
@@ -31,10 +33,10 @@ from .base import ChannelOptions, DataChannelLike, Transport
 
 log = logging.getLogger(__name__)
 
-#: Largest message one batch of packets becomes. aiortc cuts messages into 1160-byte SCTP
-#: chunks and with maxRetransmits=0 one lost chunk loses the whole message, so batches stay
-#: modest (measured: see BENCHMARKS.md).
-DEFAULT_BATCH_SIZE = 8192
+#: Largest message a batch of packets becomes; 0 sends one packet per message (the default,
+#: chosen by measurement: see the module docstring). With maxRetransmits=0 one lost SCTP
+#: chunk loses a whole message, so batches, when enabled, should stay modest (e.g. 8192).
+DEFAULT_BATCH_SIZE = 0
 
 
 class PacketSink(Protocol):

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,14 +80,18 @@ class Host:
     def log(self) -> Path:
         return self.workdir / f"{self.agent_id}.log"
 
-    def start(self, signaling_url: str, *, hide_tun: bool = False, **env: str) -> Host:
+    def start(
+        self, signaling_url: str, *, hide_tun: bool = False, mvpd: Sequence[str] = MVPD,
+        **env: str,
+    ) -> Host:
         """Start the daemon; ``hide_tun`` runs it in a mount namespace whose /dev/net is an
-        empty tmpfs (no /dev/net/tun, as without the tun module)."""
+        empty tmpfs (no /dev/net/tun, as without the tun module). ``mvpd``: the command
+        (benchmarks start a variant)."""
         config = self.workdir / f"{self.agent_id}.yaml"
         config.write_text(self.config_text)
         self.starts += 1
         with self.log.open("ab") as log:
-            argv = self.ns.argv(*MVPD, "run")
+            argv = self.ns.argv(*mvpd, "run")
             if hide_tun:
                 argv = self.ns.argv(
                     "unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -182,7 +186,10 @@ def ping(ns: Namespace, target: str, count: int = 3) -> subprocess.CompletedProc
 
 
 @contextlib.contextmanager
-def tun_lab(tmp_path: Path, agent_ids: list[str], configs: dict[str, str]) -> Iterator[Lab]:
+def tun_lab(
+    tmp_path: Path, agent_ids: list[str], configs: dict[str, str], *,
+    mvpd: Sequence[str] = MVPD,
+) -> Iterator[Lab]:
     """Namespaces, veths, a signaling server in the first host, a daemon per host."""
     with contextlib.ExitStack() as stack:
         spaces = [stack.enter_context(namespace(f"tun{i}")) for i in range(len(agent_ids))]
@@ -217,7 +224,7 @@ def tun_lab(tmp_path: Path, agent_ids: list[str], configs: dict[str, str]) -> It
             url = wait_until(listening, START_TIMEOUT, what="the signaling server")
             lab = Lab(hosts, url)
             for host in hosts.values():
-                host.start(url)
+                host.start(url, mvpd=mvpd)
             yield lab
         finally:
             for host in hosts.values():
