@@ -21,6 +21,8 @@ This is the only module that touches aiortc. What shapes it (aiortc 1.16):
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import logging
 import time
@@ -45,6 +47,7 @@ from .transports import (
     PIPE_LABEL,
     PipeTransport,
     Transport,
+    TransportCounters,
     create_transport,
     transport_class,
 )
@@ -58,6 +61,10 @@ MAX_PENDING_CANDIDATES = 512
 MAX_INBOX = 256
 #: How long a Bye may take to leave before closing goes on without it.
 BYE_TIMEOUT = 2.0
+#: How long closing waits for aiortc to tear the peer connection down. Past that the rest
+#: goes on in the background: with an unreachable TURN server aiortc waits ~63 s for the
+#: allocation's deletion to be confirmed, and a disconnect or a stop must not wait for that.
+PC_CLOSE_TIMEOUT = 3.0
 #: aiortc's SCTP data channel payload protocol identifier for UTF-8 text.
 _PPID_STRING = 51
 #: Liveness checks per ``peer_timeout`` (one every peer_timeout/5 s).
@@ -66,6 +73,8 @@ LIVENESS_CHECKS_PER_TIMEOUT = 5
 LIVENESS_RETRANSMISSIONS = 2
 
 SendSignal = Callable[[RoutedMessage], Awaitable[None]]
+#: Peer connections still closing in the background (referenced so they are not collected).
+_CLOSING_PCS: set[asyncio.Future[None]] = set()
 
 
 class PeerState(str, enum.Enum):
@@ -174,6 +183,11 @@ class PeerSession:
             asyncio.get_running_loop().create_future()
         )
         self._pipe_waiters: list[asyncio.Future[PipeTransport]] = []
+        #: Pipes the peer opened that nobody has taken yet (oldest first).
+        self._pipes_in: collections.deque[PipeTransport] = collections.deque()
+        self._pipe_serial = 0
+        #: Traffic of pipes that are gone, so status keeps counting it.
+        self.closed_pipes = TransportCounters()
         self._closing = False
         self._close_task: asyncio.Future[None] | None = None
         self.failure: str | None = None
@@ -468,22 +482,25 @@ class PeerSession:
 
     def _attach(self, transport: Transport[Any], channel: Any) -> None:
         label = channel.label
-        old = self.transports.get(label)
-        if old is not None and not old.is_closed:
-            log.warning("peer %s: second channel %r replaces the first", self.peer_id, label)
-            old.close()
-        self.transports[label] = transport
+        if isinstance(transport, PipeTransport):
+            # Pipes are one-way streams, one channel per direction and per `mvpctl pipe`,
+            # so two sides that start a pipe at the same moment never compete for one slot.
+            self._pipe_serial += 1
+            key = f"{PIPE_LABEL}#{self._pipe_serial}"
+            transport.add_close_listener(lambda: self._pipe_closed(key, transport))
+        else:
+            key = label
+            old = self.transports.get(key)
+            if old is not None and not old.is_closed:
+                log.warning("peer %s: second channel %r replaces the first", self.peer_id, key)
+                old.close()
+        self.transports[key] = transport
         transport.attach_channel(channel)
         if label == self.settings.data_channel_label:
             channel.on("open", lambda: self._main_channel_opened(transport))
             if channel.readyState == "open":
                 self._main_channel_opened(transport)
             transport.add_close_listener(lambda: self._main_channel_closed(transport))
-        elif isinstance(transport, PipeTransport):
-            for waiter in self._pipe_waiters:
-                if not waiter.done():
-                    waiter.set_result(transport)
-            self._pipe_waiters.clear()
         for listener in list(self._transport_listeners):
             try:
                 listener(self, transport)
@@ -506,7 +523,9 @@ class PeerSession:
             self.mode = mode
             self._attach(transport, channel)
         elif label == PIPE_LABEL:
-            self._attach(PipeTransport(), channel)
+            transport = PipeTransport()
+            self._attach(transport, channel)
+            self._offer_incoming_pipe(transport)
         else:
             log.warning("peer %s: unknown channel %r closed", self.peer_id, label)
             channel.close()
@@ -525,7 +544,7 @@ class PeerSession:
             self._spawn_close("the data channel closed")
 
     async def open_pipe(self) -> PipeTransport:
-        """Open a new pipe channel to the peer (replacing an old one) and wait until open."""
+        """Open a new pipe channel to the peer (our sending direction) and wait until open."""
         pc = self._pc
         if pc is None or self.state != PeerState.CONNECTED:
             raise PeerError(f"not connected to {self.peer_id}")
@@ -540,16 +559,43 @@ class PeerSession:
         return transport
 
     async def wait_pipe(self, timeout: float | None = None) -> PipeTransport:
-        """The pipe the peer opened (now or later)."""
-        current = self.transports.get(PIPE_LABEL)
-        if isinstance(current, PipeTransport) and not current.is_closed:
-            return current
+        """Take the oldest pipe the peer opened and nobody took yet (waiting for one)."""
+        while self._pipes_in:
+            pipe = self._pipes_in.popleft()
+            if not pipe.is_closed:
+                return pipe
+        if self._closing:
+            raise PeerError(f"the connection to {self.peer_id} is closed")
         waiter: asyncio.Future[PipeTransport] = asyncio.get_running_loop().create_future()
         self._pipe_waiters.append(waiter)
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             raise PeerError(f"{self.peer_id} opened no pipe", code="timeout") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._pipe_waiters.remove(waiter)
+
+    def _offer_incoming_pipe(self, transport: PipeTransport) -> None:
+        while self._pipe_waiters:
+            waiter = self._pipe_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(transport)
+                return
+        self._pipes_in.append(transport)
+
+    def _pipe_closed(self, key: str, transport: PipeTransport) -> None:
+        if self.transports.get(key) is transport:
+            del self.transports[key]
+        counters, total = transport.counters, self.closed_pipes
+        total.bytes_in += counters.bytes_in
+        total.bytes_out += counters.bytes_out
+        total.messages_in += counters.messages_in
+        total.messages_out += counters.messages_out
+        for reason, count in counters.errors.items():
+            total.errors[reason] = total.errors.get(reason, 0) + count
+        with contextlib.suppress(ValueError):
+            self._pipes_in.remove(transport)
 
     # --- liveness --------------------------------------------------------------------------
 
@@ -667,14 +713,26 @@ class PeerSession:
                 await asyncio.wait_for(self._send_signal(bye), BYE_TIMEOUT)
             except Exception as exc:
                 log.debug("peer %s: bye not sent: %s", self.peer_id, exc)
-        for transport in self.transports.values():
+        for transport in list(self.transports.values()):
             transport.close()
         pc, self._pc = self._pc, None
         if pc is not None:
+            closing = asyncio.ensure_future(pc.close())
+            _CLOSING_PCS.add(closing)
+            closing.add_done_callback(self._pc_closed)
             try:
-                await pc.close()
-            except Exception as exc:
-                log.debug("peer %s: closing the peer connection: %s", self.peer_id, exc)
+                await asyncio.wait_for(asyncio.shield(closing), PC_CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.info("peer %s: the peer connection is still closing (TURN server "
+                         "unreachable?); finishing in the background", self.peer_id)
+            except Exception:
+                pass  # logged by _pc_closed
+
+    def _pc_closed(self, closing: asyncio.Future[None]) -> None:
+        _CLOSING_PCS.discard(closing)
+        if not closing.cancelled() and closing.exception() is not None:
+            log.debug("peer %s: closing the peer connection: %s", self.peer_id,
+                      closing.exception())
 
     # --- status ----------------------------------------------------------------------------
 
@@ -708,8 +766,11 @@ class PeerSession:
             "ice_state": pc.iceConnectionState if pc is not None else None,
             "ice": self.ice_path(),
             "transports": {
-                label: {"mode": t.mode, "open": t.is_open, **t.counters.as_dict()}
-                for label, t in self.transports.items()
+                **{
+                    label: {"mode": t.mode, "open": t.is_open, **t.counters.as_dict()}
+                    for label, t in self.transports.items()
+                },
+                "closed pipes": {"mode": "pipe", "open": False, **self.closed_pipes.as_dict()},
             },
             "candidates_ignored": self.candidates_ignored,
             "pending_candidates": len(self._pending_candidates),

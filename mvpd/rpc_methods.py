@@ -35,7 +35,7 @@ from .proto.rpc import (
     SignalingStatus,
     StatusResult,
 )
-from .transports import PIPE_LABEL, PipeTransport, Transport, TunTransport
+from .transports import PipeTransport, Transport, TunTransport
 
 log = logging.getLogger("mvpd.rpc")
 
@@ -64,32 +64,39 @@ class PeerInbox:
 
 
 class CorePipe:
-    """A :class:`PipeStream` over a pipe channel to one peer."""
+    """A :class:`PipeStream` to one peer: what the client writes goes out on a pipe channel
+    we open; what it reads comes from the next pipe channel the peer opens (its own
+    ``mvpctl pipe``). One channel per direction, so both sides may start at any moment."""
 
-    def __init__(self, transport: PipeTransport, on_close: Callable[[], None]) -> None:
-        self.transport = transport
-        self._on_close = on_close
+    def __init__(self, session: PeerSession, outgoing: PipeTransport) -> None:
+        self.session = session
+        self.outgoing = outgoing
+        self.incoming: PipeTransport | None = None
 
     async def read(self) -> AsyncIterator[bytes]:
+        self.incoming = await self.session.wait_pipe()
         try:
-            while chunk := await self.transport.read(PIPE_READ_CHUNK):
+            while chunk := await self.incoming.read(PIPE_READ_CHUNK):
                 yield chunk
         except ConnectionClosed as exc:
             raise PeerError(f"the pipe broke before the end of the stream: {exc}") from None
+        # Read to the end: the sending side's channel is done.
+        self.incoming.close()
 
     async def write(self, data: bytes) -> None:
-        await self.transport.write(data)
+        await self.outgoing.write(data)
 
     async def write_eof(self) -> None:
-        await self.transport.write_eof()
+        await self.outgoing.write_eof()
 
     async def close(self) -> None:
-        self._on_close()
-        with contextlib.suppress(Exception):
-            # Close only once both directions are finished, or the peer would see a
-            # truncated stream; otherwise the channel closes with its session.
-            if self.transport.at_eof and self.transport._eof_sent:
-                self.transport.close()
+        # After EOF the reader closes our outgoing channel once it has everything; closing
+        # it here could cut data still in flight. Without EOF (the client went away) the
+        # peer must see a truncated stream, not a clean end: close now.
+        if not self.outgoing.eof_sent:
+            self.outgoing.close()
+        if self.incoming is not None and not self.incoming.at_eof:
+            self.incoming.close()
 
 
 class RpcMethods:
@@ -109,7 +116,6 @@ class RpcMethods:
         self._signaling_state = signaling_state
         self._reload = reload
         self.inboxes: dict[str, PeerInbox] = {}
-        self._claimed_pipes: set[int] = set()
         self._events = core.subscribe(kinds={"message", "peer-state"}, maxsize=4096)
         self._pump = asyncio.ensure_future(self._collect())
         self._closed = False
@@ -295,18 +301,7 @@ class RpcMethods:
     async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
         session = self._session(params.peer)
         log.info("pipe to %s opened by %s", params.peer, caller)
-        current = session.transports.get(PIPE_LABEL)
-        if (
-            isinstance(current, PipeTransport)
-            and current.is_open
-            and id(current) not in self._claimed_pipes
-        ):
-            transport = current  # the peer opened one and waits for us: join it
-        else:
-            transport = await self.core.open_pipe(params.peer)
-        key = id(transport)
-        self._claimed_pipes.add(key)
-        return CorePipe(transport, lambda: self._claimed_pipes.discard(key))
+        return CorePipe(session, await session.open_pipe())
 
     async def rpc_reload(self, params: NoParams, caller: Caller) -> ReloadResult:
         log.info("reload requested by %s", caller)

@@ -87,6 +87,11 @@ class PipeTransport(Transport[bytes]):
         return self._eof_received and not self._buffer
 
     @property
+    def eof_sent(self) -> bool:
+        """We told the peer that no more data follows."""
+        return self._eof_sent
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not read yet (never more than :attr:`window`)."""
         return self._buffered

@@ -7,7 +7,7 @@ import hashlib
 
 from peerlink import connected_pair, run, wait_for
 
-from mvpd.transports import PIPE_LABEL, PipeTransport
+from mvpd.transports import PipeTransport
 from mvpd.transports.pipe import DEFAULT_WINDOW
 
 TOTAL = 20 * 1024 * 1024
@@ -17,8 +17,7 @@ def test_20_mib_pipe_with_late_reader_and_eof() -> None:
     async def body() -> None:
         sa, sb, _, _ = await connected_pair("chat")
         pa = await sa.open_pipe()
-        await wait_for(lambda: PIPE_LABEL in sb.transports)
-        pb = await sb.wait_pipe()
+        pb = await sb.wait_pipe(timeout=10)
         assert isinstance(pb, PipeTransport) and pb.is_open
 
         payload = hashlib.sha256(b"seed").digest() * (TOTAL // 32)
@@ -66,6 +65,27 @@ def test_20_mib_pipe_with_late_reader_and_eof() -> None:
         await sb.close()
 
     run(body(), timeout=300)
+
+
+def test_pipes_opened_by_both_sides_at_once_are_separate_streams() -> None:
+    async def body() -> None:
+        sa, sb, _, _ = await connected_pair("bytes")
+        pa_out, pb_out = await asyncio.gather(sa.open_pipe(), sb.open_pipe())
+        pa_in, pb_in = await asyncio.gather(sa.wait_pipe(10), sb.wait_pipe(10))
+        assert pa_in is not pa_out and pb_in is not pb_out
+        await asyncio.gather(pa_out.write(b"from alice"), pb_out.write(b"from bob"))
+        await asyncio.gather(pa_out.write_eof(), pb_out.write_eof())
+        assert await pb_in.read_all() == b"from alice"
+        assert await pa_in.read_all() == b"from bob"
+        pa_in.close()
+        pb_in.close()
+        # Closed pipes leave the session's table but not its traffic counters.
+        await wait_for(lambda: not any(k.startswith("mvp-pipe") for k in sa.transports))
+        assert sa.closed_pipes.bytes_in > 0 and sa.closed_pipes.bytes_out > 0
+        await sa.close()
+        await sb.close()
+
+    run(body())
 
 
 def test_pipe_closed_before_eof_is_not_a_clean_end() -> None:
