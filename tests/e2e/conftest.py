@@ -3,12 +3,13 @@ all stopped by PID afterwards. The helpers live in :mod:`tests.e2e.harness`."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Daemon, Daemons, SignalServer
+from tests.e2e.harness import Daemon, Daemons, SignalServer, TurnServer
 
 
 @pytest.fixture
@@ -36,3 +37,15 @@ def pair(daemons: Daemons) -> tuple[Daemon, Daemon]:
     alice, bob = daemons.many("alice", "bob")
     return alice, bob
 
+
+
+@pytest.fixture
+def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
+    server = TurnServer(tmp_path)
+    try:
+        yield server.start(binary)
+    finally:
+        server.stop()

@@ -9,10 +9,12 @@ clean environment. Everything started here is stopped by PID afterwards.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -87,6 +89,14 @@ def _stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --- the signaling server ------------------------------------------------------------------
@@ -248,11 +258,17 @@ class Daemon:
         """``send`` over RPC: ``text=``, ``json=`` or ``data=``."""
         return self.call("send", peer=peer, **params)
 
-    def messages(self, peer: str) -> list[Any]:
-        """The data of every message waiting from ``peer`` (``recv`` without follow)."""
+    def messages(self, peer: str, count: int, timeout: float = 20.0) -> list[Any]:
+        """The data of the next ``count`` messages from ``peer``, waiting for them
+        (``recv --follow --limit COUNT``): a send returns before the peer has the message."""
         with Client.connect(self.socket, timeout=30) as client:
-            stream = client.subscribe("recv", peer=peer, follow=False)
-            return [event.data["data"] for event in stream if event.event == "message"]
+            stream = client.subscribe("recv", peer=peer, follow=True, limit=count)
+            found: list[Any] = []
+            while not stream.ended:
+                event = client.next_event(stream.sub, timeout=timeout)
+                if stream.check(event) and event.event == "message":
+                    found.append(event.data["data"])
+            return found
 
     def peer_state(self, peer: str) -> str | None:
         entry = self.peers().get(peer)
@@ -299,3 +315,68 @@ class Daemons:
 
 
 
+
+
+# --- a TURN relay --------------------------------------------------------------------------
+
+
+class TurnServer:
+    """Debian's coturn on 127.0.0.1 with one static user (``u``/``p``), as in
+    tests/test_peer.py; stopped by PID."""
+
+    USER, PASSWORD = "u", "p"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"turn:127.0.0.1:{self.port}"
+
+    def daemon_env(self) -> dict[str, str]:
+        """What a daemon needs to go through this relay, and only through it."""
+        return {
+            "ICE_URL": self.url,
+            "ICE_USERNAME": self.USER,
+            "ICE_CREDENTIAL": self.PASSWORD,
+            "ICE_TRANSPORT_POLICY": "relay",
+        }
+
+    def start(self, binary: str) -> TurnServer:
+        self.port = free_port(socket.SOCK_DGRAM)
+        base = 40000 + (self.port % 20000)
+        self.proc = subprocess.Popen(
+            [binary, "-n", f"--listening-port={self.port}", "--listening-ip=127.0.0.1",
+             "--relay-ip=127.0.0.1", f"--min-port={base}", f"--max-port={base + 200}",
+             f"--user={self.USER}:{self.PASSWORD}", "--lt-cred-mech", "--realm=test",
+             "--allowed-peer-ip=127.0.0.1", "--allow-loopback-peers", "--no-cli", "--no-tls",
+             "--no-dtls", "--no-software-attribute", "--verbose", f"--db={self.workdir}/turndb",
+             f"--log-file={self.workdir}/turn.log", f"--pidfile={self.workdir}/turn.pid"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )
+        self._wait_for_stun()
+        return self
+
+    def _wait_for_stun(self) -> None:
+        """Until coturn answers a STUN binding request."""
+        request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
+        deadline = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.2)
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    pytest.fail(f"turnserver exited with {self.proc.returncode}")
+                sock.sendto(request, ("127.0.0.1", self.port))
+                try:
+                    sock.recv(2048)
+                    return
+                except OSError:
+                    continue
+        pytest.fail("turnserver did not answer STUN in time")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, grace=5)

@@ -24,7 +24,7 @@ def test_a_killed_peer_is_noticed_within_the_peer_timeout(pair: tuple[Daemon, Da
     alice.ctl_ok("connect", "bob")
     wait_until(lambda: bob.peer_state("alice") == "connected", what="bob to see alice")
     alice.send("bob", text="still there?")
-    assert bob.messages("alice") == ["still there?"]
+    assert bob.messages("alice", 1) == ["still there?"]
 
     bob.kill()  # no bye, no closed channel: bob just stops answering
     killed = time.monotonic()
@@ -66,9 +66,9 @@ def test_three_peers_at_once_in_chat_json_and_bytes(daemons: Daemons) -> None:
     (hub.workdir / "blob.bin").write_bytes(blob)
     hub.ctl_ok("send", "p-bytes", "--file", str(hub.workdir / "blob.bin"))
 
-    assert chat.ctl_ok("recv", "hub") == "plain text\n"
-    assert json.loads(jsn.ctl_ok("recv", "hub")) == {"k": [1, 2]}
-    (line,) = raw.ctl_ok("recv", "hub", "--json").splitlines()
+    assert chat.ctl_ok("recv", "hub", "-F", "-n", "1") == "plain text\n"
+    assert json.loads(jsn.ctl_ok("recv", "hub", "-F", "-n", "1")) == {"k": [1, 2]}
+    (line,) = raw.ctl_ok("recv", "hub", "--json", "-F", "-n", "1").splitlines()
     message = json.loads(line)
     assert message["kind"] == "bytes"
     assert base64.b64decode(message["data"]["base64"]) == blob
@@ -78,9 +78,9 @@ def test_three_peers_at_once_in_chat_json_and_bytes(daemons: Daemons) -> None:
     jsn.send("hub", json={"n": 42})
     raw.send("hub", data=b"\x00\xffraw")
     raw.send("hub", text="text is bytes too")
-    assert hub.messages("p-chat") == ["from chat"]
-    assert hub.messages("p-json") == [{"n": 42}]
-    assert hub.messages("p-bytes") == [b"\x00\xffraw", b"text is bytes too"]
+    assert hub.messages("p-chat", 1) == ["from chat"]
+    assert hub.messages("p-json", 1) == [{"n": 42}]
+    assert hub.messages("p-bytes", 2) == [b"\x00\xffraw", b"text is bytes too"]
 
     # one goes away; the others stay
     raw.stop()
@@ -89,7 +89,7 @@ def test_three_peers_at_once_in_chat_json_and_bytes(daemons: Daemons) -> None:
         "p-chat": "connected", "p-json": "connected"
     }
     chat.send("hub", text="still here")
-    assert hub.messages("p-chat") == ["still here"]
+    assert hub.messages("p-chat", 1) == ["still here"]
 
 
 def connect_both_at_once(alice: Daemon, bob: Daemon) -> None:
@@ -114,8 +114,8 @@ def test_glare_through_the_daemons_ends_in_one_connection(pair: tuple[Daemon, Da
         assert a_view["bob"]["remote_candidate"] == b_view["alice"]["local_candidate"]
         alice.send("bob", text="after glare")
         bob.send("alice", text="and back")
-        assert bob.messages("alice") == ["after glare"]
-        assert alice.messages("bob") == ["and back"]
+        assert bob.messages("alice", 1) == ["after glare"]
+        assert alice.messages("bob", 1) == ["and back"]
         if "both sides offered" in alice.log.read_text():
             break
         alice.call("disconnect", peer="bob")

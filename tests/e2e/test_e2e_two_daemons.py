@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 from pathlib import Path
 
-from tests.e2e.harness import MVPCTL, Daemon, wait_until
+from tests.e2e.harness import MVPCTL, Daemon, sha256, wait_until
 
 PIPE_SIZE = 20 * 1024 * 1024
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pipe_file(sender: Daemon, receiver: Daemon, source: Path, copy: Path) -> None:
@@ -56,7 +47,7 @@ def test_connect_chat_json_pipe_status_and_disconnect(
     # chat, both ways
     alice.ctl_ok("send", "bob", "hello bob, this is alice")
     alice.ctl_ok("send", "bob", "héllo ✓ second line")
-    assert bob.ctl_ok("recv", "alice").splitlines() == [
+    assert bob.ctl_ok("recv", "alice", "--follow", "--limit", "2").splitlines() == [
         "hello bob, this is alice", "héllo ✓ second line"
     ]
     bob.ctl_ok("send", "alice", "hi alice")
@@ -90,10 +81,10 @@ def test_connect_chat_json_pipe_status_and_disconnect(
     assert bob.peers()["alice"]["mode"] == "json"
     value = {"op": "ping", "n": 1, "list": [1, 2.5, None, True], "text": "ünï"}
     alice.ctl_ok("send", "bob", "--json", json.dumps(value))
-    (line,) = bob.ctl_ok("recv", "alice", "--json").splitlines()
+    (line,) = bob.ctl_ok("recv", "alice", "--json", "-F", "-n", "1").splitlines()
     assert json.loads(line) == {"peer": "alice", "kind": "json", "data": value}
     bob.ctl_ok("send", "alice", "--json", "[1, 2, 3]")
-    assert json.loads(alice.ctl_ok("recv", "bob")) == [1, 2, 3]
+    assert json.loads(alice.ctl_ok("recv", "bob", "-F", "-n", "1")) == [1, 2, 3]
     refused = alice.ctl("send", "bob", "not json")
     assert refused.returncode == 1 and "json mode" in refused.stderr
 
