@@ -21,6 +21,8 @@ This is the only module that touches aiortc. What shapes it (aiortc 1.16):
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import logging
 import time
@@ -45,6 +47,7 @@ from .transports import (
     PIPE_LABEL,
     PipeTransport,
     Transport,
+    TransportCounters,
     create_transport,
     transport_class,
 )
@@ -180,6 +183,11 @@ class PeerSession:
             asyncio.get_running_loop().create_future()
         )
         self._pipe_waiters: list[asyncio.Future[PipeTransport]] = []
+        #: Pipes the peer opened that nobody has taken yet (oldest first).
+        self._pipes_in: collections.deque[PipeTransport] = collections.deque()
+        self._pipe_serial = 0
+        #: Traffic of pipes that are gone, so status keeps counting it.
+        self.closed_pipes = TransportCounters()
         self._closing = False
         self._close_task: asyncio.Future[None] | None = None
         self.failure: str | None = None
@@ -474,22 +482,25 @@ class PeerSession:
 
     def _attach(self, transport: Transport[Any], channel: Any) -> None:
         label = channel.label
-        old = self.transports.get(label)
-        if old is not None and not old.is_closed:
-            log.warning("peer %s: second channel %r replaces the first", self.peer_id, label)
-            old.close()
-        self.transports[label] = transport
+        if isinstance(transport, PipeTransport):
+            # Pipes are one-way streams, one channel per direction and per `mvpctl pipe`,
+            # so two sides that start a pipe at the same moment never compete for one slot.
+            self._pipe_serial += 1
+            key = f"{PIPE_LABEL}#{self._pipe_serial}"
+            transport.add_close_listener(lambda: self._pipe_closed(key, transport))
+        else:
+            key = label
+            old = self.transports.get(key)
+            if old is not None and not old.is_closed:
+                log.warning("peer %s: second channel %r replaces the first", self.peer_id, key)
+                old.close()
+        self.transports[key] = transport
         transport.attach_channel(channel)
         if label == self.settings.data_channel_label:
             channel.on("open", lambda: self._main_channel_opened(transport))
             if channel.readyState == "open":
                 self._main_channel_opened(transport)
             transport.add_close_listener(lambda: self._main_channel_closed(transport))
-        elif isinstance(transport, PipeTransport):
-            for waiter in self._pipe_waiters:
-                if not waiter.done():
-                    waiter.set_result(transport)
-            self._pipe_waiters.clear()
         for listener in list(self._transport_listeners):
             try:
                 listener(self, transport)
@@ -512,7 +523,9 @@ class PeerSession:
             self.mode = mode
             self._attach(transport, channel)
         elif label == PIPE_LABEL:
-            self._attach(PipeTransport(), channel)
+            transport = PipeTransport()
+            self._attach(transport, channel)
+            self._offer_incoming_pipe(transport)
         else:
             log.warning("peer %s: unknown channel %r closed", self.peer_id, label)
             channel.close()
@@ -531,7 +544,7 @@ class PeerSession:
             self._spawn_close("the data channel closed")
 
     async def open_pipe(self) -> PipeTransport:
-        """Open a new pipe channel to the peer (replacing an old one) and wait until open."""
+        """Open a new pipe channel to the peer (our sending direction) and wait until open."""
         pc = self._pc
         if pc is None or self.state != PeerState.CONNECTED:
             raise PeerError(f"not connected to {self.peer_id}")
@@ -546,16 +559,43 @@ class PeerSession:
         return transport
 
     async def wait_pipe(self, timeout: float | None = None) -> PipeTransport:
-        """The pipe the peer opened (now or later)."""
-        current = self.transports.get(PIPE_LABEL)
-        if isinstance(current, PipeTransport) and not current.is_closed:
-            return current
+        """Take the oldest pipe the peer opened and nobody took yet (waiting for one)."""
+        while self._pipes_in:
+            pipe = self._pipes_in.popleft()
+            if not pipe.is_closed:
+                return pipe
+        if self._closing:
+            raise PeerError(f"the connection to {self.peer_id} is closed")
         waiter: asyncio.Future[PipeTransport] = asyncio.get_running_loop().create_future()
         self._pipe_waiters.append(waiter)
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             raise PeerError(f"{self.peer_id} opened no pipe", code="timeout") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._pipe_waiters.remove(waiter)
+
+    def _offer_incoming_pipe(self, transport: PipeTransport) -> None:
+        while self._pipe_waiters:
+            waiter = self._pipe_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(transport)
+                return
+        self._pipes_in.append(transport)
+
+    def _pipe_closed(self, key: str, transport: PipeTransport) -> None:
+        if self.transports.get(key) is transport:
+            del self.transports[key]
+        counters, total = transport.counters, self.closed_pipes
+        total.bytes_in += counters.bytes_in
+        total.bytes_out += counters.bytes_out
+        total.messages_in += counters.messages_in
+        total.messages_out += counters.messages_out
+        for reason, count in counters.errors.items():
+            total.errors[reason] = total.errors.get(reason, 0) + count
+        with contextlib.suppress(ValueError):
+            self._pipes_in.remove(transport)
 
     # --- liveness --------------------------------------------------------------------------
 
@@ -673,7 +713,7 @@ class PeerSession:
                 await asyncio.wait_for(self._send_signal(bye), BYE_TIMEOUT)
             except Exception as exc:
                 log.debug("peer %s: bye not sent: %s", self.peer_id, exc)
-        for transport in self.transports.values():
+        for transport in list(self.transports.values()):
             transport.close()
         pc, self._pc = self._pc, None
         if pc is not None:
@@ -726,8 +766,11 @@ class PeerSession:
             "ice_state": pc.iceConnectionState if pc is not None else None,
             "ice": self.ice_path(),
             "transports": {
-                label: {"mode": t.mode, "open": t.is_open, **t.counters.as_dict()}
-                for label, t in self.transports.items()
+                **{
+                    label: {"mode": t.mode, "open": t.is_open, **t.counters.as_dict()}
+                    for label, t in self.transports.items()
+                },
+                "closed pipes": {"mode": "pipe", "open": False, **self.closed_pipes.as_dict()},
             },
             "candidates_ignored": self.candidates_ignored,
             "pending_candidates": len(self._pending_candidates),

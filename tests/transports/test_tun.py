@@ -116,7 +116,10 @@ async def main():
         transport.attach_channel(channel)
         tunnel.attach(Session(peer), transport)
         ends[peer] = (transport, channel)
-    await asyncio.sleep(0.3)  # configuration and routes
+    for _ in range(200):  # configuration and both peers' routes (netlink in a thread)
+        if len(tunnel.device.routes) == 2:
+            break
+        await asyncio.sleep(0.05)
     name = tunnel.device.name
     links_both = link_names()
     bob, bob_ch = ends["bob"]
