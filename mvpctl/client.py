@@ -1,7 +1,8 @@
 """A small synchronous client for the mvpd control socket.
 
-Plain blocking sockets, no asyncio: ``mvpctl`` must start fast. It speaks the protocol of
-:mod:`mvpd.proto.rpc` and imports nothing else from mvpd. One :class:`Client` is one
+Plain blocking sockets, no asyncio, no pydantic: ``mvpctl`` must start fast. It speaks the
+protocol through :mod:`mvpd.proto.rpcwire` (the plain wire layer of :mod:`mvpd.proto.rpc`) and
+imports nothing else from mvpd but the errors. One :class:`Client` is one
 connection; it is not thread-safe (``mvpctl chat`` uses two connections and ``selectors``).
 
     with Client.connect() as client:
@@ -24,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from mvpd.proto.errors import ConnectionClosed, DaemonNotRunning, Forbidden, RpcTimeout
-from mvpd.proto.rpc import (
+from mvpd.proto.rpcwire import (
     Event,
     FrameDecoder,
     Response,

@@ -23,9 +23,8 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import MalformedMessage, UnknownMessageType
+from .ids import AGENT_ID_PATTERN as AGENT_ID_PATTERN
 
-#: Agent ids: what an operator types, what a journal field holds. No spaces, no control chars.
-AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
 AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
 
 #: Upper bound for one SDP blob; real data-channel SDPs are ~1 KiB.
