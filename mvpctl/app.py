@@ -24,6 +24,7 @@ import typer
 from mvpd.proto.errors import DaemonNotRunning, Forbidden, MvpError, RpcTimeout
 
 from .client import DEFAULT_SOCKET, Client, Subscription
+from .plain_params import PlainParamsGroup
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -55,6 +56,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    # Converts mvpctl's plain str/int/float parameters without typer's pydantic adapters.
+    cls=PlainParamsGroup,
 )
 
 P = ParamSpec("P")
