@@ -38,7 +38,7 @@ def _command(name: str) -> list[str]:
     script = BIN / name
     if script.exists():
         return [str(script)]
-    module = {"mvpd": "mvpd.cli", "mvpctl": "mvpctl"}[name]
+    module = {"mvpd": "mvpd.cli", "mvpctl": "mvpctl.app"}[name]
     return [PYTHON, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 

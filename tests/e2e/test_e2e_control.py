@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from mvpd.proto import rpc
 from tests.e2e.harness import PYTHON, Daemon, Daemons, base_env, wait_until
 
+pytestmark = pytest.mark.slow
+
 # --- a second uid (the approach of tests/test_control.py) ------------------------------------
 
 
@@ -77,7 +79,7 @@ def mvpctl_as(user: str, daemon: Daemon, *args: str) -> subprocess.CompletedProc
 
 
 def test_another_user_reads_but_may_not_write_unless_in_the_group(
-    daemons: Daemons, other_user: tuple[str, str], public_dir: Path
+    other_user: tuple[str, str], public_dir: Path, daemons: Daemons
 ) -> None:
     user, group = other_user
     alice = daemons("alice", env={"MVPD_SOCKET_GROUP": group},

@@ -8,9 +8,13 @@ import json
 import subprocess
 import time
 
+import pytest
+
 from mvpctl.client import Client
 from mvpd.config import AgentSettings
 from tests.e2e.harness import MVPCTL, Daemon, Daemons, wait_until
+
+pytestmark = pytest.mark.slow
 
 #: The shipped default of ``peer_timeout``; the killed peer must be noticed within
 #: 1.2 x that (checks every peer_timeout/5 s), plus a margin for a loaded machine.

@@ -7,7 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.harness import MVPCTL, Daemon, sha256, wait_until
+
+pytestmark = pytest.mark.slow
 
 PIPE_SIZE = 20 * 1024 * 1024
 
