@@ -323,9 +323,11 @@ if sys.argv[3] == "hold":
 else:
     os._exit(0)  # no close(): a persistent device stays behind
 """
+    # A prefix of its own: a device held by any process on the machine (in any namespace)
+    # counts as held, so tests elsewhere using mvp-tun* must not change this one's result.
     with namespace("stale") as ns:
         # A daemon killed with SIGKILL: its device goes with it.
-        child = ns.python_popen(PRELUDE + holder, "mvp-tun%d", "no", "hold")
+        child = ns.python_popen(PRELUDE + holder, "zstale%d", "no", "hold")
         assert child.stdout is not None
         killed_name = child.stdout.readline().strip()
         assert killed_name in ns.link_names()
@@ -334,19 +336,19 @@ else:
         assert killed_name not in ns.link_names()
 
         # Left over: persistent and unheld, with our prefix (one by us, one by ip tuntap).
-        ns.python(PRELUDE + holder, "mvp-tun%d", "persist", "exit")
-        ns.run("ip", "tuntap", "add", "dev", "mvp-tun9", "mode", "tun")
+        ns.python(PRELUDE + holder, "zstale%d", "persist", "exit")
+        ns.run("ip", "tuntap", "add", "dev", "zstale9", "mode", "tun")
         # Not ours to remove: another prefix, or held by a live process.
         ns.run("ip", "tuntap", "add", "dev", "other-tun0", "mode", "tun")
-        live = ns.python_popen(PRELUDE + holder, "mvp-tun%d", "persist", "hold")
+        live = ns.python_popen(PRELUDE + holder, "zstale%d", "persist", "hold")
         assert live.stdout is not None
         live_name = live.stdout.readline().strip()
         try:
             before = ns.link_names()
             r = run_child(
                 ns,
-                "stale = asyncio.run(find_stale('mvp-tun'))\n"
-                "removed = asyncio.run(cleanup_stale('mvp-tun'))\n"
+                "stale = asyncio.run(find_stale('zstale'))\n"
+                "removed = asyncio.run(cleanup_stale('zstale'))\n"
                 "again = asyncio.run(cleanup_stale())\n"
                 "try:\n"
                 "    asyncio.run(cleanup_stale(''))\n"
@@ -359,12 +361,12 @@ else:
             assert live.stdin is not None
             live.stdin.close()
             live.wait(timeout=10)
-    assert {"mvp-tun0", "mvp-tun9", "other-tun0", live_name} <= before
-    assert r["stale"] == r["removed"] == ["mvp-tun0", "mvp-tun9"]
+    assert {"zstale0", "zstale9", "other-tun0", live_name} <= before
+    assert r["stale"] == r["removed"] == ["zstale0", "zstale9"]
     assert r["again"] == []
     assert "empty name prefix" in r["empty"]
     assert "other-tun0" in after and live_name in after
-    assert "mvp-tun0" not in after and "mvp-tun9" not in after
+    assert "zstale0" not in after and "zstale9" not in after
 
 
 def test_no_permission_is_a_clear_error() -> None:
