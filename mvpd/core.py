@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .config import AgentSettings
+from .logs import fields
 from .peer import PeerSession, PeerState, StateChange
 from .proto.errors import ConnectionClosed, MvpError, PeerError, SignalingRejected
 from .proto.signaling import (
@@ -412,7 +413,8 @@ class AgentCore:
         if not self.settings.allows(peer):
             self.refused_offers += 1
             reason = "offer refused: this agent does not accept connections from you"
-            log.warning("refused an offer from %s: not in allowed_peers", peer)
+            log.warning("refused an offer from %s: not in allowed_peers", peer,
+                        extra=fields(peer=peer, event="offer-refused"))
             self.emit("offer-refused", peer, reason="not in allowed_peers")
             self._spawn(self._send_quietly(Bye(sender=self.agent_id, to=peer, reason=reason)))
             return

@@ -21,7 +21,7 @@ from typing import Any
 from . import systemd
 from .config import EX_CONFIG, AgentSettings, load_settings
 from .control import ControlServer
-from .core import AgentCore, CoreEvent
+from .core import AgentCore
 from .logs import log_event, setup_logging
 from .proto.errors import ConfigError, MvpError
 from .proto.rpc import ReloadResult
@@ -91,7 +91,7 @@ class Daemon:
         except BaseException:
             await self.stop()
             raise
-        self._tasks.append(asyncio.ensure_future(self._log_peer_events()))
+        self._tasks.append(asyncio.ensure_future(self._track_peers()))
         self._tasks.append(asyncio.ensure_future(self._auto_connect()))
         watchdog = systemd.start_watchdog()
         if watchdog is not None:
@@ -201,32 +201,16 @@ class Daemon:
                   self.settings.signaling_url)
         systemd.notify_status(self.status_line())
 
-    async def _log_peer_events(self) -> None:
+    async def _track_peers(self) -> None:
+        """Keep systemd's status line current. (Peer state changes are logged, with their
+        journal fields, by the peer sessions themselves.)"""
         assert self.core is not None
-        events = self.core.subscribe(
-            kinds={"peer-state", "offer-refused", "transport-error"}, maxsize=256
-        )
+        events = self.core.subscribe(kinds={"peer-state"}, maxsize=256)
         try:
-            async for event in events:
-                self._log_peer_event(event)
+            async for _event in events:
+                systemd.notify_status(self.status_line())
         finally:
             events.close()
-
-    def _log_peer_event(self, event: CoreEvent) -> None:
-        data = event.data
-        if event.kind == "peer-state":
-            level = logging.WARNING if data["state"] == "failed" else logging.INFO
-            log_event(log, level, "peer-" + data["state"], "peer %s: %s (%s)", event.peer,
-                      data["state"], data.get("reason") or "", peer=event.peer,
-                      mode=data.get("mode"), role=data.get("role"))
-            systemd.notify_status(self.status_line())
-        elif event.kind == "offer-refused":
-            log_event(log, logging.WARNING, "offer-refused", "refused an offer from %s: %s",
-                      event.peer, data.get("reason"), peer=event.peer)
-        else:
-            log_event(log, logging.DEBUG, "transport-error", "peer %s: %s on %s: %s",
-                      event.peer, data.get("reason"), data.get("label"), data.get("detail"),
-                      peer=event.peer)
 
     async def _auto_connect(self) -> None:
         """Keep the configured auto-connect peers connected."""

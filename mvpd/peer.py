@@ -41,6 +41,7 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.sdp import candidate_from_sdp
 
 from .config import AgentSettings
+from .logs import FieldsAdapter, fields
 from .proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
 from .proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
 from .transports import (
@@ -163,6 +164,8 @@ class PeerSession:
     ) -> None:
         self.settings = settings
         self.peer_id = peer_id
+        #: Every line about this peer carries PEER_ID (``journalctl -u mvpd PEER_ID=bob``).
+        self._log = FieldsAdapter(log, peer=peer_id)
         self.local_id = settings.agent_id
         self.mode = mode or settings.mode_for(peer_id)
         self.role: str | None = None  # "offerer" or "answerer"
@@ -194,7 +197,7 @@ class PeerSession:
         self.inbox_dropped = 0
         self.candidates_ignored = 0
         for warning in settings.ice_warnings():
-            log.debug("ICE servers: %s", warning)  # AgentCore.start logs them once
+            self._log.debug("ICE servers: %s", warning)  # AgentCore.start logs them once
 
     # --- state -----------------------------------------------------------------------------
 
@@ -228,14 +231,16 @@ class PeerSession:
             return
         change = StateChange(state, time.time(), reason)
         self.history.append(change)
-        log.info(
-            "peer %s: %s%s", self.peer_id, state.value, f" ({reason})" if reason else ""
+        self._log.log(
+            logging.WARNING if state == PeerState.FAILED else logging.INFO,
+            "peer %s: %s%s", self.peer_id, state.value, f" ({reason})" if reason else "",
+            extra=fields(event=f"peer-{state.value}", mode=self.mode, role=self.role),
         )
         for listener in list(self._state_listeners):
             try:
                 listener(self, change)
             except Exception:
-                log.exception("state listener for peer %s failed", self.peer_id)
+                self._log.exception("state listener for peer %s failed", self.peer_id)
 
     # --- starting --------------------------------------------------------------------------
 
@@ -250,7 +255,7 @@ class PeerSession:
             if pc is not self._pc or self._closing:
                 return
             state = pc.connectionState
-            log.debug("peer %s: connection state %s", self.peer_id, state)
+            self._log.debug("peer %s: connection state %s", self.peer_id, state)
             if state == "failed":
                 self._spawn_close("ICE or DTLS failed", failed=True)
             elif state == "closed":
@@ -333,14 +338,14 @@ class PeerSession:
     def deliver(self, message: RoutedMessage) -> None:
         """Queue a signaling message from the peer for the session's worker."""
         if self.state.is_final:
-            log.debug("peer %s: %s after close ignored", self.peer_id, message.type)
+            self._log.debug("peer %s: %s after close ignored", self.peer_id, message.type)
             return
         self._start_worker()
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
             self.inbox_dropped += 1
-            log.warning("peer %s: too many signaling messages; dropped a %s",
+            self._log.warning("peer %s: too many signaling messages; dropped a %s",
                         self.peer_id, message.type)
 
     async def _run_inbox(self) -> None:
@@ -352,7 +357,7 @@ class PeerSession:
                 raise
             except Exception as exc:
                 # A bad SDP or candidate from the peer must not kill the worker.
-                log.warning("peer %s: cannot handle %s: %s", self.peer_id, message.type, exc)
+                self._log.warning("peer %s: cannot handle %s: %s", self.peer_id, message.type, exc)
                 if message.type in ("offer", "answer"):
                     await self.close(f"bad {message.type} from the peer: {exc}", failed=True,
                                      send_bye=True)
@@ -376,15 +381,15 @@ class PeerSession:
         if self._pc is not None:
             if self._pc.signalingState == "have-local-offer":
                 if self.local_id < self.peer_id:
-                    log.info("peer %s: both sides offered; %s < %s, so we answer",
+                    self._log.info("peer %s: both sides offered; %s < %s, so we answer",
                              self.peer_id, self.local_id, self.peer_id)
                     await self._discard_pc()
                 else:
-                    log.info("peer %s: both sides offered; %s > %s, so we keep our offer",
+                    self._log.info("peer %s: both sides offered; %s > %s, so we keep our offer",
                              self.peer_id, self.local_id, self.peer_id)
                     return
             else:
-                log.warning("peer %s: unexpected offer in signaling state %s ignored",
+                self._log.warning("peer %s: unexpected offer in signaling state %s ignored",
                             self.peer_id, self._pc.signalingState)
                 return
         self.role = "answerer"
@@ -406,7 +411,7 @@ class PeerSession:
         pc = self._pc
         if pc is None or pc.signalingState != "have-local-offer":
             state = pc.signalingState if pc is not None else "no offer"
-            log.warning("peer %s: unexpected answer (%s) ignored", self.peer_id, state)
+            self._log.warning("peer %s: unexpected answer (%s) ignored", self.peer_id, state)
             return
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
         await self._remote_description_applied(answer.sdp)
@@ -416,7 +421,7 @@ class PeerSession:
         if not self._remote_description_set:
             if len(self._pending_candidates) >= MAX_PENDING_CANDIDATES:
                 self.candidates_ignored += 1
-                log.warning("peer %s: over %d early candidates; ignoring more",
+                self._log.warning("peer %s: over %d early candidates; ignoring more",
                             self.peer_id, MAX_PENDING_CANDIDATES)
                 return
             self._pending_candidates.append(message.candidate)
@@ -440,7 +445,7 @@ class PeerSession:
         ):
             # A candidate for a peer connection the remote has replaced (glare, restart).
             self.candidates_ignored += 1
-            log.debug("peer %s: candidate for another ICE session ignored", self.peer_id)
+            self._log.debug("peer %s: candidate for another ICE session ignored", self.peer_id)
             return
         try:
             if init is None or not init.candidate.strip():
@@ -449,7 +454,7 @@ class PeerSession:
                 await pc.addIceCandidate(parse_candidate(init))
         except (ValueError, AssertionError) as exc:
             self.candidates_ignored += 1
-            log.warning("peer %s: remote candidate ignored: %s", self.peer_id, exc)
+            self._log.warning("peer %s: remote candidate ignored: %s", self.peer_id, exc)
 
     def _guard_text_decoding(self) -> None:
         """Make invalid UTF-8 in a text message harmless.
@@ -492,7 +497,9 @@ class PeerSession:
             key = label
             old = self.transports.get(key)
             if old is not None and not old.is_closed:
-                log.warning("peer %s: second channel %r replaces the first", self.peer_id, key)
+                self._log.warning(
+                    "peer %s: second channel %r replaces the first", self.peer_id, key
+                )
                 old.close()
         self.transports[key] = transport
         transport.attach_channel(channel)
@@ -505,7 +512,7 @@ class PeerSession:
             try:
                 listener(self, transport)
             except Exception:
-                log.exception("transport listener for peer %s failed", self.peer_id)
+                self._log.exception("transport listener for peer %s failed", self.peer_id)
 
     def _on_remote_channel(self, channel: Any) -> None:
         label = channel.label
@@ -514,12 +521,12 @@ class PeerSession:
             try:
                 transport = create_transport(mode)
             except TransportError as exc:
-                log.warning("peer %s: refusing channel %r: %s", self.peer_id, label, exc)
+                self._log.warning("peer %s: refusing channel %r: %s", self.peer_id, label, exc)
                 channel.close()
                 self._spawn_close(f"the peer asked for mode {mode!r}: {exc}", failed=True)
                 return
             if mode != self.mode:
-                log.info("peer %s: the peer chose mode %s", self.peer_id, mode)
+                self._log.info("peer %s: the peer chose mode %s", self.peer_id, mode)
             self.mode = mode
             self._attach(transport, channel)
         elif label == PIPE_LABEL:
@@ -527,7 +534,7 @@ class PeerSession:
             self._attach(transport, channel)
             self._offer_incoming_pipe(transport)
         else:
-            log.warning("peer %s: unknown channel %r closed", self.peer_id, label)
+            self._log.warning("peer %s: unknown channel %r closed", self.peer_id, label)
             channel.close()
 
     def _main_channel_opened(self, transport: Transport[Any]) -> None:
@@ -638,7 +645,7 @@ class PeerSession:
                     if error is not None and not isinstance(error, TransactionError):
                         # Not a missing answer: this aioice works differently. Leave the
                         # peer to consent freshness rather than fail healthy sessions.
-                        log.warning("peer %s: liveness checks unavailable (%s: %s); relying "
+                        self._log.warning("peer %s: liveness checks unavailable (%s: %s); relying "
                                     "on ICE consent freshness", self.peer_id,
                                     type(error).__name__, error)
                         return
@@ -712,7 +719,7 @@ class PeerSession:
             try:
                 await asyncio.wait_for(self._send_signal(bye), BYE_TIMEOUT)
             except Exception as exc:
-                log.debug("peer %s: bye not sent: %s", self.peer_id, exc)
+                self._log.debug("peer %s: bye not sent: %s", self.peer_id, exc)
         for transport in list(self.transports.values()):
             transport.close()
         pc, self._pc = self._pc, None
@@ -723,7 +730,7 @@ class PeerSession:
             try:
                 await asyncio.wait_for(asyncio.shield(closing), PC_CLOSE_TIMEOUT)
             except asyncio.TimeoutError:
-                log.info("peer %s: the peer connection is still closing (TURN server "
+                self._log.info("peer %s: the peer connection is still closing (TURN server "
                          "unreachable?); finishing in the background", self.peer_id)
             except Exception:
                 pass  # logged by _pc_closed
@@ -731,7 +738,7 @@ class PeerSession:
     def _pc_closed(self, closing: asyncio.Future[None]) -> None:
         _CLOSING_PCS.discard(closing)
         if not closing.cancelled() and closing.exception() is not None:
-            log.debug("peer %s: closing the peer connection: %s", self.peer_id,
+            self._log.debug("peer %s: closing the peer connection: %s", self.peer_id,
                       closing.exception())
 
     # --- status ----------------------------------------------------------------------------
