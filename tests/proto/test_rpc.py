@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import msgpack
@@ -11,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mvpd.proto import rpc
+from mvpd.proto import rpc, rpcwire
 from mvpd.proto.errors import (
     BadRequest,
     Forbidden,
@@ -153,6 +155,35 @@ def test_hello_version_mismatch_and_junk() -> None:
         rpc.parse_server_hello({"id": None, "error": {"code": "forbidden", "message": "nope"}})
     with pytest.raises(VersionMismatch):
         rpc.parse_server_hello({"hello": 2, "access": "write"})
+
+
+def test_server_hello_is_checked_without_pydantic() -> None:
+    parsed = rpcwire.parse_server_hello({"hello": 1, "access": "write", "newer": [1, 2]})
+    assert parsed == rpcwire.ServerHello(1, "", "", "write")
+    assert rpcwire.parse_server_hello({"hello": 1}).access == "read"
+    for bad in (
+        {},
+        {"hello": True},
+        {"hello": "1"},
+        {"hello": 1, "access": "admin"},
+        {"hello": 1, "server": 5},
+        {"hello": 1, "agent_id": None},
+    ):
+        with pytest.raises(BadRequest, match="hello is malformed"):
+            rpcwire.parse_server_hello(bad)
+    # The daemon-side module hands out the very same wire functions.
+    assert rpc.parse_server_hello is rpcwire.parse_server_hello
+    assert rpc.FrameDecoder is rpcwire.FrameDecoder
+
+
+def test_the_wire_layer_imports_no_pydantic() -> None:
+    code = (
+        "import sys, mvpd.proto.rpcwire, mvpd.proto.ids\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'pydantic_core'}),\n"
+        "      'mvpd.proto.rpc' in sys.modules, 'mvpd.proto.signaling' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["[]", "False", "False"]
 
 
 def test_request_envelope() -> None:
