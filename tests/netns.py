@@ -248,3 +248,23 @@ def clear_qdisc(ns: Namespace, dev: str) -> None:
         capture_output=True,
         timeout=20,
     )
+
+
+@functools.cache
+def netem_unavailable_reason() -> str | None:
+    """Why the netem qdisc cannot be used here (e.g. a kernel without sch_netem), or None.
+    Without it, :func:`tests.impair.impaired_link` delays and drops packets instead."""
+    reason = netns_unavailable_reason()
+    if reason:
+        return reason
+    if shutil.which("tc") is None:
+        return "needs the tc command (iproute2)"
+    with namespace("netem") as ns:
+        _ip("-n", ns.name, "link", "add", "mvpq0", "type", "veth", "peer", "name", "mvpq1")
+        probe = subprocess.run(
+            ["tc", "-n", ns.name, "qdisc", "add", "dev", "mvpq0", "root", "netem", "delay",
+             "1ms"], capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+    if probe.returncode != 0:
+        return f"this kernel has no netem qdisc (sch_netem): {probe.stderr.strip()}"
+    return None

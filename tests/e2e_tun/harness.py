@@ -9,6 +9,11 @@ Topology: host 0 (the hub) has a veth pair to every other host, subnet ``10.201.
 (hub ``.1``, host ``.2``); the other hosts route everything through the hub, so they reach
 the signaling server on ``10.201.1.1``. Every address exists only inside the namespaces,
 which are removed (with every process in them) when the block ends.
+
+``tun_lab(..., impairable=True)`` lets :meth:`Lab.impair` delay and drop packets between the
+hub and the other hosts: with netem on the veth ends where the kernel has it, otherwise
+through a router namespace per link (``tests/impair.py``; the host then sits on
+``10.202.<i>.2/24`` and reaches the hub's subnet through the router).
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ import pytest
 
 from mvpctl.client import Client
 from mvpd.proto.errors import MvpError
-from tests.netns import ROOT, Namespace, namespace, veth_pair
+from tests.impair import ImpairedLink, impaired_link
+from tests.netns import (
+    ROOT,
+    Namespace,
+    VethPair,
+    namespace,
+    netem,
+    netem_unavailable_reason,
+    veth_pair,
+)
 
 START_TIMEOUT = 20.0
 #: ``mvpd`` run by this interpreter, whether or not the console script is installed.
@@ -163,9 +177,24 @@ class Host:
 class Lab:
     """The hosts by agent id, and the signaling server's URL."""
 
-    def __init__(self, hosts: dict[str, Host], url: str) -> None:
+    def __init__(
+        self, hosts: dict[str, Host], url: str,
+        links: Sequence[VethPair | ImpairedLink] = (),
+    ) -> None:
         self.hosts = hosts
         self.url = url
+        #: The hub's links to the other hosts, in host order.
+        self.links = list(links)
+
+    def impair(self, spec: str) -> None:
+        """Impair every link both ways, netem style (``"delay 20ms loss 5%"``): netem on
+        both veth ends, or the forwarder of an impaired link (``tun_lab(impairable=True)``)."""
+        for link in self.links:
+            if isinstance(link, ImpairedLink):
+                link.set_netem(spec)
+            else:
+                netem(link.a, link.dev_a, spec)
+                netem(link.b, link.dev_b, spec)
 
     def __getitem__(self, agent_id: str) -> Host:
         return self.hosts[agent_id]
@@ -188,18 +217,29 @@ def ping(ns: Namespace, target: str, count: int = 3) -> subprocess.CompletedProc
 @contextlib.contextmanager
 def tun_lab(
     tmp_path: Path, agent_ids: list[str], configs: dict[str, str], *,
-    mvpd: Sequence[str] = MVPD,
+    mvpd: Sequence[str] = MVPD, impairable: bool = False,
 ) -> Iterator[Lab]:
-    """Namespaces, veths, a signaling server in the first host, a daemon per host."""
+    """Namespaces, veths, a signaling server in the first host, a daemon per host.
+    ``impairable``: links :meth:`Lab.impair` can impair even without netem."""
+    routed = impairable and netem_unavailable_reason() is not None
     with contextlib.ExitStack() as stack:
         spaces = [stack.enter_context(namespace(f"tun{i}")) for i in range(len(agent_ids))]
         hub = spaces[0]
         hosts: dict[str, Host] = {}
+        links: list[VethPair | ImpairedLink] = []
         for i, (agent_id, ns) in enumerate(zip(agent_ids, spaces, strict=True)):
             if i == 0:
                 continue
-            link = stack.enter_context(veth_pair(hub, ns, f"10.201.{i}.0/24"))
-            ns.run("ip", "route", "add", "default", "via", str(link.addr_a.ip))
+            link: VethPair | ImpairedLink
+            if routed:
+                link = stack.enter_context(impaired_link(
+                    hub, ns, subnet_a=f"10.201.{i}.0/24", subnet_b=f"10.202.{i}.0/24"))
+                gateway = link.gateway_b.ip
+            else:
+                link = stack.enter_context(veth_pair(hub, ns, f"10.201.{i}.0/24"))
+                gateway = link.addr_a.ip
+            links.append(link)
+            ns.run("ip", "route", "add", "default", "via", str(gateway))
             hosts[agent_id] = Host(ns, agent_id, tmp_path, str(link.addr_b.ip),
                                    configs.get(agent_id, ""))
         hosts = {agent_ids[0]: Host(hub, agent_ids[0], tmp_path, "10.201.1.1",
@@ -222,7 +262,7 @@ def tun_lab(
 
         try:
             url = wait_until(listening, START_TIMEOUT, what="the signaling server")
-            lab = Lab(hosts, url)
+            lab = Lab(hosts, url, links)
             for host in hosts.values():
                 host.start(url, mvpd=mvpd)
             yield lab
