@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from .logs import fields
 from .proto.errors import (
     BadRequest,
     Busy,
@@ -552,6 +553,13 @@ class _Connection:
             spec = method_spec(req.method)
             access = self._current_access()
             if spec.access == "write" and access != "write":
+                if self.caller is not None:
+                    log.warning(
+                        "refused control call %s by %s: not root and not in group %r",
+                        req.method, self.caller, self.server.group,
+                        extra=fields(event="rpc-refused", rpc_method=req.method,
+                                     caller_uid=self.caller.uid, caller_pid=self.caller.pid),
+                    )
                 raise Forbidden(
                     f"{req.method} needs write access: only root and members of group "
                     f"{self.server.group!r} may change things"
@@ -569,11 +577,8 @@ class _Connection:
                 "control call %s by %s",
                 req.method,
                 caller,
-                extra={
-                    "RPC_METHOD": req.method,
-                    "CALLER_UID": caller.uid,
-                    "CALLER_PID": caller.pid,
-                },
+                extra=fields(event="rpc-call", rpc_method=req.method, caller_uid=caller.uid,
+                             caller_pid=caller.pid),
             )
         if req.method in ("pipe.write", "pipe.eof"):
             await self._enqueue_pipe(req, params)

@@ -39,6 +39,8 @@ from .transports import PipeTransport, Transport, TunTransport
 
 log = logging.getLogger("mvpd.rpc")
 
+#: How long a new connect waits for a signaling reconnect in progress before failing.
+SIGNALING_GRACE = 3.0
 #: Messages kept per peer for ``recv`` before the oldest are dropped.
 INBOX_SIZE = 1000
 #: How long a pipe waits for the peer's side to open before giving up on reading.
@@ -208,6 +210,9 @@ class RpcMethods:
 
     async def rpc_connect(self, params: ConnectParams, caller: Caller) -> PeerStatus:
         log.info("connect to %s requested by %s", params.peer, caller)
+        session = self.core.get_session(params.peer)
+        if session is None or session.state.is_final:
+            await self._require_signaling()
         if not params.wait:
             task = asyncio.ensure_future(self.core.connect_to(params.peer, params.mode))
             task.add_done_callback(_log_background_failure(params.peer))
@@ -227,6 +232,20 @@ class RpcMethods:
                 "running and registered with the same signaling server?"
             ) from None
         return self.peer_status(self._session(params.peer))
+
+    async def _require_signaling(self) -> None:
+        """A new connection needs the signaling server: say so at once when it is away
+        (after a short grace period for a reconnect in progress) rather than time out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SIGNALING_GRACE
+        while (state := self._signaling_state()) != "connected":
+            if loop.time() >= deadline:
+                raise PeerError(
+                    f"the signaling server {self.settings.signaling_url} is not reachable "
+                    f"(signaling {state}), so no new connection can be set up; connected "
+                    "peers keep working. `mvpctl status` shows the signaling state."
+                )
+            await asyncio.sleep(0.1)
 
     async def rpc_disconnect(self, params: PeerParams, caller: Caller) -> None:
         log.info("disconnect from %s requested by %s", params.peer, caller)

@@ -85,6 +85,11 @@ def test_data_keeps_flowing_while_signaling_dies_and_connects_work_after_restart
     assert alice.peer_state("bob") == bob.peer_state("alice") == "connected"
     alice.send("bob", text="no server needed")
     assert bob.messages("alice", 1) == ["no server needed"]
+    # A new connection needs signaling: refused at once, with the reason, not after a timeout.
+    refused = alice.ctl("connect", "carol", "--timeout", "60")
+    assert refused.returncode == 1
+    assert "signaling server" in refused.stderr and "not reachable" in refused.stderr
+    assert alice.peer_state("bob") == "connected"
 
     # The same port again: both clients come back by themselves and a NEW connect works.
     signal_server.start(signal_server.port)
