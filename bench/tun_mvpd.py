@@ -8,6 +8,11 @@ run through the tunnel. The bare veth and bench/tun_udp_relay.py (a TUN-to-UDP r
 Python: the ceiling for a Python data plane) run in the same invocation.
 
     sudo .venv/bin/python bench/tun_mvpd.py [--seconds 5] [--mtu 1160 1400 4000 8000]
+        [--lossy "delay 20ms loss 5%"]
+
+``--lossy`` adds two rows over an impaired link (both ways; netem where the kernel has it,
+else tests/impair.py's forwarder in a router namespace): kernel TCP on the bare link and the
+default tunnel (MTU 4000, one packet per message) over it. ``--lossy ""`` leaves them out.
 
 Root only. Everything is bounded: iperf3 runs ``--seconds``, ping 50 packets.
 """
@@ -15,6 +20,7 @@ Root only. Everything is bounded: iperf3 runs ``--seconds``, ping 50 packets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -35,7 +41,9 @@ def daemon_command(batch: bool) -> tuple[str, ...]:
     return (sys.executable, "-c", setup + "from mvpd.cli import main; main()")
 
 
-def measure_tunnel(mtu: int, batch: bool, seconds: float) -> tuple[float, float, float]:
+def measure_tunnel(
+    mtu: int, batch: bool, seconds: float, impair: str = ""
+) -> tuple[float, float, float]:
     from tests.e2e_tun.harness import tun_lab
 
     configs = {
@@ -43,9 +51,12 @@ def measure_tunnel(mtu: int, batch: bool, seconds: float) -> tuple[float, float,
         "bob": f"tun:\n  address: 10.77.0.2/24\n  mtu: {mtu}\n",
     }
     with tempfile.TemporaryDirectory(prefix="mvp-bench-") as tmp, tun_lab(
-        Path(tmp), ["alice", "bob"], configs, mvpd=daemon_command(batch)
+        Path(tmp), ["alice", "bob"], configs, mvpd=daemon_command(batch),
+        impairable=bool(impair),
     ) as lab:
         lab.connect("alice", "bob")
+        if impair:
+            lab.impair(impair)
         a, b = lab["alice"].ns, lab["bob"].ns
         server = b.popen("iperf3", "-s", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -74,6 +85,34 @@ def measure_veth(seconds: float) -> tuple[float, float, float]:
     return mbits, rtt, mdev
 
 
+def measure_bare_impaired(spec: str, seconds: float) -> tuple[float, float, float]:
+    """Kernel TCP over the bare link impaired by ``spec`` both ways."""
+    from tests.impair import impaired_link
+    from tests.netns import namespace, netem, netem_unavailable_reason, two_hosts
+
+    with contextlib.ExitStack() as stack:
+        if netem_unavailable_reason() is None:
+            pair = stack.enter_context(two_hosts(label="blossy"))
+            a, b, target = pair.a, pair.b, str(pair.addr_b.ip)
+            netem(a, pair.dev_a, spec)
+            netem(b, pair.dev_b, spec)
+        else:
+            a = stack.enter_context(namespace("blossya"))
+            b = stack.enter_context(namespace("blossyb"))
+            link = stack.enter_context(impaired_link(a, b))
+            link.set_netem(spec)
+            target = str(link.addr_b.ip)
+        server = b.popen("iperf3", "-s", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            rtt, mdev = ping(a, target)
+            mbits = iperf3(a, target, seconds)
+        finally:
+            server.kill()
+            server.wait(5)
+    return mbits, rtt, mdev
+
+
 def measure_relay(seconds: float, mtu: int) -> list[str]:
     """The relay bench's own result rows (it builds its own namespaces)."""
     out = subprocess.run(
@@ -90,6 +129,8 @@ def main() -> int:
     parser.add_argument("--mtu", type=int, nargs="+", default=[1160, 1400, 4000, 8000])
     parser.add_argument("--no-unbatched", dest="unbatched", action="store_false",
                         help="skip the one-packet-per-message variants")
+    parser.add_argument("--lossy", default="delay 20ms loss 5%",
+                        help='netem-style impairment for the lossy rows ("" for none)')
     args = parser.parse_args()
     from tests.netns import tun_unavailable_reason
 
@@ -104,6 +145,11 @@ def main() -> int:
             label = f"mvpd tun, MTU {mtu}, {'batched' if batch else 'one per message'}"
             rows.append((label, *measure_tunnel(mtu, batch, args.seconds)))
             print(f"{label}: {rows[-1][1]:.1f} Mbit/s, {rows[-1][2]:.2f} ms", file=sys.stderr)
+    if args.lossy:
+        rows.append((f"bare link, {args.lossy}", *measure_bare_impaired(args.lossy,
+                                                                       args.seconds)))
+        rows.append((f"mvpd tun, MTU 4000, {args.lossy}",
+                     *measure_tunnel(4000, False, args.seconds, args.lossy)))
     relay = measure_relay(args.seconds, 1400)
     print(f"\nTUN mode ({args.seconds:g}s iperf3 TCP, ping 50 x 20 ms; uvloop)")
     print(f"{'path':<40} {'throughput':>14} {'RTT avg':>10} {'mdev':>8}")
