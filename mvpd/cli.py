@@ -129,7 +129,7 @@ def install_units(
 ) -> None:
     """Install the systemd units, the sysusers.d entry and /etc/mvp-agent.yaml (an existing
     config is kept); with --prefix / also run systemd-sysusers and systemctl daemon-reload."""
-    from .systemd import CONFIG_NAME, activate_units
+    from .systemd import CONFIG_NAME, TMP_DROPIN, activate_units
     from .systemd import install_units as do_install
 
     # A given --bin is kept as written (a stable symlink survives upgrades of its target).
@@ -143,6 +143,10 @@ def install_units(
                        f"{exc.filename or ''}{hint}") from None
     for path in written:
         typer.echo(f"installed {path}")
+    if any(path.name == TMP_DROPIN for path in written):
+        typer.echo("note: mvpd runs from /tmp or /var/tmp: the units bind it read-only into "
+                   f"their private /tmp ({TMP_DROPIN}); those directories are often emptied "
+                   "at boot, so install mvpd elsewhere for lasting use", err=True)
     if config not in written and config.exists():
         typer.echo(f"kept      {config} (an existing config is never overwritten)")
     if prefix.resolve() == Path("/"):

@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,9 @@ UNIT_NAMES = ("mvpd.service", "mvp-signal.service")
 #: What ``ProtectHome=yes`` hides from the services.
 HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
 HOME_DROPIN = "50-home-paths.conf"
+#: What ``PrivateTmp=yes`` replaces with an empty directory private to each service.
+TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
+TMP_DROPIN = "50-tmp-paths.conf"
 SYSUSERS_NAME = "mvp-agent.conf"
 CONFIG_NAME = "mvp-agent.yaml"
 #: Where sd_booted(3) looks: this directory exists only when systemd is the running init.
@@ -206,11 +210,46 @@ def _shebang_interpreter(script: Path) -> Path | None:
     return None
 
 
-def paths_under_home(bin_path: Path) -> list[Path]:
-    """What the services must see under /home, /root or /run/user to run ``bin_path``: its
-    virtualenv and the Python installation behind it (pyenv and ``pip --user`` put them
-    there, and ``ProtectHome=yes`` would make the start fail with 203/EXEC)."""
-    found: list[Path] = []
+def _same_installation(interpreter: Path) -> bool:
+    """Whether ``interpreter`` is the Python running this code (its venv or prefix)."""
+    prefix = interpreter.parent.parent
+    with contextlib.suppress(OSError):
+        if prefix == Path(sys.prefix) or prefix.resolve() == Path(sys.prefix).resolve():
+            return True
+    return False
+
+
+def mvpd_package_dir(bin_path: Path) -> Path | None:
+    """Where the Python behind ``bin_path`` imports the ``mvpd`` package from.
+
+    An editable install (``pip install -e``) imports it from the source tree, which may lie
+    outside the virtualenv. When ``bin_path`` runs this very installation (the usual case:
+    ``mvpd install-units`` without ``--bin``) the answer is this module's package; for another
+    interpreter it is asked (``python -I -c``). None when that interpreter cannot tell."""
+    interpreter = _shebang_interpreter(bin_path)
+    if interpreter is None or _same_installation(interpreter):
+        return Path(__file__).absolute().parent
+    code = ("import importlib.util as u; s = u.find_spec('mvpd'); "
+            "print(s.origin if s is not None and s.origin else '')")
+    try:
+        result = subprocess.run([str(interpreter), "-I", "-c", code], capture_output=True,
+                                text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("cannot ask %s where mvpd lives: %s", interpreter, exc)
+        return None
+    origin = result.stdout.strip()
+    if result.returncode != 0 or not origin.startswith("/"):
+        return None
+    return Path(origin).parent
+
+
+def _runtime_paths(bin_path: Path, package_dir: Path | None) -> list[Path]:
+    """Every directory the services read to run ``bin_path``: its virtualenv, the Python
+    installation behind it and the ``mvpd`` package (``package_dir``, or where
+    :func:`mvpd_package_dir` finds it), each as written (Python opens it so) and with
+    symlinks resolved."""
+    if package_dir is None:
+        package_dir = mvpd_package_dir(bin_path)
     venv = bin_path.parent.parent
     candidates = [venv if (venv / "pyvenv.cfg").is_file() else bin_path.parent]
     interpreter = _shebang_interpreter(bin_path)
@@ -218,12 +257,38 @@ def paths_under_home(bin_path: Path) -> list[Path]:
         candidates.append(interpreter.parent.parent)  # the venv, or a prefix like /usr/local
         with contextlib.suppress(OSError):
             candidates.append(interpreter.resolve().parent.parent)  # the real installation
+    if package_dir is not None:
+        candidates.append(package_dir)
+        with contextlib.suppress(OSError):
+            candidates.append(package_dir.resolve())
+    return candidates
+
+
+def _paths_below(bases: Sequence[Path], candidates: Sequence[Path]) -> list[Path]:
+    """The candidates inside one of ``bases``, without those inside another one found."""
+    found: list[Path] = []
     for path in candidates:
-        if any(home == path or home in path.parents for home in HOME_DIRS) \
+        if any(base == path or base in path.parents for base in bases) \
                 and not any(p == path or p in path.parents for p in found):
             found = [p for p in found if path not in p.parents]
             found.append(path)
     return sorted(found)
+
+
+def paths_under_home(bin_path: Path, package_dir: Path | None = None) -> list[Path]:
+    """What the services must see under /home, /root or /run/user to run ``bin_path``: its
+    virtualenv, the Python installation behind it (pyenv and ``pip --user`` put them there)
+    and the ``mvpd`` package (an editable install's source tree; ``package_dir``, found by
+    :func:`mvpd_package_dir` when None).
+    ``ProtectHome=yes`` would hide them and the start fail with 203/EXEC."""
+    return _paths_below(HOME_DIRS, _runtime_paths(bin_path, package_dir))
+
+
+def paths_under_tmp(bin_path: Path, package_dir: Path | None = None) -> list[Path]:
+    """What the services must see under /tmp or /var/tmp to run ``bin_path`` (the same
+    candidates as :func:`paths_under_home`): a checkout or virtualenv made there, e.g. by
+    CI, would be hidden by ``PrivateTmp=yes``."""
+    return _paths_below(TMP_DIRS, _runtime_paths(bin_path, package_dir))
 
 
 def home_paths_dropin(paths: list[Path]) -> str:
@@ -236,19 +301,35 @@ def home_paths_dropin(paths: list[Path]) -> str:
     )
 
 
+def tmp_paths_dropin(paths: list[Path]) -> str:
+    """A unit drop-in binding ``paths`` (read-only) into the service's private /tmp and
+    /var/tmp; ``PrivateTmp=yes`` stays, so everything else there stays hidden."""
+    return (
+        "# Written by mvpd install-units: mvpd's Python or source tree lives under /tmp or\n"
+        "# /var/tmp, which PrivateTmp=yes replaces with an empty directory of the service.\n"
+        "# systemd creates the mount points inside that private directory (checked with\n"
+        "# systemd 252), so the service sees these paths read-only and nothing else of /tmp.\n"
+        "[Service]\n"
+        f"BindReadOnlyPaths={' '.join(str(p) for p in paths)}\n"
+    )
+
+
 def install_units(
     prefix: Path = Path("/"),
     *,
     bin_path: Path,
     source: Path | None = None,
     config_source: Path | None = None,
+    package_dir: Path | None = None,
 ) -> list[Path]:
     """Install the systemd units, the sysusers.d entry and the example config under ``prefix``.
 
     - ``etc/systemd/system/{mvpd,mvp-signal}.service`` with ``ExecStart`` rewritten to
       ``bin_path`` (the absolute path of the installed ``mvpd``), plus a drop-in
       ``50-home-paths.conf`` when that mvpd or its Python lives under a home directory
-      (see :func:`paths_under_home`);
+      (see :func:`paths_under_home`), and a drop-in ``50-tmp-paths.conf`` when they or
+      the ``mvpd`` package (``package_dir``, by default :func:`mvpd_package_dir`) live under
+      /tmp or /var/tmp (see :func:`paths_under_tmp`);
     - ``etc/sysusers.d/mvp-agent.conf`` (the ``mvp`` group);
     - ``etc/mvp-agent.yaml`` from the source tree, mode 0600 because it can hold tokens, only
       when no config exists there yet: an operator's config is never overwritten.
@@ -265,18 +346,28 @@ def install_units(
         raise MvpError(f"unit files not found in {src}: {', '.join(missing)}")
     written: list[Path] = []
     unit_dir = prefix / "etc" / "systemd" / "system"
-    home_paths = paths_under_home(bin_path)
+    package = package_dir if package_dir is not None else mvpd_package_dir(bin_path)
+    dropins = (
+        (HOME_DROPIN, paths_under_home(bin_path, package), home_paths_dropin),
+        (TMP_DROPIN, paths_under_tmp(bin_path, package), tmp_paths_dropin),
+    )
+    # BindReadOnlyPaths= splits at white space and reads "a:b" as source and target.
+    for bad in (str(p) for _, paths, _ in dropins for p in paths):
+        if ":" in bad or any(ch.isspace() for ch in bad):
+            raise MvpError(f"cannot bind {bad!r} into the services: white space or ':' in "
+                           "the path; install mvpd somewhere without them")
     for name in UNIT_NAMES:
         text = _rewrite_exec((src / name).read_text(encoding="utf-8"), bin_path)
         target = unit_dir / name
         _write(target, text.encode(), 0o644)
         written.append(target)
-        dropin = unit_dir / f"{name}.d" / HOME_DROPIN
-        if home_paths:
-            _write(dropin, home_paths_dropin(home_paths).encode(), 0o644)
-            written.append(dropin)
-        else:
-            dropin.unlink(missing_ok=True)  # left by an earlier install from a home dir
+        for dropin_name, paths, render in dropins:
+            dropin = unit_dir / f"{name}.d" / dropin_name
+            if paths:
+                _write(dropin, render(paths).encode(), 0o644)
+                written.append(dropin)
+            else:
+                dropin.unlink(missing_ok=True)  # left by an earlier install from elsewhere
     target = prefix / "etc" / "sysusers.d" / SYSUSERS_NAME
     _write(target, (src / SYSUSERS_NAME).read_bytes(), 0o644)
     written.append(target)

@@ -53,6 +53,16 @@ def home_hidden() -> str:
     return f"only {sorted(entries)}"
 
 
+def tmp_private() -> str:
+    """/tmp is the service's own, empty but for the bound code (PrivateTmp=yes), and
+    writable."""
+    allowed = set(os.environ.get("PROBE_TMP_ALLOWED", "").split())
+    entries = set(os.listdir("/tmp"))
+    assert entries <= allowed, f"visible in /tmp: {sorted(entries - allowed)}"
+    Path("/tmp/mvpd-probe-private").write_text("private\n")
+    return f"only {sorted(entries)}"
+
+
 def main() -> int:
     tun_fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
 
@@ -104,6 +114,7 @@ def main() -> int:
     check("no_write_usr", lambda: expect_errno(
         lambda: open("/usr/mvpd-probe", "w"), errno.EROFS))  # noqa: SIM115
     check("home_hidden", home_hidden)
+    check("tmp_private", tmp_private)
     check("no_packet_sockets", lambda: expect_errno(
         lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW), errno.EAFNOSUPPORT))
     check("no_sethostname", lambda: expect_errno(

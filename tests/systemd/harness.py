@@ -6,7 +6,9 @@ The container:
   under the host's cgroup2 hierarchy (``/sys/fs/cgroup/unified`` on hybrid hosts), so the
   container's cgroup namespace is rooted there and removing that cgroup removes everything;
 - its root is an overlay of the host's ``/`` with a tmpfs upper dir, so the project and its venv
-  under /work are visible read-only-in-effect and every write disappears with the container;
+  are visible read-only-in-effect and every write disappears with the container; those of them
+  on another file system than ``/`` (which the overlay does not show) are bound in read-only;
+- /tmp is not emptied at boot, so a project under /tmp (a CI checkout) stays visible;
 - fresh proc, sysfs (read-only, so udev skips itself) and cgroup2 mounts; ``/proc/sys`` is
   read-only except ``/proc/sys/net`` because kernel.* and fs.* sysctls are host-wide;
 - a private tmpfs ``/dev`` with only harmless nodes and its own ``/dev/net/tun``;
@@ -44,6 +46,8 @@ SYSTEMD = Path("/lib/systemd/systemd")
 #: The console scripts of the project's venv, reached inside the container through the overlay.
 MVPD_BIN = PYTHON.parent / "mvpd"
 MVPCTL_BIN = PYTHON.parent / "mvpctl"
+#: What the container must see of the host: the project, its venv and the Python behind it.
+CODE_PATHS = (PROJECT, Path(sys.prefix), Path(sys.base_prefix).resolve())
 
 #: Units that would touch the host (clock, sysctls, modules, binfmt, entropy) or that are
 #: pointless in a throwaway container and slow its boot.
@@ -90,6 +94,12 @@ mount -t tmpfs -o mode=0755 mvpd-test "$D"
 mkdir "$D/upper" "$D/work" "$D/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$D/upper,workdir=$D/work" "$D/root"
 R="$D/root"
+shift
+for P in "$@"; do  # code on other file systems than /, which the overlay does not show
+    mkdir -p "$R$P"
+    mount --rbind "$P" "$R$P"
+    mount -o remount,bind,ro "$R$P"
+done
 mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
 mount --bind "$R/proc/sys" "$R/proc/sys"
 mount --bind "$R/proc/sys/net" "$R/proc/sys/net"
@@ -144,12 +154,18 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def project_paths_reason() -> str | None:
-    """Why the code under test would be invisible to services (PrivateTmp), or None."""
-    for path in (PROJECT, PYTHON):
-        if Path(tempfile.gettempdir()) in path.parents or Path("/tmp") in path.parents:
-            return f"{path} outside /tmp (PrivateTmp hides /tmp from services)"
-    return None
+def foreign_code_paths(paths: Sequence[Path] = CODE_PATHS) -> list[Path]:
+    """Those of ``paths`` on another file system than ``/`` (a CI volume, a tmpfs /tmp): the
+    overlay of ``/`` shows only the root file system, so the container binds them in."""
+    root_dev = os.stat("/").st_dev
+    found: list[Path] = []
+    for path in sorted({p.absolute() for p in paths}):
+        if any(f == path or f in path.parents for f in found):
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_dev != root_dev:
+                found.append(path)
+    return found
 
 
 def host_cgroup2() -> Path | None:
@@ -211,6 +227,9 @@ class SystemdContainer:
         self.add_file("/etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
         self.add_file("/etc/hostname", self.name[:63] + "\n")
         self.add_file("/etc/fstab", "# empty: the test container mounts nothing from fstab\n")
+        # Debian's tmp.conf (D /tmp) empties /tmp at boot: in the overlay that hides a project
+        # or venv under the host's /tmp (a CI checkout) from everything in the container.
+        self.add_file("/etc/tmpfiles.d/tmp.conf", "d /tmp 1777 root root -\n")
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -233,7 +252,8 @@ class SystemdContainer:
             f"echo $$ > {shlex.quote(str(self.cgroup / 'cgroup.procs'))} && "
             "exec unshare --fork --kill-child=SIGKILL --pid --mount --uts --ipc --net --cgroup "
             "--propagation private "
-            f"sh -c {shlex.quote(_STAGE2)} stage2 {shlex.quote(str(self.mount_dir))}"
+            f"sh -c {shlex.quote(_STAGE2)} stage2 {shlex.quote(str(self.mount_dir))} "
+            + " ".join(shlex.quote(str(p)) for p in foreign_code_paths())
         )
         self.proc = subprocess.Popen(
             ["sh", "-c", outer],

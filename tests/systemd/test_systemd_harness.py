@@ -10,7 +10,13 @@ from collections.abc import Iterator
 import pytest
 from harness import PROJECT, PYTHON, SystemdContainer
 
-from mvpd.systemd import home_paths_dropin, paths_under_home
+from mvpd.systemd import (
+    TMP_DIRS,
+    home_paths_dropin,
+    paths_under_home,
+    paths_under_tmp,
+    tmp_paths_dropin,
+)
 
 pytestmark = pytest.mark.root
 
@@ -155,6 +161,15 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
         probe += home_paths_dropin(home_paths).split("[Service]\n", 1)[1]
         allowed = " ".join(p.relative_to(p.parents[-2]).parts[0] for p in home_paths)
         probe += f"Environment=PROBE_HOME_ALLOWED={allowed}\n"
+    # What install_units adds when the venv or the source tree lives under /tmp (a CI
+    # checkout), plus the probe itself.
+    tmp_paths = paths_under_tmp(PYTHON.parent / "mvpd")
+    if any(d in PROJECT.parents for d in TMP_DIRS):
+        tmp_paths.append(PROJECT / "tests/systemd")
+    if tmp_paths:
+        probe += tmp_paths_dropin(tmp_paths).split("[Service]\n", 1)[1]
+        allowed = " ".join(p.parts[2] for p in tmp_paths if p.parts[1] == "tmp")
+        probe += f"Environment=PROBE_TMP_ALLOWED={allowed}\n"
     c.write_file("/etc/sysusers.d/mvp-agent.conf",
                  (PROJECT / "packaging/systemd/mvp-agent.conf").read_text())
     c.run(["systemd-sysusers"])
@@ -169,5 +184,8 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
     assert not failed, json.dumps(results, indent=1)
     assert started.returncode == 0
     assert {"tun_create", "netlink_configure", "aiortc_data_channel", "control_socket_group",
-            "home_hidden", "no_write_usr", "bounding_set_nnp_seccomp"} <= set(results)
+            "home_hidden", "tmp_private", "no_write_usr", "bounding_set_nnp_seccomp"} <= set(
+        results)
     assert c.run(["ip", "link", "show", "mvpprobe0"], check=False).returncode != 0
+    # The probe's /tmp was its own: what it wrote there is not in the container's.
+    assert c.run(["test", "-e", "/tmp/mvpd-probe-private"], check=False).returncode != 0

@@ -5,20 +5,25 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+import mvpd
 import mvpd.systemd as systemd_module
 from mvpd.proto.errors import MvpError
 from mvpd.systemd import (
     HOME_DROPIN,
     SHIPPED_BIN,
+    TMP_DROPIN,
     activate_units,
     install_units,
+    mvpd_package_dir,
     packaging_dir,
     paths_under_home,
+    paths_under_tmp,
 )
 
 MVPD_BIN = Path(sys.executable).parent / "mvpd"
@@ -126,6 +131,98 @@ def test_python_under_a_home_dir_gets_a_read_only_bind(tmp_path: Path) -> None:
     assert paths_under_home(script) == []
     install_units(prefix, bin_path=script)
     assert not dropin.exists()
+
+
+@pytest.fixture
+def var_tmp_checkout() -> Iterator[Path]:
+    """An empty directory under /var/tmp (PrivateTmp hides it too), removed afterwards:
+    unlike tmp_path it is under a private-tmp directory wherever TMPDIR points."""
+    path = Path(tempfile.mkdtemp(prefix="mvp-ci-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def make_venv(root: Path, interpreter: str | None = None) -> Path:
+    """A virtualenv-shaped tree with an mvpd script (not a working Python)."""
+    (root / ".venv/bin").mkdir(parents=True)
+    (root / ".venv/pyvenv.cfg").write_text("home = /usr/bin\n")
+    python = root / ".venv/bin/python"
+    python.write_text("#!/bin/sh\n" if interpreter is None else interpreter)
+    python.chmod(0o755)
+    script = root / ".venv/bin/mvpd"
+    script.write_text(f"#!{python}\nimport sys\n")
+    return script
+
+
+def test_checkout_under_tmp_gets_a_read_only_bind_into_the_private_tmp(
+    var_tmp_checkout: Path, tmp_path: Path
+) -> None:
+    """A CI checkout under /var/tmp with an editable install: the venv and the source tree
+    are bound read-only (PrivateTmp=yes stays); a system install gets no drop-in."""
+    checkout = var_tmp_checkout
+    script = make_venv(checkout)
+    package = checkout / "mvpd"
+    package.mkdir()
+    assert paths_under_tmp(script, package) == [checkout / ".venv", package]
+    assert paths_under_home(script, package) == []
+    # Nested paths are bound once, through the outer one.
+    assert paths_under_tmp(script, checkout / ".venv/lib/site-packages/mvpd") == [
+        checkout / ".venv"]
+    prefix = tmp_path / "root"
+    written = install_units(prefix, bin_path=script, package_dir=package)
+    for unit in ("mvpd.service", "mvp-signal.service"):
+        dropin = prefix / f"etc/systemd/system/{unit}.d" / TMP_DROPIN
+        assert dropin in written
+        assert unit_options(dropin.read_text()) == {
+            "BindReadOnlyPaths": [f"{checkout}/.venv {package}"]}
+        assert not (dropin.parent / HOME_DROPIN).exists()
+    # Reinstalled from a system path with the package installed there: the drop-in goes away.
+    install_units(prefix, bin_path=Path("/usr/bin/mvpd"),
+                  package_dir=Path("/usr/lib/python3/dist-packages/mvpd"))
+    assert not (prefix / "etc/systemd/system/mvpd.service.d" / TMP_DROPIN).exists()
+
+
+def test_source_under_tmp_is_found_through_a_symlink(var_tmp_checkout: Path) -> None:
+    """Python imports the package through the path as written; both it and its target are
+    bound when the link points elsewhere."""
+    real = var_tmp_checkout / "real/mvpd"
+    real.mkdir(parents=True)
+    link = var_tmp_checkout / "link"
+    link.symlink_to(real.parent)
+    found = paths_under_tmp(Path("/opt/mvp/bin/mvpd"), link / "mvpd")
+    assert found == [link / "mvpd", real]
+
+
+def test_the_mvpd_package_is_located_for_the_interpreter_of_the_script(
+    var_tmp_checkout: Path,
+) -> None:
+    # This installation: the package this code runs from (the source tree when editable).
+    assert mvpd_package_dir(MVPD_BIN) == Path(mvpd.__file__).absolute().parent
+    assert mvpd_package_dir(Path("/opt/nothing/mvpd")) == Path(mvpd.__file__).absolute().parent
+    # Another interpreter is asked; this one answers like `python -c 'find_spec(...)'`.
+    source = var_tmp_checkout / "src/mvpd"
+    script = make_venv(var_tmp_checkout, f"#!/bin/sh\necho {source}/__init__.py\n")
+    assert mvpd_package_dir(script) == source
+    assert paths_under_tmp(script) == [var_tmp_checkout / ".venv", source]
+    # One that cannot tell (no mvpd there, or it fails): nothing is guessed.
+    (script.parent / "python").write_text("#!/bin/sh\necho\n")
+    assert mvpd_package_dir(script) is None
+    (script.parent / "python").write_text("#!/bin/sh\nexit 3\n")
+    assert mvpd_package_dir(script) is None
+    (script.parent / "python").unlink()
+    assert mvpd_package_dir(script) is None
+
+
+def test_paths_the_bind_cannot_express_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(MvpError, match="white space or ':'"):
+        install_units(tmp_path, bin_path=Path("/opt/mvp/bin/mvpd"),
+                      package_dir=Path("/tmp/my src/mvpd"))
+    with pytest.raises(MvpError, match="white space or ':'"):
+        install_units(tmp_path, bin_path=Path("/opt/mvp/bin/mvpd"),
+                      package_dir=Path("/var/tmp/a:b/mvpd"))
+    assert not (tmp_path / "etc/systemd/system/mvpd.service").exists()
 
 
 class FakeRunner:
