@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from harness import MVPCTL_BIN, MVPD_BIN, InstalledUnits, SystemdContainer
 
+from mvpd.systemd import TMP_DROPIN, paths_under_tmp
+
 pytestmark = pytest.mark.root
 
 UNIT = "mvpd.service"
@@ -157,6 +159,13 @@ def test_install_units_runs_sysusers_and_daemon_reload(installed_units: Installe
     assert props["LoadState"] == "loaded"
     assert props["FragmentPath"] == "/etc/systemd/system/mvpd.service"
     assert f"path={MVPD_BIN} " in props["ExecStart"], props["ExecStart"]
+    # Run from a checkout under /tmp (CI): its venv and source are bound into the private /tmp.
+    tmp_dropin = f"/etc/systemd/system/{UNIT}.d/{TMP_DROPIN}"
+    tmp_paths = paths_under_tmp(MVPD_BIN)
+    assert (f"installed {tmp_dropin}" in out) == bool(tmp_paths), (tmp_paths, out)
+    dropins = c.show(UNIT, "DropInPaths", "PrivateTmp")
+    assert dropins["PrivateTmp"] == "yes"
+    assert (tmp_dropin in dropins["DropInPaths"].split()) == bool(tmp_paths), dropins
     # Again: the units are replaced, the operator's config is kept and said so.
     c.run(["sh", "-c", "echo '# mine' >> /etc/mvp-agent.yaml"])
     again = c.run([str(MVPD_BIN), "install-units", "--no-sysusers", "--no-daemon-reload"])
