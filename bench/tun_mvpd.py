@@ -12,7 +12,7 @@ Python: the ceiling for a Python data plane) run in the same invocation.
 
 ``--lossy`` adds two rows over an impaired link (both ways; netem where the kernel has it,
 else tests/impair.py's forwarder in a router namespace): kernel TCP on the bare link and the
-default tunnel (MTU 4000, one packet per message) over it. ``--lossy ""`` leaves them out.
+tunnel at each ``--mtu`` (one packet per message) over it. ``--lossy ""`` leaves them out.
 
 Root only. Everything is bounded: iperf3 runs ``--seconds``, ping 50 packets.
 """
@@ -148,8 +148,9 @@ def main() -> int:
     if args.lossy:
         rows.append((f"bare link, {args.lossy}", *measure_bare_impaired(args.lossy,
                                                                        args.seconds)))
-        rows.append((f"mvpd tun, MTU 4000, {args.lossy}",
-                     *measure_tunnel(4000, False, args.seconds, args.lossy)))
+        for mtu in args.mtu:
+            rows.append((f"mvpd tun, MTU {mtu}, {args.lossy}",
+                         *measure_tunnel(mtu, False, args.seconds, args.lossy)))
     relay = measure_relay(args.seconds, 1400)
     print(f"\nTUN mode ({args.seconds:g}s iperf3 TCP, ping 50 x 20 ms; uvloop)")
     print(f"{'path':<40} {'throughput':>14} {'RTT avg':>10} {'mdev':>8}")
