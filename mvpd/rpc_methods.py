@@ -43,7 +43,7 @@ log = logging.getLogger("mvpd.rpc")
 SIGNALING_GRACE = 3.0
 #: Messages kept per peer for ``recv`` before the oldest are dropped.
 INBOX_SIZE = 1000
-#: How long a pipe waits for the peer's side to open before giving up on reading.
+#: Most bytes handed to the client in one pipe ``data`` event.
 PIPE_READ_CHUNK = 64 * 1024
 
 
@@ -146,6 +146,8 @@ class RpcMethods:
             inbox = self.inboxes.get(event.peer)
             if inbox is not None:
                 inbox.changed.set()
+                if not inbox.messages:  # keep unread messages; forget empty inboxes
+                    del self.inboxes[event.peer]
 
     def inbox(self, peer: str) -> PeerInbox:
         inbox = self.inboxes.get(peer)
@@ -304,9 +306,10 @@ class RpcMethods:
     async def _follow(self, params: RecvParams) -> AsyncIterator[Message]:
         """Queued messages, then (following) new ones until the daemon stops. A follower
         may wait for a peer that is not connected yet: ``chat`` starts that way."""
-        inbox = self.inbox(params.peer)
         left = params.limit
         while (left is None or left > 0) and not self._closed:
+            # Looked up each time: the inbox of a peer that left is replaced when it returns.
+            inbox = self.inbox(params.peer)
             if inbox.messages:
                 yield inbox.messages.popleft()
                 if left is not None:

@@ -109,3 +109,24 @@ def test_connect_chat_json_pipe_status_and_disconnect(
     assert "no peers" in alice.ctl_ok("peers")
     again = alice.ctl("send", "bob", "anyone?")
     assert again.returncode == 1 and "not connected to bob" in again.stderr
+
+
+def test_a_follower_keeps_following_across_a_reconnect(pair: tuple[Daemon, Daemon]) -> None:
+    """`mvpctl recv --follow` (and `chat`) outlive the connection they started on."""
+    from mvpctl.client import Client
+
+    alice, bob = pair
+    assert alice.ctl_ok("connect", "bob").strip() == "bob: connected"
+    with Client.connect(bob.socket, timeout=30) as client:
+        stream = client.subscribe("recv", peer="alice", follow=True, limit=2)
+        alice.send("bob", text="before")
+        alice.ctl_ok("disconnect", "bob")
+        wait_until(lambda: bob.peer_state("alice") is None, what="bob to drop alice")
+        assert alice.ctl_ok("connect", "bob").strip() == "bob: connected"
+        alice.send("bob", text="after")
+        found = []
+        while not stream.ended:
+            event = client.next_event(stream.sub, timeout=20)
+            if stream.check(event) and event.event == "message":
+                found.append(event.data["data"])
+    assert found == ["before", "after"]
