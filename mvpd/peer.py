@@ -594,13 +594,7 @@ class PeerSession:
     def _pipe_closed(self, key: str, transport: PipeTransport) -> None:
         if self.transports.get(key) is transport:
             del self.transports[key]
-        counters, total = transport.counters, self.closed_pipes
-        total.bytes_in += counters.bytes_in
-        total.bytes_out += counters.bytes_out
-        total.messages_in += counters.messages_in
-        total.messages_out += counters.messages_out
-        for reason, count in counters.errors.items():
-            total.errors[reason] = total.errors.get(reason, 0) + count
+        self.closed_pipes.add(transport.counters)
         with contextlib.suppress(ValueError):
             self._pipes_in.remove(transport)
 
@@ -794,11 +788,8 @@ def _ice_connection(pc: Any) -> Any:
 
 def _selected_pair(pc: Any) -> Any:
     """aioice's nominated pair for component 1 of the SCTP transport, if any."""
-    try:
-        connection = pc.sctp.transport.transport._connection
-        return connection._nominated.get(1)
-    except AttributeError:
-        return None
+    nominated = getattr(_ice_connection(pc), "_nominated", None)
+    return nominated.get(1) if nominated is not None else None
 
 
 def _ice_ufrag(sdp: str) -> str | None:

@@ -94,6 +94,16 @@ class TransportCounters:
     def count_error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
 
+    def add(self, other: TransportCounters) -> None:
+        """Add ``other``'s counts to these (e.g. a closed channel's to a running total)."""
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.messages_in += other.messages_in
+        self.messages_out += other.messages_out
+        self.dropped_in += other.dropped_in
+        for reason, count in other.errors.items():
+            self.errors[reason] = self.errors.get(reason, 0) + count
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "bytes_in": self.bytes_in,

@@ -20,7 +20,7 @@ import collections
 import logging
 import struct
 
-from ..proto.errors import ConnectionClosed, ProtocolError, TransportError
+from ..proto.errors import ConnectionClosed, TransportError
 from .base import ChannelOptions, Transport
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,3 @@ class PipeTransport(Transport[bytes]):
         super()._on_channel_close()
         self._data_event.set()
         self._credit_event.set()
-
-    def check_protocol(self) -> None:
-        """Raise :class:`ProtocolError` if the peer broke the pipe protocol."""
-        if self.counters.errors.get("credit-violation"):
-            raise ProtocolError("the peer sent more pipe data than it was granted")
