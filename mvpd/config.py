@@ -56,7 +56,6 @@ DEFAULT_SIGNALING_PORT = 8765
 EX_CONFIG = 78
 
 Mode = Literal["chat", "json", "bytes", "tun"]
-MODES: tuple[str, ...] = ("chat", "json", "bytes", "tun")
 AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface

@@ -262,14 +262,16 @@ class AgentCore:
         return True
 
     async def open_pipe(self, peer: str) -> PipeTransport:
-        """Open a pipe channel to a connected peer."""
+        """Open a new pipe channel to a connected peer: our sending direction (the peer
+        reads it with its own :meth:`wait_pipe`)."""
         session = self._sessions.get(peer)
         if session is None:
             raise PeerError(f"not connected to {peer}")
         return await session.open_pipe()
 
     async def wait_pipe(self, peer: str, timeout: float | None = None) -> PipeTransport:
-        """The pipe ``peer`` opened to us (buffered until read, within its window)."""
+        """The oldest pipe ``peer`` opened to us that nobody took yet: our receiving
+        direction (its data is buffered until read, within the pipe's window)."""
         session = self._sessions.get(peer)
         if session is None:
             raise PeerError(f"not connected to {peer}")

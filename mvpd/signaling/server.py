@@ -122,12 +122,6 @@ class SignalingServer:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def serve_forever(self) -> None:
-        """Run until :meth:`close` is called (or the task is cancelled)."""
-        await self.start()
-        assert self._server is not None
-        await self._server.wait_closed()
-
     async def __aenter__(self) -> SignalingServer:
         await self.start()
         return self

@@ -1,7 +1,8 @@
 """Data-channel transports: one per data channel, chosen by mode.
 
-``create_transport(mode)`` builds the transport for ``chat``, ``json`` or ``bytes``; the
-pipe (``mvpctl pipe``) has its own channel and :class:`PipeTransport`. Nothing here imports
+``create_transport(mode)`` builds the main channel's transport for ``chat``, ``json``,
+``bytes`` or ``tun``; pipes (``mvpctl pipe``) have channels of their own, one per direction,
+each with a :class:`PipeTransport`. Nothing here imports
 aiortc: transports accept any object shaped like an ``RTCDataChannel``.
 """
 
@@ -42,7 +43,6 @@ __all__ = [
     "TransportErrorEvent",
     "TunTransport",
     "create_transport",
-    "register_transport",
     "transport_class",
 ]
 
@@ -56,19 +56,10 @@ TRANSPORTS: dict[str, Callable[..., Transport[Any]]] = {
 }
 
 
-def register_transport(mode: str, factory: Callable[..., Transport[Any]]) -> None:
-    """Make ``create_transport(mode)`` build ``factory(**kwargs)``."""
-    TRANSPORTS[mode] = factory
-
-
 def transport_class(mode: str) -> Callable[..., Transport[Any]]:
     """The factory for ``mode``; :class:`TransportError` naming the known modes if none."""
     factory = TRANSPORTS.get(mode)
     if factory is None:
-        if mode == "tun":
-            raise TransportError(
-                "tun mode is not available: the TUN transport is not installed in this build"
-            )
         known = ", ".join(sorted(TRANSPORTS))
         raise TransportError(f"unknown transport mode {mode!r}; known modes: {known}")
     return factory

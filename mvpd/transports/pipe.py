@@ -39,7 +39,10 @@ _CREDIT = struct.Struct("!BI")
 
 
 class PipeTransport(Transport[bytes]):
-    """A bidirectional byte stream with end-to-end EOF and credit-based flow control.
+    """A byte stream with end-to-end EOF and credit-based flow control.
+
+    The transport can carry data both ways; mvpd uses each pipe channel for one direction
+    (the side that opened it writes, the other reads) and returns credit on the same channel.
 
     Writer side: :meth:`write` (waits for credit and buffer room) and :meth:`write_eof`.
     Reader side: :meth:`read` returns ``b""`` at EOF and raises :class:`ConnectionClosed`
