@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,7 @@ from .proto.rpc import (
     StatusResult,
 )
 from .transports import PipeTransport, Transport, TunTransport
+from .transports.base import encode_json
 
 log = logging.getLogger("mvpd.rpc")
 
@@ -185,8 +187,6 @@ class RpcMethods:
             dropped.update(counters["errors"])
             if counters["dropped_in"]:
                 dropped["receive-queue-full"] += counters["dropped_in"]
-            for reason, count in counters.get("drops", {}).items():
-                dropped[reason] += count
         inbox = self.inboxes.get(session.peer_id)
         if inbox is not None and inbox.dropped:
             dropped["inbox-full"] += inbox.dropped
@@ -263,8 +263,6 @@ class RpcMethods:
             if transport.mode == "bytes":
                 payload = params.text.encode()
         elif kind == "json":
-            from .transports.base import encode_json
-
             payload = encode_json(params.json_value)
             if transport.mode == "bytes":
                 payload = payload.encode()
@@ -280,8 +278,6 @@ class RpcMethods:
                         "text; this data is not UTF-8: connect with --mode bytes"
                     ) from None
         if transport.mode == "json" and kind != "json":
-            import json
-
             try:
                 json.loads(payload)
             except ValueError:
