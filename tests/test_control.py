@@ -40,6 +40,7 @@ from mvpd.proto.errors import (
     RpcTimeout,
     UnknownMethod,
 )
+from tests.users import public_directory, run_admin, throwaway_user
 
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,33 +439,11 @@ print(json.dumps(out))
 """
 
 
-def _run(*cmd: str) -> None:
-    for _ in range(20):  # useradd/groupadd fail while someone else holds the passwd lock
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            return
-        if "lock" not in done.stderr:
-            break
-        asyncio.run(asyncio.sleep(0.25))
-    raise AssertionError(f"{cmd} failed: {done.stderr}")
-
-
 @pytest.fixture
 def other_user() -> Iterator[tuple[str, str]]:
     """A throwaway system user and group, removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user")
-    suffix = f"{os.getpid() % 100000}"
-    user, group = f"mvpctlt{suffix}", f"mvpctlg{suffix}"
-    _run("groupadd", "--system", group)
-    try:
-        _run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
-        try:
-            yield user, group
-        finally:
-            subprocess.run(["userdel", user], capture_output=True)
-    finally:
-        subprocess.run(["groupdel", group], capture_output=True)
+    with throwaway_user("mvpctlt", "mvpctlg") as names:
+        yield names
 
 
 def run_as(user: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -488,13 +467,9 @@ def run_as(user: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
-    # pytest's tmp_path is 0700: another user could not reach a socket in it.
-    path = Path(tempfile.mkdtemp(prefix="mvpd-ctl-"))
-    path.chmod(0o755)
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
+    """A directory another user can reach (pytest's tmp_path is 0700)."""
+    with public_directory("mvpd-ctl-") as path:
+        yield path
 
 
 def test_second_uid_reads_but_writes_only_in_the_group(
@@ -516,7 +491,7 @@ def test_second_uid_reads_but_writes_only_in_the_group(
         assert cli.returncode == 4, cli.stderr
         assert "write access" in cli.stderr and group in cli.stderr
 
-        _run("gpasswd", "-a", user, group)
+        run_admin("gpasswd", "-a", user, group)
         result = json.loads(run_as(user, "-c", AS_USER, str(server.path)).stdout)
         assert result == {"access": "write", "status": "ok", "peers": "ok", "connect": "ok"}
         assert [c.uid for name, c in server.handler.calls if name == "connect"] == [uid]

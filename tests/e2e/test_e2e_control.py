@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pwd
 import socket
 import struct
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,50 +18,25 @@ from hypothesis import strategies as st
 
 from mvpd.proto import rpc
 from tests.e2e.harness import PYTHON, Daemon, Daemons, base_env, wait_until
+from tests.users import public_directory, run_admin, throwaway_user
 
 pytestmark = pytest.mark.slow
 
 # --- a second uid (the approach of tests/test_control.py) ------------------------------------
 
 
-def _run(*cmd: str) -> None:
-    for _ in range(20):  # useradd/groupadd fail while someone else holds the passwd lock
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            return
-        if "lock" not in done.stderr:
-            break
-        time.sleep(0.25)
-    raise AssertionError(f"{cmd} failed: {done.stderr}")
-
-
 @pytest.fixture
 def other_user() -> Iterator[tuple[str, str]]:
     """A throwaway system user and group, removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user")
-    suffix = f"{os.getpid() % 100000}"
-    user, group = f"mvpe2eu{suffix}", f"mvpe2eg{suffix}"
-    _run("groupadd", "--system", group)
-    try:
-        _run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
-        try:
-            yield user, group
-        finally:
-            subprocess.run(["userdel", user], capture_output=True)
-    finally:
-        subprocess.run(["groupdel", group], capture_output=True)
+    with throwaway_user("mvpe2eu", "mvpe2eg") as names:
+        yield names
 
 
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
     """A directory another user can reach (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="mvpd-e2e-"))
-    path.chmod(0o755)
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
+    with public_directory("mvpd-e2e-") as path:
+        yield path
 
 
 def mvpctl_as(user: str, daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
@@ -102,7 +74,7 @@ def test_another_user_reads_but_may_not_write_unless_in_the_group(
     assert alice.peer_state("bob") == "connected"  # nothing happened
 
     # In the group, the same user may change things.
-    _run("gpasswd", "-a", user, group)
+    run_admin("gpasswd", "-a", user, group)
     sent = mvpctl_as(user, alice, "send", "bob", "now a member")
     assert sent.returncode == 0, sent.stderr
     assert bob.messages("alice", 1) == ["now a member"]
