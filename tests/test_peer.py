@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from mvpd.peer import PeerSession, PeerState, ice_configuration, parse_candidate
 from mvpd.proto.errors import ConnectionClosed, PeerError
 from mvpd.proto.signaling import Answer, Bye, IceCandidate, Offer, RoutedMessage
 from mvpd.transports import ChatTransport, JsonTransport
+from tests.e2e.harness import free_port, wait_for_stun
 
 
 async def connect(sa: PeerSession, sb: PeerSession) -> tuple[Any, Any]:
@@ -214,37 +216,6 @@ def test_ice_configuration_is_explicit() -> None:
     assert cfg.iceServers[0].credential == "s3" and cfg.iceServers[0].username == "u"
 
 
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_stun(port: int, proc: Any) -> None:
-    """Until coturn answers a STUN binding request on ``port``."""
-    import os
-    import socket
-    import struct
-    import time
-
-    request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
-    deadline = time.monotonic() + 10
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.2)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"turnserver exited with {proc.returncode}")
-            sock.sendto(request, ("127.0.0.1", port))
-            try:
-                sock.recv(2048)
-                return
-            except OSError:
-                continue
-    pytest.fail("turnserver did not answer STUN in time")
-
-
 @pytest.fixture
 def turn_server(tmp_path: Any) -> Any:
     """coturn on 127.0.0.1 with one static user, stopped (by pid) afterwards."""
@@ -254,7 +225,7 @@ def turn_server(tmp_path: Any) -> Any:
     binary = shutil.which("turnserver")
     if binary is None:
         pytest.skip("coturn (turnserver) is not installed")
-    port = _free_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     base = 40000 + (port % 20000)
     proc = subprocess.Popen(
         [binary, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
@@ -266,7 +237,7 @@ def turn_server(tmp_path: Any) -> Any:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_stun(port, proc)
+        wait_for_stun(port, proc)
         yield f"turn:127.0.0.1:{port}"
     finally:
         proc.terminate()

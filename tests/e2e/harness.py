@@ -73,6 +73,24 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_for_stun(port: int, proc: subprocess.Popen[Any]) -> None:
+    """Until the STUN/TURN server ``proc`` answers a binding request on 127.0.0.1:``port``."""
+    request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
+    deadline = time.monotonic() + 10
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"turnserver exited with {proc.returncode}")
+            sock.sendto(request, ("127.0.0.1", port))
+            try:
+                sock.recv(2048)
+                return
+            except OSError:
+                continue
+    pytest.fail("turnserver did not answer STUN in time")
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -356,26 +374,9 @@ class TurnServer:
              f"--log-file={self.workdir}/turn.log", f"--pidfile={self.workdir}/turn.pid"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )
-        self._wait_for_stun()
+        wait_for_stun(self.port, self.proc)
         return self
 
-    def _wait_for_stun(self) -> None:
-        """Until coturn answers a STUN binding request."""
-        request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
-        deadline = time.monotonic() + 10
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(0.2)
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    pytest.fail(f"turnserver exited with {self.proc.returncode}")
-                sock.sendto(request, ("127.0.0.1", self.port))
-                try:
-                    sock.recv(2048)
-                    return
-                except OSError:
-                    continue
-        pytest.fail("turnserver did not answer STUN in time")
 
     def stop(self) -> None:
         if self.proc is not None:

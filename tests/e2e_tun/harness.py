@@ -24,8 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pytest
 
 from mvpctl.client import Client
 from mvpd.proto.errors import MvpError
+from tests.e2e.harness import base_env, wait_until
 from tests.impair import ImpairedLink, impaired_link
 from tests.netns import (
     ROOT,
@@ -50,28 +50,9 @@ START_TIMEOUT = 20.0
 MVPD = (sys.executable, "-c", "from mvpd.cli import main; main()")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
-        time.sleep(0.1)
-
-
 def _env(**extra: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LANG": "C.UTF-8",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    env.update(extra)
-    return env
+    """A clean environment (no MVPD_* or ICE_* of the runner) that imports this tree."""
+    return {**base_env(), "PYTHONPATH": str(ROOT), **extra}
 
 
 @dataclass
