@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from mvpd.config import is_setting_variable
+
 REPO = Path(__file__).resolve().parents[1]
 #: The venv's bin directory (not resolved: .venv/bin/python is a symlink to the system one).
 VENV_BIN = Path(sys.executable).parent
@@ -31,8 +33,6 @@ MVPD = VENV_BIN / "mvpd"
 MVPCTL = VENV_BIN / "mvpctl"
 
 _PR_SET_PDEATHSIG = 1
-_SETTING_PREFIXES = ("AGENT_", "MVPD_", "SIGNALING_", "ICE_")
-_SETTING_NAMES = {"MODE", "DATA_CHANNEL_LABEL"}
 
 
 def die_with_parent() -> None:
@@ -43,11 +43,7 @@ def die_with_parent() -> None:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any mvpd setting, plus ``extra``."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(_SETTING_PREFIXES) and key not in _SETTING_NAMES
-    }
+    env = {key: value for key, value in os.environ.items() if not is_setting_variable(key)}
     env.update(extra)
     return env
 

@@ -61,6 +61,17 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 #: Fields whose values never appear in messages or logs.
 SECRET_KEYS = frozenset({"signaling_token", "ice_credential", "credential", "token"})
+#: Environment variables that can hold settings: these prefixes (AGENT_ID, AGENT_CONFIG,
+#: SIGNALING_URL, ICE_URL, MVPD_SOCKET, MVPD_TUN__MTU, ...) and names.
+SETTING_ENV_PREFIXES = ("AGENT_", "SIGNALING_", "ICE_", "MVPD_")
+SETTING_ENV_NAMES = frozenset({"MODE", "DATA_CHANNEL_LABEL"})
+
+
+def is_setting_variable(name: str) -> bool:
+    """Whether the environment variable ``name`` can change mvpd's settings (for a child
+    process, a test or a benchmark that must not inherit its caller's)."""
+    upper = name.upper()  # settings are read case-insensitively
+    return upper.startswith(SETTING_ENV_PREFIXES) or upper in SETTING_ENV_NAMES
 
 
 def _csv(value: Any) -> Any:

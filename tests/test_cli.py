@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mvpd.config import is_setting_variable
+
 MVPD = [sys.executable, "-m", "mvpd.cli"]
 
 
@@ -20,7 +22,7 @@ def run_mvpd(
     config = tmp_path / "mvp-agent.yaml"
     if not config.exists():
         config.write_text("")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MVPD_", "AGENT_"))}
+    clean = {k: v for k, v in os.environ.items() if not is_setting_variable(k)}
     return subprocess.run(
         [*MVPD, *args],
         env={**clean, "AGENT_CONFIG": str(config), **(env or {})},

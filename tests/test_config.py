@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mvpd import config as config_module
-from mvpd.config import AgentSettings, load_settings
+from mvpd.config import AgentSettings, is_setting_variable, load_settings
 from mvpd.proto.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,10 +21,7 @@ SHIPPED = REPO / "etc" / "mvp-agent.yaml"
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No stray variables, no /etc file, and a working directory without a .env."""
     for name in list(os.environ):
-        if name.startswith(("AGENT_", "SIGNALING_", "ICE_", "MVPD_")) or name in (
-            "MODE",
-            "DATA_CHANNEL_LABEL",
-        ):
+        if is_setting_variable(name):
             monkeypatch.delenv(name)
     monkeypatch.setattr(config_module, "DEFAULT_CONFIG_FILE", tmp_path / "absent.yaml")
     monkeypatch.chdir(tmp_path)

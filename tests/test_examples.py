@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from mvpd.config import is_setting_variable
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,7 +26,7 @@ def test_chat_offer_and_answer_talk(tmp_path: Path) -> None:
         url = re.search(r"ws://\S+", server.stdout.readline())
         assert url, "the server printed no URL"
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not is_setting_variable(k)},
             "SIGNALING_URL": url.group(0),
             "AGENT_CONFIG": str(tmp_path / "empty.yaml"),
         }
