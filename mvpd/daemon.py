@@ -15,14 +15,14 @@ import contextlib
 import logging
 import random
 import signal
-import sys
 from typing import Any
 
-from . import systemd
+from . import __version__, systemd
 from .config import EX_CONFIG, AgentSettings, load_settings
 from .control import ControlServer
 from .core import AgentCore
 from .logs import log_event, setup_logging
+from .peer import PeerState
 from .proto.errors import ConfigError, MvpError
 from .proto.rpc import ReloadResult
 from .rpc_methods import RpcMethods
@@ -85,7 +85,7 @@ class Daemon:
                 group=s.socket_group,
                 others_access=s.others_access,
                 agent_id=s.agent_id,
-                version=_version(),
+                version=__version__,
             )
             await self.control.start()
         except BaseException:
@@ -192,7 +192,7 @@ class Daemon:
     def status_line(self) -> str:
         """The one-line summary systemd shows (``systemctl status mvpd``)."""
         peers = self.core.sessions.values() if self.core else []
-        connected = sum(1 for p in peers if p.state.value == "connected")
+        connected = sum(1 for p in peers if p.state == PeerState.CONNECTED)
         return (f"id {self.settings.agent_id}, signaling {self._signaling_state()}, "
                 f"{connected} peer(s) connected")
 
@@ -237,12 +237,6 @@ class Daemon:
             self._tasks[:] = [t for t in self._tasks if not t.done()]
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _install_uvloop() -> None:
     """uvloop makes aiortc's pure-Python SCTP much faster (see BENCHMARKS.md)."""
     with contextlib.suppress(ImportError):
@@ -263,7 +257,6 @@ def run_daemon(settings: AgentSettings, *, verbose: bool = False) -> int:
         return EX_CONFIG
     except MvpError as exc:
         log_event(log, logging.ERROR, "start-failed", "mvpd cannot run: %s", exc)
-        print(f"mvpd: {exc}", file=sys.stderr) if not sys.stderr.isatty() else None
         return 1
     except KeyboardInterrupt:
         pass

@@ -774,6 +774,7 @@ class PeerSession:
                 "closed pipes": {"mode": "pipe", "open": False, **self.closed_pipes.as_dict()},
             },
             "candidates_ignored": self.candidates_ignored,
+            "signaling_dropped": self.inbox_dropped,
             "pending_candidates": len(self._pending_candidates),
         }
 

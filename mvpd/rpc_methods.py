@@ -187,6 +187,8 @@ class RpcMethods:
             dropped.update(counters["errors"])
             if counters["dropped_in"]:
                 dropped["receive-queue-full"] += counters["dropped_in"]
+        if snap["signaling_dropped"]:
+            dropped["signaling-backlog"] += snap["signaling_dropped"]
         inbox = self.inboxes.get(session.peer_id)
         if inbox is not None and inbox.dropped:
             dropped["inbox-full"] += inbox.dropped
