@@ -24,6 +24,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         # coturn's package enables a system service; the tests start their own relay.
         systemctl disable --now coturn >/dev/null 2>&1 || true
     fi
+    # Optional: headless Chromium for the browser-peer test (tests/browser skip without it).
+    if ! command -v chromium >/dev/null; then
+        echo "setup: installing chromium (optional, for tests/browser)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+            >/dev/null; } 2>/dev/null \
+            || echo "setup: note: chromium could not be installed; tests/browser will be skipped"
+    fi
 fi
 
 PY=${PYTHON:-python3}

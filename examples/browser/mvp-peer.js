@@ -182,6 +182,11 @@
 
   function onServerError(message) {
     const text = "server: " + message.code + (message.message ? ": " + message.message : "");
+    if (message.code === "offline" && message.about !== "offer") {
+      // Candidates and byes for a peer that is not there: the offer's error says it all.
+      log(text);
+      return;
+    }
     if (message.code === "offline" && message.about === "offer" && state.role === "offer") {
       // The daemon is not on the signaling server (yet): offer again in a moment.
       closePeerConnection();

@@ -63,9 +63,12 @@ def chat_both_ways(daemon: Daemon, page: Chromium) -> None:
 def test_browser_offers_to_the_daemon(
     daemons: Daemons, signal_server: SignalServer, browser: Browser
 ) -> None:
-    alice = daemons(DAEMON_ID)
+    # The page comes first: the server says alice is offline, and the page offers again
+    # until she is there.
     page = browser.open(signal=signal_server.url, id=BROWSER_ID, peer=DAEMON_ID, mode="chat",
                         offer="1", send="hello from the browser")
+    wait_page(page, "s.log.some(line => line.includes('is not connected'))", "a refused offer")
+    alice = daemons(DAEMON_ID)
     wait_page(page, "s.channel === 'open'", "the data channel to open")
     chat_both_ways(alice, page)
     assert alice.peers()[BROWSER_ID]["mode"] == "chat"
@@ -84,3 +87,19 @@ def test_daemon_offers_to_the_browser(
     # A bye from the daemon closes the page's connection at once.
     alice.ctl_ok("disconnect", BROWSER_ID)
     wait_page(page, "s.channel !== 'open' && s.connection === 'closed'", "the page to close")
+
+
+def test_page_comes_back_after_the_signaling_server_restarts(
+    daemons: Daemons, signal_server: SignalServer, browser: Browser
+) -> None:
+    alice = daemons(DAEMON_ID)
+    page = browser.open(signal=signal_server.url, id=BROWSER_ID)
+    wait_page(page, "s.signaling === 'registered'", "the page to register")
+    signal_server.kill()
+    wait_page(page, "s.signaling !== 'registered'", "the page to see the server go")
+    signal_server.start()  # same port
+    wait_page(page, "s.signaling === 'registered'", "the page to register again")
+    wait_until(lambda: alice.call("status")["signaling"]["state"] == "connected",
+               what="alice to reconnect")
+    alice.ctl_ok("connect", BROWSER_ID, "--timeout", "20")
+    wait_page(page, "s.channel === 'open'", "the data channel to open")
