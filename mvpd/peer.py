@@ -68,6 +68,10 @@ BYE_TIMEOUT = 2.0
 PC_CLOSE_TIMEOUT = 3.0
 #: aiortc's SCTP data channel payload protocol identifier for UTF-8 text.
 _PPID_STRING = 51
+#: Whether the loss of a chunk of a ``maxRetransmits=0`` channel (TUN mode) leaves the SCTP
+#: congestion window alone and its FORWARD-TSN chunks are
+#: not repeated for every SACK (see :func:`adapt_sctp_to_unreliable_channels`).
+ADJUST_UNRELIABLE_SCTP = True
 #: Liveness checks per ``peer_timeout`` (one every peer_timeout/5 s).
 LIVENESS_CHECKS_PER_TIMEOUT = 5
 #: Retransmissions of one liveness check (sent at 0, 0.5 and 1.5 s; given up at 3.5 s).
@@ -432,6 +436,7 @@ class PeerSession:
         self._remote_description_set = True
         self._remote_ufrag = _ice_ufrag(sdp)
         self._guard_text_decoding()
+        adapt_sctp_to_unreliable_channels(self._pc.sctp if self._pc is not None else None)
         pending, self._pending_candidates = self._pending_candidates, []
         for init in pending:
             await self._add_candidate(init)
@@ -777,6 +782,94 @@ class PeerSession:
             "signaling_dropped": self.inbox_dropped,
             "pending_candidates": len(self._pending_candidates),
         }
+
+
+def adapt_sctp_to_unreliable_channels(sctp: Any) -> None:
+    """Make aiortc's SCTP association ``sctp`` fit channels whose chunks are never resent
+    (``maxRetransmits=0``: TUN mode). Two changes, both inert while no such chunk is lost.
+
+    Congestion window: stop shrinking it when only such chunks went missing.
+
+    aiortc's SCTP reacts to every loss it infers from gap reports as RFC 4960 says: half the
+    window (no less than 4 chunks), once per round trip. On a link that loses packets at
+    random that keeps the window at a handful of chunks whatever the capacity (5 % loss,
+    40 ms RTT: ~5 chunks, ~1 Mbit/s). For the tunnel those losses are the inner traffic's
+    business: the IP flows inside have their own congestion control and recovery (no
+    TCP-over-TCP, and no congestion control over congestion control either, as with any
+    UDP-based VPN). So when a SACK reports losses and every lost chunk belongs to a
+    ``maxRetransmits=0`` channel, the window, slow-start threshold and fast-recovery state
+    are put back as they were before that SACK. A lost chunk of any other channel (chat,
+    json, bytes, pipes: resent until delivered) still halves the window, T3-rtx timeouts
+    still collapse it, and an association without such channels behaves exactly as before.
+
+    FORWARD-TSN: aiortc sends one (a packet of its own) for every SACK that arrives while the
+    peer has not yet acknowledged the abandoned chunks, and the peer answers each with a SACK:
+    one lost packet costs a round trip's worth of SACKs in FORWARD-TSNs, more than the data
+    itself under steady loss. The same FORWARD-TSN is now sent again only after a smoothed
+    round trip (a new one, for newly abandoned chunks, goes at once); the T3-rtx timer is kept
+    running meanwhile, so a lost FORWARD-TSN is still repeated.
+    """
+    if sctp is None or not ADJUST_UNRELIABLE_SCTP or getattr(sctp, "_mvpd_relaxed", False):
+        return
+    required = ("_receive_sack_chunk", "_maybe_abandon", "_transmit", "_cwnd",
+                "_partial_bytes_acked", "_fast_recovery_exit", "_fast_recovery_transmit",
+                "_update_advanced_peer_ack_point", "_forward_tsn_chunk", "_srtt",
+                "_t3_handle", "_t3_start")
+    if not all(hasattr(sctp, name) for name in required):
+        log.debug("this aiortc's SCTP differs; congestion control left as it is")
+        return
+    original_sack = sctp._receive_sack_chunk
+    original_abandon = sctp._maybe_abandon
+    original_update_ack_point = sctp._update_advanced_peer_ack_point
+    resent_loss = False
+    last_forward_tsn: int | None = None
+    last_forward_at = 0.0
+
+    def maybe_abandon(chunk: Any) -> bool:
+        nonlocal resent_loss
+        abandoned: bool = original_abandon(chunk)
+        if getattr(chunk, "_max_retransmits", None) != 0:
+            resent_loss = True  # a chunk of a reliable or partially reliable channel
+        return abandoned
+
+    async def receive_sack(chunk: Any) -> None:
+        nonlocal resent_loss
+        resent_loss = False
+        before = (sctp._cwnd, getattr(sctp, "_ssthresh", None), sctp._partial_bytes_acked)
+        recovering = sctp._fast_recovery_exit is not None
+        await original_sack(chunk)
+        if recovering or sctp._fast_recovery_exit is None or resent_loss:
+            return
+        # This SACK started a fast recovery for unreliable chunks only: undo it.
+        sctp._cwnd, ssthresh, sctp._partial_bytes_acked = before
+        if ssthresh is not None:
+            sctp._ssthresh = ssthresh
+        sctp._fast_recovery_exit = None
+        sctp._fast_recovery_transmit = False
+        sctp._mvpd_unreliable_losses_ignored += 1
+        await sctp._transmit()  # fill the window the reduction had closed
+
+    def update_advanced_peer_ack_point() -> None:
+        nonlocal last_forward_tsn, last_forward_at
+        original_update_ack_point()
+        forward = sctp._forward_tsn_chunk
+        if forward is None:
+            return
+        now = time.monotonic()
+        if forward.cumulative_tsn == last_forward_tsn and (
+            now - last_forward_at < (sctp._srtt or 0.0)
+        ):
+            sctp._forward_tsn_chunk = None  # the same one is still on its way
+            if sctp._t3_handle is None:
+                sctp._t3_start()  # repeats it should it be lost
+            return
+        last_forward_tsn, last_forward_at = forward.cumulative_tsn, now
+
+    sctp._maybe_abandon = maybe_abandon
+    sctp._receive_sack_chunk = receive_sack
+    sctp._update_advanced_peer_ack_point = update_advanced_peer_ack_point
+    sctp._mvpd_unreliable_losses_ignored = 0
+    sctp._mvpd_relaxed = True
 
 
 def _ice_connection(pc: Any) -> Any:
