@@ -20,7 +20,13 @@ import pytest
 
 from tests.browser.chromium import Chromium, find_chromium
 from tests.e2e import harness
-from tests.e2e.harness import Daemons, SignalServer, base_env
+from tests.e2e.harness import (
+    Daemons,
+    SignalServer,
+    base_env,
+    running_daemons,
+    running_signal_server,
+)
 from tests.netns import Namespace, namespace, require_netns
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,20 +71,14 @@ def lab(chromium_binary: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Names
 
 @pytest.fixture
 def signal_server(tmp_path: Path, lab: Namespace) -> Iterator[SignalServer]:
-    server = SignalServer(tmp_path)
-    try:
-        yield server.start(0)
-    finally:
-        server.stop()
+    with running_signal_server(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
 def daemons(tmp_path: Path, signal_server: SignalServer) -> Iterator[Daemons]:
-    factory = Daemons(tmp_path, signal_server.url)
-    try:
+    with running_daemons(tmp_path, signal_server.url) as factory:
         yield factory
-    finally:
-        factory.stop_all()
 
 
 @pytest.fixture

@@ -9,26 +9,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Daemon, Daemons, SignalServer, TurnServer
+from tests.e2e.harness import (
+    Daemon,
+    Daemons,
+    SignalServer,
+    TurnServer,
+    running_daemons,
+    running_signal_server,
+)
 
 
 @pytest.fixture
 def signal_server(tmp_path: Path) -> Iterator[SignalServer]:
-    server = SignalServer(tmp_path)
-    try:
-        yield server.start(0)
-    finally:
-        server.stop()
+    with running_signal_server(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
 def daemons(tmp_path: Path, signal_server: SignalServer) -> Iterator[Daemons]:
     """``daemons("alice", env={...})`` starts a daemon on the test's signaling server."""
-    factory = Daemons(tmp_path, signal_server.url)
-    try:
+    with running_daemons(tmp_path, signal_server.url) as factory:
         yield factory
-    finally:
-        factory.stop_all()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +381,23 @@ class TurnServer:
     def stop(self) -> None:
         if self.proc is not None:
             _stop_process(self.proc, grace=5)
+
+
+@contextlib.contextmanager
+def running_signal_server(workdir: Path) -> Iterator[SignalServer]:
+    """A signaling server on a free port for the length of the block."""
+    server = SignalServer(workdir)
+    try:
+        yield server.start(0)
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def running_daemons(workdir: Path, signaling_url: str) -> Iterator[Daemons]:
+    """A :class:`Daemons` factory whose daemons are all stopped when the block ends."""
+    factory = Daemons(workdir, signaling_url)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
