@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from tun_mvpd import tunnel_hosts  # noqa: E402
 from tun_udp_relay import iperf3  # noqa: E402
 
 #: Start-up code per variant, run before mvpd in both daemons.
@@ -78,33 +77,14 @@ def summarize(probe_file: Path) -> str:
 
 
 def measure(variant: str, mtu: int, seconds: float, impair: str, work: Path) -> str:
-    from tests.e2e_tun.harness import tun_lab
-
-    configs = {
-        "alice": f"tun:\n  address: 10.77.0.1/24\n  mtu: {mtu}\n",
-        "bob": f"tun:\n  address: 10.77.0.2/24\n  mtu: {mtu}\n",
-    }
     # Both daemons write to it; the sender's association is told apart by its chunk count.
     probe_a = work / f"{variant}-{mtu}-{'lossy' if impair else 'clean'}.jsonl"
     probe_a.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mvp-bench-") as tmp, tun_lab(
-        Path(tmp), ["alice", "bob"], configs, mvpd=daemon_command(variant, probe_a),
-        impairable=bool(impair),
-    ) as lab:
-        lab.connect("alice", "bob")
-        if impair:
-            lab.impair(impair)
-        a, b = lab["alice"].ns, lab["bob"].ns
-        server = b.popen("iperf3", "-s", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            a.run("ping", "-c", "3", "-i", "0.2", "-w", "15", "10.77.0.2", timeout=30)
-            before = nstat(a)
-            probe_a.unlink(missing_ok=True)
-            mbits = iperf3(a, "10.77.0.2", seconds)
-            after = nstat(a)
-        finally:
-            server.kill()
-            server.wait(5)
+    with tunnel_hosts(mtu, daemon_command(variant, probe_a), impair) as (a, _):
+        before = nstat(a)
+        probe_a.unlink(missing_ok=True)
+        mbits = iperf3(a, "10.77.0.2", seconds)
+        after = nstat(a)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     out = delta.get("TcpOutSegs", 0)
     retrans = delta.get("TcpRetransSegs", 0)

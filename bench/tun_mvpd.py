@@ -25,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,9 +43,13 @@ def daemon_command(batch: bool) -> tuple[str, ...]:
     return (sys.executable, "-c", setup + "from mvpd.cli import main; main()")
 
 
-def measure_tunnel(
-    mtu: int, batch: bool, seconds: float, impair: str = ""
-) -> tuple[float, float, float]:
+@contextlib.contextmanager
+def tunnel_hosts(
+    mtu: int, mvpd: tuple[str, ...], impair: str = ""
+) -> Iterator[tuple[Any, Any]]:
+    """Two namespaces, alice (10.77.0.1) and bob (10.77.0.2), joined by an mvpd tunnel at
+    ``mtu`` (their link impaired by ``impair``), with an iperf3 server on bob and one ping
+    through the tunnel done: yields the two namespaces."""
     from tests.e2e_tun.harness import tun_lab
 
     configs = {
@@ -51,8 +57,7 @@ def measure_tunnel(
         "bob": f"tun:\n  address: 10.77.0.2/24\n  mtu: {mtu}\n",
     }
     with tempfile.TemporaryDirectory(prefix="mvp-bench-") as tmp, tun_lab(
-        Path(tmp), ["alice", "bob"], configs, mvpd=daemon_command(batch),
-        impairable=bool(impair),
+        Path(tmp), ["alice", "bob"], configs, mvpd=mvpd, impairable=bool(impair),
     ) as lab:
         lab.connect("alice", "bob")
         if impair:
@@ -61,11 +66,18 @@ def measure_tunnel(
         server = b.popen("iperf3", "-s", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             a.run("ping", "-c", "3", "-i", "0.2", "-w", "15", "10.77.0.2", timeout=30)
-            rtt, mdev = ping(a, "10.77.0.2")
-            mbits = iperf3(a, "10.77.0.2", seconds)
+            yield a, b
         finally:
             server.kill()
             server.wait(5)
+
+
+def measure_tunnel(
+    mtu: int, batch: bool, seconds: float, impair: str = ""
+) -> tuple[float, float, float]:
+    with tunnel_hosts(mtu, daemon_command(batch), impair) as (a, _):
+        rtt, mdev = ping(a, "10.77.0.2")
+        mbits = iperf3(a, "10.77.0.2", seconds)
     return mbits, rtt, mdev
 
 
