@@ -118,7 +118,15 @@ class PipeStream(Protocol):
         ...
 
     async def write_eof(self) -> None:
-        """The client has no more data: tell the peer (end of stream)."""
+        """The client has no more data: tell the peer (end of stream). May return only once
+        the peer has taken everything; raise an :class:`MvpError` if it cannot."""
+        ...
+
+    async def wait_broken(self) -> MvpError:
+        """Return, with the error to report, as soon as the client's data can no longer reach
+        the peer (its end closed, the connection to it was lost), even while the client
+        writes nothing. Never returns for a pipe that works or ended cleanly; the server
+        cancels it when the stream ends."""
         ...
 
     async def close(self) -> None:
@@ -390,7 +398,13 @@ class _Subscription:
     pipe: PipeStream | None = None
     queue: asyncio.Queue[tuple[int, str, Any]] | None = None
     writer_task: asyncio.Task[None] | None = None
+    watch_task: asyncio.Task[None] | None = None
     read_done: bool = False
+    #: Why the stream failed (its ``error`` event was sent): said once, and to the
+    #: ``pipe.write``/``pipe.eof`` calls still waiting when it ends.
+    failure: Exception | None = None
+    #: The ``pipe.write``/``pipe.eof`` request being carried out.
+    writing: int | None = None
     write_done: bool = False
     ended: bool = False
 
@@ -667,6 +681,7 @@ class _Connection:
         else:
             sub.task = self._spawn(self._pump_pipe(sub))
             sub.writer_task = self._spawn(self._pipe_writer(sub))
+            sub.watch_task = self._spawn(self._watch_pipe(sub))
 
     async def _pump_messages(self, sub: _Subscription, messages: AsyncIterator[Message]) -> None:
         try:
@@ -684,17 +699,25 @@ class _Connection:
         sub.task = None
         await self._end(sub)
 
+    # A pipe's own failures (the peer went away) are told to the client; only a failure to
+    # write to the client itself (ConnectionClosed from _send) means the client is gone. The
+    # two are kept apart by never sending from inside the try that calls into the pipe.
+
     async def _pump_pipe(self, sub: _Subscription) -> None:
         assert sub.pipe is not None
-        try:
-            async for chunk in sub.pipe.read():
-                await self._send(event_message(sub.sub, "data", {"data": bytes(chunk)}))
-        except (asyncio.CancelledError, ConnectionClosed):
-            raise
-        except Exception as exc:
-            await self._stream_error(sub, exc)
-        else:
-            await self._send(event_message(sub.sub, "eof"))
+        chunks = sub.pipe.read()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._fail_stream(sub, exc)
+                return
+            await self._send(event_message(sub.sub, "data", {"data": bytes(chunk)}))
+        await self._send(event_message(sub.sub, "eof"))
         sub.read_done = True
         sub.task = None
         if sub.write_done:
@@ -704,6 +727,8 @@ class _Connection:
         assert sub.pipe is not None and sub.queue is not None
         while True:
             request_id, method, data = await sub.queue.get()
+            sub.writing = request_id
+            reply: dict[str, Any]
             try:
                 if sub.write_done:
                     raise BadRequest(f"pipe {sub.sub}: the writing side has already ended")
@@ -712,17 +737,39 @@ class _Connection:
                 else:
                     await sub.pipe.write_eof()
                     sub.write_done = True
-                await self._send(result_message(request_id, {}))
-            except (asyncio.CancelledError, ConnectionClosed):
+            except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if not isinstance(exc, MvpError | TimeoutError):
                     log.exception("pipe %s failed", method)
-                await self._send(error_message(request_id, exc))
+                reply = error_message(request_id, exc)
+            else:
+                reply = result_message(request_id, {})
+            await self._send(reply)
+            sub.writing = None
             if sub.write_done and sub.read_done:
                 sub.writer_task = None
                 await self._end(sub)
                 return
+
+    async def _watch_pipe(self, sub: _Subscription) -> None:
+        assert sub.pipe is not None
+        try:
+            error: Exception = await sub.pipe.wait_broken()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
+        sub.watch_task = None
+        await self._fail_stream(sub, error)
+
+    async def _fail_stream(self, sub: _Subscription, exc: Exception) -> None:
+        """The stream cannot go on: one ``error`` event, then ``end``."""
+        if sub.ended or sub.failure is not None:
+            return
+        sub.failure = exc
+        await self._stream_error(sub, exc)
+        await self._end(sub)
 
     async def _enqueue_pipe(self, req: Request, params: Any) -> None:
         sub = self._subs.get(params.sub)
@@ -737,6 +784,9 @@ class _Connection:
         data = params.data if isinstance(params, PipeWriteParams) else None
         # Awaiting here stops reading this connection while the pipe is backed up.
         await sub.queue.put((req.id, req.method, data))
+        if sub.ended:  # it ended while we waited for room: nobody will carry this out
+            reason = sub.failure or ConnectionClosed(f"pipe {sub.sub} has ended")
+            await self._send(error_message(req.id, reason))
 
     async def _stream_error(self, sub: _Subscription, exc: Exception) -> None:
         if not isinstance(exc, MvpError | TimeoutError):
@@ -749,7 +799,7 @@ class _Connection:
             return
         sub.ended = True
         current = asyncio.current_task()
-        for task in (sub.task, sub.writer_task):
+        for task in (sub.task, sub.writer_task, sub.watch_task):
             if task is not None and task is not current and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -760,6 +810,15 @@ class _Connection:
             except Exception:
                 log.exception("closing pipe %d failed", sub.sub)
         self._subs.pop(sub.sub, None)
+        if sub.queue is not None and not self._closing:
+            # Writes that were waiting get an answer too (clients may wait for each one).
+            unanswered = [sub.writing] if sub.writing is not None else []
+            while not sub.queue.empty():
+                unanswered.append(sub.queue.get_nowait()[0])
+            reason = sub.failure or ConnectionClosed(f"pipe {sub.sub} has ended")
+            for request_id in unanswered:
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send(error_message(request_id, reason))
         if notify and not self._closing:
             with contextlib.suppress(ConnectionClosed):
                 await self._send(event_message(sub.sub, "end"))

@@ -66,6 +66,10 @@ BYE_TIMEOUT = 2.0
 #: goes on in the background: with an unreachable TURN server aiortc waits ~63 s for the
 #: allocation's deletion to be confirmed, and a disconnect or a stop must not wait for that.
 PC_CLOSE_TIMEOUT = 3.0
+#: How long a pipe that closed under its user waits for the whole session to end too before
+#: it is taken for the peer closing just that pipe: a peer that disconnects or stops closes
+#: its channels a moment before the connection (or its bye) ends the session here.
+PIPE_END_GRACE = 1.0
 #: aiortc's SCTP data channel payload protocol identifier for UTF-8 text.
 _PPID_STRING = 51
 #: Whether the loss of a chunk of a ``maxRetransmits=0`` channel (TUN mode) leaves the SCTP
@@ -196,6 +200,7 @@ class PeerSession:
         #: Traffic of pipes that are gone, so status keeps counting it.
         self.closed_pipes = TransportCounters()
         self._closing = False
+        self._ended = asyncio.Event()
         self._close_task: asyncio.Future[None] | None = None
         self.failure: str | None = None
         self.inbox_dropped = 0
@@ -603,6 +608,19 @@ class PeerSession:
         with contextlib.suppress(ValueError):
             self._pipes_in.remove(transport)
 
+    async def pipe_end_reason(self, grace: float = PIPE_END_GRACE) -> str:
+        """Why a pipe to or from this peer stopped before its stream was complete: the
+        connection ended (``connection to bob lost: ...``), or the peer closed just that
+        pipe (its ``mvpctl pipe`` quit). Waits up to ``grace`` seconds to tell them apart."""
+        if not self._ended.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), grace)
+        if not self.state.is_final:
+            return f"{self.peer_id} closed the pipe before the end of the stream"
+        change = self.history[-1]
+        how = "lost" if change.state == PeerState.FAILED else "closed"
+        return f"connection to {self.peer_id} {how}: {change.reason}"
+
     # --- liveness --------------------------------------------------------------------------
 
     async def _watch_liveness(self, pc: Any) -> None:
@@ -702,6 +720,7 @@ class PeerSession:
         self.failure = reason if failed else None
         state = PeerState.FAILED if failed else PeerState.CLOSED
         self._set_state(state, reason)
+        self._ended.set()
         if not self._main_open.done():
             self._main_open.set_exception(PeerError(reason))
             self._main_open.exception()  # retrieved: nobody may be waiting

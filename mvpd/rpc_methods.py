@@ -70,35 +70,54 @@ class PeerInbox:
 class CorePipe:
     """A :class:`PipeStream` to one peer: what the client writes goes out on a pipe channel
     we open; what it reads comes from the next pipe channel the peer opens (its own
-    ``mvpctl pipe``). One channel per direction, so both sides may start at any moment."""
+    ``mvpctl pipe``). One channel per direction, so both sides may start at any moment.
+
+    Whatever stops a direction early (the peer's ``mvpctl pipe`` quit, the peer disconnected,
+    the connection was lost) becomes a :class:`PeerError` saying which, never a clean end."""
 
     def __init__(self, session: PeerSession, outgoing: PipeTransport) -> None:
         self.session = session
         self.outgoing = outgoing
         self.incoming: PipeTransport | None = None
 
+    async def _broken(self) -> PeerError:
+        return PeerError(await self.session.pipe_end_reason())
+
     async def read(self) -> AsyncIterator[bytes]:
         self.incoming = await self.session.wait_pipe()
         try:
             while chunk := await self.incoming.read(PIPE_READ_CHUNK):
                 yield chunk
-        except ConnectionClosed as exc:
-            raise PeerError(f"the pipe broke before the end of the stream: {exc}") from None
-        # Read to the end: the sending side's channel is done.
+        except ConnectionClosed:
+            raise await self._broken() from None
+        # Read to the end (the peer has our EOF-ACK): the sending side's channel is done.
         self.incoming.close()
 
     async def write(self, data: bytes) -> None:
-        await self.outgoing.write(data)
+        try:
+            await self.outgoing.write(data)
+        except ConnectionClosed:
+            raise await self._broken() from None
 
     async def write_eof(self) -> None:
-        await self.outgoing.write_eof()
+        """Send EOF and return once the peer's reader has taken the whole stream."""
+        try:
+            await self.outgoing.write_eof()
+            await self.outgoing.wait_eof_acknowledged()
+        except ConnectionClosed:
+            raise await self._broken() from None
+        self.outgoing.close()
+
+    async def wait_broken(self) -> MvpError:
+        await self.outgoing.wait_closed()
+        if self.outgoing.eof_acknowledged:
+            await asyncio.Event().wait()  # a complete stream: nothing to report, ever
+        return await self._broken()
 
     async def close(self) -> None:
-        # After EOF the reader closes our outgoing channel once it has everything; closing
-        # it here could cut data still in flight. Without EOF (the client went away) the
-        # peer must see a truncated stream, not a clean end: close now.
-        if not self.outgoing.eof_sent:
-            self.outgoing.close()
+        # The outgoing stream is complete or abandoned by now (the client went away): either
+        # way it ends here, and the peer sees a truncated stream unless it had our EOF.
+        self.outgoing.close()
         if self.incoming is not None and not self.incoming.at_eof:
             self.incoming.close()
 

@@ -36,6 +36,7 @@ from mvpd.proto.errors import (
     InvalidParams,
     MvpError,
     NotFound,
+    PeerError,
     RpcError,
     RpcTimeout,
     UnknownMethod,
@@ -253,6 +254,38 @@ def test_pipe_write_errors_and_wrong_subscriptions(server: ServerThread) -> None
         # Refused: "already ended", or "no subscription" once the echo's EOF ended the pipe.
         with pytest.raises((BadRequest, NotFound)):
             client.call("pipe.write", sub=pipe.sub, data=b"x")
+
+
+def test_a_pipe_closed_under_a_write_answers_it_instead_of_hanging(
+    server: ServerThread,
+) -> None:
+    # The pipe's own ConnectionClosed (its peer went away) used to be taken for the client
+    # leaving: no reply ever came and `mvpctl pipe` waited forever.
+    with Client.connect(server.path, timeout=10) as client:
+        client.call("connect", peer="bob")
+        pipe = client.open_pipe("bob")
+        with pytest.raises(MvpError, match="pipe closed"):
+            client.call("pipe.write", sub=pipe.sub, data=b"closed\n", reply_timeout=10)
+        assert client.call("status")["agent_id"] == "alice"  # the connection lives on
+
+
+def test_a_pipe_that_breaks_while_idle_ends_with_an_error_event(server: ServerThread) -> None:
+    with Client.connect(server.path, timeout=10) as client:
+        client.call("connect", peer="bob")
+        pipe = client.open_pipe("bob")
+        echo = server.handler.pipes[-1]
+        server.run(_set_result(echo.broken, PeerError("connection to bob lost: gone")))
+        with pytest.raises(RpcError, match="connection to bob lost: gone"):
+            for _ in pipe:
+                pass
+        assert client.next_event(pipe.sub, timeout=10).event == "end"
+        with pytest.raises(NotFound):
+            client.call("pipe.write", sub=pipe.sub, data=b"late")
+    assert server.handler.pipes_closed == 1
+
+
+async def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    future.set_result(value)
 
 
 def test_a_client_going_away_closes_its_streams(server: ServerThread) -> None:

@@ -5,12 +5,18 @@ Framing: every message starts with a one-byte type.
 * ``DATA`` (0x00) + payload bytes;
 * ``EOF`` (0x01): the sender will write no more (half close);
 * ``CREDIT`` (0x02) + 4-byte big-endian count: the receiver may take that many more payload
-  bytes.
+  bytes;
+* ``EOF-ACK`` (0x03): the receiver's reader has taken everything up to ``EOF``.
 
 Each side starts by granting :data:`DEFAULT_WINDOW` bytes and grants more only as its local
 reader consumes data, so a sender never overruns a receiver whose reader is slow or has not
 attached yet: the receiver buffers at most one window, the sender waits. The channel is
 reliable and ordered, so the stream is lossless and ``EOF`` arrives after the last data.
+
+Ending: a channel that closes before ``EOF`` is a truncated stream, never a clean end, for the
+reader (:class:`ConnectionClosed`). The writer learns that its reader took the whole stream
+from ``EOF-ACK``; a channel that closes before that means the far side went away (its reader
+quit, or the connection to it was lost) and the writer must say so, not report success.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ PIPE_LABEL = "mvp-pipe"
 FRAME_DATA = 0x00
 FRAME_EOF = 0x01
 FRAME_CREDIT = 0x02
+FRAME_EOF_ACK = 0x03
 
 #: Bytes a receiver is willing to buffer for its reader.
 DEFAULT_WINDOW = 1024 * 1024
@@ -73,11 +80,13 @@ class PipeTransport(Transport[bytes]):
         self._granted = 0  # bytes the peer may still send us
         self._consumed = 0  # bytes read since the last grant
         self._eof_received = False
+        self._eof_ack_sent = False
         self._data_event = asyncio.Event()
         # Sending.
         self._credit = 0
         self._credit_event = asyncio.Event()
         self._eof_sent = False
+        self._eof_acknowledged = False
         self._write_lock = asyncio.Lock()
         self.payload_in = 0
         self.payload_out = 0
@@ -95,6 +104,11 @@ class PipeTransport(Transport[bytes]):
         return self._eof_sent
 
     @property
+    def eof_acknowledged(self) -> bool:
+        """The peer's reader has taken everything we wrote, up to our EOF."""
+        return self._eof_acknowledged
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not read yet (never more than :attr:`window`)."""
         return self._buffered
@@ -103,6 +117,7 @@ class PipeTransport(Transport[bytes]):
         """Up to ``n`` bytes (any amount when ``n < 0``); ``b""`` at EOF."""
         while not self._buffer:
             if self._eof_received:
+                self._acknowledge_eof()
                 return b""
             if self.is_closed:
                 raise ConnectionClosed("the pipe closed before end of stream")
@@ -123,6 +138,16 @@ class PipeTransport(Transport[bytes]):
         while chunk := await self.read():
             parts.append(chunk)
         return b"".join(parts)
+
+    def _acknowledge_eof(self) -> None:
+        # Tells the writer that the stream arrived whole (see the module docstring).
+        if self._eof_ack_sent or not self.is_open:
+            return
+        self._eof_ack_sent = True
+        try:
+            self._send(bytes([FRAME_EOF_ACK]))
+        except (TransportError, ConnectionClosed) as exc:
+            log.debug("pipe %r: cannot acknowledge EOF: %s", self.label, exc)
 
     def _maybe_grant(self) -> None:
         # Grant in batches (a quarter window) so credit frames stay rare.
@@ -167,6 +192,9 @@ class PipeTransport(Transport[bytes]):
             _, amount = _CREDIT.unpack(data)
             self._credit += amount
             self._credit_event.set()
+        elif kind == FRAME_EOF_ACK and len(data) == 1 and self._eof_sent:
+            self._eof_acknowledged = True
+            self._credit_event.set()
         else:
             self.report_error("bad-frame", f"unknown pipe frame type {kind} ({len(data)} bytes)")
 
@@ -203,6 +231,16 @@ class PipeTransport(Transport[bytes]):
             await self.wait_writable()
             self._send(bytes([FRAME_EOF]))
             self._eof_sent = True
+
+    async def wait_eof_acknowledged(self) -> None:
+        """Wait until the peer's reader has taken the whole stream (after :meth:`write_eof`);
+        :class:`ConnectionClosed` if the channel closes first: the stream did not get there
+        whole."""
+        while not self._eof_acknowledged:
+            if self.is_closed:
+                raise ConnectionClosed("the pipe closed before the reader took the whole stream")
+            self._credit_event.clear()
+            await self._credit_event.wait()
 
     async def _wait_credit(self) -> None:
         while self._credit <= 0:

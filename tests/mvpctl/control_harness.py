@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from mvpd.control import Caller, ControlLimits, ControlServer
-from mvpd.proto.errors import NotFound, PeerError, RpcTimeout
+from mvpd.proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
 from mvpd.proto.rpc import (
     ConnectParams,
     Message,
@@ -41,6 +41,8 @@ class EchoPipe:
         self.owner = owner
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(4)
         self.closed = False
+        #: Set it (to an error) to break the pipe as a peer going away would.
+        self.broken: asyncio.Future[MvpError] = asyncio.get_running_loop().create_future()
 
     async def read(self) -> AsyncIterator[bytes]:
         while True:
@@ -52,10 +54,15 @@ class EchoPipe:
     async def write(self, data: bytes) -> None:
         if data == b"fail\n":
             raise PeerError("the channel broke")
+        if data == b"closed\n":  # what a pipe whose peer went away raises
+            raise ConnectionClosed("the pipe closed while waiting for the reader")
         await self.queue.put(data)
 
     async def write_eof(self) -> None:
         await self.queue.put(None)
+
+    async def wait_broken(self) -> MvpError:
+        return await self.broken
 
     async def close(self) -> None:
         self.closed = True
@@ -71,6 +78,7 @@ class FakeDaemon:
         self.inbox: dict[str, asyncio.Queue[Message]] = {}
         self.calls: list[tuple[str, Caller]] = []
         self.pipes_closed = 0
+        self.pipes: list[EchoPipe] = []
         self.streams_closed = 0
 
     async def rpc_status(self, params: NoParams, caller: Caller) -> StatusResult:
@@ -148,7 +156,8 @@ class FakeDaemon:
 
     async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> EchoPipe:
         self._peer(params.peer)
-        return EchoPipe(self)
+        self.pipes.append(EchoPipe(self))
+        return self.pipes[-1]
 
     async def rpc_reload(self, params: NoParams, caller: Caller) -> ReloadResult:
         return ReloadResult(applied=["log_level"], not_applied=["socket"])
