@@ -243,6 +243,12 @@ def format_status(status: dict[str, Any]) -> str:
         f"version    {status.get('version', '?')}",
         f"uptime     {_duration(float(status.get('uptime') or 0))}",
         f"signaling  {signaling.get('state', '?')} ({signaling.get('url', '?')})",
+    ]
+    refused = status.get("refused_offers") or {}
+    if refused:
+        detail = ", ".join(f"{reason} {count}" for reason, count in sorted(refused.items()))
+        lines.append(f"refused    {sum(refused.values())} offers ({detail})")
+    lines += [
         "",
         format_peers(list(status.get("peers") or [])),
     ]

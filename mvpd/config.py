@@ -227,6 +227,28 @@ class AgentSettings(BaseSettings):
         le=600,
         validation_alias=AliasChoices("MVPD_PEER_TIMEOUT", "peer_timeout"),
     )
+    #: Sessions answering an offer that may be setting up at once (not connected yet);
+    #: further offers are refused until some connect or time out.
+    max_pending_sessions: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        validation_alias=AliasChoices("MVPD_MAX_PENDING_SESSIONS", "max_pending_sessions"),
+    )
+    #: Offers one peer id may make per minute (a token bucket); further ones are refused.
+    offers_per_minute: float = Field(
+        default=6.0,
+        gt=0,
+        le=600,
+        validation_alias=AliasChoices("MVPD_OFFERS_PER_MINUTE", "offers_per_minute"),
+    )
+    #: Remote ICE candidates used per session (in the SDP and trickled); more are ignored.
+    max_remote_candidates: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        validation_alias=AliasChoices("MVPD_MAX_REMOTE_CANDIDATES", "max_remote_candidates"),
+    )
     signaling_server: SignalingServerSettings = Field(
         default_factory=SignalingServerSettings,
         validation_alias=AliasChoices("MVPD_SIGNALING_SERVER", "signaling_server"),
@@ -406,6 +428,9 @@ ENV_NAMES: dict[str, str] = {
     "auto_connect": "MVPD_AUTO_CONNECT",
     "connect_timeout": "MVPD_CONNECT_TIMEOUT",
     "peer_timeout": "MVPD_PEER_TIMEOUT",
+    "max_pending_sessions": "MVPD_MAX_PENDING_SESSIONS",
+    "offers_per_minute": "MVPD_OFFERS_PER_MINUTE",
+    "max_remote_candidates": "MVPD_MAX_REMOTE_CANDIDATES",
     "signaling_server": "MVPD_SIGNALING_SERVER__*",
     "peers": "MVPD_PEERS",
     "tun": "MVPD_TUN__*",

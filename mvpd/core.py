@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .admission import NOT_ALLOWED, PENDING, OfferAdmission, RateLimitedWarning
 from .config import AgentSettings
 from .logs import fields
 from .peer import PeerSession, PeerState, StateChange
@@ -147,6 +148,8 @@ class AgentCore:
         self._stopping = False
         self.refused_offers = 0
         self.ignored_messages = 0
+        self.admission = OfferAdmission(settings.max_pending_sessions, settings.offers_per_minute)
+        self._refusals = RateLimitedWarning(log, "offers refused")
         self._transport_hooks: list[TransportHook] = []
         self._connect_checks: list[ConnectCheck] = []
 
@@ -187,6 +190,7 @@ class AgentCore:
             task.cancel()
         for sub in list(self._subscribers):
             sub.close()
+        self._refusals.close()
 
     # --- sessions --------------------------------------------------------------------------
 
@@ -215,6 +219,7 @@ class AgentCore:
             "signaling": getattr(self.signaling, "state", "unknown"),
             "peers": {peer: s.snapshot() for peer, s in self._sessions.items()},
             "refused_offers": self.refused_offers,
+            "refused_offers_by_reason": dict(self.admission.refused),
             "ignored_messages": self.ignored_messages,
             "subscribers": [
                 {"kinds": sorted(s.kinds) if s.kinds else None, "dropped": s.dropped}
@@ -286,6 +291,7 @@ class AgentCore:
             on_state=self._on_session_state,
             on_transport=self._on_session_transport,
         )
+        session.add_state_listener(self._note_connected)
         self._sessions[peer] = session
         return session
 
@@ -413,18 +419,32 @@ class AgentCore:
 
     def _on_offer(self, peer: str, offer: Offer, session: PeerSession | None) -> None:
         if not self.settings.allows(peer):
-            self.refused_offers += 1
-            reason = "offer refused: this agent does not accept connections from you"
-            log.warning("refused an offer from %s: not in allowed_peers", peer,
-                        extra=fields(peer=peer, event="offer-refused"))
-            self.emit("offer-refused", peer, reason="not in allowed_peers")
-            self._spawn(self._send_quietly(Bye(sender=self.agent_id, to=peer, reason=reason)))
+            self.admission.count(NOT_ALLOWED)
+            self._refuse_offer(peer, NOT_ALLOWED, "this agent does not accept connections "
+                               "from you", "not in allowed_peers")
             return
         if self._stopping:
             return
-        if session is not None and not session.state.is_final and session.negotiated:
+        restart = session is not None and not session.state.is_final and session.negotiated
+        if session is None or session.state.is_final or restart:
+            # This offer would make a new peer connection (sockets): admitted first, so
+            # that a flood of offers cannot exhaust the daemon's descriptors.
+            refusal = self.admission.refusal(
+                peer, pending=self._pending_answers(), exempt=restart or self._named(peer)
+            )
+            if refusal == PENDING:
+                self._refuse_offer(peer, refusal, "too many connections are being set up "
+                                   "here; try again later",
+                                   f"{self.admission.max_pending} sessions pending")
+                return
+            if refusal is not None:
+                self._refuse_offer(peer, refusal, "too many offers from you; try again in a "
+                                   "minute", "over offers_per_minute")
+                return
+        if restart:
             # A fresh offer on a negotiated session: the peer restarted. aiortc cannot
             # renegotiate, so the old session goes and a new one answers.
+            assert session is not None
             log.info("peer %s sent a new offer; replacing its session", peer)
             del self._sessions[peer]
             self._spawn(session.close("the peer reconnected"))
@@ -432,6 +452,35 @@ class AgentCore:
         if session is None or session.state.is_final:
             session = self._new_session(peer, None)
         session.deliver(offer)
+
+    def _pending_answers(self) -> int:
+        """Sessions answering an offer that are not connected yet (our own offers are
+        local decisions and do not count)."""
+        return sum(
+            1 for s in self._sessions.values()
+            if s.state in (PeerState.NEW, PeerState.CONNECTING) and s.role != "offerer"
+        )
+
+    def _note_connected(self, session: PeerSession, change: StateChange) -> None:
+        if change.state == PeerState.CONNECTED:
+            self.admission.note_connected(session.peer_id)
+
+    def _named(self, peer: str) -> bool:
+        """Whether the configuration names ``peer`` (such peers are not held back by the
+        pending-session cap)."""
+        settings = self.settings
+        return peer in settings.peers or peer in settings.auto_connect or (
+            peer in settings.allowed_peers
+        )
+
+    def _refuse_offer(self, peer: str, reason: str, told: str, logged: str) -> None:
+        """Say bye with ``told``, count, emit and log (rate-limited) a refused offer."""
+        self.refused_offers += 1
+        self._refusals.warning(reason, "refused an offer from %s: %s", peer, logged,
+                               extra=fields(peer=peer, event="offer-refused"))
+        self.emit("offer-refused", peer, reason=logged)
+        bye = Bye(sender=self.agent_id, to=peer, reason=f"offer refused: {told}")
+        self._spawn(self._send_quietly(bye))
 
     def _on_server_error(self, error: Error) -> None:
         log.warning("signaling server error %s: %s", error.code, error.message)

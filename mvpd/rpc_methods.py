@@ -187,6 +187,7 @@ class RpcMethods:
                 url=self.settings.signaling_url, state=self._signaling_state()
             ),
             peers=self._peer_list(),
+            refused_offers=dict(self.core.admission.refused),
         )
 
     async def rpc_peers(self, params: NoParams, caller: Caller) -> list[PeerStatus]:
