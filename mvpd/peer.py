@@ -55,8 +55,8 @@ from .transports import (
 
 log = logging.getLogger(__name__)
 
-#: Remote candidates kept while waiting for the remote description. Far above what any
-#: browser sends (a few per interface); only a hostile peer reaches it.
+#: Candidate messages (end-of-candidates included) kept while waiting for the remote
+#: description; the candidates among them are bounded by ``max_remote_candidates`` anyway.
 MAX_PENDING_CANDIDATES = 512
 #: Signaling messages waiting for this session's worker.
 MAX_INBOX = 256
@@ -205,6 +205,9 @@ class PeerSession:
         self.failure: str | None = None
         self.inbox_dropped = 0
         self.candidates_ignored = 0
+        #: Remote candidates taken so far (SDP and trickled), at most max_remote_candidates.
+        self.remote_candidates = 0
+        self._candidates_capped = False
         for warning in settings.ice_warnings():
             self._log.debug("ICE servers: %s", warning)  # AgentCore.start logs them once
 
@@ -408,8 +411,9 @@ class PeerSession:
             raise PeerError("the offer has no data channel (m=application) section")
         self._start_worker()
         pc = self._new_pc()
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
-        await self._remote_description_applied(offer.sdp)
+        sdp = self._limit_candidates(offer.sdp)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self._remote_description_applied(sdp)
         await pc.setLocalDescription(await pc.createAnswer())
         if pc is self._pc and not self.state.is_final:
             await self._signal(
@@ -422,11 +426,15 @@ class PeerSession:
             state = pc.signalingState if pc is not None else "no offer"
             self._log.warning("peer %s: unexpected answer (%s) ignored", self.peer_id, state)
             return
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
-        await self._remote_description_applied(answer.sdp)
+        sdp = self._limit_candidates(answer.sdp)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        await self._remote_description_applied(sdp)
 
     async def handle_candidate(self, message: Candidate) -> None:
         """Add a trickled remote candidate, or queue it until the remote description."""
+        init = message.candidate
+        if init is not None and init.candidate.strip() and not self._take_candidates(1):
+            return
         if not self._remote_description_set:
             if len(self._pending_candidates) >= MAX_PENDING_CANDIDATES:
                 self.candidates_ignored += 1
@@ -436,6 +444,45 @@ class PeerSession:
             self._pending_candidates.append(message.candidate)
             return
         await self._add_candidate(message.candidate)
+
+    def _take_candidates(self, offered: int) -> int:
+        """How many of ``offered`` more remote candidates may be used: every candidate costs
+        connectivity checks to an address of the peer's choosing (RFC 8445 section 19.5.1),
+        so a session uses at most ``max_remote_candidates``; the rest are counted and
+        ignored. What remains: aioice forms a pair with each local candidate, paces new
+        checks 20 ms apart (its Ta) and retransmits each unanswered one up to 6 times until
+        ``connect_timeout`` ends the session; with the pending-session cap that bounds what
+        hostile offers can make us send."""
+        room = max(self.settings.max_remote_candidates - self.remote_candidates, 0)
+        taken = min(offered, room)
+        self.remote_candidates += taken
+        if taken < offered:
+            if not self._candidates_capped:
+                self._candidates_capped = True
+                self._log.warning(
+                    "peer %s: more than %d ICE candidates; ignoring the rest",
+                    self.peer_id, self.settings.max_remote_candidates,
+                    extra=fields(event="candidates-ignored"),
+                )
+            self.candidates_ignored += offered - taken
+        return taken
+
+    def _limit_candidates(self, sdp: str) -> str:
+        """``sdp`` with only the candidate lines :meth:`_take_candidates` allows (the first
+        ones: browsers list their best candidates first)."""
+        lines = sdp.splitlines(keepends=True)
+        offered = sum(1 for line in lines if line.startswith("a=candidate:"))
+        allowed = self._take_candidates(offered)
+        if allowed == offered:
+            return sdp
+        kept = []
+        for line in lines:
+            if line.startswith("a=candidate:"):
+                if allowed == 0:
+                    continue
+                allowed -= 1
+            kept.append(line)
+        return "".join(kept)
 
     async def _remote_description_applied(self, sdp: str) -> None:
         self._remote_description_set = True
@@ -798,6 +845,7 @@ class PeerSession:
                 "closed pipes": {"mode": "pipe", "open": False, **self.closed_pipes.as_dict()},
             },
             "candidates_ignored": self.candidates_ignored,
+            "remote_candidates": self.remote_candidates,
             "signaling_dropped": self.inbox_dropped,
             "pending_candidates": len(self._pending_candidates),
         }
