@@ -745,8 +745,8 @@ class _Connection:
                 reply = error_message(request_id, exc)
             else:
                 reply = result_message(request_id, {})
-            await self._send(reply)
             sub.writing = None
+            await self._send(reply)
             if sub.write_done and sub.read_done:
                 sub.writer_task = None
                 await self._end(sub)

@@ -108,3 +108,38 @@ def test_pipe_closed_before_eof_is_not_a_clean_end() -> None:
         await sb.close()
 
     run(body())
+
+
+def test_the_writer_learns_whether_its_reader_took_the_whole_stream() -> None:
+    async def body() -> None:
+        from mvpd.proto.errors import ConnectionClosed
+
+        sa, sb, _, _ = await connected_pair("bytes")
+        # Read to the end: EOF-ACK comes back only once the reader has taken EOF.
+        pa = await sa.open_pipe()
+        pb = await sb.wait_pipe(timeout=10)
+        await pa.write(b"whole")
+        await pa.write_eof()
+        acknowledged = asyncio.ensure_future(pa.wait_eof_acknowledged())
+        await asyncio.sleep(0.3)
+        assert not acknowledged.done() and not pa.eof_acknowledged
+        assert await pb.read_all() == b"whole"
+        await asyncio.wait_for(acknowledged, 10)
+        assert pa.eof_acknowledged
+        # The reader quits before reading everything: the writer hears it, not success.
+        pa2 = await sa.open_pipe()
+        pb2 = await sb.wait_pipe(timeout=10)
+        await pa2.write(b"cut")
+        await pa2.write_eof()
+        pb2.close()
+        try:
+            await asyncio.wait_for(pa2.wait_eof_acknowledged(), 10)
+        except ConnectionClosed:
+            pass
+        else:
+            raise AssertionError("a stream its reader never took must not count as delivered")
+        assert not pa2.eof_acknowledged
+        await sa.close()
+        await sb.close()
+
+    run(body())
