@@ -503,8 +503,9 @@ def pipe(
 ) -> None:
     """Pipe bytes to and from PEER, like netcat.
 
-    Stdin goes to PEER, PEER's bytes go to stdout; end of input is passed on. Exits
-    when both directions are done.
+    Stdin goes to PEER, PEER's bytes go to stdout; end of input is passed on. Exits 0
+    when both directions are done and PEER has read everything; 1, saying why, if the
+    other side ends first (its pipe, its daemon or the connection).
     """
     with _client(ctx, timeout=None) as client:
         if connect_first:

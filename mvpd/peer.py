@@ -207,7 +207,7 @@ class PeerSession:
         self.candidates_ignored = 0
         #: Remote candidates taken so far (SDP and trickled), at most max_remote_candidates.
         self.remote_candidates = 0
-        self._candidates_capped = False
+        self._warned: set[str] = set()
         for warning in settings.ice_warnings():
             self._log.debug("ICE servers: %s", warning)  # AgentCore.start logs them once
 
@@ -401,8 +401,9 @@ class PeerSession:
                              self.peer_id, self.local_id, self.peer_id)
                     return
             else:
-                self._log.warning("peer %s: unexpected offer in signaling state %s ignored",
-                            self.peer_id, self._pc.signalingState)
+                self._log.log(self._first_time("offer"),
+                              "peer %s: unexpected offer in signaling state %s ignored",
+                              self.peer_id, self._pc.signalingState)
                 return
         self.role = "answerer"
         self._set_state(PeerState.CONNECTING, "answering")
@@ -424,7 +425,8 @@ class PeerSession:
         pc = self._pc
         if pc is None or pc.signalingState != "have-local-offer":
             state = pc.signalingState if pc is not None else "no offer"
-            self._log.warning("peer %s: unexpected answer (%s) ignored", self.peer_id, state)
+            self._log.log(self._first_time("answer"),
+                          "peer %s: unexpected answer (%s) ignored", self.peer_id, state)
             return
         sdp = self._limit_candidates(answer.sdp)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
@@ -445,6 +447,14 @@ class PeerSession:
             return
         await self._add_candidate(message.candidate)
 
+    def _first_time(self, what: str) -> int:
+        """WARNING the first time ``what`` happens in this session, then DEBUG: a peer that
+        repeats itself must not flood the log."""
+        if what in self._warned:
+            return logging.DEBUG
+        self._warned.add(what)
+        return logging.WARNING
+
     def _take_candidates(self, offered: int) -> int:
         """How many of ``offered`` more remote candidates may be used: every candidate costs
         connectivity checks to an address of the peer's choosing (RFC 8445 section 19.5.1),
@@ -457,13 +467,10 @@ class PeerSession:
         taken = min(offered, room)
         self.remote_candidates += taken
         if taken < offered:
-            if not self._candidates_capped:
-                self._candidates_capped = True
-                self._log.warning(
-                    "peer %s: more than %d ICE candidates; ignoring the rest",
-                    self.peer_id, self.settings.max_remote_candidates,
-                    extra=fields(event="candidates-ignored"),
-                )
+            self._log.log(self._first_time("candidates"),
+                          "peer %s: more than %d ICE candidates; ignoring the rest",
+                          self.peer_id, self.settings.max_remote_candidates,
+                          extra=fields(event="candidates-ignored"))
             self.candidates_ignored += offered - taken
         return taken
 
