@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
 
@@ -106,7 +106,7 @@ def test_pipe_exits_non_zero_when_the_far_side_ends_mid_stream(
         if ending == "sender":
             # Whatever arrived stays, but a truncated stream is not reported as complete.
             assert receiver.received() == SENT
-        _log(f"{ending} {how}: survivor exited {code} after {took:.1f} s: {message.strip()}")
+        print(f"{ending} {how}: exited {code} after {took:.1f} s: {message.strip()}")
     finally:
         sender.stop()
         receiver.stop()
@@ -126,7 +126,3 @@ def test_a_complete_pipe_still_exits_zero(daemons: Daemons, tmp_path: Path) -> N
     finally:
         sender.stop()
         receiver.stop()
-
-
-def _log(line: Any) -> None:
-    print(line)
