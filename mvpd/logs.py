@@ -267,6 +267,15 @@ class SafeFormatter(logging.Formatter):
     """A formatter whose tracebacks and stacks are indented continuation lines with control
     characters escaped (the message itself was neutralised by :class:`RedactSecrets`)."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        # logging caches the traceback text on the record; another handler's formatter may
+        # have put its own, unescaped one there.
+        cached, record.exc_text = record.exc_text, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
     def formatException(self, ei: Any) -> str:
         return _indent_block(super().formatException(ei))
 

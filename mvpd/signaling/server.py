@@ -37,6 +37,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from ..config import EX_CONFIG, SignalingServerSettings, split_host_port
+from ..logs import setup_logging
 from ..proto.errors import ConfigError
 from ..proto.router import (
     LIVENESS_TIMEOUT,
@@ -362,6 +363,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="same as --log-level debug"
+    )
     return parser
 
 
@@ -386,11 +390,11 @@ def settings_from_args(args: argparse.Namespace) -> SignalingServerSettings:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mvpd.signaling.server`` (and ``mvpd signal``)."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.verbose:
+        args.log_level = "debug"
+    # The daemon's logging: the journal under systemd, stderr otherwise, with secrets masked
+    # and whatever came from the network neutralised.
+    setup_logging(args.log_level, verbose=args.log_level == "debug")
     try:
         settings = settings_from_args(args)
         server = SignalingServer(settings)
