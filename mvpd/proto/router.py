@@ -32,11 +32,12 @@ Who may register an id:
 * Tokens: an id listed in ``tokens`` registers only with its own token; any other id needs the
   shared ``token`` (when one is set). Both comparisons always run, in constant time. A bad
   token gets ``error bad-token`` and the connection is closed (4003): it has nothing else to do.
-* Failed registrations (bad token, id in use) are counted per source address (an IPv4
-  address, or an IPv6 /64) in a token bucket of ``failures_per_minute``; once it is empty,
-  every ``register`` from that source is answered ``error rate-limited`` and closed (1008)
-  without looking at the token, until the bucket refills. The table is bounded
-  (``max_sources``; the least recently failed source is forgotten first).
+* Bad tokens are counted per source address (an IPv4 address, or an IPv6 /64) in a token
+  bucket of ``failures_per_minute``; once it is empty, every ``register`` from that source is
+  answered ``error rate-limited`` and closed (1008) without looking at the token, until the
+  bucket refills. The table is bounded (``max_sources``; the least recently failed source is
+  forgotten first). Refusals for an id in use are not counted: they reveal nothing, and a
+  second agent misconfigured with the same id must not lock its neighbours out.
 * An id held by a live connection is never taken over: a newcomer proves at most the same
   token as the holder. On such a conflict the router asks the I/O layer to check the holder
   (:class:`CheckLiveness`: a WebSocket ping with a short deadline) and parks the claim. When
@@ -242,8 +243,11 @@ class SignalingRouter(Generic[ConnT]):
         self._by_id: dict[str, ConnT] = {}
         #: id -> the connection whose claim on it waits for a liveness check of the holder.
         self._claims: dict[str, ConnT] = {}
-        #: Failed registrations per source, least recently failed first.
+        #: Bad tokens per source, least recently failed first.
         self._failures: OrderedDict[str, TokenBucket] = OrderedDict()
+        #: When an ``id-in-use`` refusal was last logged at WARNING, per id (bounded like
+        #: ``_failures``): a duplicate agent retrying must not flood the log.
+        self._conflicts_logged: OrderedDict[str, float] = OrderedDict()
         self.stats = RouterStats()
 
     # --- queries ------------------------------------------------------------------------------
@@ -468,9 +472,18 @@ class SignalingRouter(Generic[ConnT]):
     ) -> list[Action[ConnT]]:
         state.closing = True
         self.stats.id_in_use += 1
-        self._failed(state.source, now,
-                     f"refused registration of {agent_id} from {state.source}: "
-                     "a live connection holds it")
+        last = self._conflicts_logged.get(agent_id)
+        loud = last is None or now - last >= 60.0
+        if loud:
+            self._conflicts_logged.pop(agent_id, None)
+            self._conflicts_logged[agent_id] = now
+            if len(self._conflicts_logged) > self.max_sources:
+                self._conflicts_logged.popitem(last=False)
+        logger.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "refused registration of %s from %s: a live connection holds it (%d so far)",
+            agent_id, state.source, self.stats.id_in_use,
+        )
         text = (
             f"{agent_id!r} is registered by another connection that is alive; stop the other "
             "agent using this id, or choose another agent_id"
@@ -485,8 +498,8 @@ class SignalingRouter(Generic[ConnT]):
         return bucket is None or bucket.available(now)
 
     def _failed(self, source: str, now: float, what: str) -> None:
-        """Count a failed registration from ``source``; log it while the source is not yet
-        throttled (afterwards its attempts are only counted)."""
+        """Count a bad token from ``source`` and log it (once throttled, a source's attempts
+        are refused before this and only counted)."""
         bucket = self._failures.pop(source, None)
         if bucket is None:
             if len(self._failures) >= self.max_sources:

@@ -273,13 +273,24 @@ def test_failed_registrations_are_throttled_per_source() -> None:
     assert r.stats.bad_tokens == 5 and r.stats.throttled == 1
 
 
-def test_refused_claims_on_a_live_id_count_as_failures() -> None:
+def test_id_conflicts_are_not_throttled_and_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A second agent with the same id keeps retrying: that must neither lock out other agents
+    at its address nor flood the log."""
+    caplog.set_level(logging.DEBUG, logger="mvpd.signaling.server")
     r = Router(failures_per_minute=2)
     reg(r, "real", "alice")
-    for i in range(2):
-        assert reg(r, f"a{i}", "alice", source="198.51.100.1") == [CheckLiveness("real")]
-        r.liveness_checked("real", True, 0.0)
-    assert sends(reg(r, "a3", "alice", source="198.51.100.1"))[0]["code"] == "rate-limited"
+    for i in range(10):
+        assert reg(r, f"a{i}", "alice", now=i, source="198.51.100.1") == [CheckLiveness("real")]
+        assert sends(r.liveness_checked("real", True, i), f"a{i}")[0]["code"] == "id-in-use"
+    assert sends(reg(r, "b", "bob", now=10, source="198.51.100.1"))[0]["type"] == "registered"
+    loud = [rec for rec in caplog.records
+            if rec.levelno == logging.WARNING and "holds it" in rec.getMessage()]
+    assert len(loud) == 1
+    reg(r, "late", "alice", now=70, source="198.51.100.1")
+    r.liveness_checked("real", True, 70)
+    assert len([rec for rec in caplog.records if rec.levelno == logging.WARNING]) == 2
 
 
 def test_the_failure_table_is_bounded() -> None:
