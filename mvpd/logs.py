@@ -15,9 +15,9 @@ Secrets never reach a handler: :class:`RedactSecrets` (installed by :func:`setup
 every handler) masks fields named like secrets and ``token=...``-style text in messages.
 
 Nothing from the network can forge a log line: the same filter escapes control characters
-(newlines, escape sequences, ...) in every message and string field, ``\n`` -> ``\\n``,
-``ESC`` -> ``\\x1b`` (see :func:`neutralise`), and caps their length; a traceback keeps its
-lines but each one is indented, so none can pass for a record of its own.
+(newlines, escape sequences, ...) in every message and string field, a newline becoming the
+two characters ``\\n`` and ESC ``\\x1b`` (see :func:`neutralise`), and caps their length; a
+traceback keeps its lines but each one is indented, so none can pass for a record of its own.
 
 A message that may repeat many times a second (drops, floods) goes through a
 :class:`RateLimitedLog`: the first one is logged, then one summary per interval with the count.
@@ -313,9 +313,9 @@ def _stderr_key(name: str) -> str:
 
 
 def _stderr_value(value: Any) -> str:
-    text = str(value)
+    text = neutralise(str(value), MAX_FIELD_CHARS)
     if not text or any(c.isspace() or c in "\"'=" or not c.isprintable() for c in text):
-        return repr(neutralise(text, MAX_FIELD_CHARS))
+        return "'" + text.replace("'", "\\'") + "'"
     return text
 
 

@@ -145,7 +145,6 @@ class TokenBucket:
             return True
         return False
 
-
     def available(self, now: float) -> bool:
         """Whether a token is there, without spending it."""
         return min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate) >= 1.0
@@ -154,7 +153,7 @@ class TokenBucket:
 @dataclass
 class _Connection:
     bucket: TokenBucket
-    #: Where it comes from (see :func:`source_key`), for throttling failed registrations.
+    #: Where it comes from (see :func:`source_key`), for throttling bad tokens.
     source: str
     agent_id: str | None = None
     #: An id this connection asked for while another live connection holds it.
@@ -175,7 +174,7 @@ class RouterStats:
     #: Registrations refused because a live connection holds the id.
     id_in_use: int = 0
     bad_tokens: int = 0
-    #: Registrations refused because their source failed too often.
+    #: Registrations refused because their source sent too many bad tokens.
     throttled: int = 0
     messages_in: int = 0
     messages_routed: int = 0
@@ -208,8 +207,8 @@ class SignalingRouter(Generic[ConnT]):
     ``token`` is one token every agent may present; ``tokens`` maps agent ids to their own
     tokens. With neither, registration is open. An id listed in ``tokens`` needs exactly its
     own token (the shared one does not register it); other ids need the shared token.
-    ``failures_per_minute`` and ``max_sources`` shape the per-source throttle of failed
-    registrations (see the module documentation).
+    ``failures_per_minute`` and ``max_sources`` shape the per-source throttle of bad tokens
+    (see the module documentation).
     """
 
     def __init__(
@@ -403,7 +402,7 @@ class SignalingRouter(Generic[ConnT]):
         if not self._source_may_try(state.source, now):
             state.closing = True
             self.stats.throttled += 1
-            text = "too many failed registrations from your address; try again in a minute"
+            text = "too many bad tokens from your address; try again in a minute"
             return [
                 self._error(conn, "rate-limited", text, about="register"),
                 Close(conn, CLOSE_POLICY, text),
@@ -481,7 +480,8 @@ class SignalingRouter(Generic[ConnT]):
                 self._conflicts_logged.popitem(last=False)
         logger.log(
             logging.WARNING if loud else logging.DEBUG,
-            "refused registration of %s from %s: a live connection holds it (%d so far)",
+            "refused registration of %s from %s: a live connection holds it "
+            "(%d such refusals so far)",
             agent_id, state.source, self.stats.id_in_use,
         )
         text = (
@@ -512,7 +512,7 @@ class SignalingRouter(Generic[ConnT]):
         if bucket.available(now):
             logger.warning("%s", what)
         else:
-            logger.warning("%s; throttling registrations from %s (over %d failures a minute)",
+            logger.warning("%s; throttling registrations from %s (over %d bad tokens a minute)",
                            what, source, self.failures_per_minute)
 
     def _route(
@@ -580,7 +580,7 @@ class SignalingRouter(Generic[ConnT]):
 
 
 def source_key(address: str | None) -> str:
-    """What failed registrations are counted under: an IPv4 address, the /64 of an IPv6
+    """What bad tokens are counted under: an IPv4 address, the /64 of an IPv6
     address (one host usually has a whole /64), or the text as given."""
     if not address:
         return "unknown"
