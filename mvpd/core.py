@@ -362,8 +362,9 @@ class AgentCore:
             except asyncio.CancelledError:
                 raise
             except SignalingRejected as exc:
-                log.error("the signaling server refused us: %s; sessions keep running", exc)
-                return
+                # Never final: a server (or whoever runs it) must not be able to take us off
+                # signaling for good with one message. Sessions keep running; read again.
+                log.warning("the signaling server refused us: %s; sessions keep running", exc)
             except Exception as exc:
                 log.warning("reading signaling failed: %s", exc)
             if self._stopping:

@@ -13,15 +13,25 @@ fields follow the message: ``... peer bob connected  peer=bob mode=chat event=co
 
 Secrets never reach a handler: :class:`RedactSecrets` (installed by :func:`setup_logging` on
 every handler) masks fields named like secrets and ``token=...``-style text in messages.
+
+Nothing from the network can forge a log line: the same filter escapes control characters
+(newlines, escape sequences, ...) in every message and string field, a newline becoming the
+two characters ``\\n`` and ESC ``\\x1b`` (see :func:`neutralise`), and caps their length; a
+traceback keeps its lines but each one is indented, so none can pass for a record of its own.
+
+A message that may repeat many times a second (drops, floods) goes through a
+:class:`RateLimitedLog`: the first one is logged, then one summary per interval with the count.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 try:  # systemd-python is optional; without it the journal still gets stderr (with levels).
@@ -49,6 +59,16 @@ _SECRET_TEXT = re.compile(
 )
 _URL_PASSWORD = re.compile(r"(?P<key>\b[a-z][a-z0-9+.-]*://[^\s/:@]*:)(?P<value>[^\s/@]+)(?=@)")
 _FIELD_NAME_BAD = re.compile(r"[^A-Z0-9_]")
+
+#: Longest message and longest string field kept in a record (the rest is cut, and the cut said).
+MAX_MESSAGE_CHARS = 4096
+MAX_FIELD_CHARS = 1024
+#: Characters escaped besides categories Cc (controls), Zl and Zp (line and paragraph
+#: separators): the bidirectional overrides and isolates, which can reorder what a terminal
+#: shows.
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI_CONTROLS}]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
@@ -124,31 +144,146 @@ def redact_text(text: str) -> str:
 
 
 class RedactSecrets(logging.Filter):
-    """Masks secrets before any handler sees a record: secret-named fields, and secret-looking
-    ``key=value`` text in the message (after %-formatting, so arguments are covered)."""
+    """Makes a record safe before any handler sees it: secrets masked (secret-named fields,
+    and secret-looking ``key=value`` text in the message, after %-formatting, so arguments
+    are covered), and the message and string fields neutralised (:func:`neutralise`): one
+    line each, whatever a peer or a server put in them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         values = record_fields(record)
         if values:
             setattr(record, FIELDS_ATTR, {
-                k: (REDACTED if k in SECRET_FIELDS else _redact_value(v))
+                k: (REDACTED if k in SECRET_FIELDS else _neutralise_value(_redact_value(v)))
                 for k, v in values.items()
             })
         try:
             message = record.getMessage()
         except Exception:  # a broken format string must not lose the record
             message = f"{record.msg!r} % {record.args!r}"
-        cleaned = redact_text(message)
+        cleaned = neutralise(redact_text(message))
         if cleaned != message or record.args:
             record.msg, record.args = cleaned, ()
         return True
+
+
+class RateLimitedLog:
+    """Logs the first of a run of like messages at once, then at most one summary per
+    ``interval`` seconds counting the ones held back: ``... (and 5528 more like it in the
+    last 10 s)``. The summary comes with the next message after the interval, or, inside an
+    event loop, by a timer at the end of the interval, so a burst that stops is still
+    reported. Keep one per place and subject (e.g. per peer session)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        interval: float = 10.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._clock = clock
+        self._window_start: float | None = None
+        #: Messages held back in the current interval, and the last of them.
+        self.suppressed = 0
+        self._last: tuple[int, str, tuple[object, ...], dict[str, Any]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def warning(self, msg: str, *args: object, **kwargs: Any) -> None:
+        """:meth:`log` at WARNING."""
+        kwargs.setdefault("stacklevel", 3)  # the caller's line, not this module's
+        self.log(logging.WARNING, msg, *args, **kwargs)
+
+    def log(self, level: int, msg: str, *args: object, **kwargs: Any) -> None:
+        """Log ``msg % args`` now, or count it for the next summary."""
+        kwargs.setdefault("stacklevel", 2)
+        now = self._clock()
+        if self._window_start is not None and now - self._window_start < self.interval:
+            self.suppressed += 1
+            self._last = (level, msg, args, kwargs)
+            self._arm_timer(self._window_start + self.interval - now)
+            return
+        self.flush()
+        self._window_start = now
+        self.logger.log(level, msg, *args, **kwargs)
+
+    def flush(self) -> None:
+        """Log the summary of what was held back, if anything was."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.suppressed or self._last is None:
+            return
+        level, msg, args, kwargs = self._last
+        count, self.suppressed, self._last = self.suppressed, 0, None
+        self._window_start = self._clock()
+        self.logger.log(level, msg + " (and %d more like it in the last %.0f s)",
+                        *args, count, self.interval, **kwargs)
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop: the summary comes with the next message
+        self._timer = loop.call_later(max(0.0, delay), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
 
 
 def _redact_value(value: Any) -> Any:
     return redact_text(value) if isinstance(value, str) else value
 
 
-class StderrFormatter(logging.Formatter):
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def neutralise(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` made safe for one log line: control characters, line separators and
+    bidirectional overrides escaped (``\\n``, ``\\x1b``, ``\\u202e``), and at most ``limit``
+    characters kept. Printable text, including non-ASCII letters, is left alone."""
+    if _UNSAFE.search(text):
+        # Backslashes are doubled only when something is escaped, so that ordinary paths and
+        # regexes read as before while an escape can never be faked by the text itself.
+        text = _UNSAFE.sub(_escape, text.replace("\\", "\\\\"))
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return text
+
+
+def _neutralise_value(value: Any) -> Any:
+    return neutralise(value, MAX_FIELD_CHARS) if isinstance(value, str) else value
+
+
+class SafeFormatter(logging.Formatter):
+    """A formatter whose tracebacks and stacks are indented continuation lines with control
+    characters escaped (the message itself was neutralised by :class:`RedactSecrets`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        # logging caches the traceback text on the record; another handler's formatter may
+        # have put its own, unescaped one there.
+        cached, record.exc_text = record.exc_text, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
+    def formatException(self, ei: Any) -> str:
+        return _indent_block(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indent_block(super().formatStack(stack_info))
+
+
+class StderrFormatter(SafeFormatter):
     """``TIME LEVEL logger: message  peer=bob event=connected``.
 
     With ``syslog_prefix`` (stderr captured by journald without systemd-python) the line starts
@@ -178,8 +313,16 @@ def _stderr_key(name: str) -> str:
 
 
 def _stderr_value(value: Any) -> str:
-    text = str(value)
-    return repr(text) if not text or any(c.isspace() or c in "\"'=" for c in text) else text
+    text = neutralise(str(value), MAX_FIELD_CHARS)
+    if not text or any(c.isspace() or c in "\"'=" or not c.isprintable() for c in text):
+        return "'" + text.replace("'", "\\'") + "'"
+    return text
+
+
+def _indent_block(text: str) -> str:
+    """A traceback or stack as continuation lines: control characters escaped in each line and
+    every line indented, so text quoted in an exception cannot start a line of its own."""
+    return "\n".join("  | " + neutralise(line) for line in text.splitlines())
 
 
 def priority(levelno: int) -> int:
@@ -270,7 +413,7 @@ def setup_logging(
     handler: logging.Handler
     if use_journal:
         handler = JournalHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(SafeFormatter("%(message)s"))
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(StderrFormatter(syslog_prefix=stream is None and stderr_is_journal()))

@@ -41,7 +41,7 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.sdp import candidate_from_sdp
 
 from .config import AgentSettings
-from .logs import FieldsAdapter, fields
+from .logs import FieldsAdapter, RateLimitedLog, fields
 from .proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
 from .proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
 from .transports import (
@@ -204,6 +204,7 @@ class PeerSession:
         self._close_task: asyncio.Future[None] | None = None
         self.failure: str | None = None
         self.inbox_dropped = 0
+        self._inbox_drop_log = RateLimitedLog(self._log)
         self.candidates_ignored = 0
         #: Remote candidates taken so far (SDP and trickled), at most max_remote_candidates.
         self.remote_candidates = 0
@@ -357,8 +358,8 @@ class PeerSession:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
             self.inbox_dropped += 1
-            self._log.warning("peer %s: too many signaling messages; dropped a %s",
-                        self.peer_id, message.type)
+            self._inbox_drop_log.warning("peer %s: too many signaling messages; dropped a %s",
+                                         self.peer_id, message.type)
 
     async def _run_inbox(self) -> None:
         while not self._closing:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -106,12 +108,6 @@ def test_field_names_follow_journal_rules() -> None:
     assert logs.field_name("2fa") == "F_2FA"
 
 
-def test_syslog_prefix_when_stderr_goes_to_journald() -> None:
-    formatter = logs.StderrFormatter(syslog_prefix=True)
-    record = logging.LogRecord("mvpd", logging.ERROR, __file__, 1, "a\nb", (), None)
-    assert formatter.format(record) == "<3>mvpd: a\n<3>b"
-
-
 def test_under_systemd_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INVOCATION_ID", raising=False)
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
@@ -125,3 +121,165 @@ def test_under_systemd_detection(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_level_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         setup_logging("loud", journal=False, stream=io.StringIO())
+
+
+# --- nothing from the network forges a line ----------------------------------------------------
+
+HOSTILE = "x\nFAKE LINE\x1b[31m"
+
+
+def test_a_hostile_bye_reason_stays_on_one_line_on_stderr(stream: io.StringIO) -> None:
+    log = logging.getLogger("mvpd.peer")
+    log_event(log, logging.INFO, "peer-closed", "peer %s: closed (%s)", "bob",
+              f"bob said bye: {HOSTILE}", peer="bob", reason=HOSTILE)
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and "\x1b" not in text
+    line = text.rstrip("\n")
+    assert line.endswith(
+        "mvpd.peer: peer bob: closed (bob said bye: x\\nFAKE LINE\\x1b[31m)"
+        "  peer=bob event=peer-closed reason='x\\nFAKE LINE\\x1b[31m'"
+    )
+
+
+def test_field_values_without_spaces_are_escaped_too(stream: io.StringIO) -> None:
+    log_event(logging.getLogger("t"), logging.INFO, "x", "m", about="a\x1b]0;owned\x07")
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and text.count("\n") == 1
+
+
+def test_exception_text_cannot_start_a_line(stream: io.StringIO) -> None:
+    try:
+        raise ValueError(f"bad sdp {HOSTILE}")
+    except ValueError:
+        logging.getLogger("mvpd.peer").exception("cannot handle offer")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith("mvpd.peer: cannot handle offer")
+    assert all(line.startswith("  | ") for line in lines[1:])
+    assert "\x1b" not in stream.getvalue()
+    assert not any(line.startswith("FAKE") for line in lines)
+
+
+def test_syslog_prefix_when_stderr_goes_to_journald_keeps_one_line_per_record() -> None:
+    formatter = logs.StderrFormatter(syslog_prefix=True)
+    handler = logging.StreamHandler(io.StringIO())
+    record = logging.LogRecord("mvpd", logging.ERROR, __file__, 1, "%s", (HOSTILE,), None)
+    logs.RedactSecrets().filter(record)
+    handler.setFormatter(formatter)
+    assert formatter.format(record) == "<3>mvpd: x\\nFAKE LINE\\x1b[31m"
+
+
+class FakeJournal:
+    """Stands in for systemd.journal: records what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, message: str, **fields: Any) -> None:
+        self.sent.append({"MESSAGE": message, **fields})
+
+
+def test_the_journal_gets_the_same_neutralised_message_and_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    journal = FakeJournal()
+    monkeypatch.setattr(logs, "_sd_journal", journal)
+    root = logging.getLogger()
+    old_level = root.level
+    setup_logging("info", journal=True)
+    try:
+        log_event(logging.getLogger("mvpd.peer"), logging.INFO, "peer-closed",
+                  "peer %s: closed (%s)", "bob", f"bob said bye: {HOSTILE}", peer="bob",
+                  reason=HOSTILE)
+    finally:
+        for handler in list(logs._installed):
+            root.removeHandler(handler)
+        logs._installed.clear()
+        root.setLevel(old_level)
+    [entry] = journal.sent
+    assert entry["MESSAGE"] == "peer bob: closed (bob said bye: x\\nFAKE LINE\\x1b[31m)"
+    assert entry["REASON"] == "x\\nFAKE LINE\\x1b[31m"
+    assert (entry["PEER_ID"], entry["EVENT"]) == ("bob", "peer-closed")
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("plain ascii, é ✓ and C:\\path", "plain ascii, é ✓ and C:\\path"),
+        ("a\r\nb\tc", "a\\r\\nb\\tc"),
+        ("\x00\x7f\x9b", "\\x00\\x7f\\x9b"),
+        ("line\u2028sep", "line\\u2028sep"),
+        ("rtl \u202eevil", "rtl \\u202eevil"),
+        # a backslash cannot fake an escape once something is escaped
+        ("\\n\n", "\\\\n\\n"),
+    ],
+)
+def test_neutralise(raw: str, clean: str) -> None:
+    assert logs.neutralise(raw) == clean
+
+
+def test_neutralise_caps_length() -> None:
+    text = logs.neutralise("a" * 5000, limit=100)
+    assert text == "a" * 100 + "... (4900 more characters)"
+
+
+# --- RateLimitedLog ------------------------------------------------------------------------------
+
+
+def test_rate_limited_log_first_then_one_summary_per_interval(stream: io.StringIO) -> None:
+    now = [0.0]
+    limited = logs.RateLimitedLog(logging.getLogger("mvpd.drop"), 10.0, clock=lambda: now[0])
+    for i in range(5529):
+        now[0] = i * 0.001  # 5.5 s of drops
+        limited.warning("dropped a %s", "candidate")
+    assert stream.getvalue().count("\n") == 1
+    now[0] = 10.5
+    limited.warning("dropped a %s", "offer")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].endswith("mvpd.drop: dropped a candidate")
+    assert lines[1].endswith("dropped a candidate (and 5528 more like it in the last 10 s)")
+    assert lines[2].endswith("dropped a offer")
+
+
+def test_rate_limited_log_reports_a_burst_that_stops_inside_an_event_loop(
+    stream: io.StringIO,
+) -> None:
+    async def main() -> None:
+        limited = logs.RateLimitedLog(logging.getLogger("mvpd.drop"), 0.2)
+        for _ in range(100):
+            limited.warning("dropped one")
+        await asyncio.sleep(0.4)
+
+    asyncio.run(main())
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[1].endswith("dropped one (and 99 more like it in the last 0 s)")
+
+
+def test_peer_inbox_overflow_logs_once_and_still_counts(stream: io.StringIO) -> None:
+    """A peer flooding signaling messages gets one warning and a summary, not one each."""
+    from mvpd.config import AgentSettings
+    from mvpd.peer import PeerSession
+    from mvpd.proto.signaling import Candidate, RoutedMessage
+
+    async def main() -> int:
+        async def send_signal(message: RoutedMessage) -> None:
+            return None
+
+        settings = AgentSettings(agent_id="alice", _env_file=None)
+        session = PeerSession(settings, "bob", send_signal=send_signal)
+        session._inbox_drop_log.interval = 1.0
+        candidate = Candidate(sender="bob", to="alice", candidate=None)
+        for _ in range(6000):  # synchronous: the worker gets no chance to drain
+            session.deliver(candidate)
+        dropped = session.inbox_dropped
+        await asyncio.sleep(1.3)
+        await session.close("test over")
+        return dropped
+
+    dropped = asyncio.run(main())
+    assert dropped > 5000
+    drops = [line for line in stream.getvalue().splitlines() if "too many signaling" in line]
+    assert len(drops) == 2
+    assert drops[1].endswith(f"dropped a candidate (and {dropped - 1} more like it in the "
+                             "last 1 s)  peer=bob")

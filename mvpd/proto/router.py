@@ -21,20 +21,40 @@ Policy, in the order it is applied to each frame:
    connection that keeps sending through ``flood_close_after`` drops in a row is closed;
 3. parsing: malformed frames get ``error bad-message``, unknown types ``error unknown-type``;
    the connection stays open;
-4. ``register``: tokens are checked in constant time; a bad token gets ``error bad-token`` and a
-   close; a second registration of an id replaces the first, whose connection is told
-   (``error replaced``) and closed; success is answered with ``registered``;
+4. ``register``: see *Who may register an id* below; success is answered with
+   ``registered``;
 5. ``offer``/``answer``/``candidate``/``bye``: refused before ``register``
    (``error not-registered``); ``from`` is overwritten with the sender's registered id; a
    target that is not connected gets ``error offline`` with ``peer`` set.
+
+Who may register an id:
+
+* Tokens: an id listed in ``tokens`` registers only with its own token; any other id needs the
+  shared ``token`` (when one is set). Both comparisons always run, in constant time. A bad
+  token gets ``error bad-token`` and the connection is closed (4003): it has nothing else to do.
+* Bad tokens are counted per source address (an IPv4 address, or an IPv6 /64) in a token
+  bucket of ``failures_per_minute``; once it is empty, every ``register`` from that source is
+  answered ``error rate-limited`` and closed (1008) without looking at the token, until the
+  bucket refills. The table is bounded (``max_sources``; the least recently failed source is
+  forgotten first). Refusals for an id in use are not counted: they reveal nothing, and a
+  second agent misconfigured with the same id must not lock its neighbours out.
+* An id held by a live connection is never taken over: a newcomer proves at most the same
+  token as the holder. On such a conflict the router asks the I/O layer to check the holder
+  (:class:`CheckLiveness`: a WebSocket ping with a short deadline) and parks the claim. When
+  the I/O layer reports back (:meth:`SignalingRouter.liveness_checked`), a live holder keeps
+  the id and the newcomer gets ``error id-in-use`` and a close (4010); a holder that did not
+  answer is told ``error replaced``, closed (4009), and the newcomer is registered. That lets
+  a restarted daemon come back while its old TCP connection is half dead. One claim per id is
+  checked at a time; further claimants meanwhile get ``id-in-use`` at once.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeAlias, TypeVar
@@ -57,17 +77,22 @@ logger = logging.getLogger("mvpd.signaling.server")
 
 ConnT = TypeVar("ConnT", bound=Hashable)
 
-#: WebSocket close codes the router uses. 4003 and 4009 are ours (like HTTP 403 and 409):
-#: a client that sees them must not reconnect with the same credentials.
+#: WebSocket close codes the router uses. 4003, 4009 and 4010 are ours (like HTTP 403 and
+#: 409): the registration was refused; a client retries later, slowly.
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_BAD_TOKEN = 4003
 CLOSE_REPLACED = 4009
-#: Close codes after which reconnecting is pointless.
-PERMANENT_CLOSE_CODES = frozenset({CLOSE_BAD_TOKEN, CLOSE_REPLACED})
-#: Error codes after which reconnecting is pointless.
-PERMANENT_ERROR_CODES = frozenset({"bad-token", "replaced", "id-taken"})
+CLOSE_ID_IN_USE = 4010
+#: Error codes that say our id is held by another connection (``id-taken`` is an older
+#: spelling some servers use).
+ID_CONFLICT_ERROR_CODES = frozenset({"replaced", "id-in-use", "id-taken"})
+#: Close codes with the same meaning as :data:`ID_CONFLICT_ERROR_CODES`.
+ID_CONFLICT_CLOSE_CODES = frozenset({CLOSE_REPLACED, CLOSE_ID_IN_USE})
+#: Seconds a ``register`` waits for the holder of its id to answer a liveness check, by
+#: default (the I/O layer owns the clock; this is its default).
+LIVENESS_TIMEOUT = 3.0
 
 #: A close reason must fit in a control frame (123 bytes of UTF-8).
 _MAX_REASON_BYTES = 123
@@ -90,7 +115,15 @@ class Close(Generic[ConnT]):
     reason: str
 
 
-Action: TypeAlias = Send[ConnT] | Close[ConnT]
+@dataclass(frozen=True)
+class CheckLiveness(Generic[ConnT]):
+    """Find out whether ``conn`` still answers (a WebSocket ping with a short deadline), then
+    call :meth:`SignalingRouter.liveness_checked` with the answer."""
+
+    conn: ConnT
+
+
+Action: TypeAlias = Send[ConnT] | Close[ConnT] | CheckLiveness[ConnT]
 
 
 @dataclass
@@ -112,11 +145,19 @@ class TokenBucket:
             return True
         return False
 
+    def available(self, now: float) -> bool:
+        """Whether a token is there, without spending it."""
+        return min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate) >= 1.0
+
 
 @dataclass
 class _Connection:
     bucket: TokenBucket
+    #: Where it comes from (see :func:`source_key`), for throttling bad tokens.
+    source: str
     agent_id: str | None = None
+    #: An id this connection asked for while another live connection holds it.
+    claiming: str | None = None
     #: Frames dropped by the rate limit since the last accepted one.
     dropped_in_row: int = 0
     #: A Close was issued: ignore whatever else arrives.
@@ -130,6 +171,11 @@ class RouterStats:
     connections_total: int = 0
     registrations: int = 0
     replaced: int = 0
+    #: Registrations refused because a live connection holds the id.
+    id_in_use: int = 0
+    bad_tokens: int = 0
+    #: Registrations refused because their source sent too many bad tokens.
+    throttled: int = 0
     messages_in: int = 0
     messages_routed: int = 0
     routed_by_type: Counter[str] = field(default_factory=Counter)
@@ -143,6 +189,9 @@ class RouterStats:
             "connections_total": self.connections_total,
             "registrations": self.registrations,
             "replaced": self.replaced,
+            "id_in_use": self.id_in_use,
+            "bad_tokens": self.bad_tokens,
+            "throttled": self.throttled,
             "messages_in": self.messages_in,
             "messages_routed": self.messages_routed,
             "routed_by_type": dict(self.routed_by_type),
@@ -156,9 +205,10 @@ class SignalingRouter(Generic[ConnT]):
     """Registrations, routing and limits for one signaling server (no I/O).
 
     ``token`` is one token every agent may present; ``tokens`` maps agent ids to their own
-    tokens. With neither, registration is open. With either, a ``register`` is accepted when
-    its token equals the agent's own token or the shared one; ids missing from ``tokens`` need
-    the shared token.
+    tokens. With neither, registration is open. An id listed in ``tokens`` needs exactly its
+    own token (the shared one does not register it); other ids need the shared token.
+    ``failures_per_minute`` and ``max_sources`` shape the per-source throttle of bad tokens
+    (see the module documentation).
     """
 
     def __init__(
@@ -170,9 +220,13 @@ class SignalingRouter(Generic[ConnT]):
         rate: float = 50.0,
         burst: int = 200,
         flood_close_after: int | None = None,
+        failures_per_minute: int = 5,
+        max_sources: int = 10_000,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
+        if failures_per_minute < 1 or max_sources < 1:
+            raise ValueError("failures_per_minute and max_sources must be >= 1")
         self._token = token.encode("utf-8") if token else None
         self._tokens = {k: v.encode("utf-8") for k, v in (tokens or {}).items()}
         self.max_message_size = max_message_size
@@ -182,8 +236,17 @@ class SignalingRouter(Generic[ConnT]):
         self.flood_close_after = (
             flood_close_after if flood_close_after is not None else max(20, burst)
         )
+        self.failures_per_minute = failures_per_minute
+        self.max_sources = max_sources
         self._conns: dict[ConnT, _Connection] = {}
         self._by_id: dict[str, ConnT] = {}
+        #: id -> the connection whose claim on it waits for a liveness check of the holder.
+        self._claims: dict[str, ConnT] = {}
+        #: Bad tokens per source, least recently failed first.
+        self._failures: OrderedDict[str, TokenBucket] = OrderedDict()
+        #: When an ``id-in-use`` refusal was last logged at WARNING, per id (bounded like
+        #: ``_failures``): a duplicate agent retrying must not flood the log.
+        self._conflicts_logged: OrderedDict[str, float] = OrderedDict()
         self.stats = RouterStats()
 
     # --- queries ------------------------------------------------------------------------------
@@ -214,25 +277,53 @@ class SignalingRouter(Generic[ConnT]):
 
     # --- events -------------------------------------------------------------------------------
 
-    def connect(self, conn: ConnT, now: float = 0.0) -> list[Action[ConnT]]:
-        """A connection was opened."""
+    def connect(
+        self, conn: ConnT, now: float = 0.0, source: str | None = None
+    ) -> list[Action[ConnT]]:
+        """A connection was opened, from ``source`` (its remote address, when known)."""
         self._conns[conn] = _Connection(
-            bucket=TokenBucket(rate=self.rate, burst=self.burst, tokens=self.burst, updated=now)
+            bucket=TokenBucket(rate=self.rate, burst=self.burst, tokens=self.burst, updated=now),
+            source=source_key(source),
         )
         self.stats.connections_total += 1
         return []
 
     def disconnect(self, conn: ConnT) -> list[Action[ConnT]]:
-        """A connection is gone (for whatever reason); forget it and its registration."""
+        """A connection is gone (for whatever reason); forget it and its registration. A claim
+        waiting for this connection's id is granted at once."""
         state = self._conns.pop(conn, None)
-        if (
-            state is not None
-            and state.agent_id is not None
-            and self._by_id.get(state.agent_id) == conn
-        ):
-            del self._by_id[state.agent_id]
-            logger.info("unregistered %s", state.agent_id)
-        return []
+        if state is None:
+            return []
+        if state.claiming is not None and self._claims.get(state.claiming) == conn:
+            del self._claims[state.claiming]
+        agent_id = state.agent_id
+        if agent_id is None or self._by_id.get(agent_id) != conn:
+            return []
+        del self._by_id[agent_id]
+        logger.info("unregistered %s", agent_id)
+        claimant = self._claims.pop(agent_id, None)
+        claim = self._conns.get(claimant) if claimant is not None else None
+        if claimant is None or claim is None or claim.closing:
+            return []
+        claim.claiming = None
+        return self._grant(claimant, claim, agent_id)
+
+    def liveness_checked(self, conn: ConnT, alive: bool, now: float) -> list[Action[ConnT]]:
+        """The answer to a :class:`CheckLiveness` of ``conn``: ``alive`` when it answered in
+        time. Settles the claim waiting for ``conn``'s id."""
+        state = self._conns.get(conn)
+        agent_id = state.agent_id if state is not None else None
+        if state is None or agent_id is None or self._by_id.get(agent_id) != conn:
+            return []  # gone meanwhile: disconnect() settled the claim
+        claimant = self._claims.pop(agent_id, None)
+        claim = self._conns.get(claimant) if claimant is not None else None
+        if claimant is None or claim is None or claim.closing:
+            return []
+        claim.claiming = None
+        if alive:
+            return self._refuse_in_use(claimant, claim, agent_id, now)
+        actions = self._replace(conn, state, agent_id)
+        return actions + self._grant(claimant, claim, agent_id)
 
     def receive(self, conn: ConnT, data: str | bytes, now: float) -> list[Action[ConnT]]:
         """One frame arrived on ``conn`` at time ``now``; return what to do about it.
@@ -287,7 +378,7 @@ class SignalingRouter(Generic[ConnT]):
             return [self._error(conn, "bad-message", exc.message)]
 
         if isinstance(message, Register):
-            return self._register(conn, state, message)
+            return self._register(conn, state, message, now)
         if isinstance(message, Offer | Answer | Candidate | Bye):
             return self._route(conn, state, message, data)
         return [
@@ -301,51 +392,128 @@ class SignalingRouter(Generic[ConnT]):
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _register(self, conn: ConnT, state: _Connection, message: Register) -> list[Action[ConnT]]:
+    def _register(
+        self, conn: ConnT, state: _Connection, message: Register, now: float
+    ) -> list[Action[ConnT]]:
         agent_id = message.id
+        if state.claiming is not None:
+            return [self._error(conn, "bad-message", "a registration is already pending",
+                                about="register")]
+        if not self._source_may_try(state.source, now):
+            state.closing = True
+            self.stats.throttled += 1
+            text = "too many bad tokens from your address; try again in a minute"
+            return [
+                self._error(conn, "rate-limited", text, about="register"),
+                Close(conn, CLOSE_POLICY, text),
+            ]
         if not self._token_ok(agent_id, message.token):
             state.closing = True
+            self.stats.bad_tokens += 1
             reason = "missing token" if not message.token else "bad token"
-            logger.warning("refused registration of %s: %s", agent_id, reason)
+            self._failed(state.source, now,
+                         f"refused registration of {agent_id} from {state.source}: {reason}")
             return [
                 self._error(conn, "bad-token", f"{reason} for {agent_id!r}", about="register"),
                 Close(conn, CLOSE_BAD_TOKEN, _reason(f"{reason} for {agent_id!r}")),
             ]
-        actions: list[Action[ConnT]] = []
+        holder = self._by_id.get(agent_id)
+        if holder is None or holder == conn:
+            return self._grant(conn, state, agent_id)
+        held = self._conns.get(holder)
+        if held is None or held.closing:
+            # Already on its way out: nothing to check.
+            if held is not None:
+                held.agent_id = None
+            del self._by_id[agent_id]
+            return self._grant(conn, state, agent_id)
+        if agent_id in self._claims:
+            return self._refuse_in_use(conn, state, agent_id, now)
+        self._claims[agent_id] = conn
+        state.claiming = agent_id
+        logger.info("%s asked for by another connection; checking that its holder is alive",
+                    agent_id)
+        return [CheckLiveness(holder)]
+
+    def _grant(self, conn: ConnT, state: _Connection, agent_id: str) -> list[Action[ConnT]]:
         old_id = state.agent_id
         if old_id is not None and old_id != agent_id and self._by_id.get(old_id) == conn:
             # The same connection changes its id: the old one is free again.
             del self._by_id[old_id]
             logger.info("unregistered %s (re-registered as %s)", old_id, agent_id)
-        previous = self._by_id.get(agent_id)
-        if previous is not None and previous != conn:
-            old = self._conns.get(previous)
-            if old is not None:
-                old.closing = True
-                old.agent_id = None
-            self.stats.replaced += 1
-            logger.info("%s registered again; closing its older connection", agent_id)
-            actions.append(
-                self._error(
-                    previous,
-                    "replaced",
-                    f"a newer connection registered {agent_id!r}",
-                    peer=agent_id,
-                )
-            )
-            actions.append(
-                Close(
-                    previous,
-                    CLOSE_REPLACED,
-                    _reason(f"replaced by a newer connection for {agent_id!r}"),
-                )
-            )
         state.agent_id = agent_id
         self._by_id[agent_id] = conn
         self.stats.registrations += 1
         logger.info("registered %s", agent_id)
-        actions.append(Send(conn, Registered(id=agent_id).to_json()))
-        return actions
+        return [Send(conn, Registered(id=agent_id).to_json())]
+
+    def _replace(self, holder: ConnT, held: _Connection, agent_id: str) -> list[Action[ConnT]]:
+        """``holder`` did not answer the liveness check: close it and free ``agent_id``."""
+        held.closing = True
+        held.agent_id = None
+        del self._by_id[agent_id]
+        self.stats.replaced += 1
+        logger.warning("%s: its connection did not answer a ping; a new connection takes the id",
+                       agent_id)
+        return [
+            self._error(
+                holder,
+                "replaced",
+                f"this connection did not answer a ping; a newer connection registered "
+                f"{agent_id!r}",
+                peer=agent_id,
+            ),
+            Close(holder, CLOSE_REPLACED, _reason(f"replaced: {agent_id!r} registered again")),
+        ]
+
+    def _refuse_in_use(
+        self, conn: ConnT, state: _Connection, agent_id: str, now: float
+    ) -> list[Action[ConnT]]:
+        state.closing = True
+        self.stats.id_in_use += 1
+        last = self._conflicts_logged.get(agent_id)
+        loud = last is None or now - last >= 60.0
+        if loud:
+            self._conflicts_logged.pop(agent_id, None)
+            self._conflicts_logged[agent_id] = now
+            if len(self._conflicts_logged) > self.max_sources:
+                self._conflicts_logged.popitem(last=False)
+        logger.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "refused registration of %s from %s: a live connection holds it "
+            "(%d such refusals so far)",
+            agent_id, state.source, self.stats.id_in_use,
+        )
+        text = (
+            f"{agent_id!r} is registered by another connection that is alive; stop the other "
+            "agent using this id, or choose another agent_id"
+        )
+        return [
+            self._error(conn, "id-in-use", text, peer=agent_id, about="register"),
+            Close(conn, CLOSE_ID_IN_USE, _reason(f"{agent_id!r} is in use")),
+        ]
+
+    def _source_may_try(self, source: str, now: float) -> bool:
+        bucket = self._failures.get(source)
+        return bucket is None or bucket.available(now)
+
+    def _failed(self, source: str, now: float, what: str) -> None:
+        """Count a bad token from ``source`` and log it (once throttled, a source's attempts
+        are refused before this and only counted)."""
+        bucket = self._failures.pop(source, None)
+        if bucket is None:
+            if len(self._failures) >= self.max_sources:
+                self._failures.popitem(last=False)
+            per_minute = float(self.failures_per_minute)
+            bucket = TokenBucket(rate=per_minute / 60.0, burst=per_minute, tokens=per_minute,
+                                 updated=now)
+        self._failures[source] = bucket
+        bucket.take(now)
+        if bucket.available(now):
+            logger.warning("%s", what)
+        else:
+            logger.warning("%s; throttling registrations from %s (over %d bad tokens a minute)",
+                           what, source, self.failures_per_minute)
 
     def _route(
         self, conn: ConnT, state: _Connection, message: RoutedMessage, data: str | bytes
@@ -385,12 +553,14 @@ class SignalingRouter(Generic[ConnT]):
             return True
         given = (presented or "").encode("utf-8")
         own = self._tokens.get(agent_id)
-        ok = False
-        # Both comparisons always run: the timing says nothing about which one matched.
-        if own is not None:
-            ok |= hmac.compare_digest(given, own)
-        if self._token is not None:
-            ok |= hmac.compare_digest(given, self._token)
+        # Both comparisons always run, against a placeholder when a token is not configured:
+        # the timing says nothing about which tokens exist. An id with its own token is
+        # registered by that token only, never by the shared one.
+        own_ok = hmac.compare_digest(given, own if own is not None else b"\0")
+        shared_ok = hmac.compare_digest(
+            given, self._token if self._token is not None else b"\0"
+        )
+        ok = own_ok if own is not None else shared_ok and self._token is not None
         return ok and bool(given)
 
     def _error(
@@ -407,6 +577,22 @@ class SignalingRouter(Generic[ConnT]):
             code=code, message=message[:1024], peer=peer, about=about[:64] if about else None
         )
         return Send(conn, error.to_json())
+
+
+def source_key(address: str | None) -> str:
+    """What bad tokens are counted under: an IPv4 address, the /64 of an IPv6
+    address (one host usually has a whole /64), or the text as given."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _too_large(data: str | bytes, limit: int) -> bool:

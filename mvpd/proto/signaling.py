@@ -120,11 +120,12 @@ ERROR_CODES = {
     "unknown-type": "the message type is not known",
     "not-registered": "register first",
     "bad-token": "the token is missing or wrong",
-    "id-taken": "another connection registered this id",
-    "replaced": "a newer connection registered this id",
+    "id-in-use": "a live connection holds this id; the registration is refused",
+    "id-taken": "another connection registered this id (older spelling of id-in-use)",
+    "replaced": "this connection stopped answering and a newer one registered its id",
     "offline": "the target is not connected",
     "too-large": "the frame is over the size limit",
-    "rate-limited": "too many messages",
+    "rate-limited": "too many messages, or too many failed registrations from one address",
 }
 
 Message: TypeAlias = Register | Offer | Answer | Candidate | Bye | Registered | Error

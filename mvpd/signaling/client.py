@@ -10,12 +10,24 @@ The seed's API::
 After ``connect()`` a background task owns the connection: it registers, keeps the connection
 alive with pings, and after any loss reconnects with exponential backoff and jitter and
 registers again. It works with servers that only route and never answer: ``registered`` and
-``error`` replies are optional extras, never waited for. An ``error`` with code ``bad-token``,
-``replaced`` or ``id-taken`` (or the matching close codes 4003 and 4009) is final: the client
-stops, its state becomes ``rejected`` and :meth:`recv` raises :class:`SignalingRejected`.
+``error`` replies are optional extras, never waited for.
+
+A refused registration is never final (one message from a server, whoever runs it, must not
+take the agent off signaling for good): the client closes that connection, its state becomes
+``rejected``, and it tries again later:
+
+* ``replaced``, ``id-in-use`` or ``id-taken`` (close codes 4009, 4010): another connection
+  holds our id. Possibly someone taking it over, or a second agent with the same id: logged
+  as a WARNING naming the server, retried with the usual backoff;
+* ``bad-token`` (close 4003), or ``rate-limited`` in answer to ``register``: retried with a
+  slower backoff (``refused_backoff_initial`` doubling up to ``refused_backoff_max``), so a
+  token fixed on the server is picked up without a restart.
+
+Peer sessions do not depend on the signaling connection and are not touched by any of this.
 
 States (see :attr:`SignalingClient.state` and ``on_state``): ``disconnected`` (not started, or
-between attempts), ``connecting``, ``connected``, ``rejected``, ``closed``.
+between attempts), ``connecting``, ``connected``, ``rejected`` (refused; waiting to try
+again), ``closed``.
 """
 
 from __future__ import annotations
@@ -36,15 +48,15 @@ from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from ..config import AgentSettings
+from ..logs import RateLimitedLog
 from ..proto.errors import (
     ConfigError,
     ConnectionClosed,
     MalformedMessage,
     SignalingError,
-    SignalingRejected,
     SignalingUnavailable,
 )
-from ..proto.router import PERMANENT_CLOSE_CODES, PERMANENT_ERROR_CODES
+from ..proto.router import CLOSE_BAD_TOKEN, ID_CONFLICT_CLOSE_CODES, ID_CONFLICT_ERROR_CODES
 from ..proto.signaling import (
     ROUTED_TYPES,
     Error,
@@ -58,6 +70,9 @@ logger = logging.getLogger("mvpd.signaling.client")
 
 State: TypeAlias = Literal["disconnected", "connecting", "connected", "rejected", "closed"]
 StateCallback: TypeAlias = Callable[[str], object]
+#: Why a server refused our registration: our id is held elsewhere, our token is wrong, or
+#: our address failed too often.
+Refusal: TypeAlias = Literal["id-conflict", "bad-token", "throttled"]
 
 #: Put in the inbox to wake readers when the client stops.
 _STOP = object()
@@ -79,6 +94,8 @@ class SignalingClient:
         send_timeout: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        refused_backoff_initial: float = 30.0,
+        refused_backoff_max: float = 300.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         max_message_size: int = 1 << 20,
@@ -92,6 +109,8 @@ class SignalingClient:
         self.send_timeout = send_timeout
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.refused_backoff_initial = refused_backoff_initial
+        self.refused_backoff_max = refused_backoff_max
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.max_message_size = max_message_size
@@ -102,8 +121,10 @@ class SignalingClient:
         self._inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=inbox_size)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self._rejection: SignalingRejected | None = None
+        #: Set when the server refused the registration on the current connection.
+        self._refusal: tuple[Refusal, str] | None = None
         self._last_error: str | None = None
+        self._inbox_full_log = RateLimitedLog(logger)
         self._state_tasks: set[asyncio.Task[Any]] = set()
         #: Whether our server confirmed the registration on the current connection (only ours
         #: does; nothing depends on it).
@@ -131,7 +152,7 @@ class SignalingClient:
     def start(self) -> None:
         """Start connecting in the background and return at once (the daemon's way: the
         server may come up later). Must be called from a running event loop."""
-        if self._state in ("rejected", "closed"):
+        if self._state == "closed":
             raise ConnectionClosed(f"the signaling client is {self._state}")
         if self._supervisor is None:
             self._supervisor = asyncio.get_running_loop().create_task(
@@ -143,7 +164,8 @@ class SignalingClient:
         seconds for the first connection; from then on reconnection is automatic.
 
         Raises :class:`SignalingUnavailable` when the server cannot be reached in time (the
-        client is then closed) and :class:`SignalingRejected` when it refuses us.
+        client is then closed). A refusal from the server is retried (see the module
+        documentation) and shows in :attr:`state` and :attr:`last_error`.
         """
         self.start()
         limit = self.connect_timeout if timeout is None else timeout
@@ -157,8 +179,8 @@ class SignalingClient:
             ) from None
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until a connection is up. Raises :class:`SignalingUnavailable` on timeout,
-        :class:`SignalingRejected` or :class:`ConnectionClosed` when it never will be."""
+        """Wait until a connection is up. Raises :class:`SignalingUnavailable` on timeout and
+        :class:`ConnectionClosed` when it never will be."""
         self._raise_if_stopped()
         if self._connected.is_set():
             return
@@ -209,8 +231,7 @@ class SignalingClient:
     async def recv(self) -> Message:
         """The next message from the server (messages for us, and ``error`` notices).
 
-        Raises :class:`SignalingRejected` once the server refused us and
-        :class:`ConnectionClosed` after :meth:`close`.
+        Raises :class:`ConnectionClosed` after :meth:`close`.
         """
         if self._inbox.empty():
             self._raise_if_stopped()
@@ -229,8 +250,6 @@ class SignalingClient:
     async def __anext__(self) -> Message:
         try:
             return await self.recv()
-        except SignalingRejected:
-            raise
         except ConnectionClosed:
             raise StopAsyncIteration from None
 
@@ -248,8 +267,7 @@ class SignalingClient:
                 await supervisor
         self._ws = None
         self._connected.clear()
-        if self._state != "rejected":
-            self._set_state("closed")
+        self._set_state("closed")
         self._wake_readers()
 
     async def __aenter__(self) -> SignalingClient:
@@ -263,15 +281,17 @@ class SignalingClient:
 
     async def _run(self) -> None:
         attempt = 0
+        refused_attempt = 0
         try:
             while not self._stopping:
                 self._set_state("connecting")
+                self._refusal = None
                 try:
                     ws = await self._open()
                     if ws is not None:
                         started = time.monotonic()
                         await self._session(ws)
-                        if self._stopping or self._rejection is not None:
+                        if self._stopping:
                             return
                         # A connection that lasted a while resets the backoff; one dropped at
                         # once (a server that accepts and closes) keeps it growing.
@@ -280,24 +300,60 @@ class SignalingClient:
                 except Exception as exc:  # a bug must not end reconnection for good
                     logger.exception("signaling connection failed unexpectedly")
                     self._last_error = _describe(exc)
-                self._set_state("disconnected")
-                delay = self._backoff(attempt)
-                attempt += 1
-                logger.info(
-                    "signaling server %s unreachable (%s); retrying in %.1f s",
-                    self.url,
-                    self._last_error,
-                    delay,
-                )
+                if self._refusal is not None and self._refusal[0] != "id-conflict":
+                    delay = self._backoff(
+                        refused_attempt, self.refused_backoff_initial, self.refused_backoff_max
+                    )
+                    refused_attempt += 1
+                else:
+                    delay = self._backoff(attempt)
+                    attempt += 1
+                if self._refusal is not None:
+                    self._set_state("rejected")
+                    self._log_refusal(*self._refusal, delay)
+                else:
+                    refused_attempt = 0
+                    self._set_state("disconnected")
+                    logger.info(
+                        "signaling server %s unreachable (%s); retrying in %.1f s",
+                        self.url,
+                        self._last_error,
+                        delay,
+                    )
                 await asyncio.sleep(delay)
         finally:
             self._connected.clear()
             self._ws = None
 
-    def _backoff(self, attempt: int) -> float:
+    def _backoff(
+        self, attempt: int, initial: float | None = None, maximum: float | None = None
+    ) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random."""
-        ceiling = min(self.backoff_max, self.backoff_initial * (2.0 ** min(attempt, 30)))
+        initial = self.backoff_initial if initial is None else initial
+        maximum = self.backoff_max if maximum is None else maximum
+        ceiling = min(maximum, initial * (2.0 ** min(attempt, 30)))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _log_refusal(self, kind: Refusal, why: str, delay: float) -> None:
+        if kind == "id-conflict":
+            logger.warning(
+                "the signaling server %s gave our id %r to another connection or keeps it for "
+                "one (%s): someone may be taking over our id, or a second agent runs with the "
+                "same agent_id; connected peers are not affected; registering again in %.1f s",
+                self.url, self.agent_id, why, delay,
+            )
+        elif kind == "bad-token":
+            logger.error(
+                "the signaling server %s refused our token for %r (%s): check signaling_token "
+                "here and the server's tokens; trying again in %.0f s (a token fixed on the "
+                "server is picked up then, without a restart)",
+                self.url, self.agent_id, why, delay,
+            )
+        else:
+            logger.warning(
+                "the signaling server %s refused to register %r (%s); trying again in %.0f s",
+                self.url, self.agent_id, why, delay,
+            )
 
     async def _open(self) -> ClientConnection | None:
         try:
@@ -335,7 +391,7 @@ class SignalingClient:
         try:
             async for raw in ws:
                 self._handle_frame(raw)
-                if self._rejection is not None:
+                if self._refusal is not None:
                     await ws.close()
                     break
         except WsConnectionClosed:
@@ -344,9 +400,15 @@ class SignalingClient:
             self._connected.clear()
             self._ws = None
         rcvd = ws.protocol.close_rcvd
-        if self._rejection is None and rcvd is not None and rcvd.code in PERMANENT_CLOSE_CODES:
-            self._reject(f"closed by the server: {rcvd.reason or rcvd.code}")
-        if self._rejection is None and not self._stopping:
+        if self._refusal is None and rcvd is not None:
+            why = f"closed with {rcvd.code} {rcvd.reason}".rstrip()
+            if rcvd.code in ID_CONFLICT_CLOSE_CODES:
+                self._refusal = ("id-conflict", why)
+            elif rcvd.code == CLOSE_BAD_TOKEN:
+                self._refusal = ("bad-token", why)
+        if self._refusal is not None:
+            self._last_error = f"registration refused: {self._refusal[1]}"
+        elif not self._stopping:
             self._last_error = (
                 f"connection lost ({rcvd.code} {rcvd.reason})".rstrip()
                 if rcvd is not None
@@ -365,8 +427,15 @@ class SignalingClient:
             logger.debug("registration confirmed as %s", message.id)
             return
         if isinstance(message, Error):
-            if message.code in PERMANENT_ERROR_CODES:
-                self._reject(f"{message.code}: {message.message}".rstrip(": "), code=message.code)
+            why = f"{message.code}: {message.message}".rstrip(": ")
+            if message.code in ID_CONFLICT_ERROR_CODES:
+                self._refusal = ("id-conflict", why)
+                return
+            if message.code == "bad-token":
+                self._refusal = ("bad-token", why)
+                return
+            if message.code == "rate-limited" and message.about == "register":
+                self._refusal = ("throttled", why)
                 return
             logger.info("signaling server error %s: %s", message.code, message.message)
         elif isinstance(message, Register):
@@ -375,19 +444,11 @@ class SignalingClient:
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
-            logger.warning(
+            self._inbox_full_log.warning(
                 "inbox full (%d messages unread); dropping a %s message",
                 self._inbox.qsize(),
                 message.type,
             )
-
-    def _reject(self, why: str, *, code: str = "rejected") -> None:
-        self._rejection = SignalingRejected(
-            f"the signaling server at {self.url} refused {self.agent_id!r}: {why}", code=code
-        )
-        logger.error("%s; not reconnecting", self._rejection.message)
-        self._set_state("rejected")
-        self._wake_readers()
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -421,8 +482,6 @@ class SignalingClient:
             raise ConfigError(f"cannot load the signaling CA file {ca_file}: {exc}") from None
 
     def _raise_if_stopped(self) -> None:
-        if self._rejection is not None:
-            raise self._rejection
         if self._stopping or self._state == "closed":
             raise ConnectionClosed("the signaling client is closed")
 

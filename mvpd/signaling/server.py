@@ -37,8 +37,16 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from ..config import EX_CONFIG, SignalingServerSettings, split_host_port
+from ..logs import setup_logging
 from ..proto.errors import ConfigError
-from ..proto.router import Action, Close, Send, SignalingRouter
+from ..proto.router import (
+    LIVENESS_TIMEOUT,
+    Action,
+    CheckLiveness,
+    Close,
+    Send,
+    SignalingRouter,
+)
 from ..proto.signaling import AGENT_ID_PATTERN, describe_validation_error
 
 logger = logging.getLogger("mvpd.signaling.server")
@@ -51,7 +59,10 @@ class SignalingServer:
     """A WebSocket signaling server built from :class:`SignalingServerSettings`.
 
     ``await start()`` binds (port 0 picks a free port, see :attr:`port`), ``await close()``
-    closes every connection and the listening socket.
+    closes every connection and the listening socket. ``liveness_timeout`` is how long the
+    holder of an id has to answer a ping when another connection registers the same id;
+    ``failures_per_minute`` is the per-address budget of failed registrations (see
+    :mod:`mvpd.proto.router`).
     """
 
     def __init__(
@@ -60,6 +71,8 @@ class SignalingServer:
         *,
         ssl: ssl_module.SSLContext | None = None,
         flood_close_after: int | None = None,
+        liveness_timeout: float = LIVENESS_TIMEOUT,
+        failures_per_minute: int = 5,
     ) -> None:
         #: TLS for wss:// (usually a reverse proxy does this; tests and small setups need not).
         self.ssl = ssl
@@ -77,7 +90,9 @@ class SignalingServer:
             rate=self.settings.rate,
             burst=self.settings.burst,
             flood_close_after=flood_close_after,
+            failures_per_minute=failures_per_minute,
         )
+        self.liveness_timeout = liveness_timeout
         self._host, self._port = split_host_port(self.settings.listen)
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,7 +189,8 @@ class SignalingServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
-        self.router.connect(ws, loop.time())
+        address = ws.remote_address
+        self.router.connect(ws, loop.time(), source=str(address[0]) if address else None)
         try:
             async for data in ws:
                 actions = self.router.receive(ws, data, loop.time())
@@ -183,12 +199,27 @@ class SignalingServer:
         except ConnectionClosed:
             pass
         finally:
-            # disconnect() returns no actions today; apply them anyway, without waiting.
-            for action in self.router.disconnect(ws):
-                self._spawn(self._perform([action]))
+            # A claim waiting for this connection's id may be granted now.
+            actions = self.router.disconnect(ws)
+            if actions:
+                await self._apply(None, actions)
+
+    async def _check_liveness(self, ws: ServerConnection) -> None:
+        """Ping ``ws`` and tell the router whether the pong came within the deadline."""
+        alive = False
+        try:
+            async with asyncio.timeout(self.liveness_timeout):
+                pong = await ws.ping()
+                await pong
+            alive = True
+        except (TimeoutError, ConnectionClosed):
+            pass
+        actions = self.router.liveness_checked(ws, alive, asyncio.get_running_loop().time())
+        if actions:
+            await self._apply(None, actions)
 
     async def _apply(
-        self, current: ServerConnection, actions: list[Action[ServerConnection]]
+        self, current: ServerConnection | None, actions: list[Action[ServerConnection]]
     ) -> None:
         """Carry out ``actions`` in order. Sends to the connection being read are awaited
         (its own backpressure); actions for others run in a task per target, so one slow peer
@@ -196,7 +227,9 @@ class SignalingServer:
         mine: list[Action[ServerConnection]] = []
         others: dict[ServerConnection, list[Action[ServerConnection]]] = {}
         for action in actions:
-            if action.conn is current:
+            if isinstance(action, CheckLiveness):
+                self._spawn(self._check_liveness(action.conn))
+            elif action.conn is current:
                 mine.append(action)
             else:
                 others.setdefault(action.conn, []).append(action)
@@ -330,6 +363,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="same as --log-level debug"
+    )
     return parser
 
 
@@ -354,11 +390,11 @@ def settings_from_args(args: argparse.Namespace) -> SignalingServerSettings:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mvpd.signaling.server`` (and ``mvpd signal``)."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.verbose:
+        args.log_level = "debug"
+    # The daemon's logging: the journal under systemd, stderr otherwise, with secrets masked
+    # and whatever came from the network neutralised.
+    setup_logging(args.log_level, verbose=args.log_level == "debug")
     try:
         settings = settings_from_args(args)
         server = SignalingServer(settings)

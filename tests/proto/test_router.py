@@ -12,12 +12,15 @@ from hypothesis import strategies as st
 
 from mvpd.proto.router import (
     CLOSE_BAD_TOKEN,
+    CLOSE_ID_IN_USE,
     CLOSE_POLICY,
     CLOSE_REPLACED,
     CLOSE_TOO_BIG,
+    CheckLiveness,
     Close,
     Send,
     SignalingRouter,
+    source_key,
 )
 
 Router = SignalingRouter[str]
@@ -36,12 +39,20 @@ def closes(actions: list[Any]) -> list[Close[str]]:
     return [a for a in actions if isinstance(a, Close)]
 
 
-def reg(router: Router, conn: str, agent_id: str, token: str | None = None) -> list[Any]:
-    router.connect(conn)
+def reg(
+    router: Router,
+    conn: str,
+    agent_id: str,
+    token: str | None = None,
+    *,
+    now: float = 0.0,
+    source: str | None = None,
+) -> list[Any]:
+    router.connect(conn, now, source=source or f"10.0.0.{abs(hash(conn)) % 250 + 1}")
     msg: dict[str, Any] = {"type": "register", "id": agent_id}
     if token is not None:
         msg["token"] = token
-    return router.receive(conn, json.dumps(msg), 0.0)
+    return router.receive(conn, json.dumps(msg), now)
 
 
 def test_register_is_answered_and_routes_by_to() -> None:
@@ -130,21 +141,72 @@ def test_disconnect_frees_the_id() -> None:
     assert r.connection_count == 1
 
 
-def test_second_register_replaces_the_first_and_tells_it() -> None:
+def test_a_live_holder_keeps_its_id_and_the_newcomer_is_refused() -> None:
+    r = Router()
+    reg(r, "real", "alice")
+    out = reg(r, "attacker", "alice")
+    # Nothing is decided yet: the holder is checked first, and nobody is told anything.
+    assert out == [CheckLiveness("real")]
+    assert r.agent_id("attacker") is None
+    # While the check runs, another claimant is refused at once.
+    [err] = sends(reg(r, "third", "alice"), "third")
+    assert err["code"] == "id-in-use"
+    out = r.liveness_checked("real", True, 1.0)
+    [err] = sends(out, "attacker")
+    assert (err["code"], err["peer"], err["about"]) == ("id-in-use", "alice", "register")
+    assert "alive" in err["message"] and "agent_id" in err["message"]
+    [close] = closes(out)
+    assert (close.conn, close.code) == ("attacker", CLOSE_ID_IN_USE)
+    assert sends(out, "real") == []  # the holder is not disturbed
+    assert r.registered_ids() == ["alice"] and r.agent_id("real") == "alice"
+    # Messages for alice still reach the real one.
+    reg(r, "c3", "bob")
+    assert sends(r.receive("c3", '{"type":"bye","to":"alice"}', 1.0), "real")[0]["from"] == "bob"
+    assert r.stats.id_in_use == 2 and r.stats.replaced == 0
+
+
+def test_a_holder_that_does_not_answer_is_replaced() -> None:
     r = Router()
     reg(r, "old", "alice")
-    out = reg(r, "new", "alice")
+    assert reg(r, "new", "alice") == [CheckLiveness("old")]
+    out = r.liveness_checked("old", False, 3.0)
     assert sends(out, "old")[0]["code"] == "replaced"
     [close] = closes(out)
-    assert close.conn == "old"
-    assert close.code == CLOSE_REPLACED
+    assert (close.conn, close.code) == ("old", CLOSE_REPLACED)
     assert "replaced" in close.reason
     assert sends(out, "new") == [{"type": "registered", "id": "alice"}]
     # The old connection's late frames are ignored; its disconnect does not unregister alice.
-    assert r.receive("old", '{"type":"bye","to":"alice"}', 0.0) == []
+    assert r.receive("old", '{"type":"bye","to":"alice"}', 3.0) == []
     r.disconnect("old")
     reg(r, "c3", "bob")
-    assert sends(r.receive("c3", '{"type":"bye","to":"alice"}', 0.0), "new")[0]["from"] == "bob"
+    assert sends(r.receive("c3", '{"type":"bye","to":"alice"}', 3.0), "new")[0]["from"] == "bob"
+    assert r.stats.replaced == 1
+
+
+def test_a_holder_that_leaves_during_the_check_hands_over_at_once() -> None:
+    r = Router()
+    reg(r, "old", "alice")
+    assert reg(r, "new", "alice") == [CheckLiveness("old")]
+    assert sends(r.disconnect("old"), "new") == [{"type": "registered", "id": "alice"}]
+    assert r.liveness_checked("old", False, 1.0) == []  # too late, nothing left to do
+    assert r.agent_id("new") == "alice"
+
+
+def test_a_claimant_that_leaves_during_the_check_leaves_nothing_behind() -> None:
+    r = Router()
+    reg(r, "old", "alice")
+    reg(r, "new", "alice")
+    r.disconnect("new")
+    assert r.liveness_checked("old", False, 1.0) == []
+    assert r.agent_id("old") == "alice"
+    assert reg(r, "later", "alice") == [CheckLiveness("old")]  # a new claim may start
+
+
+def test_a_holder_already_closing_is_not_checked() -> None:
+    r = Router(rate=1.0, burst=1, flood_close_after=1)
+    reg(r, "old", "alice")
+    r.receive("old", '{"type":"bye","to":"alice"}', 0.0)  # flooding: closed
+    assert sends(reg(r, "new", "alice"), "new") == [{"type": "registered", "id": "alice"}]
 
 
 def test_reregister_under_a_new_id_frees_the_old_one() -> None:
@@ -173,7 +235,6 @@ def test_bad_token_gets_error_and_close(token: str | None) -> None:
 def test_shared_and_per_agent_tokens() -> None:
     r = Router(token="shared", tokens={"alice": "a-tok"})
     assert sends(reg(r, "c1", "alice", "a-tok"))[0]["type"] == "registered"
-    assert sends(reg(r, "c2", "alice", "shared"))[-1]["type"] == "registered"
     assert sends(reg(r, "c3", "bob", "shared"))[0]["type"] == "registered"
     assert sends(reg(r, "c4", "bob", "a-tok"))[0]["code"] == "bad-token"
 
@@ -181,6 +242,84 @@ def test_shared_and_per_agent_tokens() -> None:
     assert sends(reg(only_own, "c1", "alice", "a-tok"))[0]["type"] == "registered"
     assert sends(reg(only_own, "c2", "bob", "a-tok"))[0]["code"] == "bad-token"
     assert sends(reg(only_own, "c3", "bob"))[0]["code"] == "bad-token"
+
+
+def test_the_shared_token_does_not_register_an_id_with_its_own_token() -> None:
+    r = Router(token="shared", tokens={"alice": "a-tok"})
+    out = reg(r, "mallory", "alice", "shared")
+    assert sends(out)[0]["code"] == "bad-token"
+    assert closes(out)[0].code == CLOSE_BAD_TOKEN
+    assert r.registered_ids() == []
+    assert sends(reg(r, "real", "alice", "a-tok"))[0]["type"] == "registered"
+
+
+def test_failed_registrations_are_throttled_per_source() -> None:
+    r = Router(token="right", failures_per_minute=5)
+    for i in range(5):
+        out = reg(r, f"guess{i}", "alice", f"wrong{i}", source="192.0.2.7")
+        assert sends(out)[0]["code"] == "bad-token"
+    # The sixth attempt is refused without looking at the token, even the right one.
+    out = reg(r, "guess5", "alice", "right", source="192.0.2.7")
+    [err] = sends(out)
+    assert (err["code"], err["about"]) == ("rate-limited", "register")
+    assert closes(out)[0].code == CLOSE_POLICY
+    assert r.registered_ids() == []
+    # Other addresses are not affected.
+    assert sends(reg(r, "ok", "alice", "right", source="192.0.2.8"))[0]["type"] == "registered"
+    # One attempt comes back every 12 s.
+    assert sends(reg(r, "later", "bob", "right", now=12.5, source="192.0.2.7"))[0]["type"] == (
+        "registered"
+    )
+    assert r.stats.bad_tokens == 5 and r.stats.throttled == 1
+
+
+def test_id_conflicts_are_not_throttled_and_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A second agent with the same id keeps retrying: that must neither lock out other agents
+    at its address nor flood the log."""
+    caplog.set_level(logging.DEBUG, logger="mvpd.signaling.server")
+    r = Router(failures_per_minute=2)
+    reg(r, "real", "alice")
+    for i in range(10):
+        assert reg(r, f"a{i}", "alice", now=i, source="198.51.100.1") == [CheckLiveness("real")]
+        assert sends(r.liveness_checked("real", True, i), f"a{i}")[0]["code"] == "id-in-use"
+    assert sends(reg(r, "b", "bob", now=10, source="198.51.100.1"))[0]["type"] == "registered"
+    loud = [rec for rec in caplog.records
+            if rec.levelno == logging.WARNING and "holds it" in rec.getMessage()]
+    assert len(loud) == 1
+    reg(r, "late", "alice", now=70, source="198.51.100.1")
+    r.liveness_checked("real", True, 70)
+    assert len([rec for rec in caplog.records if rec.levelno == logging.WARNING]) == 2
+
+
+def test_the_failure_table_is_bounded() -> None:
+    r = Router(token="right", failures_per_minute=1, max_sources=3)
+    for i in range(10):
+        reg(r, f"c{i}", "alice", "wrong", source=f"203.0.113.{i}")
+    assert len(r._failures) == 3
+    # The most recent sources are the ones remembered.
+    assert sends(reg(r, "x", "alice", "right", source="203.0.113.9"))[0]["code"] == (
+        "rate-limited"
+    )
+    assert sends(reg(r, "y", "alice", "right", source="203.0.113.0"))[0]["type"] == (
+        "registered"
+    )
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("fe80::1%eth0", "fe80::/64"),
+        (None, "unknown"),
+        ("not an address", "not an address"),
+    ],
+)
+def test_source_key(address: str | None, key: str) -> None:
+    assert source_key(address) == key
 
 
 def test_open_server_ignores_tokens() -> None:
@@ -319,7 +458,9 @@ def test_any_sequence_of_frames_never_raises(events: list[tuple[str, str | bytes
     r = SignalingRouter[str](token="tok", rate=100.0, burst=10, max_message_size=200)
     for now, (conn, frame) in enumerate(events):
         for action in r.receive(conn, frame, float(now) / 10):
-            assert isinstance(action, Send | Close)
+            assert isinstance(action, Send | Close | CheckLiveness)
+            if isinstance(action, CheckLiveness):
+                r.liveness_checked(action.conn, now % 2 == 0, float(now) / 10)
             if isinstance(action, Send):
                 assert json.loads(action.text)["type"] in (
                     "registered",

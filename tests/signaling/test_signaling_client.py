@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import logging
 import re
 import socket
 import ssl
@@ -29,7 +30,6 @@ from mvpd.proto.errors import (
     ConfigError,
     ConnectionClosed,
     MalformedMessage,
-    SignalingRejected,
     SignalingUnavailable,
 )
 from mvpd.proto.signaling import Bye, Error, Offer
@@ -70,10 +70,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def local_server(**kw: Any) -> SignalingServer:
-    server = SignalingServer(SignalingServerSettings(listen="127.0.0.1:0", **kw))
+async def local_server(
+    liveness_timeout: float = 3.0, failures_per_minute: int = 5, **kw: Any
+) -> SignalingServer:
+    server = SignalingServer(
+        SignalingServerSettings(listen="127.0.0.1:0", **kw),
+        liveness_timeout=liveness_timeout,
+        failures_per_minute=failures_per_minute,
+    )
     await server.start()
     return server
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10, what: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
 
 
 # --- against our server ------------------------------------------------------------------------
@@ -146,45 +161,124 @@ def test_unreachable_server_raises_signaling_unavailable() -> None:
     run(main_)
 
 
-def test_bad_token_is_permanent() -> None:
+def test_bad_token_is_retried_slowly_and_a_fixed_token_is_picked_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def main_() -> None:
-        server = await local_server(token=SecretStr("right"))
-        c = client("alice", server.url, token="wrong")
+        server = await local_server(token=SecretStr("right"), failures_per_minute=1000)
+        c = client("alice", server.url, token="wrong",
+                   refused_backoff_initial=0.4, refused_backoff_max=0.8)
         await c.connect()  # the client does not wait for a reply it may never get
-        with pytest.raises(SignalingRejected) as info:
-            await recv(c)
-        assert info.value.code == "bad-token"
-        assert c.state == "rejected"
-        await asyncio.sleep(0.5)  # long enough for several reconnects, were it to try
-        assert c.connections == 1
-        with pytest.raises(SignalingRejected):
-            await c.send({"type": "bye", "to": "bob"})
+        await until(lambda: c.state == "rejected", what="the refusal")
+        assert c.last_error is not None and "bad-token" in c.last_error
+        await asyncio.sleep(1.0)
+        # Slower than the ordinary backoff (0.05 s here): a few tries in a second, not 20.
+        assert 2 <= c.connections <= 4
+        server.router.set_tokens("wrong", None)  # the server's side is fixed
+        await until(lambda: c.registered, what="registration with the fixed token")
+        assert c.state == "connected"
+        bob = client("bob", server.url, token="wrong")
+        await bob.connect()
+        await bob.send({"type": "bye", "to": "alice"})
+        assert isinstance(await recv(c), Bye)
         await c.close()
-        assert c.state == "rejected"
+        await bob.close()
         await server.close()
 
     run(main_)
+    refusals = [r for r in caplog.records if "refused our token" in r.getMessage()]
+    assert refusals and "ws://127.0.0.1:" in refusals[0].getMessage()
+    assert "trying again" in refusals[0].getMessage()
 
 
-def test_replaced_client_stops_and_the_new_one_works() -> None:
+def test_replaced_client_keeps_trying_and_comes_back_when_the_other_goes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def main_() -> None:
-        server = await local_server()
+        server = await local_server(liveness_timeout=0.5)
         first = client("alice", server.url)
         await first.connect()
+        await until(lambda: first.registered, what="the first registration")
+        ws = first._ws
+        assert ws is not None and ws.transport is not None
+        ws.transport.pause_reading()  # the first one stops answering pings
         second = client("alice", server.url)
         await second.connect()
-        with pytest.raises(SignalingRejected):
-            await recv(first)
-        assert first.state == "rejected"
+        await until(lambda: second.registered, what="the takeover after the ping deadline")
+        ws.transport.resume_reading()
+        # Told "replaced", then "id-in-use" while the second one lives: never final.
+        await until(lambda: first.state == "rejected", what="the first to be refused")
+        await asyncio.sleep(0.5)
+        assert first.state in ("rejected", "connecting", "connected")
+        assert not (first.state == "connected" and first.registered)
+        assert first.connections >= 2
+        await second.close()
+        await until(lambda: first.registered and first.state == "connected",
+                    what="the first to register again")
         bob = client("bob", server.url)
         await bob.connect()
         await bob.send({"type": "bye", "to": "alice"})
-        assert isinstance(await recv(second), Bye)
-        for c in (first, second, bob):
+        assert isinstance(await recv(first), Bye)
+        for c in (first, bob):
             await c.close()
         await server.close()
 
     run(main_)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "mvpd.signaling.client"]
+    assert any("taking over our id" in m and "ws://127.0.0.1:" in m for m in warnings)
+
+
+@pytest.mark.parametrize("how", ["error", "close-code"])
+def test_a_refusal_from_any_server_is_not_final(how: str) -> None:
+    """One message from a server, ours or not, on any path, never stops the client."""
+
+    async def main_() -> None:
+        attempts: list[str] = []
+
+        async def handler(ws: ServerConnection) -> None:
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("type") != "register":
+                    continue
+                attempts.append(ws.request.path if ws.request else "")
+                if len(attempts) < 3:
+                    if how == "error":
+                        await ws.send('{"type":"error","code":"replaced","message":"x"}')
+                    await ws.close(4009, "replaced")
+                    return
+                await ws.send('{"type":"bye","from":"bob","to":"alice","reason":"welcome"}')
+
+        async with serve(handler, "127.0.0.1", 0) as raw_server:
+            port = raw_server.sockets[0].getsockname()[1]
+            c = client("alice", f"ws://127.0.0.1:{port}/some/path")
+            await c.connect()
+            got = await recv(c, timeout=10)
+            assert isinstance(got, Bye) and got.reason == "welcome"
+            assert len(attempts) == 3 and attempts[0] == "/some/path"
+            await c.close()
+
+    run(main_)
+
+
+def test_inbox_overflow_is_logged_once_then_summarised(caplog: pytest.LogCaptureFixture) -> None:
+    async def main_() -> None:
+        server = await local_server(rate=10_000.0, burst=10_000)
+        alice = client("alice", server.url, inbox_size=4)
+        bob = client("bob", server.url)
+        await alice.connect()
+        await bob.connect()
+        await until(lambda: alice.registered, what="alice's registration")
+        for i in range(50):
+            await bob.send({"type": "bye", "to": "alice", "reason": str(i)})
+        await until(lambda: alice._inbox_full_log.suppressed >= 40, what="the drops")
+        await alice.close()
+        await bob.close()
+        await server.close()
+
+    run(main_)
+    drops = [r for r in caplog.records if "inbox full" in r.getMessage()]
+    assert len(drops) == 1
 
 
 def test_send_while_disconnected_waits_then_raises() -> None:

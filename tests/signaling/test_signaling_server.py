@@ -117,21 +117,106 @@ def test_per_agent_tokens_file(tmp_path: Path) -> None:
     run(main_)
 
 
-def test_duplicate_id_replaces_and_tells_the_old_connection() -> None:
+def test_a_live_holder_keeps_its_id_against_a_second_register() -> None:
     async def main_() -> None:
         async with SignalingServer(settings()) as server:
+            real = await registered(server, "alice")
+            attacker = await register(server, "alice")
+            err = await recv_json(attacker)
+            assert (err["code"], err["peer"]) == ("id-in-use", "alice")
+            code, reason = await closed_with(attacker)
+            assert code == 4010 and reason is not None and "in use" in reason
+            # alice's traffic still reaches the real holder, which heard nothing.
+            bob = await registered(server, "bob")
+            await bob.send('{"type":"offer","to":"alice","sdp":"v=0"}')
+            assert await recv_json(real) == {
+                "type": "offer", "from": "bob", "to": "alice", "sdp": "v=0"
+            }
+            assert server.stats()["id_in_use"] == 1 and server.stats()["replaced"] == 0
+            await real.close()
+            await bob.close()
+
+    run(main_)
+
+
+def test_a_holder_that_stops_answering_is_replaced_after_the_ping_deadline() -> None:
+    """A restarted daemon whose old TCP connection is half dead gets its id back."""
+
+    async def main_() -> None:
+        async with SignalingServer(settings(), liveness_timeout=0.5) as server:
             old = await registered(server, "alice")
+            assert old.transport is not None
+            old.transport.pause_reading()  # no pong: as if the old host had vanished
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             new = await registered(server, "alice")
+            assert 0.4 < loop.time() - started < 3
+            old.transport.resume_reading()
             err = await recv_json(old)
-            assert err["code"] == "replaced"
+            assert (err["code"], err["peer"]) == ("replaced", "alice")
             code, reason = await closed_with(old)
-            assert code == 4009
-            assert reason is not None and "replaced" in reason
+            assert code == 4009 and reason is not None and "replaced" in reason
             bob = await registered(server, "bob")
             await bob.send('{"type":"bye","to":"alice"}')
             assert (await recv_json(new))["from"] == "bob"
+            assert server.stats()["replaced"] == 1
             await new.close()
             await bob.close()
+
+    run(main_)
+
+
+def test_a_claim_is_granted_when_the_holder_goes_away_during_the_check() -> None:
+    async def main_() -> None:
+        async with SignalingServer(settings(), liveness_timeout=5) as server:
+            old = await registered(server, "alice")
+            assert old.transport is not None
+            old.transport.pause_reading()
+            new = await register(server, "alice")
+            await asyncio.sleep(0.2)
+            old.transport.abort()
+            assert await recv_json(new, timeout=2) == {"type": "registered", "id": "alice"}
+            await new.close()
+
+    run(main_)
+
+
+def test_the_shared_token_cannot_register_an_id_with_its_own_token(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice a-tok\n")
+
+    async def main_() -> None:
+        s = settings(token=SecretStr("shared"), tokens_file=tokens)
+        async with SignalingServer(s) as server:
+            mallory = await register(server, "alice", "shared")
+            assert (await recv_json(mallory))["code"] == "bad-token"
+            assert (await closed_with(mallory))[0] == 4003
+            alice = await registered(server, "alice", "a-tok")
+            carol = await registered(server, "carol", "shared")
+            await alice.close()
+            await carol.close()
+
+    run(main_)
+
+
+def test_bad_tokens_are_throttled_per_address() -> None:
+    async def main_() -> None:
+        async with SignalingServer(settings(token=SecretStr("right"))) as server:
+            verdicts: list[str] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 1.0
+            while loop.time() < deadline:  # as many guesses as a second allows
+                ws = await register(server, "alice", f"guess{len(verdicts)}")
+                verdicts.append((await recv_json(ws))["code"])
+                await closed_with(ws)
+            assert verdicts[:5] == ["bad-token"] * 5
+            assert set(verdicts[5:]) == {"rate-limited"} and len(verdicts) > 5
+            # Throttled: even the right token is not looked at.
+            ws = await register(server, "alice", "right")
+            err = await recv_json(ws)
+            assert (err["code"], err["about"]) == ("rate-limited", "register")
+            assert (await closed_with(ws))[0] == 1008
+            assert server.stats()["bad_tokens"] == 5
 
     run(main_)
 
@@ -305,8 +390,8 @@ def test_reload_tokens_keeps_old_ones_on_error(tmp_path: Path) -> None:
             tokens.write_text("broken line with four\n")
             with pytest.raises(ConfigError):
                 server.reload_tokens()
-            again = await registered(server, "alice", "new")
             await ws.close()
+            again = await registered(server, "alice", "new")
             await again.close()
 
     run(main_)
