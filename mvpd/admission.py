@@ -14,26 +14,21 @@ anything is created:
   is named in the configuration is not held back by the cap, so a flood from other ids
   cannot keep the agent's real peers out.
 
-Refusals are counted by reason and logged through :class:`RateLimitedWarning`: the first
-one, then one summary per interval.
+Refusals are counted by reason; the core logs them through
+:class:`mvpd.logs.RateLimitedLog`: the first one, then one summary a minute.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 #: Per-id buckets remembered at once; the least recently used is forgotten first (only a
 #: flood of fresh ids gets there, and the overall cap is what bounds those).
 MAX_TRACKED_IDS = 4096
 #: Seconds a peer that was connected counts as known (exempt from the pending cap).
 RECENT_PEER_WINDOW = 3600.0
-#: Seconds between two summaries of suppressed warnings.
-SUMMARY_INTERVAL = 60.0
 
 #: Refusal reasons, as counted in the status.
 RATE = "rate"
@@ -72,52 +67,6 @@ class TokenBuckets:
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return allowed
-
-
-class RateLimitedWarning:
-    """Log the first warning at once; count the next ones and log one summary line per
-    ``interval`` seconds while they keep coming."""
-
-    def __init__(
-        self, logger: logging.Logger | logging.LoggerAdapter[Any], what: str,
-        interval: float = SUMMARY_INTERVAL,
-    ) -> None:
-        self.logger = logger
-        self.what = what
-        self.interval = interval
-        self.suppressed: collections.Counter[str] = collections.Counter()
-        self._quiet_until = 0.0
-        self._summary: asyncio.TimerHandle | None = None
-
-    def warning(self, key: str, message: str, *args: Any, **kwargs: Any) -> None:
-        """Log ``message`` unless another warning was logged within the interval; then
-        count it under ``key`` for the summary."""
-        now = time.monotonic()
-        if now >= self._quiet_until and not self.suppressed:
-            self._quiet_until = now + self.interval
-            self.logger.warning(message, *args, **kwargs)
-            return
-        self.suppressed[key] += 1
-        if self._summary is None:
-            delay = max(self._quiet_until - now, 0.0)
-            self._summary = asyncio.get_running_loop().call_later(delay, self._flush)
-
-    def _flush(self) -> None:
-        self._summary = None
-        if not self.suppressed:
-            return
-        total = sum(self.suppressed.values())
-        detail = ", ".join(f"{key}: {count}" for key, count in sorted(self.suppressed.items()))
-        self.suppressed.clear()
-        self._quiet_until = time.monotonic() + self.interval
-        self.logger.warning("%d more %s in the last %g s (%s)", total, self.what,
-                            self.interval, detail)
-
-    def close(self) -> None:
-        """Log what is still counted and stop the timer."""
-        if self._summary is not None:
-            self._summary.cancel()
-        self._flush()
 
 
 class OfferAdmission:

@@ -27,9 +27,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .admission import NOT_ALLOWED, PENDING, OfferAdmission, RateLimitedWarning
+from .admission import NOT_ALLOWED, PENDING, OfferAdmission
 from .config import AgentSettings
-from .logs import fields
+from .logs import RateLimitedLog, fields
 from .peer import PeerSession, PeerState, StateChange
 from .proto.errors import ConnectionClosed, MvpError, PeerError, SignalingRejected
 from .proto.signaling import (
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Default capacity of one subscriber's event queue.
 DEFAULT_SUBSCRIBER_QUEUE = 1024
+#: Seconds between two summaries of refused offers in the log.
+REFUSAL_LOG_INTERVAL = 60.0
 #: Pause before iterating the signaling client again after its iterator ended or failed.
 SIGNALING_RETRY = 1.0
 
@@ -149,7 +151,8 @@ class AgentCore:
         self.refused_offers = 0
         self.ignored_messages = 0
         self.admission = OfferAdmission(settings.max_pending_sessions, settings.offers_per_minute)
-        self._refusals = RateLimitedWarning(log, "offers refused")
+        #: Refused offers: the first is logged, then one summary a minute.
+        self._refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
         self._transport_hooks: list[TransportHook] = []
         self._connect_checks: list[ConnectCheck] = []
 
@@ -190,7 +193,7 @@ class AgentCore:
             task.cancel()
         for sub in list(self._subscribers):
             sub.close()
-        self._refusals.close()
+        self._refusals.flush()
 
     # --- sessions --------------------------------------------------------------------------
 
@@ -421,7 +424,7 @@ class AgentCore:
     def _on_offer(self, peer: str, offer: Offer, session: PeerSession | None) -> None:
         if not self.settings.allows(peer):
             self.admission.count(NOT_ALLOWED)
-            self._refuse_offer(peer, NOT_ALLOWED, "this agent does not accept connections "
+            self._refuse_offer(peer, "this agent does not accept connections "
                                "from you", "not in allowed_peers")
             return
         if self._stopping:
@@ -434,12 +437,12 @@ class AgentCore:
                 peer, pending=self._pending_answers(), exempt=restart or self._named(peer)
             )
             if refusal == PENDING:
-                self._refuse_offer(peer, refusal, "too many connections are being set up "
+                self._refuse_offer(peer, "too many connections are being set up "
                                    "here; try again later",
                                    f"{self.admission.max_pending} sessions pending")
                 return
             if refusal is not None:
-                self._refuse_offer(peer, refusal, "too many offers from you; try again in a "
+                self._refuse_offer(peer, "too many offers from you; try again in a "
                                    "minute", "over offers_per_minute")
                 return
         if restart:
@@ -474,10 +477,10 @@ class AgentCore:
             peer in settings.allowed_peers
         )
 
-    def _refuse_offer(self, peer: str, reason: str, told: str, logged: str) -> None:
+    def _refuse_offer(self, peer: str, told: str, logged: str) -> None:
         """Say bye with ``told``, count, emit and log (rate-limited) a refused offer."""
         self.refused_offers += 1
-        self._refusals.warning(reason, "refused an offer from %s: %s", peer, logged,
+        self._refusals.warning("refused an offer from %s: %s", peer, logged,
                                extra=fields(peer=peer, event="offer-refused"))
         self.emit("offer-refused", peer, reason=logged)
         bye = Bye(sender=self.agent_id, to=peer, reason=f"offer refused: {told}")

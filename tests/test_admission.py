@@ -4,15 +4,13 @@ refusal log, alone and inside a real AgentCore (real signaling server, real aior
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
-import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from peerlink import make_settings, run, wait_for
 from test_core import FAST, agents
 
-from mvpd.admission import PENDING, RATE, OfferAdmission, RateLimitedWarning, TokenBuckets
+from mvpd.admission import PENDING, RATE, OfferAdmission, TokenBuckets
 from mvpd.core import AgentCore
 from mvpd.peer import PeerState
 from mvpd.proto.signaling import Bye, Offer
@@ -53,24 +51,6 @@ def test_admission_refuses_by_rate_first_then_by_the_pending_cap() -> None:
     clock.now += 3601
     assert admission.refusal("d", pending=2, exempt=False) == PENDING
     assert dict(admission.refused) == {RATE: 1, PENDING: 2}
-
-
-def test_refusal_log_says_the_first_then_one_summary(caplog: pytest.LogCaptureFixture) -> None:
-    async def body() -> None:
-        logger = logging.getLogger("test.admission")
-        warn = RateLimitedWarning(logger, "offers refused", interval=0.3)
-        with caplog.at_level(logging.WARNING, "test.admission"):
-            for n in range(500):
-                warn.warning(RATE if n % 2 else PENDING, "refused offer %d", n)
-            assert [r.getMessage() for r in caplog.records] == ["refused offer 0"]
-            await asyncio.sleep(0.5)
-            assert caplog.records[-1].getMessage() == (
-                f"499 more offers refused in the last 0.3 s ({PENDING}: 249, {RATE}: 250)"
-            )
-            assert len(caplog.records) == 2
-        warn.close()
-
-    run(body())
 
 
 class Recorder:
