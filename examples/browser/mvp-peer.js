@@ -17,9 +17,14 @@
   const MODES = ["chat", "json", "bytes"];
   const RETRY_OFFER_MS = 2000;
   const MAX_OFFER_RETRIES = 30;
-  const RECONNECT_MS = 2000;
+  // Reconnect delays double from the first to the last (an id held by a live connection elsewhere,
+  // close code 4010, must not be retried every two seconds for ever); a registration resets them.
+  const RECONNECT_FIRST_MS = 2000;
+  const RECONNECT_LAST_MS = 30000;
+  let reconnectMs = RECONNECT_FIRST_MS;
   // Close codes from our reference server after which reconnecting cannot help.
   const FINAL_CLOSE_CODES = { 4003: "bad token", 4009: "replaced by a newer connection" };
+  const ID_IN_USE = 4010;
 
   const state = {
     signaling: "idle", // idle | connecting | open | registered | closed
@@ -148,14 +153,21 @@
         error("signaling closed: " + final + (event.reason ? " (" + event.reason + ")" : ""));
         return;
       }
-      log("signaling closed (" + event.code + "); reconnecting");
-      if (!stopped) setTimeout(connectSignaling, RECONNECT_MS);
+      if (event.code === ID_IN_USE) {
+        error("the id " + state.id + " is in use by a live connection; retrying in " +
+              reconnectMs / 1000 + " s");
+      } else {
+        log("signaling closed (" + event.code + "); reconnecting in " + reconnectMs / 1000 + " s");
+      }
+      if (!stopped) setTimeout(connectSignaling, reconnectMs);
+      reconnectMs = Math.min(reconnectMs * 2, RECONNECT_LAST_MS);
     };
   }
 
   async function onSignal(message) {
     switch (message.type) {
       case "registered":
+        reconnectMs = RECONNECT_FIRST_MS;
         return;
       case "error":
         return onServerError(message);
