@@ -238,7 +238,7 @@ class ControlLimits:
     #: Connections at once from one uid (root excepted), and how many of them may still be
     #: waiting for their hello.
     max_connections_per_uid: int = 64
-    max_pre_hello_per_uid: int = 8
+    max_pre_hello_per_uid: int = 32
     #: Connections at once from callers without write access (outside root and the group),
     #: all of them together and per uid; counted from ``accept``, before the hello.
     max_read_only_connections: int = 32
@@ -348,7 +348,7 @@ class ControlServer:
         self.limits = limits or ControlLimits()
         self._file: SocketFile | None = None
         self._listener: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
+        self._resume_accepting: asyncio.TimerHandle | None = None
         self._connections: set[_Connection] = set()
         self._admitted: list[_Admission] = []
         self._connection_tasks: set[asyncio.Task[None]] = set()
@@ -379,7 +379,7 @@ class ControlServer:
             self._file.close()
             self._file = None
             raise
-        self._accept_task = asyncio.create_task(self._accept_loop(self._listener))
+        self._start_accepting()
         log.info(
             "control socket %s: group %r may change things, others: %s",
             self.path,
@@ -389,12 +389,11 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop accepting, end every connection (closing their streams), remove the socket."""
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
+        if self._resume_accepting is not None:
+            self._resume_accepting.cancel()
+            self._resume_accepting = None
         if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
         for conn in list(self._connections):
@@ -446,29 +445,44 @@ class ControlServer:
 
     # --- accepting and admission ---------------------------------------------------------------
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        """Accept every connection as soon as it comes (admission decides at once), so the
-        listen backlog never fills; keep going through a shortage of file descriptors."""
+    def _start_accepting(self) -> None:
+        self._resume_accepting = None
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
+
+    def _pause_accepting(self) -> None:
+        """Stop watching the listener for a moment (the error would repeat at once)."""
+        assert self._listener is not None
         loop = asyncio.get_running_loop()
-        while True:
+        loop.remove_reader(self._listener.fileno())
+        self._resume_accepting = loop.call_later(_ACCEPT_RETRY, self._start_accepting)
+
+    def _accept_ready(self) -> None:
+        """Accept every waiting connection at once (admission decides synchronously), so a
+        flood of connections that never say hello cannot keep the listen backlog full;
+        keep going through a shortage of file descriptors."""
+        assert self._listener is not None
+        for _ in range(self.limits.backlog):
             try:
-                sock, _ = await loop.sock_accept(listener)
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that client is gone already
                 if exc.errno in _RESOURCE_ERRORS:
-                    soft, _hard = _nofile_limits()
                     self._log_exhausted(
                         logging.ERROR,
-                        "control socket: cannot accept connections: %s (open file limit %s); "
-                        "clients wait until descriptors are free. Raise LimitNOFILE= in the "
+                        "control socket: cannot accept connections: %s (open file limit %d); "
+                        "clients wait until descriptors are free: raise LimitNOFILE= in the "
                         "unit if this lasts",
                         exc.strerror,
-                        soft,
+                        _nofile_limits()[0],
                     )
-                    await asyncio.sleep(_ACCEPT_RETRY)
-                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                else:
                     log.warning("control socket: accept failed: %s", exc)
-                    await asyncio.sleep(_ACCEPT_RETRY)
-                continue
+                self._pause_accepting()
+                return
             try:
                 admission = self._admit(sock)
             except Exception:  # a bug here must cost one connection, never the listener
@@ -482,6 +496,7 @@ class ControlServer:
 
     def _admit(self, sock: socket.socket) -> _Admission | None:
         """Count the new connection in, or refuse it (a ``busy`` frame, then close)."""
+        sock.setblocking(False)
         try:
             pid, uid, gid = peer_credentials(sock)
         except OSError as exc:

@@ -11,8 +11,8 @@ of their own in its place and read what root's ``mvpctl`` sends. So, like OpenSS
   the socket's own directory must not be one. Missing directories are created, mode 0755.
   Anything else is a configuration error (exit 78) saying what to fix.
 - The walk opens each directory with ``O_NOFOLLOW`` relative to the one above and checks the
-  opened directory (``fstat``); a symlink met on the way is followed only because the
-  directory holding it has just passed the check (only root could have put it there).
+  opened directory (``fstat``); a symlink met on the way is followed only when root (or
+  the daemon's user) owns it, in a directory that has just passed the check.
 - Every later operation is relative to the checked directory's file descriptor and never
   follows a symlink. The socket is bound under a temporary name (through
   ``/proc/self/fd/N/``, so the bind lands in that very directory whatever its path),
@@ -90,10 +90,17 @@ def open_socket_directory(directory: Path) -> int:
                 except FileExistsError:
                     pass
                 except OSError as exc:
-                    raise ConfigError(f"cannot create the control socket directory "
-                                      f"{current / name}: {exc.strerror}") from None
+                    raise ConfigError(f"control socket directory {current / name}: cannot "
+                                      f"create it ({exc.strerror}); set another socket path "
+                                      "(socket, MVPD_SOCKET)") from None
                 st = os.lstat(name, dir_fd=fd)
             if stat.S_ISLNK(st.st_mode):
+                # In a sticky directory (/tmp) others may own entries: never follow theirs.
+                if st.st_uid not in (0, os.geteuid()):
+                    raise ConfigError(
+                        f"control socket path {directory}: symlink {current / name} is owned "
+                        f"by uid {st.st_uid}; use a path without it (socket, MVPD_SOCKET)"
+                    )
                 links += 1
                 if links > _MAX_SYMLINKS:
                     raise ConfigError(f"too many symlinks in the control socket path {directory}")
