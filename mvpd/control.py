@@ -557,7 +557,6 @@ class ControlServer:
             self._admitted.remove(admission)
             if conn is not None:
                 self._connections.discard(conn)
-                conn.finished.set()
 
 
 def _nofile_limits() -> tuple[int, int]:
@@ -593,7 +592,6 @@ class _Connection:
     writer: asyncio.StreamWriter
     admission: _Admission
     caller: Caller | None = None
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
     _access_at: float = 0.0
     _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
