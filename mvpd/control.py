@@ -422,7 +422,8 @@ class ControlServer:
             )
         try:
             # The directory was checked: only root can have put this socket there.
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2)
+            address = self._file.in_directory(self._file.name)
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(address), 2)
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("replacing stale control socket %s", self.path)
             return

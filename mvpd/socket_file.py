@@ -171,21 +171,25 @@ class SocketFile:
         except FileNotFoundError:
             return None
 
-    def _in_directory(self, name: str) -> str:
-        """A path to ``name`` in the checked directory, whatever happened to its path since."""
+    def in_directory(self, name: str) -> str:
+        """A socket address for ``name`` in the checked directory: through its descriptor
+        (``/proc/self/fd/N/name``) when /proc is there and the result fits in sun_path,
+        else the configured path (its directories passed the check)."""
         proc = f"/proc/self/fd/{self.dir_fd}"
-        return f"{proc}/{name}" if os.path.isdir(proc) else str(self.path.parent / name)
+        if os.path.isdir(proc) and len(os.fsencode(f"{proc}/{name}")) <= MAX_SOCKET_PATH:
+            return f"{proc}/{name}"
+        return str(self.path.parent / name)
 
     def bind(self, *, group_id: int | None, mode: int, backlog: int) -> socket.socket:
         """A listening socket at the path, with group ``group_id`` and ``mode`` from its first
         moment there; a stale socket at the path is replaced. Raises ``OSError``."""
-        temp = f".{self.name}.{os.getpid()}.new"
+        temp = f".mvpd.{os.getpid()}.new"  # short: the bind address must fit in sun_path
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(temp, dir_fd=self.dir_fd).st_mode):
                 os.unlink(temp, dir_fd=self.dir_fd)  # left by a crash of this very pid
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(self._in_directory(temp))
+            sock.bind(self.in_directory(temp))
             try:
                 if group_id is not None:
                     os.chown(temp, -1, group_id, dir_fd=self.dir_fd, follow_symlinks=False)

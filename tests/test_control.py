@@ -848,6 +848,7 @@ def test_running_out_of_file_descriptors_is_logged_and_serving_goes_on(tmp_path:
                 break
             server.poll()
             time.sleep(0.1)
+        time.sleep(1.5)  # accept is retried every 0.2 s meanwhile
         text = log_file.read_text()
         assert "control socket: cannot accept connections: Too many open files " \
                "(open file limit 64)" in text, text
