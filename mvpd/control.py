@@ -364,14 +364,16 @@ class ControlServer:
         """Create the socket and start accepting connections."""
         self._file = SocketFile(self.path)
         try:
-            await self._check_not_in_use()
+            stale = await self._check_not_in_use()
             group_id = self._group_id()
             # Others need write permission on the socket to connect at all (for status).
             mode = 0o666 if self.others_access == "read" else 0o660 if group_id else 0o600
             try:
                 self._listener = self._file.bind(
-                    group_id=group_id, mode=mode, backlog=self.limits.backlog
+                    group_id=group_id, mode=mode, backlog=self.limits.backlog, stale=stale
                 )
+            except FileExistsError:
+                raise MvpError(f"another mvpd started on {self.path} meanwhile") from None
             except OSError as exc:
                 raise MvpError(f"cannot listen on control socket {self.path}: "
                                f"{exc.strerror or exc}") from None
@@ -408,13 +410,13 @@ class ControlServer:
 
     # --- socket file -----------------------------------------------------------------------
 
-    async def _check_not_in_use(self) -> None:
-        """Refuse a path where something else than a stale socket is; a stale socket is
-        replaced later, atomically, when the new one is renamed over it."""
+    async def _check_not_in_use(self) -> os.stat_result | None:
+        """Refuse a path where something else than a stale socket is; return the stale
+        socket's ``lstat`` (removed when the new socket is put in its place) or None."""
         assert self._file is not None
         st = self._file.existing()
         if st is None:
-            return
+            return None
         if not stat.S_ISSOCK(st.st_mode):
             raise ConfigError(
                 f"{self.path} exists and is not a socket; remove it or set another "
@@ -426,7 +428,7 @@ class ControlServer:
             _, writer = await asyncio.wait_for(asyncio.open_unix_connection(address), 2)
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("replacing stale control socket %s", self.path)
-            return
+            return st
         except (TimeoutError, OSError) as exc:
             # Something is bound there but does not accept quickly: do not take it away.
             raise MvpError(

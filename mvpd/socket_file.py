@@ -18,9 +18,15 @@ of their own in its place and read what root's ``mvpctl`` sends. So, like OpenSS
   ``/proc/self/fd/N/``, so the bind lands in that very directory whatever its path),
   given its group and mode (``fchownat``/``fchmodat`` with ``AT_SYMLINK_NOFOLLOW``; an
   ``fchmod`` on a socket's fd would change only the in-kernel socket inode, not the file,
-  on Linux), made to listen, and only then renamed onto the final name: the path appears
-  atomically with its final owner and mode, and a stale socket is replaced in the same
-  step. Removing it on shutdown checks with ``lstat`` that it is still the inode we made.
+  on Linux 6.x as checked), made to listen, and only then hard-linked to the final name:
+  the path appears with its final owner and mode, and ``link`` never replaces anything, so
+  a socket that appeared meanwhile (another mvpd starting) is not taken over. A stale
+  socket is removed just before, only if ``lstat`` still shows the inode that was found
+  dead; on shutdown the socket is removed only if it is still the inode we made.
+
+Nothing here can be raced by another user: they cannot write any directory involved, and
+root's own changes to the path's directories cannot redirect operations made relative to
+the descriptor that was checked.
 """
 
 from __future__ import annotations
@@ -142,6 +148,12 @@ def _chmod_socket(name: str, mode: int, dir_fd: int) -> None:
         os.chmod(name, mode, dir_fd=dir_fd)
 
 
+def _same_file(a: os.stat_result | None, b: os.stat_result) -> bool:
+    """The same inode, not a new one that reuses its number (the change time tells)."""
+    return a is not None and (a.st_dev, a.st_ino, a.st_mode, a.st_ctime_ns) == \
+        (b.st_dev, b.st_ino, b.st_mode, b.st_ctime_ns)
+
+
 def check_socket_path(path: Path) -> None:
     """Raise :class:`ConfigError` now if the daemon could not use ``path`` for its socket
     (creating its directory if missing): before anything else starts."""
@@ -180,9 +192,14 @@ class SocketFile:
             return f"{proc}/{name}"
         return str(self.path.parent / name)
 
-    def bind(self, *, group_id: int | None, mode: int, backlog: int) -> socket.socket:
+    def bind(
+        self, *, group_id: int | None, mode: int, backlog: int,
+        stale: os.stat_result | None = None,
+    ) -> socket.socket:
         """A listening socket at the path, with group ``group_id`` and ``mode`` from its first
-        moment there; a stale socket at the path is replaced. Raises ``OSError``."""
+        moment there. ``stale``: what :meth:`existing` showed at the path and was found dead
+        (removed if it is still there). Raises ``FileExistsError`` if something else is at
+        the path, other ``OSError`` when the socket cannot be made."""
         temp = f".mvpd.{os.getpid()}.new"  # short: the bind address must fit in sun_path
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(temp, dir_fd=self.dir_fd).st_mode):
@@ -195,11 +212,13 @@ class SocketFile:
                     os.chown(temp, -1, group_id, dir_fd=self.dir_fd, follow_symlinks=False)
                 _chmod_socket(temp, mode, self.dir_fd)
                 sock.listen(backlog)
-                os.rename(temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-            except BaseException:
+                if stale is not None and _same_file(self.existing(), stale):
+                    os.unlink(self.name, dir_fd=self.dir_fd)
+                os.link(temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
+                        follow_symlinks=False)
+            finally:
                 with contextlib.suppress(OSError):
                     os.unlink(temp, dir_fd=self.dir_fd)
-                raise
             st = os.lstat(self.name, dir_fd=self.dir_fd)
             self._identity = (st.st_dev, st.st_ino)
         except BaseException:
@@ -212,7 +231,8 @@ class SocketFile:
         """Remove the socket if it is still the one :meth:`bind` made; close the directory."""
         if self._identity is not None:
             st = self.existing()
-            if st is not None and (st.st_dev, st.st_ino) == self._identity:
+            if st is not None and stat.S_ISSOCK(st.st_mode) and \
+                    (st.st_dev, st.st_ino) == self._identity:
                 with contextlib.suppress(OSError):
                     os.unlink(self.name, dir_fd=self.dir_fd)
             self._identity = None

@@ -43,6 +43,7 @@ from mvpd.proto.errors import (
     RpcTimeout,
     UnknownMethod,
 )
+from mvpd.socket_file import SocketFile
 from tests.users import public_directory, run_admin, throwaway_user
 
 PYTHON = sys.executable
@@ -661,6 +662,29 @@ def test_a_symlink_at_the_socket_path_is_never_followed(tmp_path: Path) -> None:
     path.symlink_to(elsewhere)
     start_fails(path)
     assert path.is_symlink() and stat.S_ISSOCK(os.lstat(elsewhere).st_mode)
+
+
+def test_a_socket_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "mvpd.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    socket_file = SocketFile(path)
+    try:
+        stale = socket_file.existing()  # found dead ...
+        assert stale is not None
+        os.unlink(path)  # ... but another daemon took the path meanwhile
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+            live.bind(str(path))
+            live.listen()
+            for found in (stale, None):
+                with pytest.raises(FileExistsError):
+                    socket_file.bind(group_id=None, mode=0o666, backlog=8, stale=found)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(str(path))  # still the other daemon's
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mvpd.sock"]
+    finally:
+        socket_file.close()
 
 
 # --- admission: no local user can lock out root or the group -------------------------------------
