@@ -46,7 +46,9 @@ def _load(config: Path | None, **overrides: Any) -> AgentSettings:
 def run(
     config: Path | None = ConfigOption,
     socket: Path | None = typer.Option(
-        None, "--socket", help="Control socket path (MVPD_SOCKET; default /run/mvpd/mvpd.sock)."
+        None, "--socket",
+        help="Control socket path (MVPD_SOCKET; default /run/mvpd/mvpd.sock). Its directory "
+        "and those above it must be writable only by root; missing ones are created.",
     ),
     agent_id: str | None = typer.Option(None, "--id", help="This agent's id (AGENT_ID)."),
     signaling_url: str | None = typer.Option(

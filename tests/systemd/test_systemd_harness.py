@@ -184,8 +184,8 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
     assert not failed, json.dumps(results, indent=1)
     assert started.returncode == 0
     assert {"tun_create", "netlink_configure", "aiortc_data_channel", "control_socket_group",
-            "home_hidden", "tmp_private", "no_write_usr", "bounding_set_nnp_seccomp"} <= set(
-        results)
+            "open_file_limit", "home_hidden", "tmp_private", "no_write_usr",
+            "bounding_set_nnp_seccomp"} <= set(results)
     assert c.run(["ip", "link", "show", "mvpprobe0"], check=False).returncode != 0
     # The probe's /tmp was its own: what it wrote there is not in the container's.
     assert c.run(["test", "-e", "/tmp/mvpd-probe-private"], check=False).returncode != 0
