@@ -480,7 +480,7 @@ class ControlServer:
                         "clients wait until descriptors are free: raise LimitNOFILE= in the "
                         "unit if this lasts",
                         exc.strerror,
-                        _nofile_limits()[0],
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                     )
                 else:
                     log.warning("control socket: accept failed: %s", exc)
@@ -549,22 +549,20 @@ class ControlServer:
     async def _serve_connection(self, sock: socket.socket, admission: _Admission) -> None:
         conn: _Connection | None = None
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_READ_CHUNK)
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_READ_CHUNK)
+            except BaseException:
+                sock.close()
+                raise
             conn = _Connection(self, reader, writer, admission)
             self._connections.add(conn)
             await conn.run()
         except OSError as exc:
             log.debug("control connection uid=%d lost: %s", admission.uid, exc)
-            sock.close()
         finally:
             self._admitted.remove(admission)
             if conn is not None:
                 self._connections.discard(conn)
-
-
-def _nofile_limits() -> tuple[int, int]:
-    """``RLIMIT_NOFILE`` (soft, hard) of this process."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 @dataclass(eq=False)
