@@ -739,7 +739,7 @@ def hold_connections(
 ) -> subprocess.Popen[str]:
     """``count`` connections from ``user``, held open until a line arrives on stdin; then
     it prints what each got (a ``busy`` refusal, a hello reply, or nothing yet). Returns
-    once ``answered`` of them have had their answer."""
+    once ``answered`` of them have had their answer, or after 3 s."""
     entry = pwd.getpwnam(user)
     process = subprocess.Popen(
         ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
