@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .logs import fields
+from .logs import RateLimitedLog, fields
 from .proto.errors import (
     BadRequest,
     Busy,
@@ -294,26 +294,6 @@ class _Admission:
     hello_pending: bool = True
 
 
-class _RateLimitedLog:
-    """One log line per ``interval`` seconds at most, saying how many were held back: a
-    hostile client must not be able to flood the journal."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last = -interval
-        self._held = 0
-
-    def __call__(self, level: int, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._held += 1
-            return
-        if self._held:
-            message += f" ({self._held} more like this in the last {now - self._last:.0f} s)"
-        self._last, self._held = now, 0
-        log.log(level, message, *args)
-
-
 #: accept() errors that mean "out of file descriptors or memory", not "that client is gone".
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: Seconds to wait before accepting again after one of those.
@@ -352,8 +332,9 @@ class ControlServer:
         self._connections: set[_Connection] = set()
         self._admitted: list[_Admission] = []
         self._connection_tasks: set[asyncio.Task[None]] = set()
-        self._log_refusal = _RateLimitedLog()
-        self._log_exhausted = _RateLimitedLog()
+        # A hostile client must not be able to flood the journal with these.
+        self._log_refusal = RateLimitedLog(log)
+        self._log_exhausted = RateLimitedLog(log)
 
     @property
     def connections(self) -> int:
@@ -407,6 +388,8 @@ class ControlServer:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._log_refusal.flush()
+        self._log_exhausted.flush()
 
     # --- socket file -----------------------------------------------------------------------
 
@@ -474,7 +457,7 @@ class ControlServer:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # that client is gone already
                 if exc.errno in _RESOURCE_ERRORS:
-                    self._log_exhausted(
+                    self._log_exhausted.log(
                         logging.ERROR,
                         "control socket: cannot accept connections: %s (open file limit %d); "
                         "clients wait until descriptors are free: raise LimitNOFILE= in the "
@@ -509,8 +492,8 @@ class ControlServer:
         access = resolve_access(uid, gid, self.group, self.others_access)
         refusal = self._over_limit(uid, access)
         if refusal is not None:
-            self._log_refusal(logging.WARNING, "control connection refused: uid=%d pid=%d: %s",
-                              uid, pid, refusal)
+            self._log_refusal.warning("control connection refused: uid=%d pid=%d: %s",
+                                      uid, pid, refusal)
             with contextlib.suppress(OSError):
                 # A new socket's send buffer is empty: this small frame fits at once.
                 sock.send(encode_frame(error_message(None, Busy(refusal))))
