@@ -42,17 +42,13 @@ def _load(config: Path | None, **overrides: Any) -> AgentSettings:
         raise typer.Exit(EX_CONFIG) from None
 
 
-@app.callback(invoke_without_command=True)
-def _default(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(run)
-
-
 @app.command()
 def run(
     config: Path | None = ConfigOption,
     socket: Path | None = typer.Option(
-        None, "--socket", help="Control socket path (MVPD_SOCKET; default /run/mvpd/mvpd.sock)."
+        None, "--socket",
+        help="Control socket path (MVPD_SOCKET; default /run/mvpd/mvpd.sock). Its directory "
+        "and those above it must be writable only by root; missing ones are created.",
     ),
     agent_id: str | None = typer.Option(None, "--id", help="This agent's id (AGENT_ID)."),
     signaling_url: str | None = typer.Option(
@@ -160,10 +156,19 @@ def install_units(
     )
 
 
+def with_default_command(argv: list[str]) -> list[str]:
+    """``mvpd`` alone, or with options only (``mvpd -v``), is ``mvpd run``; ``mvpd --help``
+    stays the overview. Done on the arguments rather than in a typer callback, which would
+    have to call ``run`` with typer's parameter objects as its defaults."""
+    if not argv or (argv[0].startswith("-") and argv[0] != "--help"):
+        return ["run", *argv]
+    return argv
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
-        app()
+        app(args=with_default_command(sys.argv[1:]), prog_name="mvpd")
     except MvpError as exc:
         typer.echo(f"mvpd: {exc}", err=True)
         sys.exit(1)

@@ -9,22 +9,38 @@ not by the socket's file mode alone: uid 0 and members of the configured group (
 supplementary) get ``write``; everyone else gets ``read`` (``status``, ``peers``) or nothing,
 as configured. Every write call is logged with the caller's uid and pid.
 
-Limits (per connection unless said otherwise) keep one client from hurting the daemon or the
-other clients: at most :attr:`ControlLimits.max_inflight` calls run at once (further requests
-are simply not read: the client's socket buffer fills up), at most
-:attr:`ControlLimits.max_streams` subscriptions, read-only callers may send frames of at most
-:attr:`ControlLimits.read_only_max_frame` bytes, and read-only connections are capped in total
-so that they cannot lock out root and the group.
+The socket file lives in a directory only root can change (see :mod:`mvpd.socket_file`).
+
+Admission happens at ``accept``, before the hello, from the peer credentials: a connection
+over a limit of :class:`ControlLimits` is accepted at once, told ``busy`` in an error frame
+and closed, so nobody can fill the listen backlog. The limits count every open connection,
+those still waiting for their hello included: each uid but root has
+:attr:`~ControlLimits.max_connections_per_uid` connections, at most
+:attr:`~ControlLimits.max_pre_hello_per_uid` of them before their hello (which must come
+within :attr:`~ControlLimits.hello_timeout` seconds); callers outside root and the group
+share :attr:`~ControlLimits.max_read_only_connections` (each uid at most
+:attr:`~ControlLimits.max_read_only_per_uid`); and the last
+:attr:`~ControlLimits.reserved_for_root` of the :attr:`~ControlLimits.max_connections` are
+root's. So no user outside the group can lock out root or the group, and no group member
+can lock out root. When ``accept`` fails for want of file descriptors, that is logged
+(rate-limited) and accepting resumes as soon as it can.
+
+Per connection, at most :attr:`ControlLimits.max_inflight` calls run at once (further
+requests are simply not read: the client's socket buffer fills up), at most
+:attr:`ControlLimits.max_streams` subscriptions, and read-only callers may send frames of at
+most :attr:`ControlLimits.read_only_max_frame` bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import logging
 import os
 import pwd
+import resource
 import socket
 import stat
 import struct
@@ -34,10 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .logs import fields
+from .logs import RateLimitedLog, fields
 from .proto.errors import (
     BadRequest,
     Busy,
+    ConfigError,
     ConnectionClosed,
     Forbidden,
     FrameError,
@@ -76,6 +93,7 @@ from .proto.rpc import (
     to_wire,
     validate_params,
 )
+from .socket_file import SocketFile
 
 log = logging.getLogger("mvpd.control")
 
@@ -214,11 +232,21 @@ class ControlLimits:
     max_streams: int = 16
     #: Queued ``pipe.write``/``pipe.eof`` calls per pipe before the server stops reading.
     pipe_queue: int = 8
-    #: Connections from read-only callers, and from everyone, at once.
-    max_read_only_connections: int = 32
+    #: Connections at once, from everyone; the last ``reserved_for_root`` only for root.
     max_connections: int = 512
+    reserved_for_root: int = 16
+    #: Connections at once from one uid (root excepted), and how many of them may still be
+    #: waiting for their hello.
+    max_connections_per_uid: int = 64
+    max_pre_hello_per_uid: int = 32
+    #: Connections at once from callers without write access (outside root and the group),
+    #: all of them together and per uid; counted from ``accept``, before the hello.
+    max_read_only_connections: int = 32
+    max_read_only_per_uid: int = 8
     #: Seconds a new connection has to send its hello.
-    hello_timeout: float = 10.0
+    hello_timeout: float = 5.0
+    #: The listen backlog; connections are accepted at once, so it only absorbs bursts.
+    backlog: int = 256
     #: Seconds a resolved access level is trusted before group membership is looked up again.
     access_ttl: float = 5.0
 
@@ -253,12 +281,32 @@ def resolve_access(
     return "read" if others_access == "read" else None
 
 
+@dataclass(eq=False)
+class _Admission:
+    """What was decided about a connection at ``accept``, and what it counts against."""
+
+    pid: int
+    uid: int
+    gid: int
+    access: Access | None
+    #: Counted in the pool of callers without write access.
+    read_only: bool
+    hello_pending: bool = True
+
+
+#: accept() errors that mean "out of file descriptors or memory", not "that client is gone".
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Seconds to wait before accepting again after one of those.
+_ACCEPT_RETRY = 0.2
+
+
 class ControlServer:
     """The control socket at ``path``, serving ``handler``.
 
     ``group`` and ``others_access`` configure authorisation (see the module docstring).
-    ``await start()`` creates the socket (raising :class:`MvpError` if another mvpd already
-    serves it), ``await close()`` stops serving, ends every connection and removes it."""
+    ``await start()`` creates the socket (raising :class:`~mvpd.proto.errors.ConfigError`
+    for a path it must not or cannot use, :class:`MvpError` if another mvpd already serves
+    it), ``await close()`` stops serving, ends every connection and removes it."""
 
     def __init__(
         self,
@@ -278,29 +326,43 @@ class ControlServer:
         self.agent_id = agent_id
         self.server_name = f"mvpd {version}".strip()
         self.limits = limits or ControlLimits()
-        self._server: asyncio.Server | None = None
+        self._file: SocketFile | None = None
+        self._listener: socket.socket | None = None
+        self._resume_accepting: asyncio.TimerHandle | None = None
         self._connections: set[_Connection] = set()
-        self._inode: int | None = None
+        self._admitted: list[_Admission] = []
+        self._connection_tasks: set[asyncio.Task[None]] = set()
+        # A hostile client must not be able to flood the journal with these.
+        self._log_refusal = RateLimitedLog(log)
+        self._log_exhausted = RateLimitedLog(log)
 
     @property
     def connections(self) -> int:
-        """Connections open now."""
-        return len(self._connections)
+        """Connections open now (those waiting for their hello included)."""
+        return len(self._admitted)
 
     async def start(self) -> None:
         """Create the socket and start accepting connections."""
-        if len(os.fsencode(self.path)) > 107:
-            raise MvpError(f"control socket path {self.path} is too long (108 bytes at most)")
-        self._make_parent()
-        await self._remove_stale_socket()
+        self._file = SocketFile(self.path)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._accept, path=str(self.path), limit=_READ_CHUNK
-            )
-        except OSError as exc:
-            raise MvpError(f"cannot listen on control socket {self.path}: {exc}") from None
-        self._inode = os.stat(self.path).st_ino
-        self._set_mode()
+            stale = await self._check_not_in_use()
+            group_id = self._group_id()
+            # Others need write permission on the socket to connect at all (for status).
+            mode = 0o666 if self.others_access == "read" else 0o660 if group_id else 0o600
+            try:
+                self._listener = self._file.bind(
+                    group_id=group_id, mode=mode, backlog=self.limits.backlog, stale=stale
+                )
+            except FileExistsError:
+                raise MvpError(f"another mvpd started on {self.path} meanwhile") from None
+            except OSError as exc:
+                raise MvpError(f"cannot listen on control socket {self.path}: "
+                               f"{exc.strerror or exc}") from None
+        except BaseException:
+            self._file.close()
+            self._file = None
+            raise
+        self._start_accepting()
         log.info(
             "control socket %s: group %r may change things, others: %s",
             self.path,
@@ -310,48 +372,46 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop accepting, end every connection (closing their streams), remove the socket."""
-        if self._server is not None:
-            self._server.close()
+        if self._resume_accepting is not None:
+            self._resume_accepting.cancel()
+            self._resume_accepting = None
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         for conn in list(self._connections):
             conn.abort()
-        for conn in list(self._connections):
-            await conn.finished.wait()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-            self._server = None
-        try:
-            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except OSError:
-            pass
-        self._inode = None
+        tasks = list(self._connection_tasks)
+        for task in tasks:  # also those still setting up their streams
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._log_refusal.flush()
+        self._log_exhausted.flush()
 
     # --- socket file -----------------------------------------------------------------------
 
-    def _make_parent(self) -> None:
-        parent = self.path.parent
-        if not parent.exists():
-            parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(parent, 0o755)  # mkdir's mode is filtered by the umask
-
-    async def _remove_stale_socket(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
+    async def _check_not_in_use(self) -> os.stat_result | None:
+        """Refuse a path where something else than a stale socket is; return the stale
+        socket's ``lstat`` (removed when the new socket is put in its place) or None."""
+        assert self._file is not None
+        st = self._file.existing()
+        if st is None:
+            return None
         if not stat.S_ISSOCK(st.st_mode):
-            raise MvpError(
+            raise ConfigError(
                 f"{self.path} exists and is not a socket; remove it or set another "
                 "control socket path (MVPD_SOCKET)"
             )
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), 2)
+            # The directory was checked: only root can have put this socket there.
+            address = self._file.in_directory(self._file.name)
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(address), 2)
         except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale control socket %s", self.path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return
+            log.info("replacing stale control socket %s", self.path)
+            return st
         except (TimeoutError, OSError) as exc:
             # Something is bound there but does not accept quickly: do not take it away.
             raise MvpError(
@@ -362,32 +422,130 @@ class ControlServer:
             await writer.wait_closed()
         raise MvpError(f"another mvpd is running on {self.path}")
 
-    def _set_mode(self) -> None:
+    def _group_id(self) -> int | None:
         try:
-            group_id: int | None = grp.getgrnam(self.group).gr_gid
+            return grp.getgrnam(self.group).gr_gid
         except KeyError:
-            group_id = None
             log.warning("group %r does not exist: only root may change things", self.group)
-        if group_id is not None:
-            os.chown(self.path, -1, group_id)
-        # Others need write permission on the socket to connect at all (for status).
-        group_mode = 0o660 if group_id is not None else 0o600
-        mode = 0o666 if self.others_access == "read" else group_mode
-        os.chmod(self.path, mode)
+            return None
 
-    # --- connections -------------------------------------------------------------------------
+    # --- accepting and admission ---------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(self, reader, writer)
-        self._connections.add(conn)
+    def _start_accepting(self) -> None:
+        self._resume_accepting = None
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
+
+    def _pause_accepting(self) -> None:
+        """Stop watching the listener for a moment (the error would repeat at once)."""
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._listener.fileno())
+        self._resume_accepting = loop.call_later(_ACCEPT_RETRY, self._start_accepting)
+
+    def _accept_ready(self) -> None:
+        """Accept every waiting connection at once (admission decides synchronously), so a
+        flood of connections that never say hello cannot keep the listen backlog full;
+        keep going through a shortage of file descriptors."""
+        assert self._listener is not None
+        for _ in range(self.limits.backlog):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that client is gone already
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._log_exhausted.log(
+                        logging.ERROR,
+                        "control socket: cannot accept connections: %s (open file limit %d); "
+                        "clients wait until descriptors are free: raise LimitNOFILE= in the "
+                        "unit if this lasts",
+                        exc.strerror,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    )
+                else:
+                    log.warning("control socket: accept failed: %s", exc)
+                self._pause_accepting()
+                return
+            try:
+                admission = self._admit(sock)
+            except Exception:  # a bug here must cost one connection, never the listener
+                log.exception("control connection admission failed")
+                sock.close()
+                continue
+            if admission is not None:
+                task = asyncio.create_task(self._serve_connection(sock, admission))
+                self._connection_tasks.add(task)
+                task.add_done_callback(self._connection_tasks.discard)
+
+    def _admit(self, sock: socket.socket) -> _Admission | None:
+        """Count the new connection in, or refuse it (a ``busy`` frame, then close)."""
+        sock.setblocking(False)
         try:
-            await conn.run()
-        finally:
-            self._connections.discard(conn)
-            conn.finished.set()
+            pid, uid, gid = peer_credentials(sock)
+        except OSError as exc:
+            log.warning("control connection without peer credentials refused: %s", exc)
+            sock.close()
+            return None
+        access = resolve_access(uid, gid, self.group, self.others_access)
+        refusal = self._over_limit(uid, access)
+        if refusal is not None:
+            self._log_refusal.warning("control connection refused: uid=%d pid=%d: %s",
+                                      uid, pid, refusal)
+            with contextlib.suppress(OSError):
+                # A new socket's send buffer is empty: this small frame fits at once.
+                sock.send(encode_frame(error_message(None, Busy(refusal))))
+            sock.close()
+            return None
+        admission = _Admission(pid, uid, gid, access, read_only=access != "write")
+        self._admitted.append(admission)
+        return admission
 
-    def _count(self, access: Access) -> int:
-        return sum(1 for c in self._connections if c.caller is not None and c.access == access)
+    def _over_limit(self, uid: int, access: Access | None) -> str | None:
+        """Why a new connection from ``uid`` would break a limit, or None."""
+        limits = self.limits
+        total = len(self._admitted)
+        if total >= limits.max_connections:
+            return "too many control connections; try again later"
+        if uid == 0:
+            return None
+        if total >= limits.max_connections - limits.reserved_for_root:
+            return "too many control connections; try again later"
+        mine = [a for a in self._admitted if a.uid == uid]
+        if len(mine) >= limits.max_connections_per_uid:
+            return (f"too many control connections from uid {uid} "
+                    f"({limits.max_connections_per_uid} at most); close some")
+        if sum(a.hello_pending for a in mine) >= limits.max_pre_hello_per_uid:
+            return (f"too many control connections from uid {uid} still without their hello "
+                    f"({limits.max_pre_hello_per_uid} at most)")
+        if access != "write":
+            if sum(a.read_only for a in mine) >= limits.max_read_only_per_uid:
+                return (f"too many read-only control connections from uid {uid} "
+                        f"({limits.max_read_only_per_uid} at most); close some")
+            if sum(a.read_only for a in self._admitted) >= limits.max_read_only_connections:
+                return (f"too many control connections from users outside group "
+                        f"{self.group!r}; try again later")
+        return None
+
+    async def _serve_connection(self, sock: socket.socket, admission: _Admission) -> None:
+        conn: _Connection | None = None
+        try:
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_READ_CHUNK)
+            except BaseException:
+                sock.close()
+                raise
+            conn = _Connection(self, reader, writer, admission)
+            self._connections.add(conn)
+            await conn.run()
+        except OSError as exc:
+            log.debug("control connection uid=%d lost: %s", admission.uid, exc)
+        finally:
+            self._admitted.remove(admission)
+            if conn is not None:
+                self._connections.discard(conn)
 
 
 @dataclass(eq=False)
@@ -416,8 +574,8 @@ class _Connection:
     server: ControlServer
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    admission: _Admission
     caller: Caller | None = None
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
     _access_at: float = 0.0
     _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -442,14 +600,9 @@ class _Connection:
     async def run(self) -> None:
         self._main = asyncio.current_task()
         limits = self.server.limits
+        pid, uid = self.admission.pid, self.admission.uid
         try:
-            pid, uid, gid = peer_credentials(self.writer.get_extra_info("socket"))
-        except OSError as exc:
-            log.warning("control connection without peer credentials refused: %s", exc)
-            self.writer.close()
-            return
-        try:
-            await self._serve(pid, uid, gid)
+            await self._serve()
         except (asyncio.CancelledError, ConnectionClosed):
             pass
         except OSError as exc:  # the client vanished mid-write (EPIPE, ECONNRESET)
@@ -463,9 +616,10 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), limits.hello_timeout)
 
-    async def _serve(self, pid: int, uid: int, gid: int) -> None:
+    async def _serve(self) -> None:
         limits = self.server.limits
-        access = resolve_access(uid, gid, self.server.group, self.server.others_access)
+        pid, uid, gid, access = (self.admission.pid, self.admission.uid, self.admission.gid,
+                                 self.admission.access)
         decoder = FrameDecoder(
             limits.max_frame if access == "write" else min(limits.read_only_max_frame, 4096)
         )
@@ -491,14 +645,7 @@ class _Connection:
             )
             await self._send_quietly(error_message(None, Forbidden(self._forbidden_text(uid))))
             return
-        total = len(self.server._connections)
-        if total > limits.max_connections or (
-            access == "read" and self.server._count("read") >= limits.max_read_only_connections
-        ):
-            await self._send_quietly(
-                error_message(None, Busy("too many control connections; try again later"))
-            )
-            return
+        self.admission.hello_pending = False
         self.caller = Caller(pid=pid, uid=uid, gid=gid, access=access)
         self._access_at = time.monotonic()
         decoder.max_frame = limits.max_frame if access == "write" else limits.read_only_max_frame

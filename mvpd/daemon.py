@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import resource
 import signal
 from typing import Any
 
@@ -28,6 +29,7 @@ from .proto.rpc import ReloadResult
 from .rpc_methods import RpcMethods
 from .signaling.client import SignalingClient
 from .signaling.server import SignalingServer
+from .socket_file import check_socket_path
 from .tunnel import Tunnel
 
 log = logging.getLogger("mvpd")
@@ -63,6 +65,7 @@ class Daemon:
         s = self.settings
         log_event(log, logging.INFO, "starting", "mvpd starting as %s (config %s)",
                   s.agent_id, s.config_file or "none")
+        check_socket_path(s.socket)  # a bad path is a config error (78): say it first
         try:
             if s.signaling_server.enabled:
                 self.signaling_server = SignalingServer(s.signaling_server)
@@ -245,9 +248,29 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit and return it.
+
+    systemd keeps the soft limit at 1024 for programs that still use select(2) and lets the
+    others raise it (the unit sets the hard limit, ``LimitNOFILE=``); asyncio uses epoll.
+    Every peer costs a few UDP sockets and every control client one, so 1024 runs out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.info("open file limit %d", soft)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    log.info("open file limit raised from %d to %d (the hard limit)", soft, hard)
+    return hard
+
+
 def run_daemon(settings: AgentSettings, *, verbose: bool = False) -> int:
     """Run until stopped; the process exit code (0 clean, 1 failure, 78 bad config)."""
     setup_logging(settings.log_level, verbose=verbose)
+    raise_open_file_limit()
     _install_uvloop()
     daemon = Daemon(settings, verbose=verbose)
     try:

@@ -176,9 +176,15 @@ def start_watchdog() -> asyncio.Task[None] | None:
 # --- installing the units -------------------------------------------------------------------
 
 
-def packaging_dir() -> Path:
-    """Where the shipped unit files live: ``packaging/systemd`` of the source tree."""
-    return Path(__file__).resolve().parent.parent / "packaging" / "systemd"
+def data_dir() -> Path:
+    """The files mvpd ships (``mvpd/data`` in the source tree and in the installed package):
+    ``systemd/`` with the units and the sysusers.d entry, and the example config."""
+    return Path(__file__).resolve().parent / "data"
+
+
+def units_dir() -> Path:
+    """Where the shipped unit files and the sysusers.d entry live."""
+    return data_dir() / "systemd"
 
 
 def _rewrite_exec(text: str, bin_path: Path) -> str:
@@ -331,8 +337,9 @@ def install_units(
       the ``mvpd`` package (``package_dir``, by default :func:`mvpd_package_dir`) live under
       /tmp or /var/tmp (see :func:`paths_under_tmp`);
     - ``etc/sysusers.d/mvp-agent.conf`` (the ``mvp`` group);
-    - ``etc/mvp-agent.yaml`` from the source tree, mode 0600 because it can hold tokens, only
-      when no config exists there yet: an operator's config is never overwritten.
+    - ``etc/mvp-agent.yaml`` from ``config_source`` (by default the shipped example), mode
+      0600 because it can hold tokens, only when no config exists there yet: an operator's
+      config is never overwritten.
 
     Returns the paths written. Afterwards (with ``prefix`` ``/``) run ``systemd-sysusers`` and
     ``systemctl daemon-reload``. Raises :class:`MvpError` when the unit files cannot be found
@@ -340,10 +347,11 @@ def install_units(
     """
     if not bin_path.is_absolute():
         raise MvpError(f"the mvpd path must be absolute, got {bin_path}")
-    src = source if source is not None else packaging_dir()
+    src = source if source is not None else units_dir()
     missing = [n for n in (*UNIT_NAMES, SYSUSERS_NAME) if not (src / n).is_file()]
     if missing:
-        raise MvpError(f"unit files not found in {src}: {', '.join(missing)}")
+        raise MvpError(f"unit files not found in {src}: {', '.join(missing)} (the mvp-agent "
+                       "package is incomplete: reinstall it)")
     written: list[Path] = []
     unit_dir = prefix / "etc" / "systemd" / "system"
     package = package_dir if package_dir is not None else mvpd_package_dir(bin_path)
@@ -371,7 +379,7 @@ def install_units(
     target = prefix / "etc" / "sysusers.d" / SYSUSERS_NAME
     _write(target, (src / SYSUSERS_NAME).read_bytes(), 0o644)
     written.append(target)
-    config = config_source if config_source is not None else src.parent.parent / "etc" / CONFIG_NAME
+    config = config_source if config_source is not None else data_dir() / CONFIG_NAME
     target = prefix / "etc" / CONFIG_NAME
     if config.is_file() and not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +93,95 @@ def test_help_explains(command: list[str], tmp_path: Path) -> None:
     done = run_mvpd(*command, tmp_path=tmp_path)
     assert done.returncode == 0
     assert "Usage" in done.stdout
+
+
+DAEMON_ENV = {"AGENT_ID": "alice", "SIGNALING_URL": "ws://127.0.0.1:9"}
+
+
+def bad_socket_path(kind: str, tmp_path: Path) -> Path:
+    if kind == "too long":
+        return tmp_path / ("d" * 120) / "mvpd.sock"
+    if kind == "parent is a file":
+        (tmp_path / "file").write_text("")
+        return tmp_path / "file" / "mvpd.sock"
+    if kind == "parent not creatable":
+        return Path("/proc/1/mvpd/mvpd.sock")
+    shared = tmp_path / "shared"  # writable by everyone
+    shared.mkdir()
+    shared.chmod(0o1777)
+    return shared / "mvpd.sock"
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("too long", "bytes long; Unix sockets allow 107: set a shorter one"),
+        ("parent is a file", "file is not a directory"),
+        ("parent not creatable", "control socket directory /proc/1/mvpd: cannot create it"),
+        ("writable by others", "is writable by other users (mode 1777)"),
+    ],
+)
+def test_a_bad_socket_path_exits_78_with_one_clear_line(
+    kind: str, message: str, tmp_path: Path
+) -> None:
+    path = bad_socket_path(kind, tmp_path)
+    done = run_mvpd("run", "--socket", str(path), tmp_path=tmp_path, env=DAEMON_ENV)
+    assert done.returncode == 78, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "invalid configuration: control socket" in errors[0], errors
+    assert message in errors[0]
+
+
+def start_mvpd(
+    args: list[str], tmp_path: Path, limits: tuple[int, int] | None = None
+) -> subprocess.Popen[str]:
+    """The daemon in the background, on a control socket under ``tmp_path``; returns once it
+    is ready (its socket answers)."""
+    config = tmp_path / "mvp-agent.yaml"
+    config.write_text("")
+    clean = {k: v for k, v in os.environ.items() if not is_setting_variable(k)}
+    socket_path = tmp_path / "run" / "mvpd.sock"
+
+    def set_limits() -> None:
+        if limits is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+    process = subprocess.Popen(
+        [*MVPD, *args], cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**clean, **DAEMON_ENV, "AGENT_CONFIG": str(config), "MVPD_SOCKET": str(socket_path)},
+        preexec_fn=set_limits,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(socket_path))
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"mvpd did not start: {process.communicate(timeout=10)[1]}")
+
+
+def stop_mvpd(process: subprocess.Popen[str]) -> str:
+    """SIGTERM, expect a clean exit; return what it logged."""
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    return err
+
+
+def test_mvpd_without_a_command_runs_the_daemon(tmp_path: Path) -> None:
+    process = start_mvpd([], tmp_path)  # the README: `mvpd` alone is `mvpd run`
+    err = stop_mvpd(process)
+    assert "mvpd ready: control socket" in err and "Traceback" not in err
+
+
+def test_mvpd_raises_its_soft_open_file_limit(tmp_path: Path) -> None:
+    process = start_mvpd(["run"], tmp_path, limits=(256, 4096))
+    try:
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+    finally:
+        err = stop_mvpd(process)
+    assert "open file limit raised from 256 to 4096 (the hard limit)" in err

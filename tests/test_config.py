@@ -14,7 +14,7 @@ from mvpd.config import AgentSettings, is_setting_variable, load_settings
 from mvpd.proto.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "etc" / "mvp-agent.yaml"
+SHIPPED = REPO / "mvpd" / "data" / "mvp-agent.yaml"
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "mvpctl"))
-from control_harness import ServerThread
+from control_harness import FakeDaemon, ServerThread
 
 from mvpctl.client import Client
 from mvpd.control import ControlLimits, ControlServer, resolve_access
 from mvpd.proto import rpc
 from mvpd.proto.errors import (
     BadRequest,
+    ConfigError,
     ConnectionClosed,
     InvalidParams,
     MvpError,
@@ -41,6 +43,7 @@ from mvpd.proto.errors import (
     RpcTimeout,
     UnknownMethod,
 )
+from mvpd.socket_file import SocketFile
 from tests.users import public_directory, run_admin, throwaway_user
 
 PYTHON = sys.executable
@@ -555,3 +558,329 @@ def test_connection_closed_error_when_daemon_goes_away(tmp_path: Path) -> None:
     with pytest.raises(ConnectionClosed):
         client.call("status")
     client.close()
+
+
+# --- the socket's directory (a second uid must not be able to change it) ------------------------
+
+
+def start_fails(path: Path) -> MvpError:
+    """Start a server at ``path``, expecting it to refuse; return the error."""
+    server = ControlServer(path, FakeDaemon(), agent_id="alice")
+    with pytest.raises(MvpError) as info:
+        asyncio.run(server.start())
+    return info.value
+
+
+def test_directories_are_created_root_owned_0755_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        with ServerThread(tmp_path / "a" / "b" / "mvpd.sock") as server:
+            for directory in (tmp_path / "a", tmp_path / "a" / "b"):
+                st = os.stat(directory)
+                assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o755)
+            assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o666
+            assert_serving(server.path)
+    finally:
+        os.umask(old)
+    assert not (tmp_path / "a" / "b" / "mvpd.sock").exists()
+    assert not [p for p in (tmp_path / "a" / "b").iterdir()]  # no temporary name left
+
+
+def test_directories_another_user_can_change_are_refused(
+    other_user: tuple[str, str], public_dir: Path
+) -> None:
+    user, _ = other_user
+    uid = pwd.getpwnam(user).pw_uid
+    theirs = public_dir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, uid, -1)
+    error = start_fails(theirs / "mvpd.sock")
+    assert isinstance(error, ConfigError)
+    assert f"{theirs} is owned by uid {uid}" in error.message
+    # A root-owned directory below theirs is no better: they can rename it away.
+    (theirs / "run").mkdir(mode=0o755)
+    error = start_fails(theirs / "run" / "mvpd.sock")
+    assert f"{theirs} is owned by uid {uid}" in error.message
+    assert not (theirs / "run" / "mvpd.sock").exists()
+
+    for mode in (0o777, 0o1777, 0o775):
+        shared = public_dir / f"shared{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        error = start_fails(shared / "mvpd.sock")
+        assert isinstance(error, ConfigError)
+        assert f"{shared} is writable by other users (mode {mode:04o})" in error.message
+        assert not (shared / "mvpd.sock").exists()
+
+    # A sticky directory above is fine (like /tmp) as long as the socket's own is root's...
+    sticky = public_dir / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    with ServerThread(sticky / "run" / "mvpd.sock") as server:
+        assert_serving(server.path)
+    # ... but not a symlink there that the other user owns (they may point it anywhere).
+    link = sticky / "link"
+    link.symlink_to(sticky / "run")
+    os.chown(link, uid, -1, follow_symlinks=False)
+    error = start_fails(link / "mvpd.sock")
+    assert f"symlink {link} is owned by uid {uid}" in error.message
+
+
+def test_the_daemons_own_directory_may_not_be_tmp(tmp_path: Path) -> None:
+    error = start_fails(Path("/tmp") / f"mvpd-test-{os.getpid()}.sock")
+    assert "/tmp is writable by other users (mode 1777)" in error.message
+    assert "root-owned subdirectory" in error.message
+    with tempfile.TemporaryDirectory() as tmp, ServerThread(Path(tmp) / "mvpd.sock") as server:
+        assert_serving(server.path)
+
+
+def test_symlinks_in_checked_directories_are_followed(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir(mode=0o755)
+    (tmp_path / "link").symlink_to("real")
+    with ServerThread(tmp_path / "link" / "mvpd.sock") as server:
+        assert stat.S_ISSOCK(os.lstat(tmp_path / "real" / "mvpd.sock").st_mode)
+        assert_serving(server.path)
+
+
+def test_a_symlink_at_the_socket_path_is_never_followed(tmp_path: Path) -> None:
+    precious = tmp_path / "shadow"
+    precious.write_text("root only")
+    precious.chmod(0o600)
+    path = tmp_path / "mvpd.sock"
+    path.symlink_to(precious)
+    error = start_fails(path)
+    assert isinstance(error, ConfigError) and "exists and is not a socket" in error.message
+    assert stat.S_IMODE(os.stat(precious).st_mode) == 0o600
+    assert precious.read_text() == "root only" and path.is_symlink()
+
+    # A symlink to a dead socket elsewhere: neither the link nor its target is removed.
+    elsewhere = tmp_path / "other.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(elsewhere))
+    dead.close()
+    path.unlink()
+    path.symlink_to(elsewhere)
+    start_fails(path)
+    assert path.is_symlink() and stat.S_ISSOCK(os.lstat(elsewhere).st_mode)
+
+
+def test_a_socket_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "mvpd.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    socket_file = SocketFile(path)
+    try:
+        stale = socket_file.existing()  # found dead ...
+        assert stale is not None
+        os.unlink(path)  # ... but another daemon took the path meanwhile
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+            live.bind(str(path))
+            live.listen()
+            for found in (stale, None):
+                with pytest.raises(FileExistsError):
+                    socket_file.bind(group_id=None, mode=0o666, backlog=8, stale=found)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(str(path))  # still the other daemon's
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mvpd.sock"]
+    finally:
+        socket_file.close()
+
+
+# --- admission: no local user can lock out root or the group -------------------------------------
+
+HOLD_CONNECTIONS = """
+import json, select, socket, sys, time
+from mvpd.proto import rpc
+path, count, hello = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "hello"
+socks = []
+seen = {"busy": 0, "hello": 0}
+waiting = []
+
+def answer(s):
+    messages = rpc.FrameDecoder().feed(s.recv(65536))
+    code = messages[0]["error"]["code"] if messages and "error" in messages[0] else "hello"
+    seen[code] = seen.get(code, 0) + 1
+
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    socks.append(s)
+    if hello:  # one after the other, as a client does
+        try:
+            s.sendall(rpc.encode_frame(rpc.client_hello("hog")))
+        except BrokenPipeError:
+            pass  # refused and closed already; its answer is waiting
+        s.settimeout(10)
+        answer(s)
+    else:
+        waiting.append(s)
+# Refused connections get their frame at once, the others nothing before their hello.
+# Once `answered` have an answer, the server has taken all of them.
+deadline = time.monotonic() + 3  # less than any hello timeout
+while sum(seen.values()) < int(sys.argv[4]) and time.monotonic() < deadline:
+    readable, _, _ = select.select(waiting, [], [], deadline - time.monotonic())
+    for s in readable:
+        waiting.remove(s)
+        answer(s)
+print("ready", flush=True)
+sys.stdin.readline()
+readable, _, _ = select.select(waiting, [], [], 0.5) if waiting else ([], [], [])
+for s in readable:
+    waiting.remove(s)
+    answer(s)
+seen["nothing"] = len(waiting)
+print(json.dumps(seen), flush=True)
+"""
+
+
+def hold_connections(
+    user: str, path: Path, count: int, *, hello: bool, answered: int
+) -> subprocess.Popen[str]:
+    """``count`` connections from ``user``, held open until a line arrives on stdin; then
+    it prints what each got (a ``busy`` refusal, a hello reply, or nothing yet). Returns
+    once ``answered`` of them have had their answer, or after 3 s."""
+    entry = pwd.getpwnam(user)
+    process = subprocess.Popen(
+        ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
+         PYTHON, "-c", HOLD_CONNECTIONS, str(path), str(count), "hello" if hello else "-",
+         str(answered)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd="/", env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line == "ready\n", line + process.communicate(timeout=30)[1]
+    return process
+
+
+def held_result(process: subprocess.Popen[str]) -> dict[str, int]:
+    out, err = process.communicate("go\n", timeout=60)
+    assert process.returncode == 0, err
+    result: dict[str, int] = json.loads(out)
+    return result
+
+
+def test_a_user_outside_the_group_cannot_lock_out_root(
+    other_user: tuple[str, str], public_dir: Path
+) -> None:
+    user, group = other_user
+    with ServerThread(public_dir / "mvpd.sock", group=group) as server:
+        hog = hold_connections(user, server.path, 600, hello=False, answered=560)
+        try:
+            # Every one of root's calls gets through while the 600 connections are open.
+            for _ in range(6):
+                with Client.connect(server.path, timeout=5) as client:
+                    assert client.call("status")["agent_id"] == "alice"
+        finally:
+            seen = held_result(hog)
+        limits = ControlLimits()
+        assert limits.hello_timeout <= 5
+        # What one uid outside the group may hold, before its hellos.
+        held = min(limits.max_pre_hello_per_uid, limits.max_read_only_per_uid)
+        # The excess was accepted at once and told why (not left in the listen backlog); the
+        # others wait for their hello (or were told it did not come in time).
+        assert seen["busy"] == 600 - held and seen["hello"] == 0, seen
+
+        # With their hellos, read-only connections are capped per uid as well.
+        hog = hold_connections(user, server.path, 40, hello=True, answered=40)
+        try:
+            assert_serving(server.path)
+        finally:
+            seen = held_result(hog)
+        assert seen == {"busy": 40 - limits.max_read_only_per_uid,
+                        "hello": limits.max_read_only_per_uid, "nothing": 0}, seen
+
+
+def test_a_group_member_cannot_lock_out_root(
+    other_user: tuple[str, str], public_dir: Path
+) -> None:
+    user, group = other_user
+    run_admin("gpasswd", "-a", user, group)
+    limits = ControlLimits()
+    with ServerThread(public_dir / "mvpd.sock", group=group) as server:
+        hog = hold_connections(user, server.path, 100, hello=True, answered=100)
+        try:
+            assert_serving(server.path)
+        finally:
+            seen = held_result(hog)
+        assert seen == {"busy": 100 - limits.max_connections_per_uid,
+                        "hello": limits.max_connections_per_uid, "nothing": 0}, seen
+
+    # Several members together still leave root its reserved slots.
+    small = ControlLimits(max_connections=40, reserved_for_root=8, max_connections_per_uid=100)
+    with ServerThread(public_dir / "mvpd.sock", group=group, limits=small) as server:
+        hog = hold_connections(user, server.path, 50, hello=True, answered=50)
+        try:
+            clients = [Client.connect(server.path, timeout=5) for _ in range(8)]
+            assert all(c.call("status")["agent_id"] == "alice" for c in clients)
+            for c in clients:
+                c.close()
+        finally:
+            seen = held_result(hog)
+        assert seen == {"busy": 18, "hello": 32, "nothing": 0}, seen
+
+
+# --- out of file descriptors ---------------------------------------------------------------------
+
+FD_STARVED_SERVER = """
+import asyncio, contextlib, resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from control_harness import FakeDaemon
+from mvpd.control import ControlServer
+from mvpd.logs import setup_logging
+with contextlib.suppress(ImportError):  # what the daemon runs on when it is installed
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+setup_logging("info", journal=False)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+async def main():
+    server = ControlServer(Path(sys.argv[1]), FakeDaemon(), agent_id="alice")
+    await server.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def test_running_out_of_file_descriptors_is_logged_and_serving_goes_on(tmp_path: Path) -> None:
+    path, log_file = tmp_path / "run" / "mvpd.sock", tmp_path / "server.log"
+    with log_file.open("w") as log_out:
+        server = subprocess.Popen(
+            [PYTHON, "-c", FD_STARVED_SERVER, str(path), str(ROOT / "tests" / "mvpctl")],
+            stdout=subprocess.PIPE, stderr=log_out, text=True, cwd=tmp_path,
+        )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "ready\n", \
+            log_file.read_text()
+        held: list[socket.socket] = []
+        for _ in range(100):  # more than the 64 descriptors the server may have
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(2)
+            sock.connect(str(path))
+            held.append(sock)
+            sock.sendall(rpc.encode_frame(rpc.client_hello("test")))
+            try:
+                read_messages(sock, 1)
+            except TimeoutError:
+                break  # it could not accept this one
+        else:
+            pytest.fail("the server never ran out of descriptors")
+        for _ in range(50):
+            if "cannot accept connections" in log_file.read_text():
+                break
+            server.poll()
+            time.sleep(0.1)
+        time.sleep(1.5)  # accept is retried every 0.2 s meanwhile
+        text = log_file.read_text()
+        assert "control socket: cannot accept connections: Too many open files " \
+               "(open file limit 64)" in text, text
+        assert text.count("cannot accept connections") == 1  # rate-limited
+        for sock in held:
+            sock.close()
+        assert_serving(path)  # descriptors are free again: accepting resumed
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(10)

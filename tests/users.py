@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -49,12 +50,10 @@ def throwaway_user(user_prefix: str, group_prefix: str) -> Iterator[tuple[str, s
 @contextlib.contextmanager
 def public_directory(prefix: str) -> Iterator[Path]:
     """A new directory another user can reach (pytest's tmp_path is 0700), removed
-    afterwards with the files in it."""
+    afterwards with everything in it."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     try:
         yield path
     finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
+        shutil.rmtree(path)

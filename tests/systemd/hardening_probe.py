@@ -95,19 +95,34 @@ def main() -> int:
     check("udp_loopback", udp_loopback)
 
     def control_socket() -> str:
+        # What mvpd does: check the directories, bind under a temporary name through the
+        # directory's descriptor, fchownat/fchmodat without following, link into place.
+        from mvpd.socket_file import SocketFile
+
         path = Path("/run/mvpd/probe.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.bind(str(path))
-            sock.listen()
-            gid = grp.getgrnam("mvp").gr_gid
-            os.chown(path, -1, gid)
-            os.chmod(path, 0o660)
-            st = path.stat()
-            assert st.st_gid == gid and st.st_mode & 0o777 == 0o660
-        path.unlink()
+        gid = grp.getgrnam("mvp").gr_gid
+        socket_file = SocketFile(path)
+        try:
+            with socket_file.bind(group_id=gid, mode=0o660, backlog=8):
+                st = os.lstat(path)
+                assert st.st_gid == gid and st.st_mode & 0o777 == 0o660
+        finally:
+            socket_file.close()
+        assert not path.exists()
         return f"group mvp ({gid})"
 
     check("control_socket_group", control_socket)
+
+    def open_file_limit() -> str:
+        # LimitNOFILE=1024:524288; mvpd raises the soft limit to the hard one at start.
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert soft == 1024, soft
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return f"raised from {soft} to {hard}"
+
+    check("open_file_limit", open_file_limit)
     check("aiortc_data_channel", lambda: asyncio.run(aiortc_round_trip()))
 
     # The hardening is in force:

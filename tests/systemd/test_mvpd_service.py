@@ -107,6 +107,13 @@ def wait_signaling(c: SystemdContainer, unit: str) -> None:
          lambda text: "signaling connected" in text)
 
 
+def open_files_limit(proc_limits: str) -> tuple[int, int]:
+    """(soft, hard) "Max open files" from a /proc/PID/limits text."""
+    line = next(x for x in proc_limits.splitlines() if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
 def unit_log(c: SystemdContainer, unit: str = UNIT) -> str:
     return c.journal("-u", unit, "-o", "cat", "-n", "80")
 
@@ -189,6 +196,13 @@ def test_start_reaches_ready_with_status_text(alice: SystemdContainer) -> None:
     # root and group mvp may change things, everyone may read status.
     stat = c.run(["stat", "-c", "%U %G %a", "/run/mvpd/mvpd.sock"]).stdout.split()
     assert stat == ["root", "mvp", "666"], stat
+    # LimitNOFILE=1024:524288 (clamped to the hard limit of this container's systemd, which
+    # may not raise its own), and the daemon raised its soft limit to the hard one.
+    pid = c.show(UNIT, "MainPID")["MainPID"]
+    soft, hard = open_files_limit(c.run(["cat", f"/proc/{pid}/limits"]).stdout)
+    _, systemd_hard = open_files_limit(c.run(["cat", "/proc/1/limits"]).stdout)
+    assert soft == hard == min(524288, systemd_hard), (soft, hard, systemd_hard)
+    assert f"open file limit raised from 1024 to {hard}" in unit_log(c), unit_log(c)
     assert "Traceback" not in unit_log(c)
 
 

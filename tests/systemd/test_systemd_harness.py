@@ -145,7 +145,7 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
     systemd_container: SystemdContainer,
 ) -> None:
     c = systemd_container
-    shipped = (PROJECT / "packaging/systemd/mvpd.service").read_text()
+    shipped = (PROJECT / "mvpd/data/systemd/mvpd.service").read_text()
     sandbox = sandbox_of(shipped)
     assert "ProtectSystem=strict" in sandbox and "DeviceAllow=/dev/net/tun rw" in sandbox
     probe = "\n".join([
@@ -171,7 +171,7 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
         allowed = " ".join(p.parts[2] for p in tmp_paths if p.parts[1] == "tmp")
         probe += f"Environment=PROBE_TMP_ALLOWED={allowed}\n"
     c.write_file("/etc/sysusers.d/mvp-agent.conf",
-                 (PROJECT / "packaging/systemd/mvp-agent.conf").read_text())
+                 (PROJECT / "mvpd/data/systemd/mvp-agent.conf").read_text())
     c.run(["systemd-sysusers"])
     c.write_file("/etc/systemd/system/mvpd-probe.service", probe)
     c.systemctl("daemon-reload")
@@ -184,8 +184,8 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
     assert not failed, json.dumps(results, indent=1)
     assert started.returncode == 0
     assert {"tun_create", "netlink_configure", "aiortc_data_channel", "control_socket_group",
-            "home_hidden", "tmp_private", "no_write_usr", "bounding_set_nnp_seccomp"} <= set(
-        results)
+            "open_file_limit", "home_hidden", "tmp_private", "no_write_usr",
+            "bounding_set_nnp_seccomp"} <= set(results)
     assert c.run(["ip", "link", "show", "mvpprobe0"], check=False).returncode != 0
     # The probe's /tmp was its own: what it wrote there is not in the container's.
     assert c.run(["test", "-e", "/tmp/mvpd-probe-private"], check=False).returncode != 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,11 +22,12 @@ from mvpd.systemd import (
     SHIPPED_BIN,
     TMP_DROPIN,
     activate_units,
+    data_dir,
     install_units,
     mvpd_package_dir,
-    packaging_dir,
     paths_under_home,
     paths_under_tmp,
+    units_dir,
 )
 
 MVPD_BIN = Path(sys.executable).parent / "mvpd"
@@ -57,11 +61,74 @@ def test_install_writes_units_sysusers_and_config(tmp_path: Path) -> None:
     assert (etc / "sysusers.d/mvp-agent.conf").read_text().splitlines()[-1].split()[:2] == [
         "g", "mvp"]
     assert unit.stat().st_mode & 0o777 == 0o644
-    shipped_config = packaging_dir().parent.parent / "etc/mvp-agent.yaml"
-    if shipped_config.is_file():
-        assert etc / "mvp-agent.yaml" in written
-        assert (etc / "mvp-agent.yaml").stat().st_mode & 0o777 == 0o600
-        assert (etc / "mvp-agent.yaml").read_bytes() == shipped_config.read_bytes()
+    assert etc / "mvp-agent.yaml" in written
+    assert (etc / "mvp-agent.yaml").stat().st_mode & 0o777 == 0o600
+    assert (etc / "mvp-agent.yaml").read_bytes() == (data_dir() / "mvp-agent.yaml").read_bytes()
+
+
+def _setuptools_builds_wheels() -> bool:
+    try:
+        import setuptools.command.bdist_wheel  # noqa: F401
+    except ImportError:
+        try:
+            import wheel  # noqa: F401
+        except ImportError:
+            return False
+    return True
+
+
+SHIPPED_DATA = ("mvpd/data/systemd/mvpd.service", "mvpd/data/systemd/mvp-signal.service",
+                "mvpd/data/systemd/mvp-agent.conf", "mvpd/data/mvp-agent.yaml")
+
+
+def test_a_wheel_install_carries_the_units_and_the_config(tmp_path: Path) -> None:
+    """`pip install .` (not editable) into a fresh virtualenv: install-units finds the units
+    and the example config inside the installed package."""
+    repo = Path(__file__).resolve().parents[2]
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
+    for name in ("mvpd", "mvpctl"):
+        shutil.copytree(repo / name, source / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+
+    def run(*argv: str | Path) -> str:
+        done = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=env, check=False)
+        assert done.returncode == 0, f"{argv}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    pip = (sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input")
+    # This virtualenv's setuptools when it can build wheels by itself (>= 70.1, or with the
+    # wheel package); else pip's isolated build, from the configured package index.
+    isolation = ["--no-build-isolation"] if _setuptools_builds_wheels() else []
+    run(*pip, "wheel", "--no-deps", *isolation, "-w", tmp_path / "dist", source)
+    (wheel,) = (tmp_path / "dist").glob("mvp_agent-*.whl")
+    assert set(SHIPPED_DATA) <= set(zipfile.ZipFile(wheel).namelist())
+
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
+    python = venv / "bin" / "python"
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+                .strip())
+    # The dependencies come from this virtualenv (a .pth line adds its site-packages after the
+    # new one's; .pth files in there, such as the editable install's, are not read).
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run(*pip, "--python", python, "install", "--no-deps", "--no-index", wheel)
+
+    where = run(python, "-c", "import mvpd.systemd as s; print(s.units_dir())").strip()
+    assert Path(where) == site / "mvpd" / "data" / "systemd"
+    assert "--prefix" in run(venv / "bin" / "mvpd", "install-units", "--help")
+    prefix = tmp_path / "root"
+    run(venv / "bin" / "mvpd", "install-units", "--prefix", prefix, "--no-sysusers",
+        "--no-daemon-reload")
+    unit = unit_options((prefix / "etc/systemd/system/mvpd.service").read_text())
+    assert unit["ExecStart"] == [f"{venv}/bin/mvpd run"]
+    assert (prefix / "etc/sysusers.d/mvp-agent.conf").is_file()
+    assert (prefix / "etc/mvp-agent.yaml").read_bytes() == \
+        (data_dir() / "mvp-agent.yaml").read_bytes()
 
 
 def test_install_keeps_an_existing_config(tmp_path: Path) -> None:
@@ -88,16 +155,17 @@ def test_install_rejects_relative_or_spaced_paths_and_missing_sources(tmp_path: 
 
 
 def test_hardening_keeps_what_tun_needs() -> None:
-    service = unit_options((packaging_dir() / "mvpd.service").read_text())
+    service = unit_options((units_dir() / "mvpd.service").read_text())
     assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
     assert service["WatchdogSec"] == ["30"] and service["Restart"] == ["on-failure"]
     assert service["RuntimeDirectory"] == ["mvpd"]
+    assert service["LimitNOFILE"] == ["1024:524288"]  # the daemon raises its soft limit
     assert "CAP_NET_ADMIN" in service["CapabilityBoundingSet"][0].split()
     assert service["DeviceAllow"] == ["/dev/net/tun rw"]
     assert "AF_NETLINK" in service["RestrictAddressFamilies"][0].split()
     # Known to break TUN (see DESIGN.md section 7).
     assert "PrivateDevices" not in service and "PrivateUsers" not in service
-    signal = unit_options((packaging_dir() / "mvp-signal.service").read_text())
+    signal = unit_options((units_dir() / "mvp-signal.service").read_text())
     assert signal["DynamicUser"] == ["yes"] and signal["CapabilityBoundingSet"] == [""]
     assert "User" not in signal
 
