@@ -177,8 +177,9 @@ def start_watchdog() -> asyncio.Task[None] | None:
 
 
 def data_dir() -> Path:
-    """The files mvpd ships (``mvpd/data`` in the source tree and in the installed package):
-    ``systemd/`` with the units and the sysusers.d entry, and the example config."""
+    """The files mvpd ships: ``systemd/`` with the units and the sysusers.d entry, and the
+    example config. In the source tree ``mvpd/data`` holds links to ``packaging/systemd`` and
+    ``etc/mvp-agent.yaml`` (the one copy of each); a wheel carries the files themselves."""
     return Path(__file__).resolve().parent / "data"
 
 

@@ -145,7 +145,7 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
     systemd_container: SystemdContainer,
 ) -> None:
     c = systemd_container
-    shipped = (PROJECT / "mvpd/data/systemd/mvpd.service").read_text()
+    shipped = (PROJECT / "packaging/systemd/mvpd.service").read_text()
     sandbox = sandbox_of(shipped)
     assert "ProtectSystem=strict" in sandbox and "DeviceAllow=/dev/net/tun rw" in sandbox
     probe = "\n".join([
@@ -171,7 +171,7 @@ def test_mvpd_hardening_keeps_tun_netlink_socket_and_webrtc_working(
         allowed = " ".join(p.parts[2] for p in tmp_paths if p.parts[1] == "tmp")
         probe += f"Environment=PROBE_TMP_ALLOWED={allowed}\n"
     c.write_file("/etc/sysusers.d/mvp-agent.conf",
-                 (PROJECT / "mvpd/data/systemd/mvp-agent.conf").read_text())
+                 (PROJECT / "packaging/systemd/mvp-agent.conf").read_text())
     c.run(["systemd-sysusers"])
     c.write_file("/etc/systemd/system/mvpd-probe.service", probe)
     c.systemctl("daemon-reload")
