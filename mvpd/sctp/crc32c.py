@@ -1,0 +1,45 @@
+"""CRC32c (Castagnoli), the SCTP packet checksum (RFC 9260 appendix B).
+
+Uses ``google_crc32c``'s C implementation (installed with aiortc); falls back to a small
+table-driven pure-Python version if that import fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["crc32c"]
+
+
+def _make_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE = _make_table()
+
+
+def crc32c_python(data: bytes | bytearray | memoryview) -> int:
+    """CRC32c of ``data`` in pure Python (slow; the fallback)."""
+    crc = 0xFFFFFFFF
+    table = _TABLE
+    for byte in bytes(data):
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _load() -> Callable[[bytes | bytearray | memoryview], int]:
+    try:
+        import google_crc32c
+    except ImportError:  # pragma: no cover - depends on the environment
+        return crc32c_python
+    value: Callable[[bytes | bytearray | memoryview], int] = google_crc32c.value
+    return value
+
+
+crc32c: Callable[[bytes | bytearray | memoryview], int] = _load()
