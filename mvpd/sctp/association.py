@@ -579,7 +579,7 @@ class Association:
         )
         self._control.append((init.initiate_tag, ack.encode()))
 
-    def _on_init_ack(self, ack: InitAckChunk, now: float) -> None:
+    def _on_init_ack(self, ack: InitChunk, now: float) -> None:
         target = next_state(self.state, Trigger.RECV_INIT_ACK)
         if target is None or ack.initiate_tag == 0:
             return
@@ -655,7 +655,7 @@ class Association:
         self._control.append((self.peer_tag, HeartbeatChunk(info).encode()))
         self._heartbeat.start(now, self.heartbeat_interval + self._rto.rto)
 
-    def _on_heartbeat_ack(self, chunk: HeartbeatAckChunk, now: float) -> None:
+    def _on_heartbeat_ack(self, chunk: HeartbeatChunk, now: float) -> None:
         if len(chunk.info) != _HEARTBEAT_INFO.size:
             return
         sent_at, nonce = _HEARTBEAT_INFO.unpack(chunk.info)
@@ -771,11 +771,10 @@ class Association:
                 responses.append(result.encode())
             elif kind == PARAM_RECONFIG_RESPONSE:
                 self._on_reconfig_response(ReconfigResponse.decode(value), now)
-            elif kind >= 13 and kind <= 18:
+            elif 13 <= kind <= 18 and len(value) >= 4:
                 # Other requests (incoming reset, SSN/TSN reset, add streams): refuse.
-                if len(value) >= 4:
-                    seq = int.from_bytes(value[:4], "big")
-                    responses.append(ReconfigResponse(seq, RESULT_DENIED).encode())
+                seq = int.from_bytes(value[:4], "big")
+                responses.append(ReconfigResponse(seq, RESULT_DENIED).encode())
         if responses:
             self._control.append((self.peer_tag, ReconfigChunk(responses).encode()))
 
@@ -857,9 +856,7 @@ class Association:
                 return
             tag = 0 if self.state is State.COOKIE_WAIT else self.peer_tag
             self._control.append((tag, self._t1_chunk))
-            expirations = self._t1.expirations
             self._t1.restart_backed_off(now, min(self._t1.duration * 2, self._rto.rto_max))
-            self._t1.expirations = expirations
         if self._t3.expired(now):
             self._on_t3(now)
             if self._ended:
@@ -1033,5 +1030,5 @@ class Association:
             if self._control:
                 control = self._control
                 self._control = []
-                for chunk_tag, chunk in control:
-                    self._put(chunk_tag, chunk)
+                for chunk_tag, encoded in control:
+                    self._put(chunk_tag, encoded)

@@ -74,7 +74,9 @@ class Chunk:
         return (self.flags,)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._fields() == other._fields()  # type: ignore[attr-defined]
+        return isinstance(other, Chunk) and type(other) is type(self) and (
+            self._fields() == other._fields()
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}{self._fields()!r}"

@@ -21,8 +21,15 @@ class CookieState:
     """What the association needs from the peer's INIT once the cookie comes back."""
 
     __slots__ = (
-        "created_at", "features", "local_tag", "peer_a_rwnd", "peer_inbound_streams",
-        "peer_initial_tsn", "peer_outbound_streams", "peer_tag", "local_initial_tsn",
+        "created_at",
+        "features",
+        "local_initial_tsn",
+        "local_tag",
+        "peer_a_rwnd",
+        "peer_inbound_streams",
+        "peer_initial_tsn",
+        "peer_outbound_streams",
+        "peer_tag",
     )
 
     def __init__(

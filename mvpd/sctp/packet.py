@@ -56,7 +56,7 @@ def parse_packet(data: bytes, *, check_crc: bool = True) -> Packet:
     size = len(data)
     if size < COMMON_HEADER_SIZE + 4:
         raise MalformedPacket(f"SCTP packet of {size} bytes is too short")
-    src, dst, vtag, checksum = COMMON_HEADER.unpack_from(data)
+    src, dst, vtag, _checksum = COMMON_HEADER.unpack_from(data)
     if check_crc:
         # The checksum is computed with its own field zeroed and stored little-endian.
         crc = crc32c(b"".join((data[:8], b"\x00\x00\x00\x00", data[12:])))

@@ -184,7 +184,7 @@ class RetransmissionQueue:
             for offset in range(start - 1, min(end, count)):
                 chunk = items[head + offset]
                 state = chunk.state
-                if state == IN_FLIGHT or state == TO_RETRANSMIT:
+                if state in (IN_FLIGHT, TO_RETRANSMIT):
                     if state == IN_FLIGHT:
                         flight -= chunk.length
                     chunk.state = ACKED
