@@ -905,7 +905,7 @@ class Association:
         """Make the open packet one for ``tag`` with ``size`` bytes of room."""
         writer = self._writer
         if self._open_tag != tag or writer.room < size:
-            if self._open_tag >= 0:
+            if self._open_tag >= 0 and not writer.empty:
                 self._out.append(writer.finish())
             writer.start(tag)
             self._open_tag = tag
@@ -921,7 +921,8 @@ class Association:
 
     def _flush(self) -> None:
         if self._open_tag >= 0:
-            self._out.append(self._writer.finish())
+            if not self._writer.empty:
+                self._out.append(self._writer.finish())
             self._open_tag = -1
 
     def packets_to_send(self) -> list[bytes]:

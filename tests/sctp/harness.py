@@ -36,9 +36,12 @@ class Link:
     """Delay, loss, duplication and reordering, from a seeded random generator."""
 
     def __init__(self, *, delay: float = 0.01, loss: float = 0.0, duplicate: float = 0.0,
-                 reorder: float = 0.0, seed: int = 1,
+                 reorder: float = 0.0, seed: int = 1, rate: float | None = None,
                  drop: Callable[[bytes], bool] | None = None) -> None:
         self.delay = delay
+        #: Bytes per second (``None``: unlimited); packets queue behind each other.
+        self.rate = rate
+        self._free_at = 0.0
         self.loss = loss
         self.duplicate = duplicate
         self.reorder = reorder
@@ -50,6 +53,8 @@ class Link:
     def schedule(self, now: float, packet: bytes) -> list[float]:
         """Arrival times of ``packet`` (empty when lost, two when duplicated)."""
         self.sent += 1
+        if self.rate is not None:
+            now = self._free_at = max(now, self._free_at) + len(packet) / self.rate
         if self.drop is not None and self.drop(packet):
             self.lost += 1
             return []
@@ -74,6 +79,9 @@ class Pair:
         self.link_ab = link_ab or Link()
         self.link_ba = link_ba or Link(seed=2)
         self.now = 0.0
+        #: Drain each side's packets after every packet received (as a datagram I/O layer
+        #: does) rather than after all packets due at the same instant.
+        self.per_packet = True
         self._queue: list[tuple[float, int, Endpoint, bytes]] = []
         self._seq = 0
 
@@ -100,6 +108,8 @@ class Pair:
         while self._queue and self._queue[0][0] <= self.now:
             _, _, dst, packet = heapq.heappop(self._queue)
             dst.association.receive_packet(packet, self.now)
+            if self.per_packet:
+                self._flush()
         for endpoint in (self.a, self.b):
             deadline = endpoint.association.next_deadline()
             if deadline is not None and deadline <= self.now:
