@@ -193,6 +193,8 @@ class Association:
         self._our_inbound_streams = inbound_streams
 
         self.state = State.CLOSED
+        # Cached membership of the state in the sets of state.py (Enum hashing is slow).
+        self._receives_data = self._receives_sack = self._sends_data = False
         self._ended = False
         self.local_tag = _random_u32(nonzero=True)
         self.local_initial_tsn = _random_u32()
@@ -262,7 +264,7 @@ class Association:
         self._t1_chunk = init.encode()
         self._control.append((0, self._t1_chunk))
         self._t1.start(now, self._rto.rto_initial)
-        self.state = target
+        self._set_state(target)
 
     def send(
         self,
@@ -350,7 +352,7 @@ class Association:
         target = next_state(self.state, Trigger.SHUTDOWN)
         if target is None:
             return  # already shutting down
-        self.state = target
+        self._set_state(target)
         self._maybe_drained(now)
 
     def abort(self, reason: str, now: float) -> None:
@@ -407,6 +409,13 @@ class Association:
     @property
     def srtt(self) -> float | None:
         return self._rto.srtt
+
+    def _set_state(self, state: State) -> None:
+        """Enter ``state`` (always one :func:`next_state` allowed)."""
+        self.state = state
+        self._receives_data = state in RECEIVES_DATA
+        self._receives_sack = state in RECEIVES_SACK
+        self._sends_data = state in SENDS_DATA
 
     # -- incoming packets -------------------------------------------------------------------
 
@@ -498,7 +507,7 @@ class Association:
 
     def _on_data(self, data: bytes, start: int, end: int, now: float) -> None:
         tracker = self.tracker
-        if tracker is None or self.state not in RECEIVES_DATA:
+        if tracker is None or not self._receives_data:
             return
         if end - start < 12:
             raise MalformedPacket("DATA chunk shorter than its header")
@@ -531,7 +540,7 @@ class Association:
 
     def _on_sack(self, sack: SackChunk, now: float) -> None:
         rtx = self.retransmissions
-        if rtx is None or self.state not in RECEIVES_SACK:
+        if rtx is None or not self._receives_sack:
             return
         advanced, abandon = rtx.on_sack(sack.cumulative_tsn, sack.a_rwnd, sack.gaps, now)
         self._after_ack(advanced, abandon, now)
@@ -554,7 +563,7 @@ class Association:
 
     def _on_forward_tsn(self, chunk: ForwardTsnChunk, now: float) -> None:
         tracker = self.tracker
-        if tracker is None or self.state not in RECEIVES_DATA:
+        if tracker is None or not self._receives_data:
             return
         if tracker.forward_to(chunk.new_cumulative_tsn):
             self.reassembly.forward(chunk.new_cumulative_tsn, chunk.streams)
@@ -595,7 +604,7 @@ class Association:
         self._t1_chunk = CookieEchoChunk(cookie).encode()
         self._control.append((self.peer_tag, self._t1_chunk))
         self._t1.start(now, self._rto.rto_initial)
-        self.state = target
+        self._set_state(target)
 
     def _on_cookie_echo(self, value: bytes, now: float) -> None:
         try:
@@ -614,14 +623,14 @@ class Association:
         self.peer_tag = cookie.peer_tag
         self._control.append((self.peer_tag, CookieAckChunk().encode()))
         self._establish(cookie, now)
-        self.state = target
+        self._set_state(target)
 
     def _on_cookie_ack(self, now: float) -> None:
         target = next_state(self.state, Trigger.RECV_COOKIE_ACK)
         if target is None or self._pending_peer is None:
             return
         self._establish(self._pending_peer, now)
-        self.state = target
+        self._set_state(target)
 
     def _establish(self, peer: CookieState, now: float) -> None:
         self._t1.stop()
@@ -683,7 +692,7 @@ class Association:
             self._t2_chunk = ShutdownAckChunk().encode()
             self._control.append((self.peer_tag, self._t2_chunk))
             self._t2.start(now, self._rto.rto)
-        self.state = target
+        self._set_state(target)
 
     def _send_shutdown(self, now: float) -> None:
         assert self.tracker is not None
@@ -701,7 +710,7 @@ class Association:
             chunk.cumulative_tsn, rtx.peer_rwnd + rtx.flight, [], now
         )
         previous = self.state
-        self.state = target
+        self._set_state(target)
         self._after_ack(advanced, abandon, now)
         if target is State.SHUTDOWN_ACK_SENT and previous is not State.SHUTDOWN_ACK_SENT:
             self._t2_chunk = ShutdownAckChunk().encode()
@@ -733,7 +742,7 @@ class Association:
     def _end(self, now: float) -> None:
         target = next_state(self.state, Trigger.END)
         assert target is not None
-        self.state = target
+        self._set_state(target)
         self._ended = True
         for timer in (self._t1, self._t2, self._t3, self._delayed_ack, self._heartbeat,
                       self._reconfig_timer):
@@ -942,7 +951,7 @@ class Association:
         tracker = self.tracker
         if rtx is not None and tracker is not None and not self._ended:
             tag = self.peer_tag
-            sending = self.state in SENDS_DATA and (
+            sending = self._sends_data and (
                 rtx.has_retransmissions or (self.send_queue.has_data
                                             and rtx.flight < rtx.congestion.cwnd)
             )
@@ -953,7 +962,7 @@ class Association:
                 self.sacks_sent += 1
             if rtx.forward_tsn_due and self.peer_supports_forward_tsn:
                 self._put_forward_tsn(rtx, now)
-            if self.state in SENDS_DATA:
+            if self._sends_data:
                 self._put_data(rtx, now)
         self._flush()
         out = self._out

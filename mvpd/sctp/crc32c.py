@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["crc32c"]
+__all__ = ["crc32c", "crc32c_extend"]
 
 
 def _make_table() -> list[int]:
@@ -24,22 +24,30 @@ def _make_table() -> list[int]:
 _TABLE = _make_table()
 
 
-def crc32c_python(data: bytes | bytearray | memoryview) -> int:
-    """CRC32c of ``data`` in pure Python (slow; the fallback)."""
-    crc = 0xFFFFFFFF
+def crc32c_extend_python(crc: int, data: bytes) -> int:
+    """CRC32c of the bytes hashed into ``crc`` followed by ``data``, in pure Python."""
+    crc ^= 0xFFFFFFFF
     table = _TABLE
-    for byte in bytes(data):
+    for byte in data:
         crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF
 
 
-def _load() -> Callable[[bytes | bytearray | memoryview], int]:
+def crc32c_python(data: bytes) -> int:
+    """CRC32c of ``data`` in pure Python (slow; the fallback)."""
+    return crc32c_extend_python(0, data)
+
+
+def _load() -> tuple[Callable[[bytes], int], Callable[[int, bytes], int]]:
     try:
         import google_crc32c
     except ImportError:  # pragma: no cover - depends on the environment
-        return crc32c_python
-    value: Callable[[bytes | bytearray | memoryview], int] = google_crc32c.value
-    return value
+        return crc32c_python, crc32c_extend_python
+    value: Callable[[bytes], int] = google_crc32c.value
+    extend: Callable[[int, bytes], int] = google_crc32c.extend
+    return value, extend
 
 
-crc32c: Callable[[bytes | bytearray | memoryview], int] = _load()
+#: ``crc32c(data)``: the checksum of ``data`` (bytes).
+#: ``crc32c_extend(crc, data)``: the checksum of what ``crc`` covered followed by ``data``.
+crc32c, crc32c_extend = _load()

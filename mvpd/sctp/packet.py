@@ -10,12 +10,13 @@ from __future__ import annotations
 import struct
 
 from .chunks import CHUNK_HEADER, DATA_HEADER, Chunk, decode_chunk
-from .crc32c import crc32c
+from .crc32c import crc32c, crc32c_extend
 from .errors import MalformedPacket
 
 COMMON_HEADER = struct.Struct("!HHII")
 COMMON_HEADER_SIZE = 12
 _CRC = struct.Struct("<I")
+_ZERO_CRC = b"\x00\x00\x00\x00"
 
 #: ``(chunk type, flags, value start, value end)``: offsets into the packet.
 ChunkSpan = tuple[int, int, int, int]
@@ -59,7 +60,7 @@ def parse_packet(data: bytes, *, check_crc: bool = True) -> Packet:
     src, dst, vtag, _checksum = COMMON_HEADER.unpack_from(data)
     if check_crc:
         # The checksum is computed with its own field zeroed and stored little-endian.
-        crc = crc32c(b"".join((data[:8], b"\x00\x00\x00\x00", data[12:])))
+        crc = crc32c_extend(crc32c_extend(crc32c(data[:8]), _ZERO_CRC), data[12:])
         if _CRC.unpack_from(data, 8)[0] != crc:
             raise MalformedPacket("SCTP packet checksum mismatch")
     chunks: list[ChunkSpan] = []
