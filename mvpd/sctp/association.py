@@ -151,7 +151,9 @@ class Association:
 
     ``unreliable_losses_reduce_cwnd=False`` keeps the congestion window when every chunk
     lost was of a ``max_retransmits=0`` message (the tunnel's channels, whose inner flows
-    run their own congestion control).
+    run their own congestion control).  ``loss_backoff`` and ``avoidance_step`` tune the
+    congestion control for random loss (see :class:`~mvpd.sctp.congestion.CongestionControl`;
+    the defaults are RFC 9260's).
     """
 
     def __init__(
@@ -173,11 +175,17 @@ class Association:
         heartbeat_interval: float = 30.0,
         cookie_lifetime: float = 60.0,
         unreliable_losses_reduce_cwnd: bool = True,
+        loss_backoff: float = 0.5,
+        avoidance_step: int = 1,
     ) -> None:
         if mtu < 256:
             raise ValueError("mtu must be at least 256 bytes")
         if receive_window < 4 * mtu:
             raise ValueError("receive_window must be at least 4 * mtu")
+        if not 0.5 <= loss_backoff < 1 or not 1 <= avoidance_step <= 8:
+            raise ValueError("loss_backoff must be in [0.5, 1) and avoidance_step in 1..8")
+        self.loss_backoff = loss_backoff
+        self.avoidance_step = avoidance_step
         self.local_port = local_port
         self.remote_port = remote_port
         self.max_message_size = max_message_size
@@ -641,7 +649,10 @@ class Association:
         self.peer_supports_forward_tsn = bool(peer.features & FEATURE_FORWARD_TSN)
         self.peer_supports_reconfig = bool(peer.features & FEATURE_RECONFIG)
         self.tracker = DataTracker(peer.peer_initial_tsn)
-        congestion = CongestionControl(self.mtu - COMMON_HEADER_SIZE, peer.peer_a_rwnd)
+        congestion = CongestionControl(
+            self.mtu - COMMON_HEADER_SIZE, peer.peer_a_rwnd, loss_backoff=self.loss_backoff,
+            avoidance_step=self.avoidance_step,
+        )
         self.retransmissions = RetransmissionQueue(
             self.local_initial_tsn, congestion, self._rto, peer.peer_a_rwnd,
             unreliable_losses_reduce_cwnd=self.unreliable_losses_reduce_cwnd,

@@ -39,12 +39,22 @@ class RtoEstimator:
 
 
 class CongestionControl:
-    """cwnd, ssthresh and partial_bytes_acked of RFC 9260 section 7.2, in bytes."""
+    """cwnd, ssthresh and partial_bytes_acked of RFC 9260 section 7.2, in bytes.
 
-    __slots__ = ("cwnd", "fast_recovery_exit", "mtu", "partial_bytes_acked", "ssthresh")
+    ``loss_backoff`` (the window kept after a loss, RFC 9260: 0.5) and
+    ``avoidance_step`` (MTUs added per window acknowledged in congestion avoidance,
+    RFC 9260: 1) may be raised for paths whose losses are mostly not congestion (radio
+    links, impaired test paths): 0.7 and 4 stay within ~3x of Reno's share.
+    """
 
-    def __init__(self, mtu: int, peer_rwnd: int) -> None:
+    __slots__ = ("avoidance_step", "cwnd", "fast_recovery_exit", "loss_backoff", "mtu",
+                 "partial_bytes_acked", "ssthresh")
+
+    def __init__(self, mtu: int, peer_rwnd: int, *, loss_backoff: float = 0.5,
+                 avoidance_step: int = 1) -> None:
         self.mtu = mtu
+        self.loss_backoff = loss_backoff
+        self.avoidance_step = avoidance_step
         self.cwnd = min(4 * mtu, max(2 * mtu, 4380))
         self.ssthresh = peer_rwnd
         self.partial_bytes_acked = 0
@@ -65,21 +75,21 @@ class CongestionControl:
             pba = self.partial_bytes_acked + bytes_acked
             if pba >= cwnd:
                 pba -= cwnd
-                self.cwnd = cwnd + self.mtu
+                self.cwnd = cwnd + self.avoidance_step * self.mtu
             self.partial_bytes_acked = pba
 
     def on_fast_retransmit(self, highest_outstanding_tsn: int) -> None:
         """Losses were detected by gap reports: enter fast recovery (RFC 9260 7.2.4)."""
         if self.fast_recovery_exit is not None:
             return
-        self.ssthresh = max(self.cwnd // 2, 4 * self.mtu)
+        self.ssthresh = max(int(self.cwnd * self.loss_backoff), 4 * self.mtu)
         self.cwnd = self.ssthresh
         self.partial_bytes_acked = 0
         self.fast_recovery_exit = highest_outstanding_tsn
 
     def on_retransmission_timeout(self) -> None:
         """The T3-rtx timer expired (RFC 9260 7.2.3)."""
-        self.ssthresh = max(self.cwnd // 2, 4 * self.mtu)
+        self.ssthresh = max(int(self.cwnd * self.loss_backoff), 4 * self.mtu)
         self.cwnd = self.mtu
         self.partial_bytes_acked = 0
         self.fast_recovery_exit = None

@@ -25,9 +25,10 @@ FAST_RETRANSMIT_MISSES = 3
 class SentChunk:
     """One DATA chunk in flight: which bytes of which message, and its state."""
 
-    __slots__ = ("flags", "length", "message", "misses", "nsent", "offset", "state")
+    __slots__ = ("flags", "length", "message", "misses", "nsent", "offset", "sent_seq", "state")
 
-    def __init__(self, message: OutgoingMessage, offset: int, length: int, flags: int) -> None:
+    def __init__(self, message: OutgoingMessage, offset: int, length: int, flags: int,
+                 sent_seq: int) -> None:
         self.message = message
         self.offset = offset
         self.length = length
@@ -35,6 +36,8 @@ class SentChunk:
         self.state = IN_FLIGHT
         self.nsent = 1
         self.misses = 0
+        #: Order of the latest transmission among all transmissions of the association.
+        self.sent_seq = sent_seq
 
 
 class RetransmissionQueue:
@@ -65,6 +68,7 @@ class RetransmissionQueue:
         self.forward_tsn_due = False
         self._rtt_tsn = -1
         self._rtt_sent_at = 0.0
+        self._send_seq = 0
         self.unreliable_losses_reduce_cwnd = unreliable_losses_reduce_cwnd
         #: Counters for tests and statistics.
         self.fast_retransmits = 0
@@ -95,7 +99,8 @@ class RetransmissionQueue:
         """Record a newly sent fragment; returns its TSN."""
         tsn = self.next_tsn
         self.next_tsn = (tsn + 1) & TSN_MASK
-        self._items.append(SentChunk(message, offset, length, flags))
+        self._send_seq = seq = self._send_seq + 1
+        self._items.append(SentChunk(message, offset, length, flags, seq))
         self.flight += length
         self.peer_rwnd = max(0, self.peer_rwnd - length)
         if self._rtt_tsn < 0:
@@ -132,6 +137,7 @@ class RetransmissionQueue:
         chunk.state = IN_FLIGHT
         chunk.nsent += 1
         chunk.misses = 0
+        self._send_seq = chunk.sent_seq = self._send_seq + 1
         self.flight += chunk.length
         self.peer_rwnd = max(0, self.peer_rwnd - chunk.length)
         if tsn == self._rtt_tsn:
@@ -163,12 +169,15 @@ class RetransmissionQueue:
             self.rto.observe(now - self._rtt_sent_at)
             self._rtt_tsn = rtt_tsn = -1
         flight = self.flight
+        newest_acked = 0  # the latest transmission this SACK newly acknowledges
         for i in range(head, head + advance):
             chunk = items[i]
             state = chunk.state
             if state == IN_FLIGHT:
                 flight -= chunk.length
                 acked_bytes += chunk.length
+                if chunk.sent_seq > newest_acked:
+                    newest_acked = chunk.sent_seq
             elif state == TO_RETRANSMIT:
                 acked_bytes += chunk.length
             elif state == ABANDONED:
@@ -191,6 +200,8 @@ class RetransmissionQueue:
                     acked_bytes += chunk.length
                     if offset + advance > highest_newly_acked:
                         highest_newly_acked = offset + advance
+                    if chunk.sent_seq > newest_acked:
+                        newest_acked = chunk.sent_seq
                     if rtt_tsn >= 0 and (rtt_tsn - base) & TSN_MASK == offset:
                         if chunk.nsent == 1:
                             self.rto.observe(now - self._rtt_sent_at)
@@ -209,7 +220,10 @@ class RetransmissionQueue:
             if exit_tsn is not None and ((cumulative_tsn - exit_tsn) & TSN_MASK) < 0x80000000:
                 congestion.fast_recovery_exit = None
             congestion.on_cumulative_ack(acked_bytes, flight_before)
-        # Miss indications for chunks below the highest newly acknowledged TSN.
+        # Miss indications for chunks below the highest newly acknowledged TSN (RFC 9260
+        # 7.2.4) and sent before the newest transmission acknowledged: a retransmitted chunk
+        # is not missed by SACKs for chunks that left before it, but a lost retransmission
+        # is found like any other loss instead of waiting for the T3-rtx timer.
         abandon: list[OutgoingMessage] = []
         lost_reliable = False
         lost_any = False
@@ -217,7 +231,7 @@ class RetransmissionQueue:
         if limit > 0:
             for i in range(head, head + min(limit, len(items) - head)):
                 chunk = items[i]
-                if chunk.state != IN_FLIGHT:
+                if chunk.state != IN_FLIGHT or chunk.sent_seq > newest_acked:
                     continue
                 chunk.misses += 1
                 if chunk.misses < FAST_RETRANSMIT_MISSES:
