@@ -107,8 +107,10 @@ async def _aiortc(total: int) -> dict[str, float]:
             done.set()
 
     receiver.on("message", on_message)
-    while sender.readyState != "open":
-        await asyncio.sleep(0.01)
+    opened = asyncio.Event()
+    sender.on("open", opened.set)
+    if sender.readyState != "open":
+        await opened.wait()
     sender.bufferedAmountLowThreshold = HIGH_WATER // 4
     low = asyncio.Event()
     sender.on("bufferedamountlow", low.set)

@@ -435,10 +435,15 @@ class Association:
         tag) are dropped silently, as RFC 9260 8.5 asks.
         """
         self._now = now
-        if self._ended:
-            return
         packet = parse_packet(data)
         if packet.dst_port != self.local_port or packet.src_port != self.remote_port:
+            return
+        if self._ended:
+            # Our SHUTDOWN COMPLETE was lost: the peer repeats its SHUTDOWN ACK (RFC 9260 8.4).
+            if packet.verification_tag == self.local_tag and any(
+                span[0] == SHUTDOWN_ACK for span in packet.chunks
+            ):
+                self._control.append((self.local_tag, ShutdownCompleteChunk(FLAG_T).encode()))
             return
         chunks = packet.chunks
         first_type, first_flags = chunks[0][0], chunks[0][1]

@@ -302,3 +302,22 @@ def test_packets_with_a_wrong_verification_tag_are_ignored() -> None:
     assert not b.events()
     with pytest.raises(MalformedPacket):
         b.receive_packet(bytes(packet[:-1]) + b"\x01", pair.now)  # checksum now wrong
+
+
+def test_shutdown_completes_when_shutdown_complete_is_lost() -> None:
+    dropped: list[int] = []
+
+    def drop_first_shutdown_complete(packet: bytes) -> bool:
+        if packet[12] == 14 and not dropped:
+            dropped.append(14)
+            return True
+        return False
+
+    pair = Pair(link_ba=Link(seed=2, drop=drop_first_shutdown_complete), rto_min=0.05)
+    pair.connect()
+    pair.a.association.send(0, 53, b"bye", now=pair.now)
+    pair.b.association.shutdown(pair.now)
+    pair.run(lambda: bool(pair.a.of_type(AssociationClosed))
+             and bool(pair.b.of_type(AssociationClosed)), timeout=30)
+    assert dropped == [14]
+    assert not pair.a.of_type(AssociationLost) and not pair.b.of_type(AssociationLost)
