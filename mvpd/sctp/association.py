@@ -105,6 +105,8 @@ from .timers import Timer
 from .tsn import TSN_MASK, tsn_le
 
 _DATA_FIELDS = struct.Struct("!IHHI")
+_PLAIN_SACK = struct.Struct("!IIHH")
+_NO_GAPS: list[tuple[int, int]] = []
 _HEARTBEAT_INFO = struct.Struct("!dQ")
 #: DATA further than this beyond the cumulative TSN is dropped (gap blocks are 16-bit).
 _MAX_TSN_AHEAD = 0xFFFF
@@ -456,18 +458,24 @@ class Association:
                 return
         elif vtag != self.local_tag:
             return
+        data = packet.data
         data_seen = False
-        for span in chunks:
-            kind, flags, start, end = span
+        for kind, flags, start, end in chunks:
             if self._ended:
                 return
             if kind == DATA:
                 self._on_data(data, start, end, now)
                 data_seen = True
                 continue
+            if kind == SACK and end - start == 12:
+                # No gap blocks, no duplicates: the common case, decoded in place.
+                cumulative, a_rwnd, _, _ = _PLAIN_SACK.unpack_from(data, start)
+                self._on_sack(cumulative, a_rwnd, _NO_GAPS, now)
+                continue
             value = data[start:end]
             if kind == SACK:
-                self._on_sack(SackChunk.decode(flags, value), now)
+                sack = SackChunk.decode(flags, value)
+                self._on_sack(sack.cumulative_tsn, sack.a_rwnd, sack.gaps, now)
             elif kind == FORWARD_TSN:
                 self._on_forward_tsn(ForwardTsnChunk.decode(flags, value), now)
                 data_seen = True
@@ -551,11 +559,12 @@ class Association:
         except ProtocolViolation as exc:
             self._fail(CAUSE_PROTOCOL_VIOLATION, str(exc).encode(), str(exc), now)
 
-    def _on_sack(self, sack: SackChunk, now: float) -> None:
+    def _on_sack(self, cumulative_tsn: int, a_rwnd: int, gaps: list[tuple[int, int]],
+                 now: float) -> None:
         rtx = self.retransmissions
         if rtx is None or not self._receives_sack:
             return
-        advanced, abandon = rtx.on_sack(sack.cumulative_tsn, sack.a_rwnd, sack.gaps, now)
+        advanced, abandon = rtx.on_sack(cumulative_tsn, a_rwnd, gaps, now)
         self._after_ack(advanced, abandon, now)
 
     def _after_ack(self, advanced: bool, abandon: list[OutgoingMessage], now: float) -> None:
@@ -972,7 +981,7 @@ class Association:
                                             and rtx.flight < rtx.congestion.cwnd)
             )
             if tracker.sack_now or (tracker.sack_pending and sending):
-                self._put(tag, tracker.make_sack(self._a_rwnd()).encode())
+                self._put(tag, tracker.make_sack(self._a_rwnd()))
                 self._advertised_rwnd = self._a_rwnd()
                 self._delayed_ack.stop()
                 self.sacks_sent += 1

@@ -3,8 +3,13 @@ duplicates, and when a SACK is due (RFC 9260 6.2 delayed acknowledgement)."""
 
 from __future__ import annotations
 
-from .chunks import SackChunk
+import struct
+
+from .chunks import SACK, SackChunk
 from .tsn import TSN_MASK
+
+#: A SACK without gap blocks or duplicates: chunk header, cumulative TSN, a_rwnd, 0, 0.
+_PLAIN_SACK = struct.Struct("!BBHIIHH")
 
 
 class DataTracker:
@@ -107,12 +112,14 @@ class DataTracker:
     def has_gaps(self) -> bool:
         return bool(self._above)
 
-    def make_sack(self, a_rwnd: int) -> SackChunk:
-        """The SACK to send now; resets the delayed-SACK state."""
-        gaps = [(s, e) for s, e in self.gap_blocks() if e <= 0xFFFF]
-        sack = SackChunk(self.cumulative_tsn, a_rwnd, gaps, self._duplicates)
-        self._duplicates = []
+    def make_sack(self, a_rwnd: int) -> bytes:
+        """The encoded SACK chunk to send now; resets the delayed-SACK state."""
         self.packets_since_sack = 0
         self.sack_now = False
         self.sack_pending = False
-        return sack
+        if not self._above and not self._duplicates:
+            return _PLAIN_SACK.pack(SACK, 0, 16, self.cumulative_tsn, a_rwnd, 0, 0)
+        gaps = [(s, e) for s, e in self.gap_blocks() if e <= 0xFFFF]
+        sack = SackChunk(self.cumulative_tsn, a_rwnd, gaps, self._duplicates)
+        self._duplicates = []
+        return sack.encode()
