@@ -65,8 +65,6 @@ from .events import (
     AssociationLost,
     BufferedAmountLow,
     Event,
-    OutgoingStreamsReset,
-    StreamsReset,
 )
 from .packet import COMMON_HEADER_SIZE, PacketWriter, build_packet, parse_packet
 from .parameters import (
@@ -80,10 +78,6 @@ from .parameters import (
     PARAM_STATE_COOKIE,
     PARAM_SUPPORTED_EXTENSIONS,
     RESULT_DENIED,
-    RESULT_ERROR_BAD_SEQUENCE_NUMBER,
-    RESULT_IN_PROGRESS,
-    RESULT_SUCCESS_NOTHING_TO_DO,
-    RESULT_SUCCESS_PERFORMED,
     TLV,
     OutgoingSsnResetRequest,
     ReconfigResponse,
@@ -101,8 +95,9 @@ from .state import (
     Trigger,
     next_state,
 )
+from .stream_reset import StreamResets
 from .timers import Timer
-from .tsn import TSN_MASK, tsn_le
+from .tsn import TSN_MASK
 
 _DATA_FIELDS = struct.Struct("!IHHI")
 _PLAIN_SACK = struct.Struct("!IIHH")
@@ -246,13 +241,9 @@ class Association:
         self._forward_tsn_sent: tuple[int, float] = (-1, 0.0)
         self._forward_tsn_force = False
 
-        # Stream reset (RFC 6525).
-        self._resets_pending: list[int] = []
-        self._reconfig_request: OutgoingSsnResetRequest | None = None
-        self._next_request_seq = self.local_initial_tsn
-        self._peer_request_seq = 0  # next request sequence number expected from the peer
-        self._deferred_reset: OutgoingSsnResetRequest | None = None
-        self._last_reset_result = RESULT_SUCCESS_PERFORMED
+        self.resets = StreamResets(
+            self.local_initial_tsn, self.send_queue, self.reassembly, self._events
+        )
 
         #: Statistics: packets and SACKs sent, DATA packets received.
         self.packets_sent = 0
@@ -343,11 +334,7 @@ class Association:
             raise AssociationNotOpen(f"the association is {self.state.value}; cannot reset")
         if not self.peer_supports_reconfig:
             raise SendError("the peer does not support stream reset (RE-CONFIG)")
-        for stream_id in stream_ids:
-            stream = self.send_queue.stream(stream_id)
-            if not stream.closing:
-                stream.closing = True
-                self._resets_pending.append(stream_id)
+        self.resets.add(stream_ids)
         self._maybe_request_reset(now)
 
     def shutdown(self, now: float) -> None:
@@ -521,8 +508,8 @@ class Association:
         if data_seen and self.tracker is not None and not self._ended:
             self.data_packets_received += 1
             self.tracker.packet_received()
-            if self._deferred_reset is not None:
-                self._perform_deferred_reset()
+            if self.resets.has_deferred:
+                self._perform_deferred_resets()
             if not self.tracker.sack_now and not self._delayed_ack.running:
                 self._delayed_ack.start(now, self.delayed_ack_timeout)
 
@@ -579,7 +566,7 @@ class Association:
             self._t3.stop()
         elif advanced:
             self._t3.start(now, self._rto.rto)
-        if self._resets_pending:
+        if self.resets.pending:
             self._maybe_request_reset(now)
         self._maybe_drained(now)
 
@@ -671,7 +658,7 @@ class Association:
             self.local_initial_tsn, congestion, self._rto, peer.peer_a_rwnd,
             unreliable_losses_reduce_cwnd=self.unreliable_losses_reduce_cwnd,
         )
-        self._peer_request_seq = peer.peer_initial_tsn
+        self.resets.established(peer.peer_initial_tsn)
         if self.heartbeat_interval > 0:
             self._heartbeat.start(now, self.heartbeat_interval)
         self._events.append(AssociationEstablished())
@@ -777,34 +764,35 @@ class Association:
 
     def _maybe_request_reset(self, now: float) -> None:
         rtx = self.retransmissions
-        if self._reconfig_request is not None or rtx is None or self._ended:
+        if rtx is None or self._ended:
             return
-        ready = [s for s in self._resets_pending if self.send_queue.drained(s)]
-        if not ready:
-            return
-        self._resets_pending = [s for s in self._resets_pending if s not in ready]
-        self._reconfig_request = OutgoingSsnResetRequest(
-            self._next_request_seq, (self._peer_request_seq - 1) & TSN_MASK,
-            (rtx.next_tsn - 1) & TSN_MASK, ready,
-        )
-        self._send_reconfig_request(now)
+        if self.resets.next_request((rtx.next_tsn - 1) & TSN_MASK) is not None:
+            self._send_reconfig_request(now)
 
     def _send_reconfig_request(self, now: float) -> None:
-        assert self._reconfig_request is not None
-        chunk = ReconfigChunk([self._reconfig_request.encode()])
-        self._control.append((self.peer_tag, chunk.encode()))
+        request = self.resets.request
+        assert request is not None
+        self._control.append((self.peer_tag, ReconfigChunk([request.encode()]).encode()))
         self._reconfig_timer.start(now, self._rto.rto)
 
     def _on_reconfig(self, chunk: ReconfigChunk, now: float) -> None:
-        if self.state is not State.ESTABLISHED or self.tracker is None:
+        tracker = self.tracker
+        if self.state is not State.ESTABLISHED or tracker is None:
             return
         responses: list[TLV] = []
         for kind, value in chunk.params:
             if kind == PARAM_OUTGOING_SSN_RESET_REQUEST:
-                result = self._on_reset_request(OutgoingSsnResetRequest.decode(value))
-                responses.append(result.encode())
+                request = OutgoingSsnResetRequest.decode(value)
+                responses.append(
+                    self.resets.handle_request(request, tracker.cumulative_tsn).encode()
+                )
             elif kind == PARAM_RECONFIG_RESPONSE:
-                self._on_reconfig_response(ReconfigResponse.decode(value), now)
+                settled = self.resets.handle_response(ReconfigResponse.decode(value))
+                if settled is False:
+                    self._reconfig_timer.start(now, self._rto.rto)  # ask again later
+                elif settled:
+                    self._reconfig_timer.stop()
+                    self._maybe_request_reset(now)
             elif 13 <= kind <= 18 and len(value) >= 4:
                 # Other requests (incoming reset, SSN/TSN reset, add streams): refuse.
                 seq = int.from_bytes(value[:4], "big")
@@ -812,62 +800,13 @@ class Association:
         if responses:
             self._control.append((self.peer_tag, ReconfigChunk(responses).encode()))
 
-    def _on_reset_request(self, request: OutgoingSsnResetRequest) -> ReconfigResponse:
-        expected = self._peer_request_seq
-        seq = request.request_seq
-        if seq == (expected - 1) & TSN_MASK:
-            # A retransmission: answer as before, or now if the deferred reset is done.
-            deferred = self._deferred_reset
-            if deferred is not None and deferred.request_seq == seq:
-                self._perform_deferred_reset(respond=False)
-            return ReconfigResponse(seq, self._last_reset_result)
-        if seq != expected:
-            return ReconfigResponse(seq, RESULT_ERROR_BAD_SEQUENCE_NUMBER)
-        self._peer_request_seq = (expected + 1) & TSN_MASK
-        if self._deferred_reset is not None:
-            # One deferred request at a time; the peer should not send a second.
-            self._last_reset_result = RESULT_IN_PROGRESS
-            return ReconfigResponse(seq, RESULT_IN_PROGRESS)
-        self._deferred_reset = request
-        self._last_reset_result = RESULT_IN_PROGRESS
-        self._perform_deferred_reset(respond=False)
-        return ReconfigResponse(seq, self._last_reset_result)
-
-    def _perform_deferred_reset(self, respond: bool = True) -> None:
-        """Reset the peer's outgoing streams once every TSN before the request arrived
-        (RFC 6525 5.2.2)."""
-        request = self._deferred_reset
+    def _perform_deferred_resets(self) -> None:
         tracker = self.tracker
-        if request is None or tracker is None:
-            return
-        if not tsn_le(request.last_tsn, tracker.cumulative_tsn):
-            return
-        self._deferred_reset = None
-        self.reassembly.reset_streams(request.streams)
-        self._events.append(StreamsReset(list(request.streams)))
-        self._last_reset_result = RESULT_SUCCESS_PERFORMED
-        if respond:
-            response = ReconfigResponse(request.request_seq, RESULT_SUCCESS_PERFORMED)
-            self._control.append((self.peer_tag, ReconfigChunk([response.encode()]).encode()))
-
-    def _on_reconfig_response(self, response: ReconfigResponse, now: float) -> None:
-        request = self._reconfig_request
-        if request is None or response.response_seq != request.request_seq:
-            return
-        if response.result == RESULT_IN_PROGRESS:
-            self._reconfig_timer.start(now, self._rto.rto)  # ask again later
-            return
-        self._reconfig_timer.stop()
-        self._reconfig_request = None
-        self._next_request_seq = (self._next_request_seq + 1) & TSN_MASK
-        succeeded = response.result in (RESULT_SUCCESS_PERFORMED, RESULT_SUCCESS_NOTHING_TO_DO)
-        for stream_id in request.streams:
-            stream = self.send_queue.stream(stream_id)
-            stream.closing = False
-            if succeeded:
-                stream.next_ssn = 0
-        self._events.append(OutgoingStreamsReset(list(request.streams), succeeded))
-        self._maybe_request_reset(now)
+        assert tracker is not None
+        done = self.resets.perform_deferred(tracker.cumulative_tsn)
+        if done:
+            chunk = ReconfigChunk([response.encode() for response in done])
+            self._control.append((self.peer_tag, chunk.encode()))
 
     # -- partial reliability ----------------------------------------------------------------
 
@@ -907,7 +846,7 @@ class Association:
                 self._t2.start(now, self._rto.rto)
         if self._delayed_ack.expired(now) and self.tracker is not None:
             self.tracker.sack_now = True
-        if self._reconfig_timer.expired(now) and self._reconfig_request is not None:
+        if self._reconfig_timer.expired(now) and self.resets.request is not None:
             self._error_count += 1
             if self._error_count > self.max_retransmissions:
                 self._lost("the peer did not answer a stream reset", now)
@@ -1060,7 +999,7 @@ class Association:
                             message.data[offset : offset + length])
         if rtx.outstanding and not self._t3.running:
             self._t3.start(now, self._rto.rto)
-        if self._resets_pending and self._reconfig_request is None:
+        if self.resets.pending and self.resets.request is None:
             self._maybe_request_reset(now)
             if self._control:
                 control = self._control

@@ -321,3 +321,24 @@ def test_shutdown_completes_when_shutdown_complete_is_lost() -> None:
              and bool(pair.b.of_type(AssociationClosed)), timeout=30)
     assert dropped == [14]
     assert not pair.a.of_type(AssociationLost) and not pair.b.of_type(AssociationLost)
+
+
+def test_peer_reset_waits_for_the_data_sent_before_it() -> None:
+    dropped: list[bytes] = []
+
+    def drop_last_message_once(packet: bytes) -> bool:
+        if b"final message" in packet and not dropped:
+            dropped.append(packet)
+            return True
+        return False
+
+    pair = Pair(Link(drop=drop_last_message_once), rto_min=0.05)
+    pair.connect()
+    a = pair.a.association
+    a.send(3, 53, b"final message", now=pair.now)
+    a.reset_streams([3], pair.now)
+    pair.run(lambda: bool(pair.b.of_type(StreamsReset)), timeout=30)
+    assert dropped  # the RE-CONFIG overtook the DATA: b deferred the reset
+    kinds = [type(e).__name__ for e in pair.b.events]
+    assert kinds.index("MessageReceived") < kinds.index("StreamsReset")
+    pair.run(lambda: bool(pair.a.of_type(OutgoingStreamsReset)))
