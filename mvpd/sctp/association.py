@@ -974,11 +974,20 @@ class Association:
             bonus -= DATA_HEADER_SIZE + chunk.length
         queue = self.send_queue
         min_room = DATA_HEADER_SIZE + 64
+        whole_payload = (self.mtu - COMMON_HEADER_SIZE - DATA_HEADER_SIZE) & ~3
         while queue.has_data and rtx.flight < congestion.cwnd:
             if rtx.flight and rtx.peer_rwnd < min(self.mtu // 2, queue.total_buffered):
                 break  # the peer's window is (nearly) closed: wait for it to open
             self._ensure(min_room, tag)
             max_payload = (writer.room - DATA_HEADER_SIZE) & ~3
+            head = queue.head(now)
+            if head is None:
+                break
+            size = len(head.data)
+            if not head.offset and max_payload < size <= whole_payload and not writer.empty:
+                # A message that fits a packet of its own is not split to fill this one.
+                self._flush()
+                continue
             if rtx.flight:
                 max_payload = min(max_payload, rtx.peer_rwnd)
             fragment = queue.next_fragment(max_payload, now)

@@ -43,6 +43,8 @@ class Reassembly:
 
     def __init__(self, max_message_size: int, events: list[Event]) -> None:
         self.max_message_size = max_message_size
+        #: Fragments allowed per message (senders cut at the path MTU, ~1100 bytes).
+        self.max_fragments = max(64, max_message_size // 256)
         self._events = events
         self._streams: dict[int, _IncomingStream] = {}
         #: Unordered fragments: tsn -> (flags, stream id, ppid, payload).
@@ -85,10 +87,10 @@ class Reassembly:
         partial.fragments[tsn] = payload
         partial.size += len(payload)
         self.buffered += len(payload)
-        if partial.size > self.max_message_size:
+        if partial.size > self.max_message_size or len(partial.fragments) > self.max_fragments:
             raise ProtocolViolation(
                 f"message on stream {stream_id} exceeds the maximum message size "
-                f"{self.max_message_size}"
+                f"{self.max_message_size} or {self.max_fragments} fragments"
             )
         if flags & DATA_BEGINNING:
             partial.first_tsn = tsn
@@ -130,8 +132,11 @@ class Reassembly:
         fragments = self._unordered
         fragments[tsn] = (flags, stream_id, ppid, payload)
         self.buffered += len(payload)
-        # Look for the first fragment before and the last one after, over consecutive TSNs.
+        # Look for the first fragment before and the last one after, over consecutive TSNs;
+        # a message has at most max_fragments of them, which bounds each search.
         size = len(payload)
+        count = 1
+        limit = self.max_fragments
         first = tsn
         entry = fragments[tsn]
         while not entry[0] & DATA_BEGINNING:
@@ -141,9 +146,12 @@ class Reassembly:
             first = (first - 1) & TSN_MASK
             entry = previous
             size += len(previous[3])
+            count += 1
+            if count > limit:
+                break
         last = tsn
         entry = fragments[tsn]
-        while not entry[0] & DATA_END:
+        while not entry[0] & DATA_END and count <= limit:
             following = fragments.get((last + 1) & TSN_MASK)
             if following is None or following[0] & DATA_BEGINNING or following[1] != stream_id:
                 if size > self.max_message_size:
@@ -152,6 +160,11 @@ class Reassembly:
             last = (last + 1) & TSN_MASK
             entry = following
             size += len(following[3])
+            count += 1
+        if count > limit:
+            raise ProtocolViolation(
+                f"unordered message on stream {stream_id} in more than {limit} fragments"
+            )
         if size > self.max_message_size:
             raise ProtocolViolation(
                 f"unordered message on stream {stream_id} exceeds the maximum message size "

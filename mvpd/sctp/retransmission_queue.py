@@ -187,10 +187,14 @@ class RetransmissionQueue:
         # Gap ack blocks: offsets from the SACK's cumulative TSN.
         highest_newly_acked = advance - 1  # index relative to the old base
         count = len(items) - head
+        covered = 0  # blocks are ascending: each offset is looked at once, whatever the SACK
         for start, end in gaps:
-            if start == 0 or end < start:
+            low = max(start - 1, covered)
+            high = min(end, count)
+            if high <= low:
                 continue
-            for offset in range(start - 1, min(end, count)):
+            covered = high
+            for offset in range(low, high):
                 chunk = items[head + offset]
                 state = chunk.state
                 if state in (IN_FLIGHT, TO_RETRANSMIT):

@@ -128,18 +128,22 @@ class SendQueue:
             return message
         return None
 
+    def head(self, now: float) -> OutgoingMessage | None:
+        """The message the next fragment comes from (started or next in turn)."""
+        message = self.current
+        if message is None:
+            message = self.current = self._next_message(now)
+        return message
+
     def next_fragment(
         self, max_payload: int, now: float
     ) -> tuple[OutgoingMessage, int, int] | None:
         """Take the next fragment of at most ``max_payload`` bytes: ``(message, offset,
         length)``, or ``None`` when nothing is left.  The caller assigns the TSN; the last
         fragment of a message is the one with ``offset + length == len(message.data)``."""
-        message = self.current
+        message = self.head(now)
         if message is None:
-            message = self._next_message(now)
-            if message is None:
-                return None
-            self.current = message
+            return None
         offset = message.offset
         length = min(max_payload, len(message.data) - offset)
         message.offset = end = offset + length
