@@ -342,3 +342,15 @@ def test_peer_reset_waits_for_the_data_sent_before_it() -> None:
     kinds = [type(e).__name__ for e in pair.b.events]
     assert kinds.index("MessageReceived") < kinds.index("StreamsReset")
     pair.run(lambda: bool(pair.a.of_type(OutgoingStreamsReset)))
+
+
+def test_messages_that_fit_a_packet_are_not_split() -> None:
+    pair = Pair()
+    pair.connect()
+    a = pair.a.association
+    for _ in range(200):
+        a.send(1, 53, b"p" * 1000, ordered=False, max_retransmits=0, now=pair.now)
+    pair.run(lambda: len(pair.b.messages()) == 200)
+    rtx = a.retransmissions
+    assert rtx is not None
+    assert (rtx.next_tsn - a.local_initial_tsn) & 0xFFFFFFFF == 200  # one chunk each
