@@ -1,0 +1,64 @@
+"""A hostile peer that follows the packet format but not the protocol's spirit."""
+
+from __future__ import annotations
+
+import time
+
+from mvpd.sctp import AssociationLost
+from mvpd.sctp.chunks import DataChunk, SackChunk
+from mvpd.sctp.packet import PacketWriter
+
+from .harness import Pair
+
+
+def _established() -> Pair:
+    pair = Pair()
+    pair.connect()
+    return pair
+
+
+def _forge(tag: int, chunks: list[bytes]) -> bytes:
+    """A packet from the peer's address with verification tag ``tag``."""
+    writer = PacketWriter(5000, 5000, 65536)
+    writer.start(tag)
+    for chunk in chunks:
+        writer.add(chunk)
+    return writer.finish()
+
+
+def test_overlapping_gap_blocks_cost_one_pass() -> None:
+    pair = _established()
+    b = pair.b.association
+    rtx = b.retransmissions
+    assert rtx is not None
+    rtx.congestion.cwnd = 1 << 30  # as if grown over a long transfer
+    for _ in range(600):
+        b.send(1, 53, b"x" * 1000, now=pair.now)
+    b.packets_to_send()  # in flight, never delivered
+    assert rtx.outstanding == 600
+    count = rtx.outstanding
+    cumulative = (rtx.base_tsn - 1) & 0xFFFFFFFF
+    sack = SackChunk(cumulative, 1 << 20, [(2, count)] * 16000).encode()
+    started = time.process_time()
+    b.receive_packet(_forge(b.local_tag, [sack]), pair.now)
+    assert time.process_time() - started < 1.0
+    assert rtx.flight == 1000  # all but the first chunk acknowledged by the gap blocks
+
+
+def test_endless_unordered_middle_fragments_end_the_association() -> None:
+    pair = _established()
+    b = pair.b.association
+    assert b.tracker is not None
+    tsn = (b.tracker.cumulative_tsn + 1) & 0xFFFFFFFF
+    limit = b.reassembly.max_fragments
+    started = time.process_time()
+    sent = 0
+    while sent <= limit + 10 and not b.closed:
+        chunks = [DataChunk((tsn + sent + i) & 0xFFFFFFFF, 1, 0, 53, b"m", flags=4).encode()
+                  for i in range(50)]
+        sent += 50
+        b.receive_packet(_forge(b.local_tag, chunks), pair.now)
+    assert b.closed
+    lost = [e for e in b.events() if isinstance(e, AssociationLost)]
+    assert lost and "fragments" in lost[0].reason
+    assert time.process_time() - started < 5.0
