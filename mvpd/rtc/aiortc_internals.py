@@ -1,0 +1,183 @@
+"""Every use of aiortc's and aioice's private attributes, in one place, behind a version gate.
+
+aiortc's ORTC objects (RTCIceGatherer, RTCIceTransport, RTCDtlsTransport) are public, but
+composing them with an SCTP stack of our own needs a few of their insides:
+
+* the ICE role, which aiortc sets on its aioice ``Connection`` from RTCPeerConnection;
+* the DTLS role, set with ``RTCDtlsTransport._set_role``;
+* DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
+  each decrypted datagram) and ``_send_data``;
+* the nominated candidate pair (``Connection._nominated``) for status and liveness checks;
+* RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``).
+
+They are only valid for the aiortc and aioice versions in :data:`SUPPORTED`, the ones the
+tests ran with (pyproject.toml pins the same ranges). :func:`check_versions` refuses others,
+and :func:`check_objects` verifies that the attributes are where this module expects them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiortc import RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
+
+from .errors import RtcError, UnsupportedLibrary
+
+#: Distribution -> the (major, minor) versions whose insides this module knows.
+SUPPORTED: dict[str, tuple[int, int]] = {"aiortc": (1, 16), "aioice": (0, 13)}
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``1.16.0`` or ``0.13.0rc1``."""
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or "x")
+    except (IndexError, ValueError):
+        raise UnsupportedLibrary(f"cannot read the version {text!r}") from None
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    """Raise :class:`UnsupportedLibrary` unless aiortc and aioice are supported versions.
+
+    ``installed`` maps distribution names to versions (default: what is installed).
+    """
+    for name, wanted in SUPPORTED.items():
+        version = (
+            installed[name] if installed is not None else importlib.metadata.version(name)
+        )
+        if parse_version(version) != wanted:
+            raise UnsupportedLibrary(
+                f"{name} {version} is installed, but mvpd's WebRTC stack uses private parts "
+                f"of {name} {wanted[0]}.{wanted[1]}.x only; install that (pip install "
+                f"'{name}>={wanted[0]}.{wanted[1]},<{wanted[0]}.{wanted[1] + 1}')"
+            )
+
+
+class DataReceiver(Protocol):
+    """What aiortc's DTLS transport hands decrypted application data to."""
+
+    async def _handle_data(self, data: bytes) -> None: ...
+
+
+def check_objects(
+    gatherer: RTCIceGatherer, ice: RTCIceTransport, dtls: RTCDtlsTransport
+) -> None:
+    """Raise :class:`UnsupportedLibrary` if the private attributes used here are missing."""
+    connection = getattr(gatherer, "_connection", None)
+    missing = [
+        f"{type(obj).__name__}.{name}"
+        for obj, names in (
+            (gatherer, ("_connection",)),
+            (ice, ("_connection", "_role_set")),
+            (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
+                    "_send_data", "_role")),
+            (connection, ("ice_controlling", "_nominated")),
+        )
+        for name in names
+        if not hasattr(obj, name)
+    ]
+    if missing:
+        raise UnsupportedLibrary(f"aiortc/aioice lack {', '.join(missing)}")
+
+
+# --- ICE -----------------------------------------------------------------------------------
+
+
+def set_ice_controlling(ice: RTCIceTransport, controlling: bool) -> None:
+    """Set the ICE role before ``ice.start()`` (RFC 8445: the offerer controls)."""
+    ice._connection.ice_controlling = controlling
+    ice._role_set = True
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """One side of the selected candidate pair."""
+
+    type: str  # host, srflx, prflx, relay
+    protocol: str
+    address: str
+    port: int
+    sdp: str
+
+
+@dataclass(frozen=True)
+class SelectedPair:
+    """The candidate pair ICE nominated."""
+
+    local: CandidateInfo
+    remote: CandidateInfo
+
+    @property
+    def path(self) -> str:
+        """``relayed`` when either end is a TURN relay, else ``direct``."""
+        return "relayed" if "relay" in (self.local.type, self.remote.type) else "direct"
+
+
+def ice_connection(ice: RTCIceTransport) -> Any:
+    """aioice's ``Connection`` under ``ice`` (for STUN liveness checks)."""
+    return ice._connection
+
+
+def selected_pair(ice: RTCIceTransport) -> SelectedPair | None:
+    """The nominated pair of component 1, once ICE has one."""
+    nominated = getattr(ice._connection, "_nominated", None) or {}
+    pair = nominated.get(1)
+    if pair is None:
+        return None
+    return SelectedPair(
+        _candidate_info(pair.local_candidate), _candidate_info(pair.remote_candidate)
+    )
+
+
+def _candidate_info(candidate: Any) -> CandidateInfo:
+    return CandidateInfo(
+        type=str(candidate.type),
+        protocol=str(candidate.transport),
+        address=str(candidate.host),
+        port=int(candidate.port),
+        sdp=str(candidate.to_sdp()),
+    )
+
+
+# --- DTLS ----------------------------------------------------------------------------------
+
+
+def set_dtls_role(dtls: RTCDtlsTransport, role: str) -> None:
+    """``client`` or ``server``, before ``dtls.start()`` (from a=setup, RFC 8842)."""
+    if role not in ("client", "server"):
+        raise ValueError(f"the DTLS role is 'client' or 'server', not {role!r}")
+    dtls._set_role(role)
+
+
+def dtls_role(dtls: RTCDtlsTransport) -> str:
+    return str(dtls._role)
+
+
+def register_data_receiver(dtls: RTCDtlsTransport, receiver: DataReceiver) -> None:
+    """Have ``receiver._handle_data(data)`` called with each DTLS application datagram."""
+    dtls._register_data_receiver(receiver)
+
+
+def unregister_data_receiver(dtls: RTCDtlsTransport, receiver: DataReceiver) -> None:
+    dtls._unregister_data_receiver(receiver)
+
+
+async def send_data(dtls: RTCDtlsTransport, data: bytes) -> None:
+    """Encrypt ``data`` as one DTLS record and send it on the selected pair.
+
+    Raises ``ConnectionError`` when DTLS or ICE is not connected. ``data`` must fit one
+    datagram with DTLS overhead (aiortc reads 1500 bytes per record).
+    """
+    await dtls._send_data(data)
+
+
+def export_keying_material(
+    dtls: RTCDtlsTransport, label: bytes, length: int, context: bytes | None = None
+) -> bytes:
+    """RFC 5705 keying material from the DTLS session (both ends derive the same bytes)."""
+    ssl = getattr(dtls, "_ssl", None)
+    if ssl is None or dtls.state != "connected":
+        raise RtcError("keying material needs a connected DTLS transport")
+    return bytes(ssl.export_keying_material(label, length, context))

@@ -1,0 +1,398 @@
+"""The asyncio driver of a sans-I/O SCTP association over DTLS, and the data channels on it.
+
+It only feeds and drains :class:`mvpd.sctp.Association`:
+
+* each DTLS application datagram goes to ``receive_packet(data, now)``;
+* whatever ``packets_to_send()`` returns goes out as DTLS application data, in one flush
+  per loop iteration however many channels sent (so the association can bundle);
+* one timer, re-armed from ``next_deadline()`` after every step, calls ``handle_timeout``;
+* the association's events drive the channel table (:class:`DataChannelProtocol`, DCEP)
+  and the :class:`DataChannel` objects.
+
+The clock is the event loop's (monotonic, seconds). Stream resets follow RFC 8831 section
+6.7: closing a channel resets our outgoing stream; when the peer resets its outgoing
+stream we reset ours in turn; the channel is closed, and its stream id free, once both
+directions are reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import RTCDtlsTransport
+
+from ..sctp import Association
+from ..sctp.dcep import (
+    ChannelAcknowledged,
+    ChannelMessage,
+    ChannelState,
+    DataChannelProtocol,
+    DcepError,
+    Outgoing,
+    ProtocolViolation,
+    RemoteChannelOpened,
+    payload_size,
+)
+from ..sctp.events import (
+    AssociationClosed,
+    AssociationEstablished,
+    AssociationLost,
+    BufferedAmountLow,
+    MessageReceived,
+    OutgoingStreamsReset,
+    StreamsReset,
+)
+from . import aiortc_internals as internals
+from .datachannel import DataChannel
+from .errors import InvalidStateError
+
+log = logging.getLogger(__name__)
+
+#: States of the association as the connection sees them.
+SCTP_NEW, SCTP_CONNECTING, SCTP_CONNECTED, SCTP_CLOSED, SCTP_FAILED = (
+    "new", "connecting", "connected", "closed", "failed",
+)
+
+
+class SctpTransport:
+    """One SCTP association over one DTLS transport, with its data channels.
+
+    ``dtls_role`` (``client``/``server``) picks the stream id parity and which side sends
+    the INIT (the DTLS client). ``remote_max_message_size`` (0: no limit) bounds what
+    ``send`` accepts. ``on_datachannel`` gets channels the peer opens; ``on_state`` gets
+    ``connected``, ``closed`` or ``failed`` once.
+    """
+
+    def __init__(
+        self,
+        dtls: RTCDtlsTransport,
+        *,
+        dtls_role: str,
+        local_port: int,
+        remote_port: int,
+        remote_max_message_size: int,
+        local_max_message_size: int,
+        on_datachannel: Callable[[DataChannel], None],
+        on_state: Callable[[str, str], None],
+    ) -> None:
+        self._dtls = dtls
+        self._loop = asyncio.get_running_loop()
+        self.dtls_role = dtls_role
+        self.remote_max_message_size = remote_max_message_size
+        self.association = Association(
+            local_port=local_port,
+            remote_port=remote_port,
+            max_message_size=local_max_message_size,
+        )
+        self.table = DataChannelProtocol(dtls_role)
+        self.state = SCTP_NEW
+        self.protocol_violations = 0
+        self._on_datachannel = on_datachannel
+        self._on_state = on_state
+        self._channels: dict[int, DataChannel] = {}
+        #: Channels created before the association was up (no stream id yet).
+        self._pending: list[DataChannel] = []
+        #: Stream ids whose outgoing/incoming direction has been reset.
+        self._outgoing_reset: set[int] = set()
+        self._incoming_reset: set[int] = set()
+        self._reset_requested: set[int] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self._dtls_ready = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Receive DTLS application data (call before the DTLS handshake starts, so a
+        packet right behind the handshake is not lost)."""
+        internals.register_data_receiver(self._dtls, self)
+
+    def start(self) -> None:
+        """DTLS is connected: the DTLS client starts the association."""
+        self._dtls_ready = True
+        self._set_state(SCTP_CONNECTING)
+        if self.dtls_role == "client":
+            self.association.connect(self._now())
+        self._step()
+
+    def shutdown(self) -> None:
+        """Close gracefully (SHUTDOWN), as far as the peer is still there."""
+        if self.state in (SCTP_CONNECTING, SCTP_CONNECTED):
+            self.association.shutdown(self._now())
+            self._step()
+
+    def abort(self, reason: str) -> None:
+        if self.state not in (SCTP_CLOSED, SCTP_FAILED):
+            self.association.abort(reason, self._now())
+            self._step()
+
+    def detach(self) -> None:
+        """Stop all I/O and close every channel (the DTLS transport is going away)."""
+        internals.unregister_data_receiver(self._dtls, self)
+        self._dtls_ready = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._close_all_channels()
+        if self.state not in (SCTP_CLOSED, SCTP_FAILED):
+            self._set_state(SCTP_CLOSED, "closed locally")
+
+    def _now(self) -> float:
+        return self._loop.time()
+
+    # --- I/O -------------------------------------------------------------------------------
+
+    async def _handle_data(self, data: bytes) -> None:
+        """aiortc's DTLS transport hands us each decrypted datagram here."""
+        try:
+            self.association.receive_packet(data, self._now())
+        except Exception as exc:  # a malformed packet is dropped by the association
+            log.debug("SCTP packet dropped: %s", exc)
+        self._process_events()
+        await self._flush()
+        self._rearm_timer()
+
+    def _step(self) -> None:
+        """After any call into the association: events, a flush soon, the timer."""
+        self._process_events()
+        self._schedule_flush()
+        self._rearm_timer()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_task is None and self._dtls_ready:
+            self._flush_task = self._loop.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        try:
+            await self._flush()
+        finally:
+            self._flush_task = None
+        self._rearm_timer()
+
+    async def _flush(self) -> None:
+        if not self._dtls_ready:
+            return
+        while packets := self.association.packets_to_send():
+            for packet in packets:
+                try:
+                    await internals.send_data(self._dtls, packet)
+                except ConnectionError as exc:
+                    # DTLS or ICE is gone; SCTP's own timers notice the silence.
+                    log.debug("SCTP packet not sent: %s", exc)
+                    return
+
+    def _rearm_timer(self) -> None:
+        deadline = self.association.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and self.state not in (SCTP_CLOSED, SCTP_FAILED):
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.association.handle_timeout(self._now())
+        self._step()
+
+    # --- association events ----------------------------------------------------------------
+
+    def _process_events(self) -> None:
+        for event in self.association.events():
+            if isinstance(event, MessageReceived):
+                self._on_message(event.stream_id, event.ppid, event.data)
+            elif isinstance(event, BufferedAmountLow):
+                channel = self._channels.get(event.stream_id)
+                if channel is not None:
+                    channel.emit("bufferedamountlow")
+            elif isinstance(event, StreamsReset):
+                for stream_id in event.stream_ids:
+                    self._on_incoming_reset(stream_id)
+            elif isinstance(event, OutgoingStreamsReset):
+                for stream_id in event.stream_ids:
+                    self._on_outgoing_reset(stream_id, event.succeeded)
+            elif isinstance(event, AssociationEstablished):
+                self._set_state(SCTP_CONNECTED)
+                self._open_pending()
+            elif isinstance(event, AssociationLost):
+                self._close_all_channels()
+                self._set_state(SCTP_FAILED, event.reason)
+            elif isinstance(event, AssociationClosed):
+                self._close_all_channels()
+                self._set_state(SCTP_CLOSED, "the peer shut the association down")
+
+    def _on_message(self, stream_id: int, ppid: int, data: bytes) -> None:
+        event = self.table.receive(stream_id, ppid, data)
+        if isinstance(event, ChannelMessage):
+            channel = self._channels.get(stream_id)
+            if channel is not None:
+                channel.emit("message", event.data)
+        elif isinstance(event, RemoteChannelOpened):
+            self._send(event.ack)
+            channel = DataChannel(
+                self, event.parameters, stream_id=stream_id, state=ChannelState.OPEN
+            )
+            self._channels[stream_id] = channel
+            self._on_datachannel(channel)
+        elif isinstance(event, ChannelAcknowledged):
+            channel = self._channels.get(stream_id)
+            if channel is not None:
+                channel._set_state(ChannelState.OPEN)
+        elif isinstance(event, ProtocolViolation):
+            self.protocol_violations += 1
+            log.debug("data channel protocol violation on stream %d: %s",
+                      stream_id, event.reason)
+
+    def _on_incoming_reset(self, stream_id: int) -> None:
+        self._incoming_reset.add(stream_id)
+        channel = self._channels.get(stream_id)
+        if channel is None:
+            self._incoming_reset.discard(stream_id)
+            return
+        # The peer closed the channel: close our direction too (RFC 8831 section 6.7).
+        channel._set_state(ChannelState.CLOSING)
+        self._request_reset(stream_id)
+        self._maybe_closed(stream_id)
+
+    def _on_outgoing_reset(self, stream_id: int, succeeded: bool) -> None:
+        self._reset_requested.discard(stream_id)
+        if not succeeded:
+            log.debug("the peer refused to reset stream %d; asking again", stream_id)
+            self._request_reset(stream_id)
+            return
+        self._outgoing_reset.add(stream_id)
+        self._maybe_closed(stream_id)
+
+    def _request_reset(self, stream_id: int) -> None:
+        if stream_id in self._outgoing_reset or stream_id in self._reset_requested:
+            return
+        self.table.start_closing(stream_id)
+        self._reset_requested.add(stream_id)
+        self.association.reset_streams([stream_id], self._now())
+        self._schedule_flush()
+
+    def _maybe_closed(self, stream_id: int) -> None:
+        if stream_id in self._incoming_reset and stream_id in self._outgoing_reset:
+            self._incoming_reset.discard(stream_id)
+            self._outgoing_reset.discard(stream_id)
+            self.table.closed(stream_id)
+            channel = self._channels.pop(stream_id, None)
+            if channel is not None:
+                channel._set_state(ChannelState.CLOSED)
+
+    def _close_all_channels(self) -> None:
+        channels = list({id(c): c for c in [*self._channels.values(), *self._pending]}.values())
+        self._channels.clear()
+        self._pending.clear()
+        for channel in channels:
+            channel._set_state(ChannelState.CLOSED)
+
+    def _set_state(self, state: str, reason: str = "") -> None:
+        if state == self.state or self.state in (SCTP_CLOSED, SCTP_FAILED):
+            return
+        self.state = state
+        if self._timer is not None and state in (SCTP_CLOSED, SCTP_FAILED):
+            self._timer.cancel()
+            self._timer = None
+        self._on_state(state, reason)
+
+    # --- channels --------------------------------------------------------------------------
+
+    def add_channel(self, channel: DataChannel) -> None:
+        """Take over ``channel``: announce it with DCEP once the association is up, or, if
+        negotiated, just open it then. :class:`DcepError` if its fixed id is taken."""
+        if self.state in (SCTP_CLOSED, SCTP_FAILED):
+            raise InvalidStateError("the SCTP association is closed")
+        if channel.negotiated:
+            assert channel.id is not None
+            self.table.add_negotiated(channel.parameters, channel.id)
+            self._channels[channel.id] = channel
+        channel._bind(self)
+        if self.state != SCTP_CONNECTED:
+            self._pending.append(channel)
+        elif channel.negotiated:
+            self._loop.call_soon(channel._set_state, ChannelState.OPEN)
+        else:
+            self._announce(channel)
+
+    def _open_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for channel in pending:
+            if channel.negotiated:
+                channel._set_state(ChannelState.OPEN)
+            else:
+                self._announce(channel)
+
+    def _announce(self, channel: DataChannel) -> None:
+        try:
+            stream_id, open_message = self.table.open_channel(channel.parameters)
+        except DcepError as exc:
+            log.warning("cannot open data channel %r: %s", channel.label, exc)
+            channel._set_state(ChannelState.CLOSED)
+            return
+        channel._set_id(stream_id)
+        self._channels[stream_id] = channel
+        self._send(open_message)
+
+    def _send(self, out: Outgoing) -> None:
+        self.association.send(
+            out.stream_id,
+            out.ppid,
+            out.payload,
+            ordered=out.ordered,
+            max_retransmits=out.max_retransmits,
+            lifetime=out.lifetime / 1000 if out.lifetime is not None else None,
+            now=self._now(),
+        )
+        self._schedule_flush()
+
+    # ChannelTransport, called by DataChannel.
+
+    def channel_send(self, channel: DataChannel, data: str | bytes) -> None:
+        size = payload_size(data)
+        if self.remote_max_message_size and size > self.remote_max_message_size:
+            raise ValueError(
+                f"cannot send a message of {size} bytes: the peer accepts at most "
+                f"{self.remote_max_message_size}"
+            )
+        if channel.id is None:
+            raise InvalidStateError("the data channel has no stream yet")
+        self._send(self.table.outgoing(channel.id, data))
+
+    def channel_close(self, channel: DataChannel) -> None:
+        stream_id = channel.id
+        if stream_id is None or self.state != SCTP_CONNECTED:
+            # Never announced (or nothing to announce it on): closed at once.
+            with contextlib.suppress(ValueError):
+                self._pending.remove(channel)
+            if stream_id is not None:
+                self._channels.pop(stream_id, None)
+                self.table.closed(stream_id)
+            channel._set_state(ChannelState.CLOSED)
+            return
+        channel._set_state(ChannelState.CLOSING)
+        self._request_reset(stream_id)
+
+    def channel_buffered_amount(self, channel: DataChannel) -> int:
+        if channel.id is None:
+            return 0
+        return int(self.association.buffered_amount(channel.id))
+
+    def channel_set_low_threshold(self, channel: DataChannel, threshold: int) -> None:
+        if channel.id is not None:
+            self.association.set_buffered_amount_low_threshold(channel.id, threshold)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "channels": len(self._channels),
+            "protocol_violations": self.protocol_violations,
+        }

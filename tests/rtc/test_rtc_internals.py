@@ -1,0 +1,81 @@
+"""The version gate around aiortc's and aioice's private attributes."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import tomllib
+from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
+
+from mvpd.rtc import aiortc_internals as internals
+from mvpd.rtc.errors import RtcError, UnsupportedLibrary
+
+
+def test_installed_versions_are_supported() -> None:
+    internals.check_versions()
+
+
+@pytest.mark.parametrize(
+    "installed",
+    [
+        {"aiortc": "1.17.0", "aioice": "0.13.0"},
+        {"aiortc": "1.15.2", "aioice": "0.13.0"},
+        {"aiortc": "1.16.0", "aioice": "0.14.1"},
+        {"aiortc": "2.16.0", "aioice": "0.13.0"},
+    ],
+)
+def test_other_versions_are_refused_with_a_fix(installed: dict[str, str]) -> None:
+    with pytest.raises(UnsupportedLibrary, match=r"install that \(pip install"):
+        internals.check_versions(installed)
+
+
+def test_version_parsing() -> None:
+    assert internals.parse_version("1.16.0") == (1, 16)
+    assert internals.parse_version("0.13.0rc1") == (0, 13)
+    assert internals.parse_version("1.16") == (1, 16)
+    for bad in ("1", "x.y", ""):
+        with pytest.raises(UnsupportedLibrary, match="cannot read"):
+            internals.parse_version(bad)
+
+
+def test_pyproject_pins_the_supported_minor_versions() -> None:
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    deps = project["project"]["dependencies"]
+    for name, (major, minor) in internals.SUPPORTED.items():
+        assert f"{name}>={major}.{minor},<{major}.{minor + 1}" in deps
+    # typer: mvpctl/plain_params.py reads its private attributes.
+    typer = importlib.metadata.version("typer")
+    major, minor = internals.parse_version(typer)
+    assert f"typer>={major}.{minor},<{major}.{minor + 1}" in deps
+
+
+def test_private_attributes_are_where_they_are_expected() -> None:
+    async def main() -> None:
+        gatherer = RTCIceGatherer(iceServers=[])
+        ice = RTCIceTransport(gatherer)
+        dtls = RTCDtlsTransport(ice, [RTCCertificate.generateCertificate()])
+        internals.check_objects(gatherer, ice, dtls)
+        internals.set_ice_controlling(ice, True)
+        assert ice.role == "controlling"
+        internals.set_dtls_role(dtls, "server")
+        assert internals.dtls_role(dtls) == "server"
+        with pytest.raises(ValueError, match="'client' or 'server'"):
+            internals.set_dtls_role(dtls, "auto")
+        assert internals.selected_pair(ice) is None
+        with pytest.raises(RtcError, match="connected DTLS"):
+            internals.export_keying_material(dtls, b"EXPORTER-test", 32)
+        await ice.stop()
+
+    async def missing() -> None:
+        gatherer = RTCIceGatherer(iceServers=[])
+        ice = RTCIceTransport(gatherer)
+        dtls = RTCDtlsTransport(ice, [RTCCertificate.generateCertificate()])
+        del ice._role_set
+        with pytest.raises(UnsupportedLibrary, match=r"RTCIceTransport\._role_set"):
+            internals.check_objects(gatherer, ice, dtls)
+
+    asyncio.run(main())
+    asyncio.run(missing())
