@@ -79,3 +79,65 @@ def test_private_attributes_are_where_they_are_expected() -> None:
 
     asyncio.run(main())
     asyncio.run(missing())
+
+
+class Collector:
+    """A DTLS data receiver that keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def _handle_data(self, data: bytes) -> None:
+        self.received.put_nowait(data)
+
+
+def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
+    """aiortc's ICE and DTLS objects composed through the internals, no SCTP: datagrams of
+    SCTP size cross in both directions and both ends export the same RFC 5705 keys."""
+
+    async def main() -> None:
+        sides = []
+        for controlling in (True, False):
+            gatherer = RTCIceGatherer(iceServers=[])
+            ice = RTCIceTransport(gatherer)
+            dtls = RTCDtlsTransport(ice, [RTCCertificate.generateCertificate()])
+            internals.set_ice_controlling(ice, controlling)
+            internals.set_dtls_role(dtls, "client" if controlling else "server")
+            receiver = Collector()
+            internals.register_data_receiver(dtls, receiver)
+            await gatherer.gather()
+            sides.append((gatherer, ice, dtls, receiver))
+        (ga, ia, da, ra), (gb, ib, db, rb) = sides
+        for (g, _, _, _), (_, i, _, _) in ((sides[0], sides[1]), (sides[1], sides[0])):
+            for candidate in g.getLocalCandidates():
+                await i.addRemoteCandidate(candidate)
+            await i.addRemoteCandidate(None)
+        try:
+            await asyncio.gather(ia.start(gb.getLocalParameters()),
+                                 ib.start(ga.getLocalParameters()))
+            await asyncio.gather(da.start(db.getLocalParameters()),
+                                 db.start(da.getLocalParameters()))
+            assert da.state == db.state == "connected"
+            pair = internals.selected_pair(ia)
+            assert pair is not None and pair.path == "direct"
+            assert pair.local.type == "host" and pair.remote.port > 0
+            assert internals.ice_connection(ia) is not None
+            big = bytes(range(256)) * 4 + b"x" * 176  # 1200 bytes, an SCTP packet's size
+            await internals.send_data(da, big)
+            await internals.send_data(db, b"back")
+            assert await asyncio.wait_for(rb.received.get(), 5) == big
+            assert await asyncio.wait_for(ra.received.get(), 5) == b"back"
+            key_a = internals.export_keying_material(da, b"EXPORTER-mvp-test", 32)
+            assert key_a == internals.export_keying_material(db, b"EXPORTER-mvp-test", 32)
+            assert key_a != internals.export_keying_material(da, b"EXPORTER-other", 32)
+            internals.unregister_data_receiver(db, rb)
+            await internals.send_data(da, b"dropped")
+            await internals.send_data(db, b"after")
+            assert await asyncio.wait_for(ra.received.get(), 5) == b"after"
+            assert rb.received.empty()
+        finally:
+            for _, ice, dtls, _ in sides:
+                await dtls.stop()
+                await ice.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
