@@ -352,7 +352,7 @@ class PeerConnection(EventEmitter):
             remote_port=remote.sctp_port,
             remote_max_message_size=remote.max_message_size,
             local_max_message_size=self.max_message_size,
-            on_datachannel=lambda channel: self.emit("datachannel", channel),
+            on_datachannel=self._on_remote_channel,
             on_state=self._on_sctp_state,
         )
         self._sctp = sctp
@@ -386,6 +386,9 @@ class PeerConnection(EventEmitter):
             except DcepError as exc:
                 log.warning("data channel %r not opened: %s", channel.label, exc)
                 channel._set_state(ChannelState.CLOSED)
+
+    def _on_remote_channel(self, channel: DataChannel) -> None:
+        self.emit("datachannel", channel)
 
     def _on_ice_state(self) -> None:
         if self._ice.state == "failed":

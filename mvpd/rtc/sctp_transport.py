@@ -25,7 +25,7 @@ from typing import Any
 
 from aiortc import RTCDtlsTransport
 
-from ..sctp import Association
+from ..sctp import Association, SctpError
 from ..sctp.dcep import (
     ChannelAcknowledged,
     ChannelMessage,
@@ -87,6 +87,9 @@ class SctpTransport:
             local_port=local_port,
             remote_port=remote_port,
             max_message_size=local_max_message_size,
+            # Losses of maxRetransmits=0 messages (the tunnel) leave the congestion window
+            # alone: the flows inside the tunnel run their own congestion control.
+            unreliable_losses_reduce_cwnd=False,
         )
         self.table = DataChannelProtocol(dtls_role)
         self.state = SCTP_NEW
@@ -151,8 +154,10 @@ class SctpTransport:
         """aiortc's DTLS transport hands us each decrypted datagram here."""
         try:
             self.association.receive_packet(data, self._now())
-        except Exception as exc:  # a malformed packet is dropped by the association
+        except SctpError as exc:  # malformed: dropped, the association is unchanged
             log.debug("SCTP packet dropped: %s", exc)
+        except Exception:
+            log.exception("SCTP failed on a received packet; dropped")
         self._process_events()
         await self._flush()
         self._rearm_timer()
@@ -175,9 +180,12 @@ class SctpTransport:
         self._rearm_timer()
 
     async def _flush(self) -> None:
-        if not self._dtls_ready:
-            return
-        while packets := self.association.packets_to_send():
+        while self._dtls_ready:
+            packets = self.association.packets_to_send()
+            # Taking packets drains send queues: buffered-amount-low events follow.
+            self._process_events()
+            if not packets:
+                return
             for packet in packets:
                 try:
                     await internals.send_data(self._dtls, packet)
@@ -236,7 +244,12 @@ class SctpTransport:
             if channel is not None:
                 channel.emit("message", event.data)
         elif isinstance(event, RemoteChannelOpened):
-            self._send(event.ack)
+            try:
+                self._send(event.ack)
+            except SctpError as exc:
+                log.debug("cannot acknowledge data channel %d: %s", stream_id, exc)
+                self.table.closed(stream_id)
+                return
             channel = DataChannel(
                 self, event.parameters, stream_id=stream_id, state=ChannelState.OPEN
             )
@@ -275,18 +288,30 @@ class SctpTransport:
         if stream_id in self._outgoing_reset or stream_id in self._reset_requested:
             return
         self.table.start_closing(stream_id)
+        try:
+            self.association.reset_streams([stream_id], self._now())
+        except SctpError as exc:
+            # The association is ending, or the peer cannot reset streams: the channel
+            # cannot be closed cleanly, so it is closed here.
+            log.debug("stream %d not reset: %s", stream_id, exc)
+            self._forget(stream_id)
+            return
         self._reset_requested.add(stream_id)
-        self.association.reset_streams([stream_id], self._now())
         self._schedule_flush()
 
     def _maybe_closed(self, stream_id: int) -> None:
         if stream_id in self._incoming_reset and stream_id in self._outgoing_reset:
-            self._incoming_reset.discard(stream_id)
-            self._outgoing_reset.discard(stream_id)
-            self.table.closed(stream_id)
-            channel = self._channels.pop(stream_id, None)
-            if channel is not None:
-                channel._set_state(ChannelState.CLOSED)
+            self._forget(stream_id)
+
+    def _forget(self, stream_id: int) -> None:
+        """The channel on ``stream_id`` is closed and its id free."""
+        self._incoming_reset.discard(stream_id)
+        self._outgoing_reset.discard(stream_id)
+        self._reset_requested.discard(stream_id)
+        self.table.closed(stream_id)
+        channel = self._channels.pop(stream_id, None)
+        if channel is not None:
+            channel._set_state(ChannelState.CLOSED)
 
     def _close_all_channels(self) -> None:
         channels = list({id(c): c for c in [*self._channels.values(), *self._pending]}.values())
@@ -340,7 +365,11 @@ class SctpTransport:
             return
         channel._set_id(stream_id)
         self._channels[stream_id] = channel
-        self._send(open_message)
+        try:
+            self._send(open_message)
+        except SctpError as exc:
+            log.warning("cannot open data channel %r: %s", channel.label, exc)
+            self._forget(stream_id)
 
     def _send(self, out: Outgoing) -> None:
         self.association.send(
