@@ -19,7 +19,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from ..proto.errors import ProtocolError
+from .errors import SctpError
 
 # --- payload protocol identifiers (RFC 8831 section 8, RFC 8832 section 8.1) ---------------
 
@@ -64,7 +64,7 @@ _OPEN_HEADER = struct.Struct("!BBHIHH")
 MAX_STREAM_ID = 65534
 
 
-class DcepError(ProtocolError):
+class DcepError(SctpError):
     """A DCEP message or a data channel payload that does not follow RFC 8831/8832, or a
     channel operation that the channel table does not allow."""
 
