@@ -52,6 +52,9 @@ from .errors import InvalidStateError
 
 log = logging.getLogger(__name__)
 
+#: How mvpd.sctp's AssociationLost reason starts when the peer sent the ABORT.
+PEER_ABORT_PREFIX = "aborted by peer"
+
 #: States of the association as the connection sees them.
 SCTP_NEW, SCTP_CONNECTING, SCTP_CONNECTED, SCTP_CLOSED, SCTP_FAILED = (
     "new", "connecting", "connected", "closed", "failed",
@@ -232,7 +235,10 @@ class SctpTransport:
                 self._open_pending()
             elif isinstance(event, AssociationLost):
                 self._close_all_channels()
-                self._set_state(SCTP_FAILED, event.reason)
+                # aiortc and browsers end a connection with an ABORT: the peer is gone by
+                # its own choice, which is a close, not a failure of ours.
+                peer_closed = event.reason.startswith(PEER_ABORT_PREFIX)
+                self._set_state(SCTP_CLOSED if peer_closed else SCTP_FAILED, event.reason)
             elif isinstance(event, AssociationClosed):
                 self._close_all_channels()
                 self._set_state(SCTP_CLOSED, "the peer shut the association down")

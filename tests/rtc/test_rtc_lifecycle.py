@@ -1,0 +1,209 @@
+"""Life and death of our peer connection next to a stock aiortc peer: closing from either
+side, ICE failure, hostile data channel traffic, many channels, negotiated channels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiortc import RTCSessionDescription
+
+from tests.rtc.stackpair import (
+    Inbox,
+    close_all,
+    negotiate,
+    open_pair,
+    our_peer,
+    stock_peer,
+    wait_state,
+)
+
+
+def run(body: Callable[[], Awaitable[None]], timeout: float = 60.0) -> None:
+    asyncio.run(asyncio.wait_for(body(), timeout))
+
+
+def test_the_stock_peer_closing_closes_us_cleanly() -> None:
+    async def body() -> None:
+        a, b = our_peer(), stock_peer()
+        try:
+            _, _, near_in, _ = await open_pair(a, b)
+            await b.close()
+            await asyncio.wait_for(near_in.closed.wait(), 10)
+            await wait_state(a, "closed")
+            assert a.failure == ""
+        finally:
+            await close_all(a, b)
+
+    run(body)
+
+
+def test_closing_us_closes_the_stock_channels() -> None:
+    async def body() -> None:
+        a, b = stock_peer(), our_peer()
+        try:
+            _, far, near_in, _ = await open_pair(a, b)
+            await b.close()
+            assert far.readyState == "closed" and b.connectionState == "closed"
+            await asyncio.wait_for(near_in.closed.wait(), 10)
+        finally:
+            await close_all(a, b)
+
+    run(body)
+
+
+def test_no_usable_candidate_fails_with_a_reason() -> None:
+    async def body() -> None:
+        a, b = our_peer(), stock_peer()
+        try:
+            channel = a.createDataChannel("main")
+            inbox = Inbox()
+            inbox.attach(channel)
+            await a.setLocalDescription(await a.createOffer())
+            await b.setRemoteDescription(a.localDescription)
+            await b.setLocalDescription(await b.createAnswer())
+            answer = "".join(
+                line + "\r\n" for line in b.localDescription.sdp.splitlines()
+                if not line.startswith("a=candidate:")
+            )
+            await a.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            await wait_state(a, "failed")
+            assert "ICE" in a.failure
+            await a.close()
+            assert channel.readyState == "closed" and inbox.closed.is_set()
+        finally:
+            await close_all(a, b)
+
+    run(body)
+
+
+def test_hostile_data_channel_traffic_is_counted_and_survived(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer sending DCEP garbage, unknown PPIDs, bad UTF-8, an OPEN on our stream ids or
+    data for channels that do not exist: each message is dropped and counted, the
+    connection and the open channel carry on."""
+
+    async def body() -> None:
+        a, b = our_peer(), stock_peer()
+        try:
+            near, far, near_in, _ = await open_pair(a, b)
+            ours_parity = near.id % 2
+            theirs = 1 - ours_parity
+            send = b.sctp._send  # stock aiortc's raw SCTP send
+            await send(far.id, 50, b"\x09")  # unknown DCEP message type
+            await send(far.id, 50, b"\x03\x00")  # truncated OPEN
+            await send(far.id, 99, b"x")  # unknown PPID
+            await send(far.id, 51, b"\xff\xfe")  # text that is not UTF-8
+            await send(far.id, 52, b"x")  # deprecated partial PPID
+            await send(100 + theirs, 53, b"x")  # no channel on that stream
+            await send(200 + ours_parity, 50, bytes([3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+            await send(far.id, 50, bytes([3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))  # again
+            far.send("still fine")
+            assert await near_in.get() == "still fine"
+            assert a.sctp is not None and a.sctp.protocol_violations == 8
+            assert a.connectionState == "connected" and near.readyState == "open"
+        finally:
+            await close_all(a, b)
+
+    run(body)
+
+
+def test_a_failing_listener_does_not_stop_delivery(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        a, b = our_peer(), stock_peer()
+        try:
+            near, far, near_in, _ = await open_pair(a, b)
+
+            def broken(message: Any) -> None:
+                raise RuntimeError("listener bug")
+
+            near.remove_all_listeners("message")
+            near.on("message", broken)
+            near.on("message", near_in.messages.put_nowait)
+            far.send("one")
+            far.send("two")
+            assert [await near_in.get(), await near_in.get()] == ["one", "two"]
+            assert a.connectionState == "connected"
+        finally:
+            await close_all(a, b)
+
+    with caplog.at_level(logging.ERROR, logger="mvpd.rtc.events"):
+        run(body)
+    assert "listener bug" in caplog.text
+
+
+@pytest.mark.parametrize("ours_offers", [True, False])
+def test_many_channels_from_both_sides_at_once(ours_offers: bool) -> None:
+    async def body() -> None:
+        ours, stock = our_peer(), stock_peer()
+        offerer, answerer = (ours, stock) if ours_offers else (stock, ours)
+        try:
+            await open_pair(offerer, answerer)
+            arrived: dict[int, list[Any]] = {id(ours): [], id(stock): []}
+            done = asyncio.Event()
+
+            def collector(pc: Any) -> Callable[[Any], None]:
+                def on_channel(channel: Any) -> None:
+                    arrived[id(pc)].append(channel)
+                    if all(len(v) == 20 for v in arrived.values()):
+                        done.set()
+                return on_channel
+
+            ours.on("datachannel", collector(ours))
+            stock.on("datachannel", collector(stock))
+            mine = [ours.createDataChannel(f"o{i}") for i in range(20)]
+            mine_open = [Inbox() for _ in mine]
+            for inbox, channel in zip(mine_open, mine, strict=True):
+                inbox.attach(channel)
+            theirs = [stock.createDataChannel(f"s{i}") for i in range(20)]
+            await asyncio.wait_for(done.wait(), 20)
+            for inbox in mine_open:
+                await asyncio.wait_for(inbox.opened.wait(), 10)
+            ids = [c.id for c in mine] + [c.id for c in theirs]
+            assert len(set(ids)) == 40
+            assert {c.label for c in arrived[id(ours)]} == {f"s{i}" for i in range(20)}
+            assert {c.label for c in arrived[id(stock)]} == {f"o{i}" for i in range(20)}
+            inbox = Inbox()
+            inbox.attach(arrived[id(stock)][-1])
+            next(c for c in mine if c.label == arrived[id(stock)][-1].label).send("on o-last")
+            assert await inbox.get() == "on o-last"
+        finally:
+            await close_all(ours, stock)
+
+    run(body)
+
+
+def test_negotiated_channel_and_early_close() -> None:
+    """A channel both sides create with the same id opens without DCEP; a channel closed
+    before the connection exists never reaches the peer."""
+
+    async def body() -> None:
+        a, b = our_peer(), stock_peer()
+        try:
+            early = a.createDataChannel("never")
+            early_in = Inbox()
+            early_in.attach(early)
+            early.close()
+            assert early.readyState == "closed" and early_in.closed.is_set()
+            ours = a.createDataChannel("n", negotiated=True, id=7)
+            theirs = b.createDataChannel("n", negotiated=True, id=7)
+            ours_in, theirs_in = Inbox(), Inbox()
+            ours_in.attach(ours)
+            theirs_in.attach(theirs)
+            remote: list[Any] = []
+            b.on("datachannel", remote.append)
+            await negotiate(a, b)
+            await asyncio.wait_for(ours_in.opened.wait(), 15)
+            ours.send("negotiated")
+            assert await theirs_in.get() == "negotiated"
+            theirs.send(b"back")
+            assert await ours_in.get() == b"back"
+            assert remote == [] and ours.id == 7
+        finally:
+            await close_all(a, b)
+
+    run(body)
