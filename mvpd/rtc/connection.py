@@ -51,7 +51,7 @@ from .description import (
     build_description,
     parse_description,
 )
-from .errors import InvalidSdp, InvalidStateError
+from .errors import InvalidStateError
 from .events import EventEmitter
 from .sctp_transport import SCTP_CLOSED, SCTP_CONNECTED, SCTP_FAILED, SctpTransport
 
@@ -370,8 +370,8 @@ class PeerConnection(EventEmitter):
                 self._set_state("failed", "the DTLS handshake failed (certificate does not "
                                 "match the fingerprint, or no answer)")
                 return
-        except (ConnectionError, InvalidSdp) as exc:
-            self._set_state("failed", str(exc))
+        except Exception as exc:  # aiortc raises ConnectionError, asserts on bad states
+            self._set_state("failed", f"ICE/DTLS: {exc or type(exc).__name__}")
             return
         if not self._closed:
             sctp.start()

@@ -247,6 +247,7 @@ def test_state_fingerprint_and_keying_material(roles: str) -> None:
             assert f"a=fingerprint:sha-256 {ours.local_fingerprint}" in ours.localDescription.sdp
             assert ours.local_fingerprint in stock.remoteDescription.sdp
             assert ours.dtls_state == "connected" and ours.sctp_state == "connected"
+            assert ours.ice_transport.role == ("controlling" if ours is a else "controlled")
             label = b"EXPORTER-mvp-test"
             theirs = internals.export_keying_material(stock.sctp.transport, label, 32)
             assert ours.export_keying_material(label, 32) == theirs
@@ -330,5 +331,37 @@ def test_signaling_misuse_and_bad_sdp_are_clear_errors() -> None:
             await pc.close()
         with pytest.raises(InvalidStateError, match="closed"):
             pc.createDataChannel("late")
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("offer_setup", "our_role"),
+    [("actpass", "client"), ("passive", "client"), ("active", "server")],
+)
+def test_dtls_role_follows_the_offer_setup(offer_setup: str, our_role: str) -> None:
+    """RFC 8842: we answer actpass and passive with active (DTLS client), active with
+    passive (DTLS server); the stock offerer takes the other role from our answer."""
+
+    async def body() -> None:
+        from aiortc import RTCSessionDescription
+
+        a, b = stock_peer(), our_peer()
+        try:
+            channel = a.createDataChannel("main")
+            inbox = Inbox()
+            inbox.attach(channel)
+            await a.setLocalDescription(await a.createOffer())
+            offer = a.localDescription.sdp.replace("a=setup:actpass", f"a=setup:{offer_setup}")
+            await b.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+            await b.setLocalDescription(await b.createAnswer())
+            wanted = "active" if our_role == "client" else "passive"
+            assert f"a=setup:{wanted}" in b.localDescription.sdp
+            await a.setRemoteDescription(b.localDescription)
+            await asyncio.wait_for(inbox.opened.wait(), 15)
+            assert internals.dtls_role(b._dtls) == our_role
+            assert b.ice_transport.role == "controlled"
+        finally:
+            await close_all(a, b)
 
     run(body)
