@@ -7,7 +7,8 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the DTLS role, set with ``RTCDtlsTransport._set_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
   each decrypted datagram) and ``_send_data``;
-* the nominated candidate pair (``Connection._nominated``) for status and liveness checks;
+* the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
+  it for liveness;
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``).
 
 They are only valid for the aiortc and aioice versions in :data:`SUPPORTED`, the ones the
@@ -73,7 +74,8 @@ def check_objects(
             (ice, ("_connection", "_role_set")),
             (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
                     "_send_data", "_role")),
-            (connection, ("ice_controlling", "_nominated")),
+            (connection, ("ice_controlling", "_nominated", "build_request",
+                          "remote_password")),
         )
         for name in names
         if not hasattr(obj, name)
@@ -129,6 +131,28 @@ def selected_pair(ice: RTCIceTransport) -> SelectedPair | None:
     return SelectedPair(
         _candidate_info(pair.local_candidate), _candidate_info(pair.remote_candidate)
     )
+
+
+async def probe_selected_pair(ice: RTCIceTransport, *, retransmissions: int) -> bool:
+    """One authenticated STUN binding check on the selected pair, as consent freshness
+    sends (RFC 7675); the remote ICE agent answers it however busy its channels are.
+
+    ``True`` once answered, ``False`` when there is no selected pair yet; raises
+    ``aioice.stun.TransactionError`` when no answer came after
+    ``retransmissions`` retransmissions.
+    """
+    connection = ice._connection
+    pair = connection._nominated.get(1)
+    if pair is None or connection.remote_password is None:
+        return False
+    request = connection.build_request(pair, nominate=False)
+    await pair.protocol.request(
+        request,
+        pair.remote_addr,
+        integrity_key=connection.remote_password.encode("utf8"),
+        retransmissions=retransmissions,
+    )
+    return True
 
 
 def _candidate_info(candidate: Any) -> CandidateInfo:

@@ -31,6 +31,7 @@ from typing import Any
 
 from aiortc import (
     RTCCertificate,
+    RTCConfiguration,
     RTCDtlsTransport,
     RTCIceCandidate,
     RTCIceGatherer,
@@ -72,6 +73,18 @@ class IceConfiguration:
     def __post_init__(self) -> None:
         if self.policy not in ("all", "relay"):
             raise ValueError(f"the ICE transport policy is 'all' or 'relay', not {self.policy!r}")
+
+    @classmethod
+    def from_rtc_configuration(cls, config: RTCConfiguration) -> IceConfiguration:
+        """The same servers and policy as an aiortc ``RTCConfiguration``, which must list
+        its servers (``iceServers=None`` means a public STUN server to aiortc)."""
+        if config.iceServers is None:
+            raise ValueError(
+                "give the ICE servers explicitly (an empty list for none): without a list "
+                "aiortc would ask a public STUN server"
+            )
+        relay = config.iceTransportPolicy == RTCIceTransportPolicy.RELAY
+        return cls(tuple(config.iceServers), "relay" if relay else "all")
 
 
 class PeerConnection(EventEmitter):

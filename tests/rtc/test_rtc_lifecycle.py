@@ -207,3 +207,59 @@ def test_negotiated_channel_and_early_close() -> None:
             await close_all(a, b)
 
     run(body)
+
+
+def test_liveness_probe_on_the_selected_pair() -> None:
+    """A STUN check on the selected pair is answered while the peer lives, and times out
+    once it is gone (what mvpd's liveness watchdog builds on)."""
+    from aioice.stun import TransactionError
+
+    from mvpd.rtc import aiortc_internals as internals
+
+    async def body() -> None:
+        a, b = our_peer(), stock_peer()
+        try:
+            assert not await internals.probe_selected_pair(a.ice_transport, retransmissions=0)
+            await open_pair(a, b)
+            assert await internals.probe_selected_pair(a.ice_transport, retransmissions=1)
+            await b.close()
+            with pytest.raises(TransactionError):
+                await internals.probe_selected_pair(a.ice_transport, retransmissions=0)
+        finally:
+            await close_all(a, b)
+
+    run(body)
+
+
+def test_ice_configuration_from_an_aiortc_configuration() -> None:
+    from aiortc import RTCConfiguration, RTCIceServer
+    from aiortc.rtcconfiguration import RTCIceTransportPolicy
+
+    from mvpd.rtc import IceConfiguration
+
+    server = RTCIceServer(urls=["turn:192.0.2.1:3478"], username="u", credential="p")
+    config = RTCConfiguration(iceServers=[server], iceTransportPolicy=RTCIceTransportPolicy.RELAY)
+    assert IceConfiguration.from_rtc_configuration(config) == IceConfiguration((server,), "relay")
+    assert IceConfiguration.from_rtc_configuration(RTCConfiguration(iceServers=[])).servers == ()
+    with pytest.raises(ValueError, match="public STUN server"):
+        IceConfiguration.from_rtc_configuration(RTCConfiguration())
+    with pytest.raises(ValueError, match="'all' or 'relay'"):
+        IceConfiguration(policy="none")
+
+
+def test_relay_policy_without_turn_gathers_nothing() -> None:
+    """The transport policy reaches aioice: relay-only and no TURN server, no candidates
+    (and no public STUN server is ever asked: the server list is empty)."""
+    from mvpd.rtc import IceConfiguration, PeerConnection
+
+    async def body() -> None:
+        relay = PeerConnection(IceConfiguration(policy="relay"))
+        everything = our_peer()
+        try:
+            assert "a=candidate:" not in (await relay.createOffer()).sdp
+            offer = (await everything.createOffer()).sdp
+            assert "typ host" in offer and "typ srflx" not in offer
+        finally:
+            await close_all(relay, everything)
+
+    run(body)
