@@ -203,6 +203,9 @@ class PeerConnection(EventEmitter):
             self._failure = reason
         log.debug("connection state %s%s", state, f" ({reason})" if reason else "")
         self._state = state
+        if state in ("closed", "failed") and self._sctp is not None:
+            # Nothing can reach the peer any more: stop SCTP's timers, close the channels.
+            self._sctp.detach()
         self.emit("connectionstatechange")
 
     # --- descriptions ----------------------------------------------------------------------

@@ -263,3 +263,22 @@ def test_relay_policy_without_turn_gathers_nothing() -> None:
             await close_all(relay, everything)
 
     run(body)
+
+
+def test_dtls_closed_by_the_peer_closes_channels_and_stops_sctp() -> None:
+    """The peer ends DTLS (close_notify) without a word from SCTP: the connection closes,
+    its channels close, and no SCTP timer keeps running."""
+
+    async def body() -> None:
+        a, b = our_peer(), stock_peer()
+        try:
+            near, _, near_in, _ = await open_pair(a, b)
+            await b.sctp.transport.stop()  # DTLS only
+            await asyncio.wait_for(near_in.closed.wait(), 10)
+            await wait_state(a, "closed")
+            assert a.sctp is not None and a.sctp._timer is None
+            assert near.readyState == "closed" and near.bufferedAmount == 0
+        finally:
+            await close_all(a, b)
+
+    run(body)
