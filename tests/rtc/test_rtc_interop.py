@@ -12,6 +12,7 @@ import pytest
 
 from mvpd.rtc import aiortc_internals as internals
 from mvpd.rtc.connection import PeerConnection
+from mvpd.rtc.datachannel import DataChannel
 from mvpd.rtc.errors import InvalidSdp, InvalidStateError
 from mvpd.transports import ChatTransport, PipeTransport
 from tests.rtc.stackpair import (
@@ -62,6 +63,13 @@ def test_messages_both_ways(roles: str) -> None:
                 assert got == sent
             for peer in (a, b):
                 assert peer.connectionState == "connected"
+            # One byte over what the peer advertised is refused before it is queued.
+            ours = near if isinstance(near, DataChannel) else far
+            with pytest.raises(ValueError, match="accepts at most 262144"):
+                ours.send(bytes(BIG + 1))
+            with pytest.raises(ValueError, match="accepts at most 262144"):
+                ours.send("é" * (BIG // 2) + "x")
+            assert ours.bufferedAmount == 0
         finally:
             await close_all(a, b)
 
@@ -170,7 +178,7 @@ def test_channel_close_is_a_clean_stream_reset(roles: str, closer: str) -> None:
     run(body)
 
 
-@pytest.mark.parametrize("roles", ["ours-offers", "stock-offers"])
+@pytest.mark.parametrize("roles", ROLES)
 def test_transports_run_unchanged_on_our_channels(roles: str) -> None:
     """mvpd's chat and pipe transports attach to our channels as to aiortc's: the pipe's
     credit flow control and EOF work across the two stacks, with backpressure events."""
