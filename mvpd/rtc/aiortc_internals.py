@@ -117,11 +117,6 @@ class SelectedPair:
         return "relayed" if "relay" in (self.local.type, self.remote.type) else "direct"
 
 
-def ice_connection(ice: RTCIceTransport) -> Any:
-    """aioice's ``Connection`` under ``ice`` (for STUN liveness checks)."""
-    return ice._connection
-
-
 def selected_pair(ice: RTCIceTransport) -> SelectedPair | None:
     """The nominated pair of component 1, once ICE has one."""
     nominated = getattr(ice._connection, "_nominated", None) or {}

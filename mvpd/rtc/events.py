@@ -59,9 +59,6 @@ class EventEmitter:
         else:
             self._listeners.pop(event, None)
 
-    def listeners(self, event: str) -> list[Callable[..., Any]]:
-        return list(self._listeners.get(event, []))
-
     def emit(self, event: str, *args: Any) -> bool:
         """Call the listeners of ``event`` with ``args``; ``True`` if there were any."""
         listeners = self._listeners.get(event)

@@ -132,11 +132,6 @@ class SctpTransport:
             self.association.shutdown(self._now())
             self._step()
 
-    def abort(self, reason: str) -> None:
-        if self.state not in (SCTP_CLOSED, SCTP_FAILED):
-            self.association.abort(reason, self._now())
-            self._step()
-
     def detach(self) -> None:
         """Stop all I/O and close every channel (the DTLS transport is going away)."""
         internals.unregister_data_receiver(self._dtls, self)

@@ -256,6 +256,8 @@ def test_state_fingerprint_and_keying_material(roles: str) -> None:
             assert ours.local_fingerprint in stock.remoteDescription.sdp
             assert ours.dtls_state == "connected" and ours.sctp_state == "connected"
             assert ours.ice_transport.role == ("controlling" if ours is a else "controlled")
+            stats = ours.stats()
+            assert stats["path"] == "direct" and stats["sctp"]["state"] == "connected"
             label = b"EXPORTER-mvp-test"
             theirs = internals.export_keying_material(stock.sctp.transport, label, 32)
             assert ours.export_keying_material(label, 32) == theirs
