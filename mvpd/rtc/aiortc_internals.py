@@ -9,7 +9,8 @@ composing them with an SCTP stack of our own needs a few of their insides:
   each decrypted datagram) and ``_send_data``;
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
-* RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``).
+* RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
+* the candidates' UDP sockets (``Connection._protocols``), for their buffer sizes.
 
 They are only valid for the aiortc and aioice versions in :data:`SUPPORTED`, the ones the
 tests ran with (pyproject.toml pins the same ranges). :func:`check_versions` refuses others,
@@ -19,6 +20,7 @@ and :func:`check_objects` verifies that the attributes are where this module exp
 from __future__ import annotations
 
 import importlib.metadata
+import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,6 +150,28 @@ async def probe_selected_pair(ice: RTCIceTransport, *, retransmissions: int) -> 
         retransmissions=retransmissions,
     )
     return True
+
+
+def set_socket_buffers(ice: RTCIceTransport, size: int) -> int:
+    """Set SO_RCVBUF and SO_SNDBUF to ``size`` on the UDP sockets of the local candidates
+    (the kernel caps them at net.core.rmem_max/wmem_max); the number of sockets set.
+
+    SCTP sends a window of packets in a burst: with the default ~200 KiB receive buffer a
+    busy receiver drops part of it, and each drop costs a retransmission.
+    """
+    count = 0
+    for protocol in getattr(ice._connection, "_protocols", []):
+        transport = getattr(protocol, "transport", None)
+        try:
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is None or sock.type != socket.SOCK_DGRAM:
+                continue  # a TURN relay's TCP/TLS connection, or no socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except (AttributeError, OSError):
+            continue
+        count += 1
+    return count
 
 
 def _candidate_info(candidate: Any) -> CandidateInfo:

@@ -58,6 +58,8 @@ from .sctp_transport import SCTP_CLOSED, SCTP_CONNECTED, SCTP_FAILED, SctpTransp
 
 log = logging.getLogger(__name__)
 
+#: UDP socket buffers of the local candidates (capped by net.core.rmem_max/wmem_max).
+SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
 #: Remote candidates kept while waiting for the remote description (a hostile peer's
 #: flood stops here; a browser sends a few per interface).
 MAX_PENDING_CANDIDATES = 256
@@ -99,8 +101,10 @@ class PeerConnection(EventEmitter):
         *,
         certificate: RTCCertificate | None = None,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        socket_buffer_size: int = SOCKET_BUFFER_SIZE,
     ) -> None:
         super().__init__()
+        self.socket_buffer_size = socket_buffer_size
         internals.check_versions()
         config = ice or IceConfiguration()
         self.certificate = certificate or RTCCertificate.generateCertificate()
@@ -230,6 +234,8 @@ class PeerConnection(EventEmitter):
     async def _describe(self, kind: str, setup: str) -> RTCSessionDescription:
         await self._gatherer.gather()
         self._check_open()
+        if self.socket_buffer_size:
+            internals.set_socket_buffers(self._ice, self.socket_buffer_size)
         local = LocalParameters(
             ice=self._gatherer.getLocalParameters(),
             candidates=self._gatherer.getLocalCandidates(),

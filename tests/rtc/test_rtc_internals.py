@@ -140,3 +140,24 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
                 await ice.stop()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_socket_buffers_of_the_candidates() -> None:
+    import socket
+
+    async def main() -> None:
+        gatherer = RTCIceGatherer(iceServers=[])
+        ice = RTCIceTransport(gatherer)
+        await gatherer.gather()
+        try:
+            sockets = [p.transport.get_extra_info("socket") for p in ice._connection._protocols]
+            assert sockets
+            before = {s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in sockets}
+            assert internals.set_socket_buffers(ice, 1024 * 1024) == len(sockets)
+            after = {s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in sockets}
+            # Linux reports twice the size asked (bookkeeping overhead included).
+            assert after == {2 * 1024 * 1024} and after != before
+        finally:
+            await ice.stop()
+
+    asyncio.run(main())
