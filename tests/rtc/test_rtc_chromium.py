@@ -78,8 +78,8 @@ class Child:
             raise RuntimeError(f"the rtc child ended: {stderr[-3000:]}")
         return json.loads(line)  # type: ignore[no-any-return]
 
-    def wait_event(self, **match: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + 20
+    def wait_event(self, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self.read(deadline - time.monotonic())
             self.events.append(message)
