@@ -44,8 +44,12 @@ def parse_version(text: str) -> tuple[int, int]:
 def check_versions(installed: dict[str, str] | None = None) -> None:
     """Raise :class:`UnsupportedLibrary` unless aiortc and aioice are supported versions.
 
-    ``installed`` maps distribution names to versions (default: what is installed).
+    ``installed`` maps distribution names to versions (default: what is installed, checked
+    once per process).
     """
+    global _checked
+    if installed is None and _checked:
+        return
     for name, wanted in SUPPORTED.items():
         version = (
             installed[name] if installed is not None else importlib.metadata.version(name)
@@ -56,6 +60,11 @@ def check_versions(installed: dict[str, str] | None = None) -> None:
                 f"of {name} {wanted[0]}.{wanted[1]}.x only; install that (pip install "
                 f"'{name}>={wanted[0]}.{wanted[1]},<{wanted[0]}.{wanted[1] + 1}')"
             )
+    if installed is None:
+        _checked = True
+
+
+_checked = False
 
 
 class DataReceiver(Protocol):

@@ -54,7 +54,13 @@ from .description import (
 )
 from .errors import InvalidStateError
 from .events import EventEmitter
-from .sctp_transport import SCTP_CLOSED, SCTP_CONNECTED, SCTP_FAILED, SctpTransport
+from .sctp_transport import (
+    MAX_CHANNELS,
+    SCTP_CLOSED,
+    SCTP_CONNECTED,
+    SCTP_FAILED,
+    SctpTransport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +108,11 @@ class PeerConnection(EventEmitter):
         certificate: RTCCertificate | None = None,
         max_message_size: int = MAX_MESSAGE_SIZE,
         socket_buffer_size: int = SOCKET_BUFFER_SIZE,
+        max_channels: int = MAX_CHANNELS,
     ) -> None:
         super().__init__()
         self.socket_buffer_size = socket_buffer_size
+        self.max_channels = max_channels
         internals.check_versions()
         config = ice or IceConfiguration()
         self.certificate = certificate or RTCCertificate.generateCertificate()
@@ -376,6 +384,7 @@ class PeerConnection(EventEmitter):
             local_max_message_size=self.max_message_size,
             on_datachannel=self._on_remote_channel,
             on_state=self._on_sctp_state,
+            max_channels=self.max_channels,
         )
         self._sctp = sctp
         self._adopt_early_channels(sctp)

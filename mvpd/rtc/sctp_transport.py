@@ -52,6 +52,8 @@ from .errors import InvalidStateError
 
 log = logging.getLogger(__name__)
 
+#: Channels (both sides' together) beyond which the peer's new ones are refused.
+MAX_CHANNELS = 1024
 #: How mvpd.sctp's AssociationLost reason starts when the peer sent the ABORT.
 PEER_ABORT_PREFIX = "aborted by peer"
 
@@ -67,7 +69,8 @@ class SctpTransport:
     ``dtls_role`` (``client``/``server``) picks the stream id parity and which side sends
     the INIT (the DTLS client). ``remote_max_message_size`` (0: no limit) bounds what
     ``send`` accepts. ``on_datachannel`` gets channels the peer opens; ``on_state`` gets
-    ``connected``, ``closed`` or ``failed`` once.
+    ``connected``, ``closed`` or ``failed`` once. At most ``max_channels`` channels are
+    open at once: the peer's further OPENs are answered with a stream reset.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class SctpTransport:
         local_max_message_size: int,
         on_datachannel: Callable[[DataChannel], None],
         on_state: Callable[[str, str], None],
+        max_channels: int = MAX_CHANNELS,
     ) -> None:
         self._dtls = dtls
         self._loop = asyncio.get_running_loop()
@@ -97,6 +101,8 @@ class SctpTransport:
         self.table = DataChannelProtocol(dtls_role)
         self.state = SCTP_NEW
         self.protocol_violations = 0
+        self.max_channels = max_channels
+        self.channels_refused = 0
         self._on_datachannel = on_datachannel
         self._on_state = on_state
         self._channels: dict[int, DataChannel] = {}
@@ -245,6 +251,16 @@ class SctpTransport:
             if channel is not None:
                 channel.emit("message", event.data)
         elif isinstance(event, RemoteChannelOpened):
+            if len(self._channels) >= self.max_channels:
+                # A flood of OPENs: refuse the channel with a stream reset, never an ACK.
+                self.channels_refused += 1
+                log.debug("data channel %d refused: %d channels open", stream_id,
+                          len(self._channels))
+                refused = DataChannel(self, event.parameters, stream_id=stream_id,
+                                      state=ChannelState.CLOSING)
+                self._channels[stream_id] = refused
+                self._request_reset(stream_id)
+                return
             try:
                 self._send(event.ack)
             except SctpError as exc:
@@ -425,4 +441,5 @@ class SctpTransport:
             "state": self.state,
             "channels": len(self._channels),
             "protocol_violations": self.protocol_violations,
+            "channels_refused": self.channels_refused,
         }

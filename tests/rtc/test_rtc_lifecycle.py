@@ -282,3 +282,25 @@ def test_dtls_closed_by_the_peer_closes_channels_and_stops_sctp() -> None:
             await close_all(a, b)
 
     run(body)
+
+
+def test_a_flood_of_channels_from_the_peer_is_refused_past_the_limit() -> None:
+    from mvpd.rtc import IceConfiguration, PeerConnection
+
+    async def body() -> None:
+        a, b = PeerConnection(IceConfiguration(), max_channels=5), stock_peer()
+        try:
+            await open_pair(a, b)  # one channel, ours
+            accepted: list[Any] = []
+            a.on("datachannel", accepted.append)
+            flood = [b.createDataChannel(f"f{i}") for i in range(12)]
+            async with asyncio.timeout(15):
+                while sum(c.readyState == "closed" for c in flood) < 8:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert len(accepted) == 4 and {c.readyState for c in accepted} == {"open"}
+            assert a.sctp is not None and a.sctp.channels_refused == 8
+            assert a.connectionState == "connected"
+        finally:
+            await close_all(a, b)
+
+    run(body)
