@@ -375,3 +375,26 @@ def test_dtls_role_follows_the_offer_setup(offer_setup: str, our_role: str) -> N
             await close_all(a, b)
 
     run(body)
+
+
+@pytest.mark.parametrize("roles", ["ours-offers", "stock-offers"])
+def test_close_delivers_what_was_queued_first(roles: str) -> None:
+    """close() right after send(): the queued messages reach the peer before the reset."""
+
+    async def body() -> None:
+        make_a, make_b = ROLES[roles]
+        a, b = make_a(), make_b()
+        try:
+            near, far, near_in, far_in = await open_pair(a, b)
+            mine, peer_in = (near, far_in) if isinstance(a, PeerConnection) else (far, near_in)
+            chunks = [bytes([i]) * 65536 for i in range(32)]
+            for chunk in chunks:
+                mine.send(chunk)
+            mine.close()
+            assert mine.readyState == "closing"
+            assert [await peer_in.get() for _ in chunks] == chunks
+            await asyncio.wait_for(peer_in.closed.wait(), 10)
+        finally:
+            await close_all(a, b)
+
+    run(body)
