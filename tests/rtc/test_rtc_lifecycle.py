@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import shutil
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiortc import RTCSessionDescription
 
+from tests.e2e.harness import TurnServer
 from tests.rtc.stackpair import (
     Inbox,
     close_all,
@@ -304,3 +307,50 @@ def test_a_flood_of_channels_from_the_peer_is_refused_past_the_limit() -> None:
             await close_all(a, b)
 
     run(body)
+
+
+@pytest.fixture
+def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("coturn (turnserver) is not installed")
+    server = TurnServer(tmp_path)
+    try:
+        yield server.start(binary)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("ours_offers", [True, False])
+def test_relay_policy_through_turn_says_relayed(
+    turn_server: TurnServer, ours_offers: bool
+) -> None:
+    """The ICE servers reach aioice: relay-only through coturn on 127.0.0.1, both sides; the
+    selected pair is a relayed one and no host candidate was offered."""
+    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+    from aiortc.rtcconfiguration import RTCIceTransportPolicy
+
+    from mvpd.rtc import IceConfiguration, PeerConnection
+
+    config = RTCConfiguration(
+        iceServers=[RTCIceServer(urls=[turn_server.url], username=TurnServer.USER,
+                                 credential=TurnServer.PASSWORD)],
+        iceTransportPolicy=RTCIceTransportPolicy.RELAY,
+    )
+
+    async def body() -> None:
+        ours = PeerConnection(IceConfiguration.from_rtc_configuration(config))
+        stock = RTCPeerConnection(config)
+        offerer, answerer = (ours, stock) if ours_offers else (stock, ours)
+        try:
+            near, _, _, far_in = await open_pair(offerer, answerer)
+            near.send("via the relay")
+            assert await far_in.get() == "via the relay"
+            pair = ours.selected_pair()
+            assert pair is not None and pair.path == "relayed"
+            assert pair.local.type == "relay" and "typ relay" in pair.local.sdp
+            assert "typ host" not in ours.localDescription.sdp  # type: ignore[union-attr]
+        finally:
+            await close_all(ours, stock)
+
+    run(body, timeout=90)
