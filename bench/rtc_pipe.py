@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args(argv)
+    if args.bulk_bytes < 2 * MESSAGE_SIZE:
+        parser.error(f"--bulk-bytes must be at least {2 * MESSAGE_SIZE} (two messages, so the "
+                     "receiver's first-to-last-byte time is not zero)")
     uvloop_on = install_uvloop(not args.no_uvloop)
     if args.serve:
         with contextlib.suppress(KeyboardInterrupt):
