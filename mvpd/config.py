@@ -59,6 +59,8 @@ Mode = Literal["chat", "json", "bytes", "tun"]
 AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+#: The ``peers`` key whose settings apply to every peer without an entry of its own.
+ANY_PEER = "*"
 #: Fields whose values never appear in messages or logs.
 SECRET_KEYS = frozenset({"signaling_token", "ice_credential", "credential", "token"})
 #: Environment variables that can hold settings: these prefixes (AGENT_ID, AGENT_CONFIG,
@@ -133,12 +135,13 @@ class SignalingServerSettings(BaseModel):
 
 
 class PeerSettings(BaseModel):
-    """Per-peer settings under ``peers.<id>``."""
+    """Per-peer settings under ``peers.<id>`` (``peers."*"``: every peer without its own)."""
 
     model_config = ConfigDict(extra="forbid")
 
     mode: Mode | None = None
-    #: TUN mode: the addresses this peer may send from and that are routed to it.
+    #: TUN mode: the addresses this peer may send from and that are routed to it. Having
+    #: them is what lets a peer use TUN mode here; they never default to anything.
     allowed_ips: list[IPNetwork] = Field(default_factory=list)
 
 
@@ -154,6 +157,10 @@ class TunSettings(BaseModel):
     #: 4000 by measurement (BENCHMARKS.md, "TUN mode"): ~2x the TCP throughput of 1400
     #: through aiortc, while a packet spans only 4 SCTP chunks (one lost chunk loses it).
     mtu: int = Field(default=4000, ge=576, le=65535)
+    #: Destinations besides ``address`` that a peer's packets may have: networks this agent
+    #: forwards to (a LAN behind it, or other tun peers for a hub; needs IP forwarding).
+    #: Empty: a peer reaches this agent's tunnel address and nothing else of this host.
+    forward_to: list[IPNetwork] = Field(default_factory=list)
 
 
 class AgentSettings(BaseSettings):
@@ -253,7 +260,7 @@ class AgentSettings(BaseSettings):
         default_factory=SignalingServerSettings,
         validation_alias=AliasChoices("MVPD_SIGNALING_SERVER", "signaling_server"),
     )
-    peers: dict[AgentId, PeerSettings] = Field(
+    peers: dict[str, PeerSettings] = Field(
         default_factory=dict, validation_alias=AliasChoices("MVPD_PEERS", "peers")
     )
     tun: TunSettings = Field(
@@ -281,6 +288,23 @@ class AgentSettings(BaseSettings):
             if item != "*" and not re.match(AGENT_ID_PATTERN, item):
                 raise ValueError(f"{item!r} is neither '*' nor an agent id")
         return value
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_ids(cls, value: dict[str, PeerSettings]) -> dict[str, PeerSettings]:
+        for key in value:
+            if key != ANY_PEER and not re.match(AGENT_ID_PATTERN, key):
+                raise ValueError(f"{key!r} is neither '*' nor an agent id")
+        return value
+
+    @model_validator(mode="after")
+    def _tun_peers(self) -> AgentSettings:
+        """TUN access is given per peer, with addresses no other peer and not this agent has
+        (WireGuard's rule: one owner per address)."""
+        problems = tun_policy_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _ice_from_seed_variables(self) -> AgentSettings:
@@ -312,10 +336,24 @@ class AgentSettings(BaseSettings):
         """Whether offers from ``peer_id`` are answered."""
         return "*" in self.allowed_peers or peer_id in self.allowed_peers
 
+    def peer_settings(self, peer_id: str) -> PeerSettings | None:
+        """``peers.<peer_id>``, else ``peers."*"``, else None."""
+        return self.peers.get(peer_id, self.peers.get(ANY_PEER))
+
     def mode_for(self, peer_id: str) -> Mode:
         """The mode a connection to ``peer_id`` uses unless the caller names one."""
-        peer = self.peers.get(peer_id)
+        peer = self.peer_settings(peer_id)
         return peer.mode if peer is not None and peer.mode is not None else self.mode
+
+    def tun_networks(self, peer_id: str) -> list[IPNetwork]:
+        """The tunnel addresses ``peer_id`` may use; empty when it may not use TUN mode."""
+        peer = self.peer_settings(peer_id)
+        return list(peer.allowed_ips) if peer is not None else []
+
+    def grants_mode(self, peer_id: str, mode: str) -> bool:
+        """Whether ``peer_id`` may have a connection in ``mode`` here: TUN mode only with
+        allowed IPs of its own (or of a ``"*"`` entry); every other mode always."""
+        return mode != "tun" or bool(self.tun_networks(peer_id))
 
     def ice_warnings(self) -> list[str]:
         """What the operator should know about the ICE server list: aiortc uses only the
@@ -340,6 +378,45 @@ class AgentSettings(BaseSettings):
         """The settings as plain data with secrets replaced by ``***`` (for status and logs)."""
         redacted: dict[str, Any] = _redact(json.loads(self.model_dump_json()))
         return redacted
+
+
+def tun_policy_problems(settings: AgentSettings) -> list[str]:
+    """What is wrong with the TUN access of ``settings.peers``, one sentence each: a tun peer
+    without allowed IPs, allowed IPs that overlap another peer's or hold this agent's own
+    tunnel address, an auto-connect tun peer with no entry."""
+    problems = []
+    own = settings.tun.address
+    owned: list[tuple[IPNetwork, str]] = []
+    for peer_id, peer in settings.peers.items():
+        key = f"peers.{peer_id}" if peer_id != ANY_PEER else 'peers."*"'
+        mode = peer.mode or settings.mode
+        if mode == "tun" and not peer.allowed_ips:
+            problems.append(
+                f"{key} is in tun mode without allowed_ips: list the tunnel addresses this "
+                f"peer may use, e.g. {key}.allowed_ips: [10.0.0.2/32] (they are never taken "
+                "from tun.address)"
+            )
+        for net in peer.allowed_ips:
+            if own is not None and own.ip in net:
+                problems.append(
+                    f"{key}.allowed_ips {net} holds this agent's own tunnel address {own.ip}: "
+                    "give the peer only its own addresses (e.g. a /32)"
+                )
+            for other_net, other in owned:
+                if other != peer_id and net.version == other_net.version and \
+                        net.overlaps(other_net):
+                    problems.append(
+                        f"{key}.allowed_ips {net} overlaps {other_net} of peers.{other}: "
+                        "each tunnel address belongs to one peer"
+                    )
+            owned.append((net, peer_id))
+    for peer_id in settings.auto_connect:
+        if settings.mode_for(peer_id) == "tun" and settings.peer_settings(peer_id) is None:
+            problems.append(
+                f"auto_connect peer {peer_id} would use tun mode but has no peers.{peer_id} "
+                f"entry: set peers.{peer_id}.allowed_ips"
+            )
+    return problems
 
 
 def _redact(value: Any) -> Any:
@@ -387,7 +464,8 @@ class ConfigFileSource(PydanticBaseSettingsSource):
         try:
             data = json.loads(text) if self.path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as exc:
-            raise ConfigError(f"config file {self.path} is not valid: {exc}") from None
+            raise ConfigError(f"config file {self.path} is not valid: {_syntax_error(exc)}") \
+                from None
         if data is None:
             return {}
         if not isinstance(data, dict):
@@ -406,6 +484,20 @@ class ConfigFileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self.data)
+
+
+def _syntax_error(exc: ValueError | yaml.YAMLError) -> str:
+    """Where a file failed to parse and why, without quoting the file: the offending line
+    may hold a token or a credential. PyYAML's messages show the line and can quote its
+    text (an undefined alias, an unknown escape), so quoted parts are left out too."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno}, column {exc.colno}"  # positions only
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = re.sub(r"'[^']*'|\"[^\"]*\"", "(...)", exc.problem or exc.context or "")
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"YAML syntax error at {where}: {problem}".replace(" at : ", ": ")
+    return "YAML syntax error"
 
 
 def config_file_path(env_file: str | Path | None = ".env") -> Path | None:
@@ -477,10 +569,19 @@ def format_config_error(exc: ValidationError) -> str:
         where = f" (environment {env})" if top else ""
         msg = str(err["msg"]).removeprefix("Value error, ")
         line = f"  {key}{where}: {msg}"
-        if err["type"] != "missing" and not (set(loc) & SECRET_KEYS):
+        if _shows_input(err["type"], loc, err.get("input")):
             line += f"; got {_show(err.get('input'))}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _shows_input(kind: str, loc: list[str], value: Any) -> bool:
+    """Whether an error may quote the bad value: never for a secret key, for an unknown key
+    (a misspelt ``signaling_tokn`` is still a token) or for a whole mapping or list (the
+    settings, an ICE server, ...: they may hold secrets)."""
+    if kind in ("missing", "extra_forbidden") or not loc or set(loc) & SECRET_KEYS:
+        return False
+    return not isinstance(value, dict | list | tuple)
 
 
 def _field_for(name: str) -> str:

@@ -329,6 +329,10 @@ class AgentCore:
             mode=session.mode,
             role=session.role,
         )
+        if change.state.is_final and session.refused_mode is not None:
+            self.refused_offers += 1
+            self.emit("offer-refused", session.peer_id,
+                      reason=f"{session.refused_mode} mode not granted", mode=session.refused_mode)
         if change.state.is_final and self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
 

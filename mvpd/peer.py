@@ -62,6 +62,8 @@ MAX_PENDING_CANDIDATES = 512
 MAX_INBOX = 256
 #: How long a Bye may take to leave before closing goes on without it.
 BYE_TIMEOUT = 2.0
+#: How long a refused session keeps its peer connection after its bye left (see _refuse).
+REFUSAL_LINGER = 0.5
 #: How long closing waits for aiortc to tear the peer connection down. Past that the rest
 #: goes on in the background: with an unreachable TURN server aiortc waits ~63 s for the
 #: allocation's deletion to be confirmed, and a disconnect or a stop must not wait for that.
@@ -203,6 +205,8 @@ class PeerSession:
         self._ended = asyncio.Event()
         self._close_task: asyncio.Future[None] | None = None
         self.failure: str | None = None
+        #: The mode of a channel this side refused (not granted to the peer), if any.
+        self.refused_mode: str | None = None
         self.inbox_dropped = 0
         self._inbox_drop_log = RateLimitedLog(self._log)
         self.candidates_ignored = 0
@@ -583,6 +587,18 @@ class PeerSession:
         label = channel.label
         if label == self.settings.data_channel_label:
             mode = channel.protocol or self.settings.mode_for(self.peer_id)
+            if not self.settings.grants_mode(self.peer_id, mode):
+                # The offerer names the mode; this side decides whether to grant it.
+                self.refused_mode = mode
+                self._log.warning("peer %s: refusing %s mode: not configured for this peer",
+                                  self.peer_id, mode, extra=fields(event="offer-refused",
+                                                                   mode=mode))
+                if not self._closing and self._close_task is None:
+                    self._close_task = asyncio.ensure_future(self._refuse(
+                        f"{mode} mode refused: {self.local_id} does not grant it to you "
+                        "(see peers.<id> in its config)"
+                    ))
+                return
             try:
                 transport = create_transport(mode)
             except TransportError as exc:
@@ -750,9 +766,25 @@ class PeerSession:
 
     # --- closing ---------------------------------------------------------------------------
 
-    def _spawn_close(self, reason: str, *, failed: bool = False) -> None:
+    def _spawn_close(self, reason: str, *, failed: bool = False, send_bye: bool = False) -> None:
         if not self._closing and self._close_task is None:
-            self._close_task = asyncio.ensure_future(self.close(reason, failed=failed))
+            self._close_task = asyncio.ensure_future(
+                self.close(reason, failed=failed, send_bye=send_bye)
+            )
+
+    async def _refuse(self, reason: str) -> None:
+        """Say bye with ``reason``, then end the session. The bye goes first and the peer
+        connection stays a moment: closing it at once reaches the peer before the bye
+        (which travels through the signaling server), and the peer would only learn that
+        the channel closed. The refused channel has no transport: what comes on it is
+        ignored meanwhile."""
+        bye = Bye(sender=self.local_id, to=self.peer_id, reason=reason[:256])
+        try:
+            await asyncio.wait_for(self._send_signal(bye), BYE_TIMEOUT)
+        except Exception as exc:
+            self._log.debug("peer %s: bye not sent: %s", self.peer_id, exc)
+        await asyncio.sleep(REFUSAL_LINGER)
+        await self.close(reason, failed=True)
 
     async def _discard_pc(self) -> None:
         """Throw the current peer connection away without ending the session (glare)."""

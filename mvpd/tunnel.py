@@ -14,13 +14,24 @@ not persistent, so the kernel deletes one with its routes even when the daemon i
 with SIGKILL; :meth:`Tunnel.start` still removes persistent leftovers with our name prefix
 (``mvpd.netdev.cleanup_stale``).
 
-Allowed IPs
------------
-``peers.<id>.allowed_ips`` when configured. A peer with none gets the tunnel's subnet (from
-``tun.address``), with a warning: that suits the two-machine case with no extra
-configuration, and is still safe because our own tunnel address is never accepted as a
-source. A second peer without allowed IPs would claim the same subnet, so it is refused with
-a message saying what to configure. Two peers can never own the same network.
+Who may join, and with which addresses
+-------------------------------------
+Only a peer with ``peers.<id>.allowed_ips`` (or covered by a ``peers."*"`` entry that has
+them) may join: the config says so (``mvpd.config``), the answering session refuses any
+other peer's tun channel before a transport exists, and :meth:`Tunnel.attach` checks again.
+Allowed IPs never default to the tunnel subnet. A peer's networks may not overlap another
+joined peer's (one owner per address, by prefix, not just equal networks) nor hold this
+agent's own tunnel address.
+
+What a peer's packets may reach
+-------------------------------
+A packet from a peer is written to the device only when its source is in that peer's allowed
+IPs *and* its destination is this agent's tunnel address or in ``tun.forward_to``. The
+kernel would otherwise deliver a packet for any of the host's addresses that arrives on the
+device (Linux accepts a packet for any local address on any interface), so a peer could
+reach services bound to the LAN or loopback addresses just by sending to them; with IP
+forwarding on, it could also reach whatever the host routes to. Dropped packets are counted
+(``source-not-allowed``, ``destination-not-allowed``).
 
 Failures (no ``/dev/net/tun``, not root, a route that belongs to another interface) fail
 that peer's session with a clear reason, sent to the peer in the ``bye``; the daemon and
@@ -86,6 +97,13 @@ class Tunnel:
         self.settings = settings
         self.batch_size = batch_size
         self.table = AllowedIPs()
+        #: Where a peer's packets may go: our tunnel address and ``tun.forward_to``.
+        self.destinations = AllowedIPs()
+        tun = settings.tun
+        if tun.address is not None:
+            self.destinations.insert(ipaddress.ip_network(tun.address.ip), LOCAL_OWNER)
+        for net in tun.forward_to:
+            self.destinations.insert(net, "forward")
         #: Drops on the device side no single peer can be blamed for (no route, malformed).
         self.filter = PacketFilter(self.table)
         self.device: TunDevice | None = None
@@ -94,7 +112,6 @@ class Tunnel:
         self._configured: asyncio.Future[bool] | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._warned_default: set[str] = set()
         self._closing = False
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -132,36 +149,33 @@ class Tunnel:
 
     def allowed_networks(self, peer_id: str) -> list[IPNetwork]:
         """The networks ``peer_id`` may use (see the module docstring); :class:`TunError`
-        when it has none to get or they belong to another peer."""
-        peer = self.settings.peers.get(peer_id)
-        configured = [_as_network(n) for n in peer.allowed_ips] if peer is not None else []
-        if configured:
-            networks = configured
-        else:
-            address = self.settings.tun.address
-            if address is None:
+        when it has none, or they overlap another peer's or hold our own address."""
+        networks = [_as_network(n) for n in self.settings.tun_networks(peer_id)]
+        if not networks:
+            raise TunError(
+                f"peer {peer_id} may not use TUN mode here: give it its tunnel addresses in "
+                f"peers.{peer_id}.allowed_ips (e.g. [10.0.0.2/32]) and mode: tun"
+            )
+        address = self.settings.tun.address
+        for wanted in networks:
+            if address is not None and address.ip in wanted:
+                raise TunError(f"peers.{peer_id}.allowed_ips {wanted} holds this agent's own "
+                               f"tunnel address {address.ip}")
+            owner = self._owner_overlapping(wanted, peer_id)
+            if owner is not None:
                 raise TunError(
-                    f"peer {peer_id} has no allowed_ips and tun.address is not set: set "
-                    f"tun.address (e.g. 10.0.0.1/24) or peers.{peer_id}.allowed_ips"
+                    f"{wanted} overlaps the allowed IPs of tun peer {owner}: each tunnel "
+                    "address belongs to one peer; give each its own peers.<id>.allowed_ips"
                 )
-            networks = [_as_network(address.network)]
-            if peer_id not in self._warned_default:
-                self._warned_default.add(peer_id)
-                log.warning(
-                    "peer %s has no allowed_ips: it may use any address in the tunnel subnet "
-                    "%s (set peers.%s.allowed_ips to narrow it)", peer_id, networks[0], peer_id
-                )
-        for net, owner in self.table:
-            if owner in (peer_id, LOCAL_OWNER):
-                continue
-            for wanted in networks:
-                if wanted == net:
-                    raise TunError(
-                        f"{wanted} already belongs to tun peer {owner}: give each tun peer "
-                        f"its own peers.<id>.allowed_ips (e.g. peers.{peer_id}.allowed_ips: "
-                        "[10.0.0.3/32])"
-                    )
         return networks
+
+    def _owner_overlapping(self, network: IPNetwork, peer_id: str) -> str | None:
+        """Another joined peer whose networks overlap ``network``, if any."""
+        for net, owner in self.table:
+            if owner not in (peer_id, LOCAL_OWNER) and net.version == network.version \
+                    and net.overlaps(network):
+                return owner
+        return None
 
     def check(self, peer_id: str, mode: str) -> None:
         """Before connecting: raise :class:`TunError` when a tun connection to ``peer_id``
@@ -193,7 +207,7 @@ class Tunnel:
             self._congested.discard(peer)
         self.table.replace_peer(peer, networks)
         self._peers[peer] = TunPeer(peer, transport, session, networks)
-        transport.bind(peer, self, PacketFilter(self.table))
+        transport.bind(peer, self, PacketFilter(self.table, destinations=self.destinations))
         if self.batch_size is not None:
             transport.batch_size = min(self.batch_size, transport.max_message_size)
         log.info("peer %s joins TUN device %s with allowed IPs %s", peer, device.name,

@@ -311,6 +311,9 @@ class DropReason(str, Enum):
     MALFORMED = "malformed"
     #: From a peer, with a source address outside that peer's allowed IPs.
     SOURCE_NOT_ALLOWED = "source-not-allowed"
+    #: From a peer, to a destination that is neither this agent's tunnel address nor a
+    #: network it forwards to (another address of the host, say).
+    DESTINATION_NOT_ALLOWED = "destination-not-allowed"
     #: From the device, to a destination no peer's allowed IPs cover.
     NO_ROUTE = "no-route"
     #: Larger than the data channel's message limit or the configured packet limit.
@@ -358,13 +361,16 @@ class PacketFilter:
 
     ``route_outgoing`` takes a packet read from the device and names the peer to send it to;
     ``accept_incoming`` says whether a packet received from a peer may be written to the
-    device. Every refusal is counted in :attr:`drops`.
+    device: its source must belong to that peer and, when ``destinations`` is given, its
+    destination must be in that table (any owner). Every refusal is counted in :attr:`drops`.
     """
 
     def __init__(
-        self, allowed_ips: AllowedIPs | None = None, *, max_packet_size: int = MAX_PACKET_SIZE
+        self, allowed_ips: AllowedIPs | None = None, *, max_packet_size: int = MAX_PACKET_SIZE,
+        destinations: AllowedIPs | None = None,
     ) -> None:
         self.allowed_ips = allowed_ips if allowed_ips is not None else AllowedIPs()
+        self.destinations = destinations
         self.max_packet_size = max_packet_size
         self.drops = DropCounters()
 
@@ -395,6 +401,10 @@ class PacketFilter:
             return False
         if self.allowed_ips.lookup_int(header.version, header.src) != peer_id:
             self.drops.add(DropReason.SOURCE_NOT_ALLOWED)
+            return False
+        if self.destinations is not None and \
+                self.destinations.lookup_int(header.version, header.dst) is None:
+            self.drops.add(DropReason.DESTINATION_NOT_ALLOWED)
             return False
         return True
 

@@ -30,9 +30,18 @@ LOSSY_TRANSFER = 2 * 1024 * 1024
 LOSSY_DELAY_MS = 20
 LOSSY_LOSS_PERCENT = 5
 
+
+
+def tun_config(address: str, **peers: str) -> str:
+    """A config with ``tun.address`` and, for each peer, mode tun and its allowed IPs."""
+    lines = [f"tun:\n  address: {address}\npeers:"]
+    lines += [f"  {peer}: {{mode: tun, allowed_ips: [{ips}]}}" for peer, ips in peers.items()]
+    return "\n".join(lines) + "\n"
+
+
 TWO = {
-    "alice": "tun:\n  address: 10.77.0.1/24\n",
-    "bob": "tun:\n  address: 10.77.0.2/24\n",
+    "alice": tun_config("10.77.0.1/24", bob="10.77.0.2/32"),
+    "bob": tun_config("10.77.0.2/24", alice="10.77.0.1/32"),
 }
 
 # A TCP sender and receiver with sha256, run with this project's Python inside namespaces.
@@ -91,14 +100,14 @@ def test_ping_both_ways_status_and_disconnect_removes_the_device(tmp_path: Path)
         tun = peer["tun"]
         assert tun["device"] == device
         assert tun["addresses"] == ["10.77.0.1/24"]
-        assert tun["allowed_ips"] == ["10.77.0.0/24"]  # the default: the tunnel subnet
+        assert tun["allowed_ips"] == ["10.77.0.2/32"]  # as configured; never a default
         assert tun["packets_in"] >= 6 and tun["packets_out"] >= 6
         assert tun["bytes_in"] > 0 and tun["bytes_out"] > 0
         text = alice.ctl("status")
         assert text.returncode == 0 and f"tun {device} (10.77.0.1/24" in text.stdout
-        # Device routes: the tunnel subnet goes through the device.
-        routes = alice.ns.ip_json("route", "show", "dev", device)
-        assert any(r["dst"] == "10.77.0.0/24" for r in routes)
+        # Device routes: the tunnel subnet (the kernel's, from the address) and bob's.
+        routes = {r["dst"] for r in alice.ns.ip_json("route", "show", "dev", device)}
+        assert {"10.77.0.0/24", "10.77.0.2"} <= routes, routes
 
         alice.call("disconnect", peer="bob")
         wait_until(lambda: alice.tun_links() == [] and bob.tun_links() == [], 15,
@@ -130,7 +139,7 @@ def test_spoofed_sources_and_malformed_packets_are_dropped_and_counted(tmp_path:
         lab.connect("alice", "bob")
         ping(bob.ns, "10.77.0.1", count=1)
         # A raw socket in bob's namespace sends packets with a forged source into the tunnel
-        # (IP_HDRINCL): 10.99.0.5 is outside bob's allowed IPs (10.77.0.0/24) and 10.77.0.1
+        # (IP_HDRINCL): 10.99.0.5 is outside bob's allowed IPs (10.77.0.2/32) and 10.77.0.1
         # is alice's own tunnel address.
         code = textwrap.dedent("""
             import socket
@@ -164,8 +173,8 @@ def test_two_tun_peers_share_one_device(tmp_path: Path) -> None:
               bob: {allowed_ips: [10.77.0.2/32]}
               carol: {allowed_ips: [10.77.0.3/32, 10.88.0.0/24]}
         """),
-        "bob": "tun:\n  address: 10.77.0.2/24\n",
-        "carol": "tun:\n  address: 10.77.0.3/24\n",
+        "bob": tun_config("10.77.0.2/24", hub="10.77.0.1/32"),
+        "carol": tun_config("10.77.0.3/24", hub="10.77.0.1/32"),
     }
     with tun_lab(tmp_path, ["hub", "bob", "carol"], configs) as lab:
         hub = lab["hub"]
@@ -248,3 +257,101 @@ def test_tcp_through_the_tunnel_over_a_lossy_link(tmp_path: Path) -> None:
         assert raw.lost > 0, raw
         ping(lab["bob"].ns, "10.77.0.1", count=3)
         transfer(lab, "bob", "alice", "10.77.0.1", LOSSY_TRANSFER, timeout=240)
+
+
+def test_an_unconfigured_peer_offering_tun_is_refused(tmp_path: Path) -> None:
+    """mallory, in no config of alice's, offers a tun channel (alice answers everyone,
+    allowed_peers "*"): alice refuses the mode, says why in the bye, counts it, and gives
+    mallory no device, no route and no ping reply, whether or not bob is connected. A
+    reload that would give a tun peer no allowed_ips is refused."""
+    require_tun()
+    configs = {
+        **TWO,
+        # mallory claims bob's tunnel address and grants alice tun mode on her side.
+        "mallory": tun_config("10.77.0.2/24", alice="10.77.0.1/32"),
+    }
+    # bob is the lab's hub and routes between alice and mallory, so they are not neighbours
+    # (alice's kernel would answer a ping for 10.77.0.1 from her own link).
+    with tun_lab(tmp_path, ["bob", "alice", "mallory"], configs) as lab:
+        alice, mallory = lab["alice"], lab["mallory"]
+        lab["bob"].ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        alice_config = tmp_path / "alice.yaml"
+
+        def mallory_tries() -> None:
+            # The refusal comes as a bye once the channel is open (the mode travels in the
+            # channel), so the connect itself may or may not see the session connected.
+            mallory.ctl("connect", "alice", "--mode", "tun", "--timeout", "20")
+            wait_until(lambda: mallory.peer("alice") is None and alice.peer("mallory") is None,
+                       15, what="mallory's session to end on both sides")
+            assert mallory.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "1", "10.77.0.1",
+                                  check=False).returncode != 0
+
+        mallory_tries()  # bob offline: his address is not free for the taking
+        assert alice.tun_links() == []
+        wait_until(lambda: "alice said bye: tun mode refused" in mallory.log_tail(20000), 10,
+                   what="alice's reason in mallory's log (from the bye)")
+        log = alice.log_tail(20000)
+        assert "peer mallory: refusing tun mode" in log, log
+        assert log.count("event=offer-refused") == 1, log
+
+        lab.connect("alice", "bob")
+        mallory_tries()  # bob online: the device exists, mallory still gets no part of it
+        [device] = alice.tun_links()
+        routes = {r["dst"] for r in alice.ns.ip_json("route", "show", "dev", device)}
+        assert routes == {"10.77.0.0/24", "10.77.0.2"}, routes
+        assert alice.log_tail(20000).count("peer mallory: refusing tun mode") == 2
+        ping(lab["bob"].ns, "10.77.0.1", count=1)  # bob is unaffected
+
+        alice_config.write_text(alice_config.read_text() + "  carol: {mode: tun}\n")
+        result = alice.call("reload")
+        assert any("peers.carol is in tun mode without allowed_ips" in item
+                   for item in result["not_applied"]), result
+
+
+def test_prefix_overlap_with_a_joined_peer_is_refused(tmp_path: Path) -> None:
+    """bob has joined with 10.77.0.2/32; a reload moves bob to 10.77.0.4/32 and gives carol
+    10.77.0.2/31, which is a valid config but overlaps what bob still holds: carol's tun
+    connection is refused with the reason, and bob keeps his address."""
+    require_tun()
+    configs = {
+        "alice": tun_config("10.77.0.1/24", bob="10.77.0.2/32"),
+        "bob": tun_config("10.77.0.2/24", alice="10.77.0.1/32"),
+        "carol": tun_config("10.77.0.3/24", alice="10.77.0.1/32"),
+    }
+    with tun_lab(tmp_path, ["alice", "bob", "carol"], configs) as lab:
+        alice, carol = lab["alice"], lab["carol"]
+        lab.connect("alice", "bob")
+        (tmp_path / "alice.yaml").write_text(
+            tun_config("10.77.0.1/24", bob="10.77.0.4/32", carol="10.77.0.2/31"))
+        assert alice.call("reload")["applied"] == ["peers"]
+        done = carol.ctl("connect", "alice", "--mode", "tun", "--timeout", "20")
+        if done.returncode != 0:
+            assert "overlaps the allowed IPs of tun peer bob" in done.stderr, done.stderr
+        wait_until(lambda: alice.peer("carol") is None, 15, what="carol's session to end")
+        assert "overlaps the allowed IPs of tun peer bob" in alice.log_tail(20000)
+        assert (alice.peer("bob") or {})["tun"]["allowed_ips"] == ["10.77.0.2/32"]
+        ping(alice.ns, "10.77.0.2", count=1)
+
+
+def test_a_peer_reaches_only_the_tunnel_address_of_the_host(tmp_path: Path) -> None:
+    """bob's config routes another address of alice's host (10.203.0.1 on alice's loopback)
+    into the tunnel, and bob pings it from his tunnel address, a source he is allowed:
+    alice's kernel would answer (Linux accepts packets for any local address on any
+    interface), so alice drops such packets and counts them; bob still reaches 10.77.0.1."""
+    require_tun()
+    configs = {**TWO, "bob": tun_config("10.77.0.2/24", alice="10.77.0.1/32, 10.203.0.1/32")}
+    with tun_lab(tmp_path, ["alice", "bob"], configs) as lab:
+        alice, bob = lab["alice"], lab["bob"]
+        lab.connect("alice", "bob")
+        ping(bob.ns, "10.77.0.1", count=1)
+        # Only now: as an ICE candidate it could carry the tunnel itself.
+        alice.ns.run("ip", "addr", "add", "10.203.0.1/32", "dev", "lo")
+        done = bob.ns.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "10.203.0.1", check=False)
+        assert done.returncode != 0, done.stdout
+
+        def drops() -> dict[str, int]:
+            return dict(((alice.peer("bob") or {}).get("tun") or {}).get("drops") or {})
+
+        wait_until(lambda: drops().get("destination-not-allowed", 0) >= 3, 10,
+                   what="3 packets for another host address counted")
+        ping(bob.ns, "10.77.0.1", count=1)
