@@ -237,6 +237,78 @@ def test_secrets_are_never_printed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "content",
+    [
+        'agent_id: a\nsignaling_token: "hunter2-abc\nmode: chat\n',  # unclosed quote
+        "agent_id: a\nsignaling_token: hunter2: abc\n",  # mapping in a plain scalar
+        "agent_id: a\nsignaling_token: *hunter2abc\n",  # an undefined alias, quoted by PyYAML
+        "agent_id: a\nsignaling_token: \"hunter2\\q\"\n",  # a bad escape
+        "signaling_server:\n  tokn: hunter2\n",  # a misspelt secret key
+        "signaling_token: hunter2\npeers:\n  bob: {mode: tun}\n",  # a model-level error
+    ],
+)
+def test_config_errors_never_show_secret_values(tmp_path: Path, content: str) -> None:
+    """A syntax error on the token's line used to print the line; an unknown key its value;
+    an error about the whole settings the settings, token included."""
+    msg = error_of(config_file=write(tmp_path / "c.yaml", content))
+    assert str(tmp_path) in msg or "invalid configuration" in msg
+    assert "hunter" not in msg, msg
+
+
+def test_yaml_syntax_errors_still_say_where(tmp_path: Path) -> None:
+    msg = error_of(config_file=write(tmp_path / "c.yaml", "agent_id: a\nmode: [chat\n"))
+    assert "YAML syntax error at line 3, column 1" in msg, msg
+
+
+def test_a_tun_peer_needs_allowed_ips(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "c.yaml", "peers:\n  bob: {mode: tun}\n")
+    msg = error_of(config_file=cfg)
+    assert "peers.bob is in tun mode without allowed_ips" in msg, msg
+    assert "never taken from tun.address" in msg
+    # The global mode counts for an entry without a mode, and for auto_connect peers.
+    cfg = write(tmp_path / "c.yaml", "mode: tun\nauto_connect: [carol]\npeers:\n  bob: {}\n")
+    msg = error_of(config_file=cfg)
+    assert "peers.bob is in tun mode without allowed_ips" in msg, msg
+    assert "auto_connect peer carol would use tun mode but has no peers.carol entry" in msg
+
+
+@pytest.mark.parametrize(
+    ("peers", "expect"),
+    [
+        ({"bob": ["10.0.0.0/24"], "carol": ["10.0.0.3/32"]}, "10.0.0.3/32 overlaps 10.0.0.0/24"),
+        ({"bob": ["10.0.0.2/32"], "carol": ["10.0.0.2/32"]}, "overlaps 10.0.0.2/32 of peers.bob"),
+        ({"bob": ["fd00::/64"], "*": ["fd00::8/125"]}, "fd00::8/125 overlaps fd00::/64"),
+        ({"bob": ["10.0.0.0/30"]}, "holds this agent's own tunnel address 10.0.0.1"),
+    ],
+)
+def test_allowed_ips_have_one_owner(peers: dict[str, list[str]], expect: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env_file=None, agent_id="a", tun={"address": "10.0.0.1/24"},
+                      peers={p: {"mode": "tun", "allowed_ips": ips} for p, ips in peers.items()})
+    assert expect in info.value.message, info.value.message
+
+
+def test_who_may_use_tun_mode() -> None:
+    s = load_settings(env_file=None, agent_id="a", tun={"address": "10.0.0.1/24"}, peers={
+        "bob": {"mode": "tun", "allowed_ips": ["10.0.0.2/32", "fd00::2/128"]},
+        "carol": {"allowed_ips": ["10.0.0.3/32"]},  # tun on request, chat by default
+        "dave": {"mode": "json"},
+    })
+    assert s.grants_mode("bob", "tun") and s.grants_mode("carol", "tun")
+    assert not s.grants_mode("dave", "tun") and not s.grants_mode("mallory", "tun")
+    assert all(s.grants_mode("mallory", mode) for mode in ("chat", "json", "bytes"))
+    assert s.mode_for("carol") == "chat" and s.mode_for("dave") == "json"
+    # A "*" entry, written on purpose, covers peers without their own entry.
+    s = load_settings(env_file=None, agent_id="a", peers={
+        "*": {"mode": "tun", "allowed_ips": ["10.0.0.128/25"]}, "dave": {"mode": "json"}})
+    assert s.grants_mode("mallory", "tun") and s.mode_for("mallory") == "tun"
+    assert [str(n) for n in s.tun_networks("mallory")] == ["10.0.0.128/25"]
+    assert not s.grants_mode("dave", "tun")  # its own entry wins
+    with pytest.raises(ConfigError, match="neither '\\*' nor an agent id"):
+        load_settings(env_file=None, agent_id="a", peers={"bad id": {}})
+
+
+@pytest.mark.parametrize(
     ("content", "expect"),
     [
         ("mode: [unclosed\n", "is not valid"),

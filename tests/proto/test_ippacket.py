@@ -347,6 +347,7 @@ def test_route_outgoing_by_destination() -> None:
     assert flt.drops.as_dict() == {
         "malformed": 1,
         "source-not-allowed": 0,
+        "destination-not-allowed": 0,
         "no-route": 1,
         "too-big": 1,
         "not-connected": 0,
@@ -367,6 +368,21 @@ def test_accept_incoming_checks_the_source_against_the_sending_peer() -> None:
     assert flt.drops[DropReason.MALFORMED] == 1
     assert flt.drops[DropReason.TOO_BIG] == 1
     assert "source-not-allowed" in repr(flt.drops)
+
+
+def test_accept_incoming_checks_the_destination_when_given_a_table() -> None:
+    destinations = AllowedIPs()
+    destinations.insert("10.0.0.1/32", "(local)")
+    destinations.insert("172.16.0.0/16", "forward")
+    flt = PacketFilter(make_filter().allowed_ips, destinations=destinations)
+    assert flt.accept_incoming("alice", ipv4("10.0.0.2", "10.0.0.1"))
+    assert flt.accept_incoming("alice", ipv4("10.0.0.2", "172.16.9.9"))
+    assert not flt.accept_incoming("alice", ipv4("10.0.0.2", "192.0.2.1"))  # a host address
+    assert not flt.accept_incoming("alice", ipv4("10.0.0.2", "10.0.0.3"))  # not forwarded
+    assert not flt.accept_incoming("bob", ipv6("fd00::3", "fd00::1"))
+    assert not flt.accept_incoming("alice", ipv4("10.9.9.9", "10.0.0.1"))  # source first
+    assert flt.drops[DropReason.DESTINATION_NOT_ALLOWED] == 3
+    assert flt.drops[DropReason.SOURCE_NOT_ALLOWED] == 1
 
 
 def test_incoming_message_keeps_good_packets_of_a_batch() -> None:

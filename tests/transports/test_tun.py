@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mvpd.config import AgentSettings
+from mvpd.config import AgentSettings, PeerSettings
 from mvpd.netdev import TunDevice
 from mvpd.proto.errors import TunError, TunUnavailable
 from mvpd.proto.ippacket import decode_message
@@ -39,18 +39,48 @@ def test_channel_options_are_unreliable_and_unordered() -> None:
     assert decode_message(b"\x45" + bytes(19))  # the wire format is ippacket's
 
 
-def test_allowed_ips_configured_default_and_conflicts() -> None:
+def test_allowed_ips_only_from_the_config_and_never_overlapping() -> None:
     tunnel = Tunnel(settings(address="10.85.0.1/24"))
     assert [str(n) for n in tunnel.allowed_networks("bob")] == ["10.85.0.2/32"]
-    # No allowed_ips: the tunnel subnet, for one such peer at a time.
-    assert [str(n) for n in tunnel.allowed_networks("dave")] == ["10.85.0.0/24"]
+    # No entry: no TUN mode, and no default to the tunnel subnet.
+    with pytest.raises(TunError, match=r"dave may not use TUN mode.*peers\.dave\.allowed_ips"):
+        tunnel.allowed_networks("dave")
+    with pytest.raises(TunError, match="dave may not use TUN mode"):
+        tunnel.check("dave", "tun")
+    tunnel.check("dave", "chat")
+    # carol has joined; after a reload bob's new networks overlap hers by prefix (not equal).
+    tunnel.table.replace_peer("carol", tunnel.allowed_networks("carol"))
+    tunnel.settings.peers["bob"] = PeerSettings(allowed_ips=["10.86.0.128/25"])
+    with pytest.raises(TunError, match="10.86.0.128/25 overlaps the allowed IPs of tun peer carol"):
+        tunnel.allowed_networks("bob")
+    tunnel.settings.peers["bob"] = PeerSettings(allowed_ips=["10.86.0.0/16"])
+    with pytest.raises(TunError, match="overlaps the allowed IPs of tun peer carol"):
+        tunnel.allowed_networks("bob")
+    assert tunnel.allowed_networks("carol")  # a peer never conflicts with itself
+    # Our own tunnel address is never a peer's.
+    tunnel.settings.peers["bob"] = PeerSettings(allowed_ips=["10.85.0.0/30"])
+    with pytest.raises(TunError, match="own tunnel address 10.85.0.1"):
+        tunnel.allowed_networks("bob")
+    assert LOCAL_OWNER not in tunnel.settings.peers
+
+
+def test_a_wildcard_entry_gives_its_networks_to_one_peer_at_a_time() -> None:
+    tunnel = Tunnel(AgentSettings.model_validate({
+        "agent_id": "hub", "tun": {"address": "10.85.0.1/24"},
+        "peers": {"*": {"mode": "tun", "allowed_ips": ["10.85.0.128/25"]}}}))
     tunnel.table.replace_peer("dave", tunnel.allowed_networks("dave"))
-    with pytest.raises(TunError, match="already belongs to tun peer dave"):
+    with pytest.raises(TunError, match="overlaps the allowed IPs of tun peer dave"):
         tunnel.allowed_networks("erin")
-    no_address = Tunnel(settings())
-    with pytest.raises(TunError, match=r"tun\.address is not set"):
-        no_address.allowed_networks("dave")
-    assert LOCAL_OWNER != "dave"
+
+
+def test_packets_from_a_peer_go_only_to_the_tunnel_address_or_forward_to() -> None:
+    tunnel = Tunnel(settings(address="10.85.0.1/24", forward_to=["192.168.7.0/24"]))
+    table = tunnel.destinations
+    assert table.lookup("10.85.0.1") is not None
+    assert table.lookup("192.168.7.9") is not None
+    for elsewhere in ("10.85.0.3", "10.201.1.1", "127.0.0.1", "10.85.0.255"):
+        assert table.lookup(elsewhere) is None, elsewhere
+    assert Tunnel(settings()).destinations.networks() == []  # no address: nothing
 
 
 def test_two_peers_share_one_device_routed_by_destination_and_checked_by_source() -> None:
@@ -130,6 +160,7 @@ async def main():
                                          echo_request("10.85.0.2", "10.85.0.1", seq=2)]))
     bob_ch.emit("message", echo_request("10.85.0.3", "10.85.0.1", seq=3))
     bob_ch.emit("message", echo_request("10.85.0.1", "10.85.0.1", seq=4))
+    bob_ch.emit("message", echo_request("10.85.0.2", "10.99.9.1", seq=6))  # host, not tunnel
     bob_ch.emit("message", b"\x00\x00\x09oops")
     bob_ch.emit("message", "text is not a packet")
     carol_ch.emit("message", echo_request("10.85.0.3", "10.85.0.1", seq=5))
@@ -137,6 +168,7 @@ async def main():
         while len(replies(ch)) < want:
             await asyncio.wait_for(ch.got.wait(), 10)
             ch.got.clear()
+    await asyncio.sleep(0.3)  # time for a reply to seq 6, were the packet let through
     bob_seqs = sorted(int.from_bytes(p[26:28], "big") for p in replies(bob_ch))
     carol_seqs = sorted(int.from_bytes(p[26:28], "big") for p in replies(carol_ch))
     bob_dsts = sorted({str(parse_header(p).dst_address) for p in replies(bob_ch)})
@@ -155,6 +187,7 @@ async def main():
 asyncio.run(main())
 """
     with namespace("ttun") as ns:
+        ns.run("ip", "addr", "add", "10.99.9.1/32", "dev", "lo")  # another address of the host
         r = run_child(ns, body)
     assert r["bob_seqs"] == [1, 2]
     assert r["carol_seqs"] == [5]
@@ -163,7 +196,8 @@ asyncio.run(main())
     assert bob["device"] == carol["device"] == r["name"]
     assert bob["addresses"] == ["10.85.0.1/24"] and bob["mtu"] == 1400
     assert bob["allowed_ips"] == ["10.85.0.2/32"]
-    assert bob["drops"] == {"source-not-allowed": 2, "malformed": 2}
+    assert bob["drops"] == {"source-not-allowed": 2, "destination-not-allowed": 1,
+                            "malformed": 2}
     assert carol["drops"] == {}
     assert bob["packets_in"] == 2 and bob["packets_out"] == 2
     assert carol["packets_in"] == 1 and carol["packets_out"] == 1
