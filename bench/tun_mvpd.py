@@ -53,8 +53,10 @@ def tunnel_hosts(
     from tests.e2e_tun.harness import tun_lab
 
     configs = {
-        "alice": f"tun:\n  address: 10.77.0.1/24\n  mtu: {mtu}\n",
-        "bob": f"tun:\n  address: 10.77.0.2/24\n  mtu: {mtu}\n",
+        "alice": f"tun:\n  address: 10.77.0.1/24\n  mtu: {mtu}\n"
+                 "peers:\n  bob: {mode: tun, allowed_ips: [10.77.0.2/32]}\n",
+        "bob": f"tun:\n  address: 10.77.0.2/24\n  mtu: {mtu}\n"
+               "peers:\n  alice: {mode: tun, allowed_ips: [10.77.0.1/32]}\n",
     }
     with tempfile.TemporaryDirectory(prefix="mvp-bench-") as tmp, tun_lab(
         Path(tmp), ["alice", "bob"], configs, mvpd=mvpd, impairable=bool(impair),

@@ -14,6 +14,11 @@ Each side creates its TUN device (mvp-tun%d), gives it its address (MVPD_TUN__AD
 10.0.0.1/24 answering and 10.0.0.2/24 offering), sets the MTU, brings it up and routes the
 peer's allowed IPs through it; then ``ping 10.0.0.1`` / ``ping 10.0.0.2`` work. Ctrl-C
 removes the device. Needs root (or CAP_NET_ADMIN) and /dev/net/tun.
+
+Only a peer with allowed IPs may use TUN mode. Unless the config (or MVPD_PEERS) has
+``peers``, the offerer gives its peer 10.0.0.1/32 and the answerer, which does not know
+who will call, gives any peer (a ``"*"`` entry) 10.0.0.2/32: one caller at a time, with
+that one address.
 """
 
 from __future__ import annotations
@@ -28,12 +33,17 @@ from mvpd import AgentCore, SignalingClient, load_settings
 from mvpd.tunnel import Tunnel
 
 DEFAULT_ADDRESS = {"answer": "10.0.0.1/24", "offer": "10.0.0.2/24"}
+#: The other side's tunnel address: its allowed IPs here.
+PEER_ADDRESS = {"answer": "10.0.0.2/32", "offer": "10.0.0.1/32"}
 
 
 async def main(role: str, peer: str | None) -> int:
     os.environ.setdefault("MODE", "tun")
     os.environ.setdefault("MVPD_TUN__ADDRESS", DEFAULT_ADDRESS[role])
     settings = load_settings()
+    if not settings.peers:
+        entry = {"mode": "tun", "allowed_ips": [PEER_ADDRESS[role]]}
+        settings = load_settings(peers={peer or "*": entry})
     tunnel = Tunnel(settings)
     await tunnel.start()
     signaling = SignalingClient(settings)

@@ -97,10 +97,12 @@ else
     pids+=($!)
     sleep 1
     for side in a b; do
-        ns=$nsa; addr=10.0.0.1/24
-        [ "$side" = b ] && ns=$nsb && addr=10.0.0.2/24
+        # Each side gives the other TUN mode with its one tunnel address (allowed_ips).
+        ns=$nsa; addr=10.0.0.1/24; other=b; other_ip=10.0.0.2/32
+        [ "$side" = b ] && ns=$nsb && addr=10.0.0.2/24 && other=a && other_ip=10.0.0.1/32
+        peers="{\"tun-$other\": {\"mode\": \"tun\", \"allowed_ips\": [\"$other_ip\"]}}"
         ip netns exec "$ns" env AGENT_ID="tun-$side" MVPD_SOCKET="$work/tun-$side.sock" \
-            SIGNALING_URL=ws://10.203.0.1:8765 MODE=tun MVPD_TUN__ADDRESS="$addr" \
+            SIGNALING_URL=ws://10.203.0.1:8765 MVPD_TUN__ADDRESS="$addr" MVPD_PEERS="$peers" \
             mvpd run >"$work/tun-$side.log" 2>&1 &
         pids+=($!)
     done
