@@ -766,11 +766,9 @@ class PeerSession:
 
     # --- closing ---------------------------------------------------------------------------
 
-    def _spawn_close(self, reason: str, *, failed: bool = False, send_bye: bool = False) -> None:
+    def _spawn_close(self, reason: str, *, failed: bool = False) -> None:
         if not self._closing and self._close_task is None:
-            self._close_task = asyncio.ensure_future(
-                self.close(reason, failed=failed, send_bye=send_bye)
-            )
+            self._close_task = asyncio.ensure_future(self.close(reason, failed=failed))
 
     async def _refuse(self, reason: str) -> None:
         """Say bye with ``reason``, then end the session. The bye goes first and the peer

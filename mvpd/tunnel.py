@@ -15,7 +15,7 @@ with SIGKILL; :meth:`Tunnel.start` still removes persistent leftovers with our n
 (``mvpd.netdev.cleanup_stale``).
 
 Who may join, and with which addresses
--------------------------------------
+--------------------------------------
 Only a peer with ``peers.<id>.allowed_ips`` (or covered by a ``peers."*"`` entry that has
 them) may join: the config says so (``mvpd.config``), the answering session refuses any
 other peer's tun channel before a transport exists, and :meth:`Tunnel.attach` checks again.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -134,6 +135,27 @@ def test_offer_from_a_peer_not_allowed_is_refused_with_a_bye() -> None:
             event = await next_event(group.events["bob"], "offer-refused")
             assert event.peer == "alice"
             assert bob.sessions == {} and bob.refused_offers == 1
+
+    run(body())
+
+
+def test_a_tun_channel_from_a_peer_without_allowed_ips_is_refused_with_a_bye() -> None:
+    """The offerer names the mode; the answerer grants tun only to peers its config gives
+    allowed IPs: others get a bye with the reason, and it counts an offer-refused event."""
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob", peers={"carol": {"allowed_ips": ["10.9.0.3/32"]}})
+            with contextlib.suppress(PeerError):  # the channel may open before the bye
+                await alice.connect_to("bob", "tun")
+            closed = await state_event(group.events["alice"], "bob", "closed")
+            assert closed.data["reason"].startswith("bob said bye: tun mode refused"), closed
+            event = await next_event(group.events["bob"], "offer-refused")
+            assert (event.peer, event.data["mode"]) == ("alice", "tun")
+            await wait_for(lambda: bob.sessions == {})
+            assert bob.refused_offers == 1
+            # Other modes stay open to every allowed peer.
+            await alice.connect_to("bob", "chat")
 
     run(body())
 
