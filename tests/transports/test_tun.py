@@ -136,7 +136,8 @@ def replies(channel):
 
 async def main():
     settings = AgentSettings.model_validate({
-        "agent_id": "hub", "tun": {"name": "ttun%d", "address": "10.85.0.1/24", "mtu": 1400},
+        "agent_id": "hub", "tun": {"name": "ttun%d", "address": "10.85.0.1/24", "mtu": 1400,
+                                   "forward_to": ["10.99.8.1/32"]},
         "peers": {"bob": {"allowed_ips": ["10.85.0.2/32"]},
                   "carol": {"allowed_ips": ["10.85.0.3/32"]}}})
     tunnel = Tunnel(settings)
@@ -161,10 +162,11 @@ async def main():
     bob_ch.emit("message", echo_request("10.85.0.3", "10.85.0.1", seq=3))
     bob_ch.emit("message", echo_request("10.85.0.1", "10.85.0.1", seq=4))
     bob_ch.emit("message", echo_request("10.85.0.2", "10.99.9.1", seq=6))  # host, not tunnel
+    bob_ch.emit("message", echo_request("10.85.0.2", "10.99.8.1", seq=7))  # in forward_to
     bob_ch.emit("message", b"\x00\x00\x09oops")
     bob_ch.emit("message", "text is not a packet")
     carol_ch.emit("message", echo_request("10.85.0.3", "10.85.0.1", seq=5))
-    for ch, want in ((bob_ch, 2), (carol_ch, 1)):
+    for ch, want in ((bob_ch, 3), (carol_ch, 1)):
         while len(replies(ch)) < want:
             await asyncio.wait_for(ch.got.wait(), 10)
             ch.got.clear()
@@ -187,9 +189,10 @@ async def main():
 asyncio.run(main())
 """
     with namespace("ttun") as ns:
-        ns.run("ip", "addr", "add", "10.99.9.1/32", "dev", "lo")  # another address of the host
+        for address in ("10.99.9.1/32", "10.99.8.1/32"):  # other addresses of the host
+            ns.run("ip", "addr", "add", address, "dev", "lo")
         r = run_child(ns, body)
-    assert r["bob_seqs"] == [1, 2]
+    assert r["bob_seqs"] == [1, 2, 7]
     assert r["carol_seqs"] == [5]
     assert r["bob_dsts"] == ["10.85.0.2"]
     bob, carol = r["status"]["bob"], r["status"]["carol"]
@@ -199,7 +202,7 @@ asyncio.run(main())
     assert bob["drops"] == {"source-not-allowed": 2, "destination-not-allowed": 1,
                             "malformed": 2}
     assert carol["drops"] == {}
-    assert bob["packets_in"] == 2 and bob["packets_out"] == 2
+    assert bob["packets_in"] == 3 and bob["packets_out"] == 3
     assert carol["packets_in"] == 1 and carol["packets_out"] == 1
     assert r["name"] in r["links_both"]
     assert r["name"] in r["links_after_carol"]  # bob still uses it
