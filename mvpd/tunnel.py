@@ -113,6 +113,9 @@ class Tunnel:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closing = False
+        #: The ``peers`` settings the joined peers were admitted under; a reload replaces
+        #: the object (see :meth:`_peers_reloaded`).
+        self._peers_config = settings.peers
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -286,6 +289,17 @@ class Tunnel:
                     except TunError as exc:
                         log.warning("%s", exc)
 
+    def _peers_reloaded(self) -> None:
+        """A reload replaced ``peers``: a joined peer that no longer has allowed IPs loses
+        its addresses at once (before the packet at hand is looked at) and its session.
+        Changed allowed IPs apply from the peer's next connection."""
+        self._peers_config = self.settings.peers
+        for entry in list(self._peers.values()):
+            if not self.settings.tun_networks(entry.peer_id):
+                self.table.remove_peer(entry.peer_id)
+                self._fail(entry.session, "TUN mode was withdrawn from this peer by a "
+                                          f"configuration reload on {self.settings.agent_id}")
+
     def _remove_device(self, why: str) -> None:
         device, self.device = self.device, None
         self.table.remove_peer(LOCAL_OWNER)
@@ -315,6 +329,8 @@ class Tunnel:
     # --- the data plane --------------------------------------------------------------------
 
     def _from_device(self, packets: list[bytes]) -> None:
+        if self.settings.peers is not self._peers_config:
+            self._peers_reloaded()
         route = self.filter.route_outgoing  # counts malformed, too-big and no-route
         by_peer: dict[str, list[bytes]] = {}
         for packet in packets:
@@ -331,6 +347,8 @@ class Tunnel:
     def from_peer(self, transport: TunTransport, message: bytes) -> None:
         """Write the acceptable packets of one message from a peer to the device."""
         assert transport.filter is not None and transport.peer_id is not None
+        if self.settings.peers is not self._peers_config:
+            self._peers_reloaded()
         packets = transport.filter.incoming_message(transport.peer_id, message)
         if not packets:
             return

@@ -311,7 +311,8 @@ def test_an_unconfigured_peer_offering_tun_is_refused(tmp_path: Path) -> None:
 def test_prefix_overlap_with_a_joined_peer_is_refused(tmp_path: Path) -> None:
     """bob has joined with 10.77.0.2/32; a reload moves bob to 10.77.0.4/32 and gives carol
     10.77.0.2/31, which is a valid config but overlaps what bob still holds: carol's tun
-    connection is refused with the reason, and bob keeps his address."""
+    connection is refused with the reason, and bob keeps his address. A later reload that
+    drops bob's entry takes his place on the device away."""
     require_tun()
     configs = {
         "alice": tun_config("10.77.0.1/24", bob="10.77.0.2/32"),
@@ -331,6 +332,14 @@ def test_prefix_overlap_with_a_joined_peer_is_refused(tmp_path: Path) -> None:
         assert "overlaps the allowed IPs of tun peer bob" in alice.log_tail(20000)
         assert (alice.peer("bob") or {})["tun"]["allowed_ips"] == ["10.77.0.2/32"]
         ping(alice.ns, "10.77.0.2", count=1)
+        # A reload that takes bob's tun access away: his next packet (or one for him) ends it.
+        (tmp_path / "alice.yaml").write_text(tun_config("10.77.0.1/24", carol="10.77.0.3/32"))
+        assert alice.call("reload")["applied"] == ["peers"]
+        done = alice.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "1", "10.77.0.2", check=False)
+        assert done.returncode != 0, done.stdout
+        wait_until(lambda: alice.peer("bob") is None, 15, what="bob's session to end")
+        assert "TUN mode was withdrawn from this peer" in alice.log_tail(20000)
+        assert alice.tun_links() == []
 
 
 def test_a_peer_reaches_only_the_tunnel_address_of_the_host(tmp_path: Path) -> None:
