@@ -325,9 +325,8 @@ def test_prefix_overlap_with_a_joined_peer_is_refused(tmp_path: Path) -> None:
         (tmp_path / "alice.yaml").write_text(
             tun_config("10.77.0.1/24", bob="10.77.0.4/32", carol="10.77.0.2/31"))
         assert alice.call("reload")["applied"] == ["peers"]
-        done = carol.ctl("connect", "alice", "--mode", "tun", "--timeout", "20")
-        if done.returncode != 0:
-            assert "overlaps the allowed IPs of tun peer bob" in done.stderr, done.stderr
+        # The refusal comes once the channel is open: the connect may or may not see it open.
+        carol.ctl("connect", "alice", "--mode", "tun", "--timeout", "20")
         wait_until(lambda: alice.peer("carol") is None, 15, what="carol's session to end")
         assert "overlaps the allowed IPs of tun peer bob" in alice.log_tail(20000)
         assert (alice.peer("bob") or {})["tun"]["allowed_ips"] == ["10.77.0.2/32"]
