@@ -34,6 +34,9 @@ RECENT_PEER_WINDOW = 3600.0
 RATE = "rate"
 PENDING = "pending-cap"
 NOT_ALLOWED = "not-allowed"
+#: The offerer's channel asked for a mode this agent does not grant it (TUN without
+#: allowed IPs); refused by the session once the channel arrives.
+MODE_NOT_GRANTED = "mode-not-granted"
 
 
 class TokenBuckets:

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .admission import NOT_ALLOWED, PENDING, OfferAdmission
+from .admission import MODE_NOT_GRANTED, NOT_ALLOWED, PENDING, OfferAdmission
 from .config import AgentSettings
 from .logs import RateLimitedLog, fields
 from .peer import PeerSession, PeerState, StateChange
@@ -77,7 +77,7 @@ class CoreEvent:
     * ``message``: ``{"label", "mode", "message"}`` (str, bytes or a JSON value);
     * ``transport-error``: ``{"label", "reason", "detail"}``;
     * ``channel``: a channel was attached, ``{"label", "mode"}`` (e.g. a pipe opened);
-    * ``offer-refused``: ``{"reason"}``;
+    * ``offer-refused``: ``{"reason"}`` (and ``"mode"`` when a channel's mode was refused);
     * ``signaling-error``: the server reported an error, ``{"code", "message"}``.
     """
 
@@ -331,6 +331,7 @@ class AgentCore:
         )
         if change.state.is_final and session.refused_mode is not None:
             self.refused_offers += 1
+            self.admission.count(MODE_NOT_GRANTED)
             self.emit("offer-refused", session.peer_id,
                       reason=f"{session.refused_mode} mode not granted", mode=session.refused_mode)
         if change.state.is_final and self._sessions.get(session.peer_id) is session:

@@ -153,7 +153,7 @@ def test_a_tun_channel_from_a_peer_without_allowed_ips_is_refused_with_a_bye() -
             event = await next_event(group.events["bob"], "offer-refused")
             assert (event.peer, event.data["mode"]) == ("alice", "tun")
             await wait_for(lambda: bob.sessions == {})
-            assert bob.refused_offers == 1
+            assert bob.refused_offers == 1 and bob.admission.refused == {"mode-not-granted": 1}
             # Other modes stay open to every allowed peer.
             await alice.connect_to("bob", "chat")
 
