@@ -83,7 +83,7 @@ from .parameters import (
     ReconfigResponse,
     cause_text,
 )
-from .reassembly import Reassembly
+from .reassembly import ENTRY_COST, Reassembly
 from .retransmission_queue import RetransmissionQueue
 from .send_queue import INFINITE, OutgoingMessage, SendQueue
 from .state import (
@@ -105,8 +105,6 @@ _NO_GAPS: list[tuple[int, int]] = []
 _HEARTBEAT_INFO = struct.Struct("!dQ")
 #: DATA further than this beyond the cumulative TSN is dropped (gap blocks are 16-bit).
 _MAX_TSN_AHEAD = 0xFFFF
-#: Receive-window cost of a DATA chunk beyond its payload (bounds memory per chunk).
-_CHUNK_OVERHEAD = 32
 
 __all__ = ["Association"]
 
@@ -532,8 +530,12 @@ class Association:
         size = end - start - 12
         reassembly = self.reassembly
         held = reassembly.buffered + reassembly.delivered
-        if held + size + _CHUNK_OVERHEAD > self.receive_window and (
-            distance != 1 or reassembly.delivered >= self.receive_window
+        # Out of room: drop (unacknowledged, the sender tries again).  Except the next TSN
+        # in sequence while fragments waiting for it fill the window (it may complete
+        # them), up to twice the window; not while unread messages fill it.
+        window = self.receive_window
+        if held + size + ENTRY_COST > window and (
+            distance != 1 or reassembly.buffered < window // 2 or held > 2 * window
         ):
             tracker.sack_now = True  # dropped for lack of room: tell the sender our window
             return

@@ -4,7 +4,9 @@ Ordered messages are keyed by ``(stream, SSN)``: a message is complete when its 
 last fragments are in and every TSN between them, counted in O(1) per fragment.  Unordered
 multi-fragment messages are found by their consecutive TSNs.  A message growing past the
 maximum message size is refused as it grows (:class:`ProtocolViolation`), never buffered
-whole.  ``buffered`` counts the bytes held here, for the advertised receive window.
+whole.  ``buffered`` counts the bytes held here plus :data:`ENTRY_COST` per fragment or
+message held, for the advertised receive window, so the window also bounds how many
+objects a peer can make us keep.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from .chunks import DATA_BEGINNING, DATA_END
 from .errors import ProtocolViolation
 from .events import Event, MessageReceived
 from .tsn import SSN_MASK, TSN_MASK, ssn_le
+
+#: What one held fragment or message costs beyond its payload, in window bytes.
+ENTRY_COST = 64
 
 
 class _Partial:
@@ -79,14 +84,14 @@ class Reassembly:
                     self._deliver_ready(stream_id, stream)
             elif ssn not in stream.complete and not ssn_le(ssn, (stream.next_ssn - 1) & SSN_MASK):
                 stream.complete[ssn] = (ppid, payload)
-                self.buffered += len(payload)
+                self.buffered += len(payload) + ENTRY_COST
             return
         partial = stream.partial.get(ssn)
         if partial is None:
             partial = stream.partial[ssn] = _Partial()
         partial.fragments[tsn] = payload
         partial.size += len(payload)
-        self.buffered += len(payload)
+        self.buffered += len(payload) + ENTRY_COST
         if partial.size > self.max_message_size or len(partial.fragments) > self.max_fragments:
             raise ProtocolViolation(
                 f"message on stream {stream_id} exceeds the maximum message size "
@@ -103,8 +108,12 @@ class Reassembly:
             return
         del stream.partial[ssn]
         fragments = partial.fragments
-        data = b"".join([fragments[(first + i) & TSN_MASK] for i in range(len(fragments))])
-        self.buffered -= partial.size
+        parts = [fragments.get((first + i) & TSN_MASK) for i in range(len(fragments))]
+        if None in parts:
+            raise ProtocolViolation(f"fragments of a message on stream {stream_id} are not "
+                                    "consecutive TSNs")
+        data = b"".join(parts)  # type: ignore[arg-type]
+        self.buffered -= partial.size + ENTRY_COST * len(fragments)
         if ssn == stream.next_ssn:
             self._deliver(stream_id, partial.ppid, data)
             stream.next_ssn = (ssn + 1) & SSN_MASK
@@ -112,14 +121,14 @@ class Reassembly:
                 self._deliver_ready(stream_id, stream)
         else:
             stream.complete[ssn] = (partial.ppid, data)
-            self.buffered += len(data)
+            self.buffered += len(data) + ENTRY_COST
 
     def _deliver_ready(self, stream_id: int, stream: _IncomingStream) -> None:
         complete = stream.complete
         ssn = stream.next_ssn
         while ssn in complete:
             ppid, data = complete.pop(ssn)
-            self.buffered -= len(data)
+            self.buffered -= len(data) + ENTRY_COST
             self._deliver(stream_id, ppid, data)
             ssn = (ssn + 1) & SSN_MASK
         stream.next_ssn = ssn
@@ -131,7 +140,7 @@ class Reassembly:
             return
         fragments = self._unordered
         fragments[tsn] = (flags, stream_id, ppid, payload)
-        self.buffered += len(payload)
+        self.buffered += len(payload) + ENTRY_COST
         # Look for the first fragment before and the last one after, over consecutive TSNs;
         # a message has at most max_fragments of them, which bounds each search.
         size = len(payload)
@@ -172,7 +181,7 @@ class Reassembly:
             )
         count = ((last - first) & TSN_MASK) + 1
         parts = [fragments.pop((first + i) & TSN_MASK)[3] for i in range(count)]
-        self.buffered -= size
+        self.buffered -= size + ENTRY_COST * count
         self._deliver(stream_id, ppid, b"".join(parts))
 
     def forward(self, new_cumulative_tsn: int, streams: list[tuple[int, int]]) -> None:
@@ -181,19 +190,20 @@ class Reassembly:
         if self._unordered:
             for tsn in [t for t in self._unordered
                         if ((new_cumulative_tsn - t) & TSN_MASK) < 0x80000000]:
-                self.buffered -= len(self._unordered.pop(tsn)[3])
+                self.buffered -= len(self._unordered.pop(tsn)[3]) + ENTRY_COST
         for stream_id, skipped in streams:
             stream = self._streams.get(stream_id)
             if stream is None:
                 stream = self._stream(stream_id)
             for ssn in [s for s in stream.partial if ssn_le(s, skipped)]:
-                self.buffered -= stream.partial.pop(ssn).size
+                partial = stream.partial.pop(ssn)
+                self.buffered -= partial.size + ENTRY_COST * len(partial.fragments)
             # Messages before the skipped one that did arrive whole are still delivered.
             next_ssn = stream.next_ssn
             for ssn in sorted((s for s in stream.complete if ssn_le(s, skipped)),
                               key=lambda s: (s - next_ssn) & SSN_MASK):
                 ppid, data = stream.complete.pop(ssn)
-                self.buffered -= len(data)
+                self.buffered -= len(data) + ENTRY_COST
                 self._deliver(stream_id, ppid, data)
             if ssn_le(stream.next_ssn, skipped):
                 stream.next_ssn = (skipped + 1) & SSN_MASK
@@ -206,7 +216,7 @@ class Reassembly:
             if stream is None:
                 continue
             for partial in stream.partial.values():
-                self.buffered -= partial.size
+                self.buffered -= partial.size + ENTRY_COST * len(partial.fragments)
             for _ppid, data in stream.complete.values():
-                self.buffered -= len(data)
+                self.buffered -= len(data) + ENTRY_COST
 

@@ -62,3 +62,26 @@ def test_endless_unordered_middle_fragments_end_the_association() -> None:
     lost = [e for e in b.events() if isinstance(e, AssociationLost)]
     assert lost and "fragments" in lost[0].reason
     assert time.process_time() - started < 5.0
+
+
+def test_window_full_of_fragments_still_takes_the_one_they_wait_for() -> None:
+    pair = Pair(receive_window=65536)
+    pair.connect()
+    b = pair.b.association
+    assert b.tracker is not None
+    first = (b.tracker.cumulative_tsn + 1) & 0xFFFFFFFF
+    pieces = [bytes([i]) * 1100 for i in range(62)]  # 68 KB: more than the window
+    flags = [2] + [0] * 60 + [1]
+    # Everything but the first fragment, until the window refuses more.
+    for i in range(1, 62):
+        chunk = DataChunk((first + i) & 0xFFFFFFFF, 1, 0, 53, pieces[i], flags=flags[i])
+        b.receive_packet(_forge(b.local_tag, [chunk.encode()]), pair.now)
+    assert b.reassembly.buffered > 65536 // 2
+    held_before = b.reassembly.buffered
+    # The first fragment is taken although the window is full...
+    chunk = DataChunk(first, 1, 0, 53, pieces[0], flags=2)
+    b.receive_packet(_forge(b.local_tag, [chunk.encode()]), pair.now)
+    assert b.tracker.cumulative_tsn != (first - 1) & 0xFFFFFFFF
+    assert b.reassembly.buffered > held_before
+    # ...but what the window refused is not: it must come again (as the sender would).
+    assert b.tracker.has_gaps or b.tracker.cumulative_tsn != (first + 61) & 0xFFFFFFFF
