@@ -6,7 +6,17 @@ The association does no I/O and reads no clock: the caller feeds it packets
 origin), sends what :meth:`Association.packets_to_send` returns, calls
 :meth:`Association.handle_timeout` at :meth:`Association.next_deadline`, and drains
 :meth:`Association.events`.  Each packet it returns is a whole SCTP packet of at most
-``mtu`` bytes, for example for a DTLS transport.
+``mtu`` bytes, for example for a DTLS transport.  A driver, after anything it did::
+
+    association.receive_packet(datagram, now)      # or send(), handle_timeout(), ...
+    for packet in association.packets_to_send():
+        dtls.send(packet)
+    for event in association.events():
+        ...                                        # MessageReceived, StreamsReset, ...
+    rearm_timer(association.next_deadline())
+
+Call :meth:`Association.packets_to_send` after every received packet (not once per batch):
+the delayed-SACK rule counts packets, and a SACK waiting for a batch delays the sender.
 """
 
 from __future__ import annotations
@@ -157,6 +167,7 @@ class Association:
         local_port: int = 5000,
         remote_port: int = 5000,
         max_message_size: int = 262144,
+        peer_max_message_size: int | None = None,
         mtu: int = 1200,
         receive_window: int = 1024 * 1024,
         outbound_streams: int = 65535,
@@ -183,7 +194,12 @@ class Association:
         self.avoidance_step = avoidance_step
         self.local_port = local_port
         self.remote_port = remote_port
+        #: The largest message we accept (our SDP ``a=max-message-size``).
         self.max_message_size = max_message_size
+        #: The largest message we send (the peer's ``a=max-message-size``; RFC 8841 6.1).
+        self.peer_max_message_size = (
+            max_message_size if peer_max_message_size is None else peer_max_message_size
+        )
         self.mtu = mtu
         self.receive_window = receive_window
         self.max_retransmissions = max_retransmissions
@@ -288,10 +304,10 @@ class Association:
         if self._ended or (self.state not in OPENING and self.state is not State.ESTABLISHED):
             raise AssociationNotOpen(f"the association is {self.state.value}; cannot send")
         size = len(data)
-        if size > self.max_message_size:
+        if size > self.peer_max_message_size:
             raise MessageTooLarge(
-                f"message of {size} bytes exceeds the maximum message size "
-                f"{self.max_message_size}"
+                f"message of {size} bytes exceeds the peer's maximum message size "
+                f"{self.peer_max_message_size}"
             )
         if size == 0:
             raise SendError("SCTP cannot carry an empty message")

@@ -8,6 +8,7 @@ import pytest
 
 from mvpd.proto.errors import ProtocolError
 from mvpd.sctp import (
+    Association,
     AssociationClosed,
     AssociationEstablished,
     AssociationLost,
@@ -249,6 +250,8 @@ def test_send_refuses_what_it_cannot_take() -> None:
     a = pair.a.association
     with pytest.raises(MessageTooLarge):
         a.send(0, 53, b"x" * 1001, now=pair.now)
+    a.peer_max_message_size = 2000  # the peer's SDP allows more
+    a.send(0, 53, b"x" * 1001, now=pair.now)
     with pytest.raises(SendError):
         a.send(0, 53, b"", now=pair.now)
     with pytest.raises(InvalidStream):
@@ -257,8 +260,8 @@ def test_send_refuses_what_it_cannot_take() -> None:
 
 
 def test_oversized_incoming_message_is_refused_during_reassembly() -> None:
-    pair = Pair()
-    pair.b.association.max_message_size = pair.b.association.reassembly.max_message_size = 5000
+    pair = Pair(peer_max_message_size=262144)
+    pair.b.association = Association(max_message_size=5000)  # and says so in its SDP...
     pair.connect()
     pair.a.association.send(0, 53, b"y" * 20000, now=pair.now)
     pair.run(lambda: bool(pair.b.of_type(AssociationLost)))
