@@ -537,8 +537,8 @@ class Association:
             self._fail(CAUSE_NO_USER_DATA, b"", "peer sent a DATA chunk without data", now)
             return
         tsn, stream_id, ssn, ppid = _DATA_FIELDS.unpack_from(data, start)
-        distance = tracker.distance(tsn)
-        if distance <= 0 or not tracker.is_new(tsn):
+        distance = tracker.new_distance(tsn)
+        if not distance:
             tracker.duplicate(tsn)
             return
         if distance > _MAX_TSN_AHEAD:

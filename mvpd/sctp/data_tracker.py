@@ -28,15 +28,13 @@ class DataTracker:
         #: Data arrived that no SACK acknowledged yet (delayed-SACK timer runs).
         self.sack_pending = False
 
-    def is_new(self, tsn: int) -> bool:
-        """Whether ``tsn`` was not received before (no side effects)."""
+    def new_distance(self, tsn: int) -> int:
+        """How far ``tsn`` is beyond the cumulative TSN if it was not received before;
+        0 for a duplicate (at or before the cumulative TSN, or received above it)."""
         d = (tsn - self.cumulative_tsn) & TSN_MASK
-        return 0 < d < 0x80000000 and tsn not in self._above
-
-    def distance(self, tsn: int) -> int:
-        """How far ``tsn`` is beyond the cumulative TSN (<= 0: at or before it)."""
-        d = (tsn - self.cumulative_tsn) & TSN_MASK
-        return d if d < 0x80000000 else d - (1 << 32)
+        if d >= 0x80000000 or tsn in self._above:
+            return 0
+        return d
 
     def duplicate(self, tsn: int) -> None:
         """``tsn`` arrived again: report it and acknowledge at once (RFC 9260 6.2)."""
@@ -45,7 +43,7 @@ class DataTracker:
         self.sack_now = True
 
     def received(self, tsn: int) -> None:
-        """Record a new TSN (the caller checked :meth:`is_new`)."""
+        """Record a new TSN (the caller checked :meth:`new_distance`)."""
         cumulative = self.cumulative_tsn
         if tsn == (cumulative + 1) & TSN_MASK:
             cumulative = tsn
