@@ -47,10 +47,6 @@ class OutgoingMessage:
         self.tsn_count = 0
         self.abandoned = False
 
-    @property
-    def reliable(self) -> bool:
-        return self.max_retransmits < 0 and self.expires_at == INFINITE
-
 
 class OutgoingStream:
     """One outgoing stream's queue, sequence number and buffered-amount bookkeeping."""
