@@ -126,7 +126,9 @@ def _random_u32(nonzero: bool = False) -> int:
             return value
 
 
-def _extension_params() -> list[TLV]:
+def _extension_params(forward_tsn: bool) -> list[TLV]:
+    if not forward_tsn:
+        return [(PARAM_SUPPORTED_EXTENSIONS, bytes([RECONFIG]))]
     return [
         (PARAM_FORWARD_TSN_SUPPORTED, b""),
         (PARAM_SUPPORTED_EXTENSIONS, bytes([FORWARD_TSN, RECONFIG])),
@@ -183,6 +185,7 @@ class Association:
         unreliable_losses_reduce_cwnd: bool = True,
         loss_backoff: float = 0.5,
         avoidance_step: int = 1,
+        forward_tsn: bool = True,
     ) -> None:
         if mtu < 256:
             raise ValueError("mtu must be at least 256 bytes")
@@ -192,6 +195,8 @@ class Association:
             raise ValueError("loss_backoff must be in [0.5, 1) and avoidance_step in 1..8")
         self.loss_backoff = loss_backoff
         self.avoidance_step = avoidance_step
+        #: Offer partial reliability (RFC 3758 FORWARD TSN) to the peer.
+        self.forward_tsn = forward_tsn
         self.local_port = local_port
         self.remote_port = remote_port
         #: The largest message we accept (our SDP ``a=max-message-size``).
@@ -274,7 +279,8 @@ class Association:
             raise AssociationNotOpen(f"cannot connect in state {self.state.value}")
         init = InitChunk(
             self.local_tag, self.receive_window, self._our_outbound_streams,
-            self._our_inbound_streams, self.local_initial_tsn, _extension_params(),
+            self._our_inbound_streams, self.local_initial_tsn,
+            _extension_params(self.forward_tsn),
         )
         self._t1_chunk = init.encode()
         self._control.append((0, self._t1_chunk))
@@ -590,8 +596,8 @@ class Association:
 
     def _on_forward_tsn(self, chunk: ForwardTsnChunk, now: float) -> None:
         tracker = self.tracker
-        if tracker is None or not self._receives_data:
-            return
+        if tracker is None or not self._receives_data or not self.forward_tsn:
+            return  # (not offered: the peer must not skip anything)
         if tracker.forward_to(chunk.new_cumulative_tsn):
             self.reassembly.forward(chunk.new_cumulative_tsn, chunk.streams)
         tracker.sack_now = True  # RFC 3758 3.6: acknowledge a FORWARD TSN at once
@@ -608,7 +614,10 @@ class Association:
             init.a_rwnd, init.outbound_streams, init.inbound_streams,
             _peer_features(init.params), now,
         )
-        params = [*_extension_params(), (PARAM_STATE_COOKIE, cookie.seal(self._secret))]
+        params = [
+            *_extension_params(self.forward_tsn),
+            (PARAM_STATE_COOKIE, cookie.seal(self._secret)),
+        ]
         ack = InitAckChunk(
             self.local_tag, self.receive_window, self._our_outbound_streams,
             self._our_inbound_streams, self.local_initial_tsn, params,
@@ -665,7 +674,9 @@ class Association:
         self._pending_peer = None
         self.outbound_streams = min(self._our_outbound_streams, peer.peer_inbound_streams)
         self.inbound_streams = min(self._our_inbound_streams, peer.peer_outbound_streams)
-        self.peer_supports_forward_tsn = bool(peer.features & FEATURE_FORWARD_TSN)
+        self.peer_supports_forward_tsn = self.forward_tsn and bool(
+            peer.features & FEATURE_FORWARD_TSN
+        )
         self.peer_supports_reconfig = bool(peer.features & FEATURE_RECONFIG)
         self.tracker = DataTracker(peer.peer_initial_tsn)
         congestion = CongestionControl(
@@ -675,6 +686,7 @@ class Association:
         self.retransmissions = RetransmissionQueue(
             self.local_initial_tsn, congestion, self._rto, peer.peer_a_rwnd,
             unreliable_losses_reduce_cwnd=self.unreliable_losses_reduce_cwnd,
+            partial_reliability=self.peer_supports_forward_tsn,
         )
         self.resets.established(peer.peer_initial_tsn)
         if self.heartbeat_interval > 0:
@@ -1012,7 +1024,7 @@ class Association:
             if fragment is None:
                 break
             message, offset, length = fragment
-            if offset and message.expires_at <= now:
+            if offset and message.expires_at <= now and rtx.partial_reliability:
                 self._abandon(message)  # expired midway: drop the rest, forward the sent
                 continue
             flags = (0 if offset else 2) | (1 if offset + length == len(message.data) else 0)

@@ -51,6 +51,7 @@ class RetransmissionQueue:
         peer_rwnd: int,
         *,
         unreliable_losses_reduce_cwnd: bool = True,
+        partial_reliability: bool = True,
     ) -> None:
         self.base_tsn = initial_tsn
         self.next_tsn = initial_tsn
@@ -70,6 +71,8 @@ class RetransmissionQueue:
         self._rtt_sent_at = 0.0
         self._send_seq = 0
         self.unreliable_losses_reduce_cwnd = unreliable_losses_reduce_cwnd
+        #: The peer understands FORWARD TSN; without it nothing sent is ever abandoned.
+        self.partial_reliability = partial_reliability
         #: Counters for tests and statistics.
         self.fast_retransmits = 0
         self.timeouts = 0
@@ -264,8 +267,9 @@ class RetransmissionQueue:
             self.forward_tsn_due = True
         return cumulative_advanced, abandon
 
-    @staticmethod
-    def _exhausted(message: OutgoingMessage, chunk: SentChunk, now: float) -> bool:
+    def _exhausted(self, message: OutgoingMessage, chunk: SentChunk, now: float) -> bool:
+        if not self.partial_reliability:
+            return False
         if message.abandoned:
             return True
         limit = message.max_retransmits

@@ -357,3 +357,18 @@ def test_messages_that_fit_a_packet_are_not_split() -> None:
     rtx = a.retransmissions
     assert rtx is not None
     assert (rtx.next_tsn - a.local_initial_tsn) & 0xFFFFFFFF == 200  # one chunk each
+
+
+def test_without_forward_tsn_partially_reliable_messages_go_reliably() -> None:
+    pair = Pair(_lossy(0.2, 21), _lossy(0.2, 22), rto_min=0.05)
+    pair.b.association = Association(rto_min=0.05, forward_tsn=False)
+    a = pair.a.association
+    sent = [i.to_bytes(4, "big") * 500 for i in range(100)]
+    for data in sent[:50]:  # queued before we know what the peer supports
+        a.send(1, 53, data, max_retransmits=0, now=pair.now)
+    pair.connect()
+    assert not a.peer_supports_forward_tsn
+    for data in sent[50:]:
+        a.send(1, 53, data, max_retransmits=0, lifetime=10.0, now=pair.now)
+    pair.run(lambda: len(pair.b.messages()) == 100, timeout=300)
+    assert [m.data for m in pair.b.messages()] == sent
