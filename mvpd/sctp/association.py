@@ -30,6 +30,7 @@ from .chunks import (
     COOKIE_ECHO,
     DATA,
     DATA_HEADER_SIZE,
+    DATA_IMMEDIATE,
     ERROR,
     FLAG_T,
     FORWARD_TSN,
@@ -562,11 +563,13 @@ class Association:
             tracker.sack_now = True  # dropped for lack of room: tell the sender our window
             return
         tracker.received(tsn)
+        flags = data[start - 3]
+        if flags & DATA_IMMEDIATE:
+            tracker.sack_now = True  # the sender asks for an immediate SACK (RFC 7053)
         if stream_id >= self.inbound_streams:
             return  # acknowledged but not delivered: no such stream was negotiated
         try:
-            reassembly.add(tsn, stream_id, ssn, data[start - 4 + 1] & 7, ppid,
-                           data[start + 12 : end])
+            reassembly.add(tsn, stream_id, ssn, flags & 7, ppid, data[start + 12 : end])
         except ProtocolViolation as exc:
             self._fail(CAUSE_PROTOCOL_VIOLATION, str(exc).encode(), str(exc), now)
 

@@ -85,3 +85,19 @@ def test_window_full_of_fragments_still_takes_the_one_they_wait_for() -> None:
     assert b.reassembly.buffered > held_before
     # ...but what the window refused is not: it must come again (as the sender would).
     assert b.tracker.has_gaps or b.tracker.cumulative_tsn != (first + 61) & 0xFFFFFFFF
+
+
+def test_immediate_bit_asks_for_a_sack_at_once() -> None:
+    pair = Pair()
+    pair.connect()
+    b = pair.b.association
+    assert b.tracker is not None
+    tsn = (b.tracker.cumulative_tsn + 1) & 0xFFFFFFFF
+    plain = DataChunk(tsn, 1, 0, 53, b"one", flags=3).encode()
+    b.receive_packet(_forge(b.local_tag, [plain]), pair.now)
+    assert b.packets_to_send() == []  # one packet: the SACK waits (delayed SACK)
+    b.handle_timeout(pair.now + 0.25)
+    assert len(b.packets_to_send()) == 1  # the delayed SACK
+    urgent = DataChunk((tsn + 1) & 0xFFFFFFFF, 1, 1, 53, b"two", flags=3 | 8).encode()
+    b.receive_packet(_forge(b.local_tag, [urgent]), pair.now)
+    assert len(b.packets_to_send()) == 1
