@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import typer
 
 from mvpd.proto.errors import DaemonNotRunning, Forbidden, MvpError, RpcTimeout
+from mvpd.proto.modes import is_mode, mode_list
 
 from .client import DEFAULT_SOCKET, Client, Subscription
 from .plain_params import PlainParamsGroup
@@ -214,6 +215,14 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
     for p in peers:
         if p.get("error"):
             lines.append(f"{p.get('peer')}: {p['error']}")
+        if p.get("dropped"):
+            lines.append(f"{p.get('peer')}: dropped: {_counts(p['dropped'])}")
+        inbox = p.get("inbox")
+        if inbox and inbox.get("queued"):
+            lines.append(
+                f"{p.get('peer')}: inbox {inbox['queued']} messages unread "
+                f"({_size(inbox.get('queued_bytes'))})"
+            )
         if p.get("tun"):
             lines.append(format_tun(str(p.get("peer", "?")), p["tun"]))
     return "\n".join(lines)
@@ -226,7 +235,7 @@ def format_tun(peer: str, tun: dict[str, Any]) -> str:
     drops = {**(tun.get("drops") or {})}
     for reason, count in (tun.get("device_drops") or {}).items():
         drops[f"device {reason}"] = count
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"
+    dropped = _counts(drops)
     return (
         f"{peer}: tun {tun.get('device') or '-'} ({addresses}, mtu {tun.get('mtu') or '-'}), "
         f"allowed IPs {allowed}\n"
@@ -235,14 +244,24 @@ def format_tun(peer: str, tun: dict[str, Any]) -> str:
     )
 
 
+def _counts(counts: dict[str, Any]) -> str:
+    """``{"inbox-full": 3, "invalid-json": 1}`` as ``inbox-full 3, invalid-json 1``."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The ``status`` result as text for humans."""
     signaling = status.get("signaling") or {}
+    inboxes = status.get("inboxes") or {}
     lines = [
         f"agent      {status.get('agent_id', '?')}",
         f"version    {status.get('version', '?')}",
         f"uptime     {_duration(float(status.get('uptime') or 0))}",
         f"signaling  {signaling.get('state', '?')} ({signaling.get('url', '?')})",
+        f"inboxes    {inboxes.get('inboxes', 0)} peers, {inboxes.get('queued', 0)} messages "
+        f"unread ({_size(inboxes.get('queued_bytes'))}), "
+        f"{inboxes.get('waiting_followers', 0)} followers waiting for absent peers",
+        f"dropped    {_counts(status.get('dropped') or {})} (peers not listed below)",
     ]
     refused = status.get("refused_offers") or {}
     if refused:
@@ -298,7 +317,7 @@ def connect(
     ctx: typer.Context,
     peer: str = typer.Argument(..., help="The peer's agent id."),
     mode: str | None = typer.Option(
-        None, "--mode", "-m", help="chat, json, bytes or tun (default: the peer's configured mode)."
+        None, "--mode", "-m", help=f"{mode_list()} (default: the peer's configured mode)."
     ),
     wait: bool = typer.Option(
         True, "--wait/--no-wait", help="Wait until the data channel is open."
@@ -312,8 +331,8 @@ def connect(
     ),
 ) -> None:
     """Connect to PEER (or reuse the open connection)."""
-    if mode is not None and mode not in ("chat", "json", "bytes", "tun"):
-        raise typer.BadParameter("must be chat, json, bytes or tun", param_hint="--mode")
+    if mode is not None and not is_mode(mode):
+        raise typer.BadParameter(f"must be {mode_list()}", param_hint="--mode")
     params: dict[str, Any] = {"peer": peer, "wait": wait}
     if mode is not None:
         params["mode"] = mode

@@ -46,6 +46,7 @@ from pydantic_settings import (
 )
 
 from .proto.errors import ConfigError
+from .proto.modes import Mode
 from .proto.signaling import AGENT_ID_PATTERN
 
 DEFAULT_CONFIG_FILE = Path("/etc/mvp-agent.yaml")
@@ -55,7 +56,6 @@ DEFAULT_SOCKET = Path("/run/mvpd/mvpd.sock")
 DEFAULT_SIGNALING_PORT = 8765
 EX_CONFIG = 78
 
-Mode = Literal["chat", "json", "bytes", "tun"]
 AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface

@@ -2,10 +2,15 @@
 
 The core reads every signaling message (one task iterating the client), routes it to the
 session for its sender, answers offers only from allowed peers (others get a ``bye`` with a
-reason), and publishes what happens (peer state changes, received messages, transport
-errors) to subscribers: one bounded queue each, with a drop counter, so a slow subscriber
-never slows the data plane. Established sessions do not need signaling: losing the
-signaling server leaves them running.
+reason), and publishes what happens (peer state changes, transport errors) to subscribers:
+one bounded queue each, with a drop counter, so a slow subscriber never slows the data
+plane. Established sessions do not need signaling: losing the signaling server leaves them
+running.
+
+Received chat/json/bytes messages do not pass through events: each transport puts them
+straight into its peer's inbox (:mod:`mvpd.inbox`), which :meth:`AgentCore.recv`,
+:meth:`AgentCore.messages` and ``mvpctl recv`` read. Sending goes through
+:meth:`AgentCore.send`, which fits a message to the connection's mode.
 
 Seed API::
 
@@ -13,6 +18,8 @@ Seed API::
     await core.start()
     await core.connect_to("peer-123")
     channel = core.get_channel("peer-123")
+    await core.send("peer-123", "text", "hello")
+    message = await core.recv("peer-123")       # InboxMessage(kind, value, size)
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ from typing import Any, Protocol
 
 from .admission import MODE_NOT_GRANTED, NOT_ALLOWED, PENDING, OfferAdmission
 from .config import AgentSettings
+from .inbox import Inbox, Inboxes, InboxMessage
 from .logs import RateLimitedLog, fields
 from .peer import PeerSession, PeerState, StateChange
 from .proto.errors import ConnectionClosed, MvpError, PeerError, SignalingRejected
+from .proto.modes import MESSAGE_MODES, MessageKind, encode_message
 from .proto.signaling import (
     AGENT_ID_PATTERN,
     Answer,
@@ -74,7 +83,6 @@ class CoreEvent:
     """One thing that happened. ``kind`` is one of:
 
     * ``peer-state``: ``data`` = ``{"state", "reason", "mode", "role"}``;
-    * ``message``: ``{"label", "mode", "message"}`` (str, bytes or a JSON value);
     * ``transport-error``: ``{"label", "reason", "detail"}``;
     * ``channel``: a channel was attached, ``{"label", "mode"}`` (e.g. a pipe opened);
     * ``offer-refused``: ``{"reason"}`` (and ``"mode"`` when a channel's mode was refused);
@@ -155,6 +163,8 @@ class AgentCore:
         self._refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
         self._transport_hooks: list[TransportHook] = []
         self._connect_checks: list[ConnectCheck] = []
+        #: Every peer's received messages (the only receive buffer).
+        self.inboxes = Inboxes()
 
     def add_transport_hook(self, hook: TransportHook) -> None:
         """Call ``hook(session, transport)`` for every new transport, before anything else
@@ -194,6 +204,7 @@ class AgentCore:
         for sub in list(self._subscribers):
             sub.close()
         self._refusals.flush()
+        self.inboxes.close()
 
     # --- sessions --------------------------------------------------------------------------
 
@@ -228,7 +239,52 @@ class AgentCore:
                 {"kinds": sorted(s.kinds) if s.kinds else None, "dropped": s.dropped}
                 for s in self._subscribers
             ],
+            "inboxes": self.inboxes.stats(),
+            "dropped": self.dropped(),
         }
+
+    def dropped(self) -> dict[str, int]:
+        """Drops that belong to no connected peer, by reason: unread messages of peers that
+        left (``inbox-expired``, and their earlier ``inbox-full``), and events no subscriber
+        read in time (``event-queue-full``)."""
+        drops = collections.Counter(self.inboxes.dropped)
+        drops["event-queue-full"] += sum(s.dropped for s in self._subscribers)
+        return {reason: count for reason, count in drops.items() if count}
+
+    # --- messages --------------------------------------------------------------------------
+
+    async def send(self, peer: str, kind: MessageKind, value: Any) -> int:
+        """Send one message of ``kind`` (``text``: a str, ``json``: any JSON value,
+        ``bytes``) to ``peer``, fitted to the connection's mode (see
+        :func:`mvpd.proto.modes.encode_message`), waiting for buffer room. Returns the
+        bytes that went on the channel. :class:`PeerError` if not connected or the mode
+        cannot carry it; :class:`MessageTooLarge` over the size limit."""
+        session = self._sessions.get(peer)
+        transport = session.transport if session is not None else None
+        if session is None or session.state.is_final:
+            raise PeerError(f"not connected to {peer}; run `mvpctl connect {peer}` first")
+        if transport is None or not transport.is_open:
+            raise PeerError(f"the connection to {peer} is {session.state.value}, not open yet")
+        try:
+            payload = encode_message(transport.mode, kind, value)
+        except PeerError as exc:
+            raise PeerError(f"{peer}: {exc.message}") from None
+        if isinstance(payload, str):
+            await transport.send_text_async(payload)
+            return len(payload.encode("utf-8"))
+        await transport.send_bytes_async(payload)
+        return len(payload)
+
+    async def recv(self, peer: str) -> InboxMessage:
+        """The next message from ``peer`` (waiting for one, and for the peer to connect);
+        :class:`ConnectionClosed` once the core stops."""
+        async for message in self.inboxes.read(peer, limit=1):
+            return message
+        raise ConnectionClosed("the agent stopped")
+
+    def messages(self, peer: str) -> AsyncIterator[InboxMessage]:
+        """``peer``'s messages as they come, until the core stops."""
+        return self.inboxes.read(peer)
 
     async def connect_to(self, peer: str, mode: str | None = None) -> Transport[Any]:
         """Connect to ``peer`` and return the open main transport.
@@ -336,6 +392,7 @@ class AgentCore:
                       reason=f"{session.refused_mode} mode not granted", mode=session.refused_mode)
         if change.state.is_final and self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
+            self.inboxes.peer_left(session.peer_id)
 
     def _on_session_transport(self, session: PeerSession, transport: Transport[Any]) -> None:
         for hook in self._transport_hooks:
@@ -346,13 +403,15 @@ class AgentCore:
         peer = session.peer_id
         label = transport.label
         self.emit("channel", peer, label=label, mode=transport.mode)
-        if not isinstance(transport, PipeTransport):
-            mode = transport.mode
+        if transport.mode in MESSAGE_MODES:
+            inboxes = self.inboxes
 
-            def on_message(message: Any) -> None:
-                self.emit("message", peer, label=label, mode=mode, message=message)
+            def peer_inbox() -> Inbox | None:
+                # A closed transport's late reader must not bring a freed inbox back.
+                return inboxes.get(peer) if transport.is_closed else inboxes.open(peer)
 
-            transport.add_message_listener(on_message)
+            transport.use_inbox(peer_inbox)
+            inboxes.open(peer)  # followers of a connected peer wait on its inbox
 
         def on_error(event: TransportErrorEvent) -> None:
             self.emit("transport-error", peer, label=label, reason=event.reason,

@@ -2,16 +2,14 @@
 
 The control server has already authorised the caller and validated the parameters; these
 methods turn a call into work on the :class:`~mvpd.core.AgentCore` and shape the answer.
-Messages from peers wait in a bounded inbox per peer until ``mvpctl recv`` (or ``chat``)
-takes them; the oldest are dropped, and counted, when nobody reads.
+``recv`` reads the core's inbox of the peer (:mod:`mvpd.inbox`), the one place received
+messages wait; ``send`` hands the message to :meth:`AgentCore.send`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +18,12 @@ from typing import Any
 from . import __version__
 from .config import AgentSettings
 from .control import Caller, PipeStream
-from .core import AgentCore, CoreEvent
+from .core import AgentCore
 from .peer import PeerSession, PeerState
 from .proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
 from .proto.rpc import (
     ConnectParams,
+    InboxStatus,
     Message,
     NoParams,
     PeerParams,
@@ -37,34 +36,13 @@ from .proto.rpc import (
     StatusResult,
 )
 from .transports import PipeTransport, Transport, TunTransport
-from .transports.base import encode_json
 
 log = logging.getLogger("mvpd.rpc")
 
 #: How long a new connect waits for a signaling reconnect in progress before failing.
 SIGNALING_GRACE = 3.0
-#: Messages kept per peer for ``recv`` before the oldest are dropped.
-INBOX_SIZE = 1000
 #: Most bytes handed to the client in one pipe ``data`` event.
 PIPE_READ_CHUNK = 64 * 1024
-
-
-class PeerInbox:
-    """Messages received from one peer, waiting for a reader."""
-
-    def __init__(self, size: int = INBOX_SIZE) -> None:
-        self.messages: collections.deque[Message] = collections.deque(maxlen=size)
-        self.dropped = 0
-        self.changed = asyncio.Event()
-
-    def put(self, message: Message) -> None:
-        if len(self.messages) == self.messages.maxlen:
-            self.dropped += 1
-        self.messages.append(message)
-        self.changed.set()
-
-    def close(self) -> None:
-        self.changed.set()
 
 
 class CorePipe:
@@ -138,43 +116,10 @@ class RpcMethods:
         self.started = time.time()
         self._signaling_state = signaling_state
         self._reload = reload
-        self.inboxes: dict[str, PeerInbox] = {}
-        self._events = core.subscribe(kinds={"message", "peer-state"}, maxsize=4096)
-        self._pump = asyncio.ensure_future(self._collect())
-        self._closed = False
 
     async def close(self) -> None:
-        self._closed = True
-        self._events.close()
-        self._pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pump
-        for inbox in self.inboxes.values():
-            inbox.close()
-
-    async def _collect(self) -> None:
-        async for event in self._events:
-            self._on_event(event)
-
-    def _on_event(self, event: CoreEvent) -> None:
-        if event.kind == "message":
-            value = event.data["message"]
-            kind = {"chat": "text", "json": "json"}.get(event.data["mode"], "bytes")
-            if kind == "bytes" and isinstance(value, str):
-                value = value.encode()
-            self.inbox(event.peer).put(Message(peer=event.peer, kind=kind, data=value))
-        elif event.kind == "peer-state" and event.data["state"] in ("closed", "failed"):
-            inbox = self.inboxes.get(event.peer)
-            if inbox is not None:
-                inbox.changed.set()
-                if not inbox.messages:  # keep unread messages; forget empty inboxes
-                    del self.inboxes[event.peer]
-
-    def inbox(self, peer: str) -> PeerInbox:
-        inbox = self.inboxes.get(peer)
-        if inbox is None:
-            inbox = self.inboxes[peer] = PeerInbox()
-        return inbox
+        """End every ``recv --follow`` (the daemon stops)."""
+        self.core.inboxes.close()
 
     # --- read methods ----------------------------------------------------------------------
 
@@ -188,6 +133,8 @@ class RpcMethods:
             ),
             peers=self._peer_list(),
             refused_offers=dict(self.core.admission.refused),
+            dropped=self.core.dropped(),
+            inboxes=InboxStatus(**self.core.inboxes.stats()),
         )
 
     async def rpc_peers(self, params: NoParams, caller: Caller) -> list[PeerStatus]:
@@ -205,13 +152,11 @@ class RpcMethods:
             for key in ("bytes_in", "bytes_out", "messages_in", "messages_out"):
                 totals[key] += counters[key]
             dropped.update(counters["errors"])
-            if counters["dropped_in"]:
-                dropped["receive-queue-full"] += counters["dropped_in"]
         if snap["signaling_dropped"]:
             dropped["signaling-backlog"] += snap["signaling_dropped"]
-        inbox = self.inboxes.get(session.peer_id)
-        if inbox is not None and inbox.dropped:
-            dropped["inbox-full"] += inbox.dropped
+        inbox = self.core.inboxes.get(session.peer_id)
+        if inbox is not None:
+            dropped.update(inbox.dropped)
         tun = _tun_status(session.transport)
         if tun is not None:
             dropped.update(tun["drops"])
@@ -227,6 +172,9 @@ class RpcMethods:
             dropped=dict(dropped),
             error=snap["failure"],
             tun=tun,
+            inbox=(
+                {"queued": len(inbox), "queued_bytes": inbox.bytes} if inbox is not None else None
+            ),
             **totals,
         )
 
@@ -277,66 +225,24 @@ class RpcMethods:
             raise NotFound(f"not connected to {params.peer}")
 
     async def rpc_send(self, params: SendParams, caller: Caller) -> SendResult:
-        transport = self._transport(params.peer)
-        kind = params.kind
-        if kind == "text":
-            assert params.text is not None
-            payload: str | bytes = params.text
-            if transport.mode == "bytes":
-                payload = params.text.encode()
-        elif kind == "json":
-            payload = encode_json(params.json_value)
-            if transport.mode == "bytes":
-                payload = payload.encode()
-        else:
-            assert params.data is not None
-            payload = params.data
-            if transport.mode in ("chat", "json"):
-                try:
-                    payload = params.data.decode()
-                except UnicodeDecodeError:
-                    raise PeerError(
-                        f"{params.peer} is connected in {transport.mode} mode, which carries "
-                        "text; this data is not UTF-8: connect with --mode bytes"
-                    ) from None
-        if transport.mode == "json" and kind != "json":
-            try:
-                json.loads(payload)
-            except ValueError:
-                raise PeerError(
-                    f"{params.peer} is connected in json mode and this is not JSON; "
-                    "use --json or connect with --mode chat"
-                ) from None
-        if isinstance(payload, str):
-            await transport.send_text_async(payload)
-            size = len(payload.encode())
-        else:
-            await transport.send_bytes_async(payload)
-            size = len(payload)
+        self._session(params.peer)  # not connected: NotFound, as for the other methods
+        value = {"text": params.text, "json": params.json_value, "bytes": params.data}
+        size = await self.core.send(params.peer, params.kind, value[params.kind])
         return SendResult(bytes=size)
 
     async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[Message]:
-        queued = params.peer in self.inboxes and self.inboxes[params.peer].messages
-        if not params.follow and not queued and self.core.get_session(params.peer) is None:
+        inbox = self.core.inboxes.get(params.peer)
+        if not params.follow and not inbox and self.core.get_session(params.peer) is None:
             raise NotFound(f"not connected to {params.peer} and no messages from it")
-        return self._follow(params)
+        return self._read(params)
 
-    async def _follow(self, params: RecvParams) -> AsyncIterator[Message]:
+    async def _read(self, params: RecvParams) -> AsyncIterator[Message]:
         """Queued messages, then (following) new ones until the daemon stops. A follower
         may wait for a peer that is not connected yet: ``chat`` starts that way."""
-        left = params.limit
-        while (left is None or left > 0) and not self._closed:
-            # Looked up each time: the inbox of a peer that left is replaced when it returns.
-            inbox = self.inbox(params.peer)
-            if inbox.messages:
-                yield inbox.messages.popleft()
-                if left is not None:
-                    left -= 1
-                continue
-            if not params.follow:
-                return
-            inbox.changed.clear()
-            await inbox.changed.wait()
+        async for message in self.core.inboxes.read(
+            params.peer, follow=params.follow, limit=params.limit
+        ):
+            yield Message(peer=params.peer, kind=message.kind, data=message.value)
 
     async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
         session = self._session(params.peer)
@@ -356,13 +262,6 @@ class RpcMethods:
         if session is None or session.state.is_final:
             raise NotFound(f"not connected to {peer}; run `mvpctl connect {peer}` first")
         return session
-
-    def _transport(self, peer: str) -> Transport[Any]:
-        session = self._session(peer)
-        transport = session.transport
-        if transport is None or not transport.is_open:
-            raise PeerError(f"the connection to {peer} is {session.state.value}, not open yet")
-        return transport
 
 
 def _tun_status(transport: Transport[Any] | None) -> dict[str, Any] | None:

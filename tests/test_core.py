@@ -13,6 +13,7 @@ from peerlink import make_settings, run, wait_for
 
 from mvpd.config import SignalingServerSettings
 from mvpd.core import AgentCore, CoreEvent, Subscription
+from mvpd.inbox import InboxMessage
 from mvpd.proto.errors import PeerError
 from mvpd.signaling.client import SignalingClient
 from mvpd.signaling.server import SignalingServer
@@ -87,18 +88,27 @@ def test_connect_chat_both_ways_events_and_status() -> None:
             assert isinstance(tb, ChatTransport)
 
             await ta.send_text_async("hi bob")
-            event = await next_event(group.events["bob"], "message")
-            assert (event.peer, event.data["message"], event.data["mode"]) == (
-                "alice", "hi bob", "chat"
-            )
+            assert await bob.recv("alice") == InboxMessage("text", "hi bob", 6)
+            # The transport reads the same (one) inbox the core reads.
             tb.send_text("hi alice")
             assert await ta.recv() == "hi alice"
+            assert alice.inboxes.get("bob") is ta.inbox and len(ta.inbox) == 0
+            # core.send fits a message to the mode; what the mode cannot carry is refused.
+            assert await alice.send("bob", "json", {"a": 1}) == 7
+            assert await bob.recv("alice") == InboxMessage("text", '{"a":1}', 7)
+            with pytest.raises(PeerError, match="not UTF-8"):
+                await alice.send("bob", "bytes", b"\xff")
+            with pytest.raises(PeerError, match="not connected to carol"):
+                await alice.send("carol", "text", "hi")
+            # Messages are no events: the subscriber saw none.
+            while (event := group.events["bob"].get_nowait()) is not None:
+                assert event.kind != "message"
 
             status = alice.status()
             peer = status["peers"]["bob"]
             assert peer["state"] == "connected" and peer["role"] == "offerer"
             assert peer["ice"]["path"] == "direct"
-            assert peer["transports"]["mvp"]["messages_out"] == 1
+            assert peer["transports"]["mvp"]["messages_out"] == 2
             assert status["signaling"] == "connected"
             # connect_to an already connected peer returns the same transport.
             assert await alice.connect_to("bob") is ta
@@ -279,9 +289,10 @@ def test_slow_subscriber_drops_oldest_and_counts() -> None:
         slow = core.subscribe(maxsize=2)
         only_state = core.subscribe(kinds={"peer-state"})
         for i in range(5):
-            core.emit("message", "bob", message=i)
+            core.emit("channel", "bob", label=i)
         assert slow.dropped == 3
-        assert [(await slow.get()).data["message"] for _ in range(2)] == [3, 4]
+        assert core.dropped() == {"event-queue-full": 3}
+        assert [(await slow.get()).data["label"] for _ in range(2)] == [3, 4]
         assert only_state.get_nowait() is None
         slow.close()
         assert len(core.status()["subscribers"]) == 1

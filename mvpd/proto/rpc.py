@@ -24,6 +24,7 @@ from .errors import (
     VersionMismatch,
 )
 from .ids import AGENT_ID_PATTERN
+from .modes import MessageKind, Mode
 from .rpcwire import (
     ERROR_CLASSES,
     HEADER,
@@ -53,7 +54,6 @@ from .rpcwire import (
     short_repr,
 )
 
-Mode = Literal["chat", "json", "bytes", "tun"]
 PeerId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
 
 
@@ -137,9 +137,15 @@ class PeerStatus(BaseModel):
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
-    #: Drops by reason (e.g. ``queue-full``, ``bad-source``); never silently lost.
+    #: Received messages and packets dropped, by reason, where they were dropped:
+    #: ``message-too-large``, ``invalid-utf8``, ``invalid-json``, ``inbox-full``,
+    #: ``memory-limit``, ``inbox-limit``, ``signaling-backlog``, TUN reasons ...
+    #: (and failed sends: ``too-large``, ``send-failed``); never silently lost.
     dropped: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
+    #: chat/json/bytes: the peer's inbox, ``queued`` messages and ``queued_bytes`` (None
+    #: when it has none).
+    inbox: dict[str, int] | None = None
     #: TUN mode only: ``device``, ``addresses``, ``mtu``, ``allowed_ips``,
     #: ``packets_in/out``, ``bytes_in/out`` (IP packets), ``drops`` (this peer's, by reason)
     #: and ``device_drops`` (the shared device's, e.g. ``no-route``).
@@ -155,6 +161,18 @@ class SignalingStatus(BaseModel):
     state: str
 
 
+class InboxStatus(BaseModel):
+    """All inboxes together, as ``status`` reports them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    inboxes: int = 0
+    queued: int = 0
+    queued_bytes: int = 0
+    #: ``recv --follow`` callers waiting for a peer that is not connected.
+    waiting_followers: int = 0
+
+
 class StatusResult(BaseModel):
     """The ``status`` result."""
 
@@ -166,6 +184,10 @@ class StatusResult(BaseModel):
     uptime: float
     signaling: SignalingStatus
     peers: list[PeerStatus] = Field(default_factory=list)
+    #: Drops of no listed peer, by reason: unread messages of peers that left
+    #: (``inbox-expired``, ...), unread core events (``event-queue-full``).
+    dropped: dict[str, int] = Field(default_factory=dict)
+    inboxes: InboxStatus = Field(default_factory=InboxStatus)
 
 
 class SendResult(BaseModel):
@@ -187,7 +209,7 @@ class Message(BaseModel):
     ``data`` is a str for ``text``, any msgpack-able value for ``json``, bytes for ``bytes``."""
 
     peer: str
-    kind: Literal["text", "json", "bytes"]
+    kind: MessageKind
     data: Any
 
 
@@ -245,7 +267,7 @@ class SendParams(_Wire):
         return self
 
     @property
-    def kind(self) -> Literal["text", "json", "bytes"]:
+    def kind(self) -> MessageKind:
         """Which payload was given."""
         if self.text is not None:
             return "text"
@@ -361,6 +383,7 @@ __all__ = [
     "FrameDecoder",
     "FrameError",
     "FrameTooLarge",
+    "InboxStatus",
     "InvalidParams",
     "Message",
     "MethodSpec",

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..proto.errors import TransportError
+from ..proto.modes import MAX_MESSAGE_SIZE, mode_list
 from .base import (
-    MAX_MESSAGE_SIZE,
     ChannelOptions,
     DataChannelLike,
     DecodeError,
@@ -60,8 +60,7 @@ def transport_class(mode: str) -> Callable[..., Transport[Any]]:
     """The factory for ``mode``; :class:`TransportError` naming the known modes if none."""
     factory = TRANSPORTS.get(mode)
     if factory is None:
-        known = ", ".join(sorted(TRANSPORTS))
-        raise TransportError(f"unknown transport mode {mode!r}; known modes: {known}")
+        raise TransportError(f"unknown transport mode {mode!r}; known modes: {mode_list()}")
     return factory
 
 

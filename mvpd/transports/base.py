@@ -1,5 +1,5 @@
 """The data-channel transport base: sending with size limits and backpressure, receiving into
-callbacks and a bounded queue, counters.
+callbacks and the peer's inbox, counters.
 
 A transport wraps one data channel. It never imports aiortc: the channel is anything that
 looks like an ``RTCDataChannel`` (see :class:`DataChannelLike`), so a transport can be unit
@@ -10,29 +10,35 @@ wait until the channel's ``bufferedAmount`` is below :attr:`Transport.high_water
 before handing over one more message, so the buffer never exceeds the watermark by more than
 one message. Waiting uses the channel's ``bufferedamountlow`` event with
 ``bufferedAmountLowThreshold`` set to :attr:`Transport.low_watermark` (no polling).
+
+Receiving: a message over :data:`MAX_MESSAGE_SIZE` (what we advertise as
+``a=max-message-size``) is refused before it is decoded, counted as ``message-too-large``;
+the channel stays open (RFC 8841 only obliges the sender; one bad message does not cost the
+peer's queued data). A decoded chat/json/bytes message goes to the message listeners and into
+one :class:`~mvpd.inbox.Inbox`: the transport's own, or, in the daemon, the peer's inbox the
+core gives it (:meth:`Transport.use_inbox`), which ``mvpctl recv`` reads. No other queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+from ..inbox import Inbox, InboxMessage
 from ..proto.errors import ConnectionClosed, MessageTooLarge, TransportError
+from ..proto.modes import MAX_MESSAGE_SIZE, MessageKind, encode_json, wire_size
 
 log = logging.getLogger(__name__)
 
-#: The largest message aiortc and Chromium accept (both advertise 262144 in their SDP).
-MAX_MESSAGE_SIZE = 262144
 #: Default send-buffer watermarks: wait above the high one, wake at the low one.
 DEFAULT_HIGH_WATERMARK = 1024 * 1024
 DEFAULT_LOW_WATERMARK = 256 * 1024
-#: Default number of received messages kept for :meth:`Transport.recv`.
+#: Default number of received messages a transport's own inbox keeps for
+#: :meth:`Transport.recv` (when no core gives it its peer's inbox).
 DEFAULT_QUEUE_SIZE = 1024
 
 T = TypeVar("T")
@@ -81,14 +87,14 @@ class TransportErrorEvent:
 
 @dataclass
 class TransportCounters:
-    """Traffic and error counters of one transport."""
+    """Traffic and error counters of one transport. ``errors`` counts, by reason, received
+    messages this transport refused (``message-too-large``, ``invalid-utf8``, ``inbox-limit``
+    ...) and failed sends; drops in the inbox are the inbox's own counters."""
 
     bytes_in: int = 0
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
-    #: Received messages pushed out of the full receive queue (oldest first).
-    dropped_in: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     def count_error(self, reason: str) -> None:
@@ -100,7 +106,6 @@ class TransportCounters:
         self.bytes_out += other.bytes_out
         self.messages_in += other.messages_in
         self.messages_out += other.messages_out
-        self.dropped_in += other.dropped_in
         for reason, count in other.errors.items():
             self.errors[reason] = self.errors.get(reason, 0) + count
 
@@ -110,7 +115,6 @@ class TransportCounters:
             "bytes_out": self.bytes_out,
             "messages_in": self.messages_in,
             "messages_out": self.messages_out,
-            "dropped_in": self.dropped_in,
             "errors": dict(self.errors),
         }
 
@@ -124,22 +128,19 @@ class DecodeError(Exception):
         self.detail = detail
 
 
-def wire_size(data: str | bytes) -> int:
-    """Bytes a message occupies on the channel (aiortc sends an empty one as one byte)."""
-    size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
-    return max(size, 1)
-
-
 class Transport(Generic[T]):
     """One data channel, with typed messages in and size-checked, flow-controlled sends out.
 
     Subclasses set :attr:`mode` and override :meth:`decode` (peer data -> message). Incoming
-    messages go to every listener added with :meth:`add_message_listener` and into a bounded
-    queue read by :meth:`recv` (when full, the oldest is dropped and counted). Unusable peer
+    messages go to every listener added with :meth:`add_message_listener` and into one
+    bounded inbox read by :meth:`recv` (see the module docstring). Unusable or oversized peer
     data is counted in ``counters.errors`` and reported to error listeners; it is never fatal.
+    ``queue_size=0`` means no inbox (pipe and tun transports, which deliver elsewhere).
     """
 
     mode: ClassVar[str] = "base"
+    #: The kind of the messages this transport puts in its inbox.
+    kind: ClassVar[MessageKind] = "bytes"
     channel_options: ClassVar[ChannelOptions] = ChannelOptions()
 
     def __init__(
@@ -157,13 +158,13 @@ class Transport(Generic[T]):
         self.max_message_size = max_message_size
         self.counters = TransportCounters()
         self._channel: DataChannelLike | None = None
-        self._queue: collections.deque[T] = collections.deque(maxlen=max(queue_size, 1))
-        self._queue_enabled = queue_size > 0
+        self._queue_size = queue_size
+        self._inbox: Inbox | None = None
+        self._inbox_source: Callable[[], Inbox | None] | None = None
         self._message_listeners: list[Callable[[T], None]] = []
         self._error_listeners: list[Callable[[TransportErrorEvent], None]] = []
         self._close_listeners: list[Callable[[], None]] = []
-        # Woken on every received message, on bufferedamountlow, on open and on close.
-        self._readable = asyncio.Event()
+        # Woken on bufferedamountlow, on open and on close.
         self._writable = asyncio.Event()
         self._opened = asyncio.Event()
         self._closed = asyncio.Event()
@@ -253,15 +254,32 @@ class Transport(Generic[T]):
         """Turn what the peer sent into a message; raise :class:`DecodeError` if unusable."""
         raise NotImplementedError
 
+    def use_inbox(self, source: Callable[[], Inbox | None]) -> None:
+        """Deliver into the inbox ``source()`` returns (the core's inbox of this peer) instead
+        of one of our own; when it returns None the message is dropped as ``inbox-limit``."""
+        self._inbox_source = source
+
+    @property
+    def inbox(self) -> Inbox | None:
+        """The inbox received messages go to (None for pipe and tun transports, and while
+        the core has none for this peer)."""
+        if self._inbox_source is not None:
+            return self._inbox_source()
+        if self._inbox is None and self._queue_size > 0:
+            self._inbox = Inbox(max_messages=self._queue_size)
+        return self._inbox
+
     async def recv(self) -> T:
         """The next received message; :class:`ConnectionClosed` once closed and drained."""
         while True:
-            if self._queue:
-                return self._queue.popleft()
-            if self._closed.is_set():
+            inbox = self.inbox
+            message = inbox.pop() if inbox is not None else None
+            if message is not None:
+                value: T = message.value
+                return value
+            if self._closed.is_set() or inbox is None:
                 raise ConnectionClosed("the data channel is closed")
-            self._readable.clear()
-            await self._readable.wait()
+            await inbox.wait()
 
     async def messages(self) -> AsyncIterator[T]:
         """Iterate received messages until the channel closes."""
@@ -275,8 +293,20 @@ class Transport(Generic[T]):
         # Called from inside aiortc's SCTP receive path: an exception here would tear down
         # the whole association, so nothing may escape.
         try:
+            size = wire_size(data)
             self.counters.messages_in += 1
-            self.counters.bytes_in += wire_size(data)
+            self.counters.bytes_in += size
+            if size > MAX_MESSAGE_SIZE:
+                # aiortc has reassembled the whole message by now (it does not bound
+                # reassembly by our advertised limit): all we can do here is not keep it.
+                # The SCTP layer that replaces aiortc's must refuse it while reassembling,
+                # once the partial message passes MAX_MESSAGE_SIZE.
+                self.report_error(
+                    "message-too-large",
+                    f"refused a {size}-byte message: over the advertised max-message-size "
+                    f"of {MAX_MESSAGE_SIZE} bytes",
+                )
+                return
             self.receive(data)
         except Exception as exc:
             self.counters.count_error("internal")
@@ -289,15 +319,17 @@ class Transport(Generic[T]):
         except DecodeError as exc:
             self.report_error(exc.reason, exc.detail)
             return
-        self.deliver(message)
+        self.deliver(message, wire_size(data))
 
-    def deliver(self, message: T) -> None:
-        """Hand a decoded message to the listeners and the receive queue."""
-        if self._queue_enabled:
-            if len(self._queue) == self._queue.maxlen:
-                self.counters.dropped_in += 1
-            self._queue.append(message)
-            self._readable.set()
+    def deliver(self, message: T, size: int = 0) -> None:
+        """Hand a decoded message (of ``size`` bytes on the channel) to the listeners and
+        the inbox."""
+        if self._queue_size > 0:
+            inbox = self.inbox
+            if inbox is None:
+                self.counters.count_error("inbox-limit")
+            else:
+                inbox.put(InboxMessage(self.kind, message, max(size, 1)))
         for listener in list(self._message_listeners):
             try:
                 listener(message)
@@ -404,21 +436,14 @@ class Transport(Generic[T]):
         if self._closed.is_set():
             return
         self._closed.set()
-        self._readable.set()
+        if self._inbox is not None:  # (the core wakes the readers of its inboxes itself)
+            self._inbox.wake()
         self._writable.set()
         for listener in list(self._close_listeners):
             try:
                 listener()
             except Exception:
                 log.exception("close listener of transport %r failed", self.label)
-
-
-def encode_json(obj: Any) -> str:
-    """Compact JSON text for one value; :class:`TransportError` if it is not JSON-able."""
-    try:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise TransportError(f"value cannot be sent as JSON: {exc}") from None
 
 
 def _discard(items: list[Any], item: Any) -> None:

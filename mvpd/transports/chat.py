@@ -10,6 +10,7 @@ class ChatTransport(Transport[str]):
     invalid UTF-8 is counted (``invalid-utf8``) and reported, never fatal."""
 
     mode = "chat"
+    kind = "text"
 
     def decode(self, data: str | bytes) -> str:
         if isinstance(data, str):

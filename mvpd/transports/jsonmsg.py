@@ -19,6 +19,7 @@ class JsonTransport(Transport[Any]):
     """
 
     mode = "json"
+    kind = "json"
 
     def decode(self, data: str | bytes) -> Any:
         try:
