@@ -298,3 +298,36 @@ def test_slow_subscriber_drops_oldest_and_counts() -> None:
         assert len(core.status()["subscribers"]) == 1
 
     run(body())
+
+
+def test_inbox_of_a_peer_that_left_is_kept_for_the_grace_then_freed() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob")
+            bob.inboxes.grace = 0.5
+            await alice.connect_to("bob")
+            for i in range(3):
+                await alice.send("bob", "text", f"m{i}")
+            await wait_for(lambda: len(bob.inboxes.get("alice") or ()) == 3)
+            assert await alice.disconnect("bob")
+            await wait_for(lambda: not bob.sessions)
+            # Right after the peer left, its messages are still there to read.
+            assert (await bob.recv("alice")).value == "m0"
+            assert bob.status()["inboxes"]["queued"] == 2
+            await asyncio.sleep(0.8)
+            assert bob.inboxes.get("alice") is None
+            assert bob.status()["inboxes"] == {
+                "inboxes": 0, "queued": 0, "queued_bytes": 0, "waiting_followers": 0
+            }
+            assert bob.dropped() == {"inbox-expired": 2}
+            # The sender's empty inbox of bob went when bob left.
+            assert alice.inboxes.get("bob") is None
+            # Following an absent peer keeps no inbox for it, only the follower.
+            follower = asyncio.ensure_future(bob.recv("ghost"))
+            await asyncio.sleep(0.05)
+            assert bob.inboxes.get("ghost") is None
+            assert bob.status()["inboxes"]["waiting_followers"] == 1
+            follower.cancel()
+
+    run(body())

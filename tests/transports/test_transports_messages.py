@@ -29,6 +29,56 @@ async def inject_raw_text(transport: object, payload: bytes) -> None:
     await sctp._data_channel_flush()
 
 
+def test_message_over_max_message_size_is_refused_and_counted_channel_stays() -> None:
+    """A peer that ignores our a=max-message-size (aiortc lets one by clearing the remote
+    limit) sends 8 MiB: refused before decoding, counted, the inbox never holds it."""
+
+    async def body() -> None:
+        sa, sb, ta, tb = await connected_pair("bytes")
+        channel = ta.channel
+        assert channel is not None
+        channel.transport._remote_max_message_size = 0  # type: ignore[attr-defined]
+        errors: list[TransportErrorEvent] = []
+        tb.add_error_listener(errors.append)
+        channel.send(b"\x00" * (8 * 1024 * 1024))
+        channel.send("x" * (MAX_MESSAGE_SIZE + 1))  # text counts too
+        channel.send(b"\x01" * MAX_MESSAGE_SIZE)  # at the limit: accepted
+        ta.send_bytes(b"after")
+        assert len(await tb.recv()) == MAX_MESSAGE_SIZE
+        assert await tb.recv() == b"after"
+        assert tb.counters.errors == {"message-too-large": 2}
+        assert [e.reason for e in errors] == ["message-too-large"] * 2
+        assert "8388608-byte message" in errors[0].detail
+        assert tb.inbox is not None and tb.inbox.bytes == 0 and not tb.inbox.dropped
+        assert sb.state == PeerState.CONNECTED and tb.is_open
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_library_reading_keeps_working_listeners_iteration_recv() -> None:
+    """The seed's library API: message listeners and ``messages()``/``recv()`` on a
+    transport of its own (no core), all fed by one delivery."""
+
+    async def body() -> None:
+        sa, sb, ta, tb = await connected_pair("json")
+        heard: list[object] = []
+        tb.add_message_listener(heard.append)
+        for i in range(3):
+            ta.send_json({"n": i})
+        got = []
+        async for message in tb.messages():
+            got.append(message)
+            if len(got) == 3:
+                break
+        assert got == heard == [{"n": 0}, {"n": 1}, {"n": 2}]
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
 def test_factory_modes() -> None:
     assert isinstance(create_transport("chat"), ChatTransport)
     assert isinstance(create_transport("json"), JsonTransport)
