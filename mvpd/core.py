@@ -182,6 +182,7 @@ class AgentCore:
         """Start consuming signaling messages (the signaling client connects by itself)."""
         if self._reader is None:
             self._stopping = False
+            self.inboxes.closed = False
             self._reader = asyncio.ensure_future(self._read_signaling())
             for warning in self.settings.ice_warnings():
                 log.warning("ICE servers: %s", warning)
@@ -407,8 +408,11 @@ class AgentCore:
             inboxes = self.inboxes
 
             def peer_inbox() -> Inbox | None:
-                # A closed transport's late reader must not bring a freed inbox back.
-                return inboxes.get(peer) if transport.is_closed else inboxes.open(peer)
+                # Only a live session's transport may (re)create the inbox: a late message
+                # or reader of a closed one must not bring back an inbox already freed.
+                if transport.is_closed or session.state.is_final:
+                    return inboxes.get(peer)
+                return inboxes.open(peer)
 
             transport.use_inbox(peer_inbox)
             inboxes.open(peer)  # followers of a connected peer wait on its inbox

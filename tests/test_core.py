@@ -14,7 +14,7 @@ from peerlink import make_settings, run, wait_for
 from mvpd.config import SignalingServerSettings
 from mvpd.core import AgentCore, CoreEvent, Subscription
 from mvpd.inbox import InboxMessage
-from mvpd.proto.errors import PeerError
+from mvpd.proto.errors import ConnectionClosed, PeerError
 from mvpd.signaling.client import SignalingClient
 from mvpd.signaling.server import SignalingServer
 from mvpd.transports import BytesTransport, ChatTransport, JsonTransport
@@ -329,5 +329,21 @@ def test_inbox_of_a_peer_that_left_is_kept_for_the_grace_then_freed() -> None:
             assert bob.inboxes.get("ghost") is None
             assert bob.status()["inboxes"]["waiting_followers"] == 1
             follower.cancel()
+
+    run(body())
+
+
+def test_transport_reader_under_a_core_ends_when_its_channel_closes() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            bob = await group.add("bob")
+            ta = await alice.connect_to("bob")
+            await wait_for(lambda: bob.get_transport("alice") is not None)
+            reader = asyncio.ensure_future(ta.recv())
+            await asyncio.sleep(0.05)
+            ta.close()
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(reader, 5)
 
     run(body())

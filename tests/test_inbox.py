@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from peerlink import run
 
-from mvpd.inbox import MESSAGE_OVERHEAD, Inbox, InboxMessage, Inboxes
+from mvpd.inbox import MESSAGE_OVERHEAD, Inbox, Inboxes, InboxMessage
 from mvpd.proto.errors import PeerError
 
 

@@ -256,7 +256,8 @@ class Transport(Generic[T]):
 
     def use_inbox(self, source: Callable[[], Inbox | None]) -> None:
         """Deliver into the inbox ``source()`` returns (the core's inbox of this peer) instead
-        of one of our own; when it returns None the message is dropped as ``inbox-limit``."""
+        of one of our own; when it returns None the message is dropped as ``inbox-limit``.
+        Once this transport is closed, ``source`` must return an existing inbox or None."""
         self._inbox_source = source
 
     @property
@@ -436,8 +437,10 @@ class Transport(Generic[T]):
         if self._closed.is_set():
             return
         self._closed.set()
-        if self._inbox is not None:  # (the core wakes the readers of its inboxes itself)
-            self._inbox.wake()
+        # Wake our readers (an inbox source makes no new inbox for a closed transport).
+        inbox = self._inbox_source() if self._inbox_source is not None else self._inbox
+        if inbox is not None:
+            inbox.wake()
         self._writable.set()
         for listener in list(self._close_listeners):
             try:

@@ -129,6 +129,27 @@ def test_format_status_shows_bytes_and_messages() -> None:
     assert "relayed" in text and "2.0 KiB" in text and "10 B" in text and "3/4" in text
 
 
+def test_format_status_shows_every_drop_counter_and_the_inboxes() -> None:
+    peer = {"peer": "bob", "state": "connected", "mode": "chat", "path": "direct",
+            "dropped": {"inbox-full": 500, "message-too-large": 3},
+            "inbox": {"queued": 1000, "queued_bytes": 70000}}
+    text = format_status({
+        "agent_id": "alice", "version": "1", "uptime": 1, "signaling": {},
+        "inboxes": {"inboxes": 1, "queued": 1000, "queued_bytes": 70000,
+                    "waiting_followers": 2},
+        "dropped": {"inbox-expired": 7},
+        "peers": [peer],
+    })
+    assert "inboxes    1 peers, 1000 messages unread (68.4 KiB), 2 followers" in text
+    assert "dropped    inbox-expired 7 (peers not listed below)" in text
+    assert "bob: dropped: inbox-full 500, message-too-large 3" in text
+    assert "bob: inbox 1000 messages unread (68.4 KiB)" in text
+    # The table's DROPPED column is the sum.
+    assert "503" in text
+    quiet = format_status({"agent_id": "a", "version": "1", "uptime": 1, "signaling": {}})
+    assert "dropped    none" in quiet and "0 messages unread" in quiet
+
+
 def test_send_and_recv(server: ServerThread, tmp_path: Path) -> None:
     mvpctl(server, "connect", "bob")
     assert mvpctl(server, "send", "bob", "hello there")[0] == 0
