@@ -49,7 +49,10 @@ def is_mode(name: str) -> bool:
 
 def wire_size(data: str | bytes) -> int:
     """Bytes a message occupies on the channel (an empty one travels as one byte)."""
-    size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
+    if isinstance(data, str):
+        size = len(data) if data.isascii() else len(data.encode("utf-8"))
+    else:
+        size = len(data)
     return max(size, 1)
 
 
