@@ -300,8 +300,9 @@ class Transport(Generic[T]):
             if size > MAX_MESSAGE_SIZE:
                 # aiortc has reassembled the whole message by now (it does not bound
                 # reassembly by our advertised limit): all we can do here is not keep it.
-                # The SCTP layer that replaces aiortc's must refuse it while reassembling,
-                # once the partial message passes MAX_MESSAGE_SIZE.
+                # The bound belongs in reassembly: our own SCTP (mvpd/sctp/reassembly.py),
+                # which replaces aiortc's, refuses a message there as soon as its partial
+                # size passes the limit; this check stays for any channel that does not.
                 self.report_error(
                     "message-too-large",
                     f"refused a {size}-byte message: over the advertised max-message-size "
