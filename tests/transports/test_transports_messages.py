@@ -31,7 +31,8 @@ async def inject_raw_text(transport: object, payload: bytes) -> None:
 
 def test_message_over_max_message_size_is_refused_and_counted_channel_stays() -> None:
     """A peer that ignores our a=max-message-size (aiortc lets one by clearing the remote
-    limit) sends 8 MiB: refused before decoding, counted, the inbox never holds it."""
+    limit) sends 1 MiB: refused before decoding, counted, the inbox never holds it (8 MiB
+    from a hostile peer against a real daemon: tests/e2e/test_e2e_recv.py)."""
 
     async def body() -> None:
         sa, sb, ta, tb = await connected_pair("bytes")
@@ -40,7 +41,7 @@ def test_message_over_max_message_size_is_refused_and_counted_channel_stays() ->
         channel.transport._remote_max_message_size = 0  # type: ignore[attr-defined]
         errors: list[TransportErrorEvent] = []
         tb.add_error_listener(errors.append)
-        channel.send(b"\x00" * (8 * 1024 * 1024))
+        channel.send(b"\x00" * (1024 * 1024))
         channel.send("x" * (MAX_MESSAGE_SIZE + 1))  # text counts too
         channel.send(b"\x01" * MAX_MESSAGE_SIZE)  # at the limit: accepted
         ta.send_bytes(b"after")
@@ -48,7 +49,7 @@ def test_message_over_max_message_size_is_refused_and_counted_channel_stays() ->
         assert await tb.recv() == b"after"
         assert tb.counters.errors == {"message-too-large": 2}
         assert [e.reason for e in errors] == ["message-too-large"] * 2
-        assert "8388608-byte message" in errors[0].detail
+        assert "1048576-byte message" in errors[0].detail
         assert tb.inbox is not None and tb.inbox.bytes == 0 and not tb.inbox.dropped
         assert sb.state == PeerState.CONNECTED and tb.is_open
         await sa.close()
