@@ -269,10 +269,6 @@ class Inboxes:
             del self._inboxes[inbox.peer]
         inbox.wake()
 
-    def count_drop(self, reason: str) -> None:
-        """A message dropped before it reached any inbox."""
-        self.dropped[reason] += 1
-
     async def read(
         self, peer: str, *, follow: bool = True, limit: int | None = None
     ) -> AsyncIterator[InboxMessage]:

@@ -27,6 +27,7 @@ import logging
 import struct
 
 from ..proto.errors import ConnectionClosed, TransportError
+from ..proto.modes import PIPE
 from .base import ChannelOptions, Transport
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class PipeTransport(Transport[bytes]):
     when the channel closes before EOF (a truncated stream).
     """
 
-    mode = "pipe"
+    mode = PIPE
     channel_options = ChannelOptions(ordered=True)
 
     def __init__(

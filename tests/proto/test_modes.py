@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from mvpd.proto.errors import PeerError
-from mvpd.proto.modes import MODES, encode_message, is_mode, mode_list, wire_size
+from mvpd.proto.modes import KIND_OF_MODE, MODES, encode_message, is_mode, mode_list, wire_size
 
 
 def test_names_come_from_one_place() -> None:
@@ -17,6 +17,8 @@ def test_names_come_from_one_place() -> None:
 
     assert MODES == ("chat", "json", "bytes", "tun")
     assert set(TRANSPORTS) == set(MODES)
+    for mode, kind in KIND_OF_MODE.items():
+        assert TRANSPORTS[mode]().kind == kind
     assert mode_list() == "chat, json, bytes or tun"
     assert is_mode("tun") and not is_mode("pipe")
     for model in (AgentSettings.model_fields["mode"], ConnectParams.model_fields["mode"]):
