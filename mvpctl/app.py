@@ -23,6 +23,7 @@ import typer
 
 from mvpd.proto.errors import DaemonNotRunning, Forbidden, MvpError, RpcTimeout
 from mvpd.proto.modes import is_mode, mode_list
+from mvpd.proto.text import neutralise
 
 from .client import DEFAULT_SOCKET, Client, Subscription
 from .plain_params import PlainParamsGroup
@@ -72,7 +73,8 @@ class _Options:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"mvpctl: {message}", err=True)
+    # Errors may quote what a peer or a server said: shown on one line, no terminal control.
+    typer.echo(f"mvpctl: {neutralise(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -214,7 +216,7 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
     lines = [_table(rows)]
     for p in peers:
         if p.get("error"):
-            lines.append(f"{p.get('peer')}: {p['error']}")
+            lines.append(f"{p.get('peer')}: {neutralise(str(p['error']))}")
         if p.get("dropped"):
             lines.append(f"{p.get('peer')}: dropped: {_counts(p['dropped'])}")
         inbox = p.get("inbox")
@@ -418,16 +420,27 @@ def send(
         _print_json(result)
 
 
-def _print_message(message: dict[str, Any], as_json: bool, prefix: str = "") -> None:
+def _print_message(
+    message: dict[str, Any], as_json: bool, prefix: str = "", *, one_line: bool = False
+) -> None:
+    """One received message on stdout. A peer's text reaches a terminal without its control
+    characters (escape sequences could drive the terminal); ``one_line`` (chat) escapes line
+    breaks too, so a message cannot fake lines of the conversation. Into a pipe or a file,
+    text goes as it came."""
     kind, data = message.get("kind"), message.get("data")
     if as_json:
         typer.echo(json.dumps(message, sort_keys=True, default=_json_default))
     elif kind == "bytes" and isinstance(data, bytes | bytearray):
         sys.stdout.buffer.write(data)
     elif kind == "text":
-        typer.echo(f"{prefix}{data}")
+        text = str(data)
+        if sys.stdout.isatty():
+            text = neutralise(text, keep="" if one_line else "\n\t")
+        # Not typer.echo: click strips ANSI sequences from what goes to a pipe, and a
+        # message written to a file must arrive as the peer sent it.
+        sys.stdout.write(f"{prefix}{text}\n")
     else:
-        typer.echo(f"{prefix}{json.dumps(data, default=_json_default)}")
+        sys.stdout.write(f"{prefix}{json.dumps(data, default=_json_default)}\n")
     sys.stdout.flush()
 
 
@@ -492,7 +505,7 @@ def chat(
         while True:
             while (event := events.take_event(stream.sub)) is not None:
                 if stream.check(event) and event.event == "message":
-                    _print_message(event.data, options.json, prefix)
+                    _print_message(event.data, options.json, prefix, one_line=True)
             if stream.ended:
                 typer.echo(f"mvpctl: {peer} is gone", err=True)
                 return

@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
+from .proto.text import neutralise as neutralise_text
+
 try:  # systemd-python is optional; without it the journal still gets stderr (with levels).
     from systemd import journal as _sd_journal
 except ImportError:  # pragma: no cover - depends on the installation
@@ -63,13 +65,6 @@ _FIELD_NAME_BAD = re.compile(r"[^A-Z0-9_]")
 #: Longest message and longest string field kept in a record (the rest is cut, and the cut said).
 MAX_MESSAGE_CHARS = 4096
 MAX_FIELD_CHARS = 1024
-#: Characters escaped besides categories Cc (controls), Zl and Zp (line and paragraph
-#: separators): the bidirectional overrides and isolates, which can reorder what a terminal
-#: shows.
-_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI_CONTROLS}]")
-_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
-
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
 
@@ -238,25 +233,10 @@ def _redact_value(value: Any) -> Any:
     return redact_text(value) if isinstance(value, str) else value
 
 
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    if char in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[char]
-    code = ord(char)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-
 def neutralise(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """``text`` made safe for one log line: control characters, line separators and
-    bidirectional overrides escaped (``\\n``, ``\\x1b``, ``\\u202e``), and at most ``limit``
-    characters kept. Printable text, including non-ASCII letters, is left alone."""
-    if _UNSAFE.search(text):
-        # Backslashes are doubled only when something is escaped, so that ordinary paths and
-        # regexes read as before while an escape can never be faked by the text itself.
-        text = _UNSAFE.sub(_escape, text.replace("\\", "\\\\"))
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
-    return text
+    """``text`` made safe for one log line (see :func:`mvpd.proto.text.neutralise`), at most
+    ``limit`` characters."""
+    return neutralise_text(text, limit)
 
 
 def _neutralise_value(value: Any) -> Any:

@@ -234,3 +234,56 @@ def test_chat_ends_at_end_of_input(server: ServerThread) -> None:
     with Client.connect(server.path) as client:
         peer = client.call("peers")[0]
     assert (peer["messages_out"], peer["bytes_out"]) == (2, len("one") + len(last))
+
+
+def _recv_on_a_terminal(socket: Path) -> bytes:
+    """``mvpctl recv bob --limit 1`` with its stdout on a pseudo-terminal; what it printed."""
+    import pty
+
+    main_fd, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [PYTHON, "-m", "mvpctl", "--socket", str(socket), "recv", "bob", "--limit", "1"],
+            stdout=terminal, stderr=subprocess.PIPE, timeout=60, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        os.close(terminal)
+        terminal = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main_fd, 4096)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        os.close(main_fd)
+        if terminal >= 0:
+            os.close(terminal)
+
+
+def test_a_peers_text_cannot_drive_the_terminal(server: ServerThread) -> None:
+    hostile = "red\x1b[31m alert\u202e\tok\nsecond line"
+    mvpctl(server, "connect", "bob")
+    assert mvpctl(server, "send", "bob", hostile)[0] == 0
+    shown = _recv_on_a_terminal(server.path).decode()
+    # The terminal turns "\n" into "\r\n"; the escape and the bidi override arrive as text.
+    assert shown == "red\\x1b[31m alert\\u202e\tok\r\nsecond line\r\n"
+    # Into a pipe the text goes as it came.
+    assert mvpctl(server, "send", "bob", hostile)[0] == 0
+    assert mvpctl(server, "recv", "bob", "--limit", "1")[1] == hostile + "\n"
+
+
+def test_chat_lines_and_errors_stay_one_line(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from mvpctl import app as app_module
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    app_module._print_message({"kind": "text", "data": "hi\nalice> fake"}, False, "bob> ",
+                              one_line=True)
+    assert capsys.readouterr().out == "bob> hi\\nalice> fake\n"
+    app_module._fail("bob said bye: x\nmvpctl: forged\x1b[2J", 1)
+    assert capsys.readouterr().err == "mvpctl: bob said bye: x\\nmvpctl: forged\\x1b[2J\n"
