@@ -18,6 +18,7 @@ import errno
 import grp
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +86,7 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(os.fsencode(where))
+            _connect_unix(sock, where, timeout)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             sock.close()
             raise DaemonNotRunning(
@@ -304,6 +305,25 @@ def _read_one(sock: socket.socket, decoder: FrameDecoder, where: Path) -> dict[s
             # Anything after the hello stays in the decoder's hands only if it is partial;
             # a daemon never sends more before our first request.
             return messages[0]
+
+
+#: Pause between two connection attempts while the daemon's listen backlog is full.
+BACKLOG_RETRY = 0.05
+
+
+def _connect_unix(sock: socket.socket, where: str, timeout: float | None) -> None:
+    """Connect ``sock`` to ``where``. A full listen backlog (EAGAIN on a Unix socket: the
+    daemon is busy accepting, e.g. during a flood of connections) is waited out until
+    ``timeout`` instead of failing at once."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(os.fsencode(where))
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(BACKLOG_RETRY)
 
 
 def _permission_text(where: Path) -> str:
