@@ -311,7 +311,9 @@ def _read_one(sock: socket.socket, decoder: FrameDecoder, where: Path) -> dict[s
 BACKLOG_RETRY = 0.05
 
 
-def _connect_unix(sock: socket.socket, where: str, timeout: float | None) -> None:
+def _connect_unix(
+    sock: socket.socket, where: str | os.PathLike[str], timeout: float | None
+) -> None:
     """Connect ``sock`` to ``where``. A full listen backlog (EAGAIN on a Unix socket: the
     daemon is busy accepting, e.g. during a flood of connections) is waited out until
     ``timeout`` instead of failing at once."""
