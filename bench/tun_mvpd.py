@@ -1,31 +1,40 @@
-"""TUN mode through mvpd, beside the bare veth and the plain-UDP Python relay, in one run.
+"""mvpd's tunnel beside wireguard-go and the bare link, in the same namespaces and the same run.
 
-Two network namespaces made for the run (removed afterwards, with every process in them)
-are joined by a veth pair; a signaling server and one ``mvpd run`` live in each (the same
-lab as tests/e2e_tun). For each variant - TUN MTU, and packets batched per message or one
-per message - the daemons connect in tun mode, then ping (RTT) and iperf3 (TCP throughput)
-run through the tunnel. The bare veth and bench/tun_udp_relay.py (a TUN-to-UDP relay in
-Python: the ceiling for a Python data plane) run in the same invocation.
+Two network namespaces made for the run (removed afterwards, with every process in them) are
+joined by a veth pair; a signaling server and one ``mvpd run`` live in them (the lab of
+tests/e2e_tun), and wireguard-go (Debian's package, its defaults: MTU 1420, keys from
+``wg genkey``, configured with ``wg``) joins the same two namespaces on its own subnet. For
+each path - the bare link (kernel), wireguard-go, and each mvpd variant - the bench measures,
+alternating between the paths for ``--rounds`` rounds (medians reported):
 
-    sudo .venv/bin/python bench/tun_mvpd.py [--seconds 5] [--mtu 1160 1400 4000 8000]
-        [--lossy "delay 20ms loss 5%"]
+- TCP throughput (iperf3, ``--seconds``), and the CPU seconds per Gbit each side's tunnel
+  process spent meanwhile (user + system time of wireguard-go / mvpd from /proc; the
+  kernel's own share, softirq included, is not in it);
+- RTT (ping, 50 x 20 ms);
+- UDP loss at ``--udp-rate`` offered (iperf3 -u);
+- then the same TCP and RTT over the link impaired by ``--lossy`` (both ways; netem where the
+  kernel has it, else tests/impair.py's forwarder in a router namespace).
 
-``--lossy`` adds two rows over an impaired link (both ways; netem where the kernel has it,
-else tests/impair.py's forwarder in a router namespace): kernel TCP on the bare link and the
-tunnel at each ``--mtu`` (one packet per message) over it. ``--lossy ""`` leaves them out.
+    sudo .venv/bin/python bench/tun_mvpd.py [--seconds 6] [--rounds 2]
+        [--variant channel datagram] [--lossy "delay 20ms loss 5%"] [--udp-rate 300M]
 
-Root only. Everything is bounded: iperf3 runs ``--seconds``, ping 50 packets.
+Root only; needs wireguard-go, wg, iperf3. Everything is bounded in time.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from tun_udp_relay import iperf3, ping  # noqa: E402
-
-
-def daemon_command(batch: bool) -> tuple[str, ...]:
-    """``mvpd`` with packets batched per message (up to 8 KiB) or one per message (the
-    default)."""
-    setup = "import mvpd.transports.tun as t; t.DEFAULT_BATCH_SIZE = 8192; " if batch else ""
-    return (sys.executable, "-c", setup + "from mvpd.cli import main; main()")
+from tun_udp_relay import ping  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -74,104 +76,269 @@ def tunnel_hosts(
             server.wait(5)
 
 
-def measure_tunnel(
-    mtu: int, batch: bool, seconds: float, impair: str = ""
-) -> tuple[float, float, float]:
-    with tunnel_hosts(mtu, daemon_command(batch), impair) as (a, _):
-        rtt, mdev = ping(a, "10.77.0.2")
-        mbits = iperf3(a, "10.77.0.2", seconds)
-    return mbits, rtt, mdev
+# --- what runs where ------------------------------------------------------------------------
+
+#: Start-up code per mvpd variant (run before mvpd in both daemons) and its TUN MTU (None:
+#: mvpd's default).
+VARIANTS: dict[str, tuple[str, int | None]] = {
+    # TUN packets on the unordered maxRetransmits=0 SCTP data channel only, at the MTU that
+    # was its default (4000: aiortc's cost is per message).
+    "channel": ("import mvpd.tun.ice_datagrams as d; d.ENABLED = False; ", 4000),
+    # As configured by default: the datagram path on the ICE pair when both ends have it.
+    "datagram": ("", None),
+}
+
+WG_SUBNET = "10.78.0"
+WG_PORT = 51820
+MVPD_SUBNET = "10.77.0"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def measure_veth(seconds: float) -> tuple[float, float, float]:
-    from tests.netns import two_hosts
-
-    with two_hosts(label="bveth") as link:
-        server = link.b.popen("iperf3", "-s", stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.3)
-            rtt, mdev = ping(link.a, str(link.addr_b.ip))
-            mbits = iperf3(link.a, str(link.addr_b.ip), seconds)
-        finally:
-            server.kill()
-            server.wait(5)
-    return mbits, rtt, mdev
+def variant_command(setup: str) -> tuple[str, ...]:
+    """``mvpd`` run after ``setup`` (tolerant of a tree without the module it tunes)."""
+    if not setup:
+        return (sys.executable, "-c", "from mvpd.cli import main; main()")
+    code = f"try:\n    {setup}\nexcept ImportError:\n    pass\nfrom mvpd.cli import main; main()"
+    return (sys.executable, "-c", code)
 
 
-def measure_bare_impaired(spec: str, seconds: float) -> tuple[float, float, float]:
-    """Kernel TCP over the bare link impaired by ``spec`` both ways."""
-    from tests.impair import impaired_link
-    from tests.netns import namespace, netem, netem_unavailable_reason, two_hosts
+def mvpd_config(address: str, mtu: int | None) -> str:
+    return f"tun:\n  address: {address}/24\n" + (f"  mtu: {mtu}\n" if mtu else "")
 
-    with contextlib.ExitStack() as stack:
-        if netem_unavailable_reason() is None:
-            pair = stack.enter_context(two_hosts(label="blossy"))
-            a, b, target = pair.a, pair.b, str(pair.addr_b.ip)
-            netem(a, pair.dev_a, spec)
-            netem(b, pair.dev_b, spec)
-        else:
-            a = stack.enter_context(namespace("blossya"))
-            b = stack.enter_context(namespace("blossyb"))
-            link = stack.enter_context(impaired_link(a, b))
-            link.set_netem(spec)
-            target = str(link.addr_b.ip)
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class WireGuardPair:
+    """wireguard-go in two namespaces, peered over ``addr_a`` <-> ``addr_b``."""
+
+    def __init__(self, tmp: Path, a: Any, b: Any, addr_a: str, addr_b: str) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        keys = []
+        for name in ("a", "b"):
+            private = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
+                                     check=True).stdout.strip()
+            public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            path = tmp / f"wg-{name}.key"
+            path.write_text(private + "\n")
+            path.chmod(0o600)
+            keys.append((path, public))
+        sides = ((a, 1, keys[0], keys[1], addr_b), (b, 2, keys[1], keys[0], addr_a))
+        for ns, host, (own_key, _), (_, peer_pub), endpoint in sides:
+            # Its control socket is /var/run/wireguard/<dev>.sock, shared by all namespaces:
+            # a name per side and per run.
+            dev = f"wgb{os.getpid() % 100000}-{host}"
+            log = tmp / f"wireguard-go-{host}.log"
+            with log.open("wb") as out:
+                proc = ns.popen("wireguard-go", "-f", dev, stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL)
+            self.procs.append(proc)
+            deadline = time.monotonic() + 10
+            while dev not in ns.link_names():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"wireguard-go did not create its device: "
+                                       f"{log.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.05)
+            peer_ip = f"{WG_SUBNET}.{3 - host}/32"
+            ns.run("wg", "set", dev, "private-key", str(own_key), "listen-port",
+                   str(WG_PORT), "peer", peer_pub, "allowed-ips", peer_ip, "endpoint",
+                   f"{endpoint}:{WG_PORT}")
+            ns.run("ip", "address", "add", f"{WG_SUBNET}.{host}/24", "dev", dev)
+            ns.run("ip", "link", "set", dev, "up")
+        a.run("ping", "-c", "3", "-i", "0.2", "-w", "15", f"{WG_SUBNET}.2", timeout=30)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One path measured once."""
+
+    tcp_mbits: float
+    rtt_ms: float
+    mdev_ms: float
+    cpu_per_gbit: tuple[float, float] | None = None  # (sender side, receiver side)
+    udp_loss_pct: float | None = None
+
+
+@dataclass
+class PathResult:
+    label: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, get: Callable[[Sample], float | None]) -> float | None:
+        values = [v for v in map(get, self.samples) if v is not None]
+        return statistics.median(values) if values else None
+
+
+def tcp(a: Any, target: str, seconds: float, pids: list[int]) -> tuple[float, Any]:
+    """iperf3 TCP from ``a`` to ``target``: Mbit/s and CPU seconds per Gbit of ``pids``."""
+    before = [cpu_seconds(p) for p in pids]
+    result = a.run("iperf3", "-c", target, "-t", str(seconds), "-J", timeout=seconds + 30)
+    after = [cpu_seconds(p) for p in pids]
+    end = json.loads(result.stdout)["end"]["sum_received"]
+    gbits = end["bytes"] * 8 / 1e9
+    cpu = None
+    if pids and gbits > 0:
+        cpu = tuple((y - x) / gbits for x, y in zip(before, after, strict=True))
+    return float(end["bits_per_second"]) / 1e6, cpu
+
+
+UDP_PORT = 5202
+
+
+def udp_loss(a: Any, b: Any, target: str, seconds: float, rate: str) -> float | None:
+    """Percent of iperf3 -u datagrams lost at ``rate`` offered from ``a`` to ``target`` (in
+    ``b``); None when iperf3 never finished (its control connection starved behind the
+    flood). A one-off server per test, so a stuck test cannot block the next."""
+    server = b.popen("iperf3", "-s", "-1", "-p", str(UDP_PORT), stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        result = a.run("iperf3", "-c", target, "-p", str(UDP_PORT), "-u", "-b", rate, "-t",
+                       str(seconds), "-J", timeout=seconds + 20)
+        return float(json.loads(result.stdout)["end"]["sum"]["lost_percent"])
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+def measure_path(
+    a: Any, b: Any, target: str, pids: list[int], seconds: float, udp_rate: str | None
+) -> Sample:
+    rtt, mdev = ping(a, target)
+    mbits, cpu = tcp(a, target, seconds, pids)
+    loss = udp_loss(a, b, target, seconds, udp_rate) if udp_rate else None
+    return Sample(mbits, rtt, mdev, cpu, loss)
+
+
+def run_condition(
+    variants: list[str], rounds: int, seconds: float, lossy: str, udp_rate: str | None
+) -> dict[str, PathResult]:
+    """Every path in one lab (impaired by ``lossy`` if set), alternating, ``rounds`` times
+    per mvpd variant."""
+    from tests.e2e_tun.harness import ping as tunnel_ping
+    from tests.e2e_tun.harness import tun_lab
+
+    suffix = f", {lossy}" if lossy else ""
+    results: dict[str, PathResult] = {}
+
+    def record(label: str, sample: Sample) -> None:
+        results.setdefault(label, PathResult(label)).samples.append(sample)
+        print(f"  {label}: {sample}", file=sys.stderr, flush=True)
+
+    first_setup, first_mtu = VARIANTS[variants[0]]
+    configs = {"alice": mvpd_config(f"{MVPD_SUBNET}.1", first_mtu),
+               "bob": mvpd_config(f"{MVPD_SUBNET}.2", first_mtu)}
+    with tempfile.TemporaryDirectory(prefix="mvp-bench-") as tmp, tun_lab(
+        Path(tmp), ["alice", "bob"], configs, mvpd=variant_command(first_setup),
+        impairable=bool(lossy),
+    ) as lab:
+        alice, bob = lab["alice"], lab["bob"]
+        if lossy:
+            lab.impair(lossy)
+        a, b = alice.ns, bob.ns
         server = b.popen("iperf3", "-s", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wg = WireGuardPair(Path(tmp), a, b, alice.veth_address, bob.veth_address)
         try:
-            time.sleep(0.3)
-            rtt, mdev = ping(a, target)
-            mbits = iperf3(a, target, seconds)
+            for i, name in enumerate(variants):
+                setup, mtu = VARIANTS[name]
+                if i:
+                    for host, last in ((alice, 1), (bob, 2)):
+                        host.stop()
+                        host.config_text = mvpd_config(f"{MVPD_SUBNET}.{last}", mtu)
+                        host.start(lab.url, mvpd=variant_command(setup))
+                lab.connect("alice", "bob")
+                tunnel_ping(a, f"{MVPD_SUBNET}.2")
+                mvpd_pids = [h.proc.pid for h in (alice, bob) if h.proc is not None]
+                for _ in range(rounds):
+                    record(f"bare link, kernel{suffix}",
+                           measure_path(a, b, bob.veth_address, [], seconds, udp_rate))
+                    record(f"wireguard-go{suffix}",
+                           measure_path(a, b, f"{WG_SUBNET}.2", wg.pids, seconds, udp_rate))
+                    record(f"mvpd tun, {name}{suffix}",
+                           measure_path(a, b, f"{MVPD_SUBNET}.2", mvpd_pids, seconds, udp_rate))
         finally:
+            wg.close()
             server.kill()
             server.wait(5)
-    return mbits, rtt, mdev
+    return results
 
 
-def measure_relay(seconds: float, mtu: int) -> list[str]:
-    """The relay bench's own result rows (it builds its own namespaces)."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "tun_udp_relay.py"), "--seconds", str(seconds),
-         "--mtu", str(mtu)], capture_output=True, text=True, timeout=4 * seconds + 120,
-        check=True,
-    ).stdout
-    return [line for line in out.splitlines() if line.startswith("TUN + UDP relay")]
+def format_rows(results: dict[str, PathResult], udp_rate: str | None) -> list[str]:
+    wg = next(r for label, r in results.items() if label.startswith("wireguard-go"))
+    wg_tcp = wg.median(lambda s: s.tcp_mbits) or 0.0
+    lines = []
+    for label, r in results.items():
+        mbits = r.median(lambda s: s.tcp_mbits) or 0.0
+        ratio = f"{mbits / wg_tcp:.2f}x" if wg_tcp else "-"
+        send = r.median(lambda s: s.cpu_per_gbit[0] if s.cpu_per_gbit else None)
+        recv = r.median(lambda s: s.cpu_per_gbit[1] if s.cpu_per_gbit else None)
+        cpu = f"{send:.2f} / {recv:.2f}" if send is not None and recv is not None else "-"
+        loss = r.median(lambda s: s.udp_loss_pct)
+        lines.append(
+            f"| {label} | {mbits:.1f} Mbit/s | {ratio} | "
+            f"{r.median(lambda s: s.rtt_ms) or 0:.3f} ms | "
+            f"{r.median(lambda s: s.mdev_ms) or 0:.3f} ms | "
+            f"{'-' if loss is None else f'{loss:.2f} %'} | {cpu} |"
+        )
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 duration per path")
-    parser.add_argument("--mtu", type=int, nargs="+", default=[1160, 1400, 4000, 8000])
-    parser.add_argument("--no-unbatched", dest="unbatched", action="store_false",
-                        help="skip the one-packet-per-message variants")
+    parser.add_argument("--seconds", type=float, default=6.0, help="iperf3 duration per path")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations per variant")
+    parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--lossy", default="delay 20ms loss 5%",
                         help='netem-style impairment for the lossy rows ("" for none)')
+    parser.add_argument("--udp-rate", default="300M", help="iperf3 -u offered rate")
     args = parser.parse_args()
     from tests.netns import tun_unavailable_reason
 
     reason = tun_unavailable_reason()
-    if reason:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    missing = [tool for tool in ("wireguard-go", "wg", "iperf3") if not shutil.which(tool)]
+    if reason or missing:
+        print(f"cannot run: {reason or 'missing ' + ', '.join(missing)}", file=sys.stderr)
         return 2
-    rows: list[tuple[str, float, float, float]] = []
-    rows.append(("veth, kernel", *measure_veth(args.seconds)))
-    for mtu in args.mtu:
-        for batch in (True, False) if args.unbatched else (True,):
-            label = f"mvpd tun, MTU {mtu}, {'batched' if batch else 'one per message'}"
-            rows.append((label, *measure_tunnel(mtu, batch, args.seconds)))
-            print(f"{label}: {rows[-1][1]:.1f} Mbit/s, {rows[-1][2]:.2f} ms", file=sys.stderr)
+    load = os.getloadavg()
+    print(f"clean link ({args.rounds} rounds per variant)", file=sys.stderr)
+    clean = run_condition(args.variant, args.rounds, args.seconds, "", args.udp_rate)
+    lossy = {}
     if args.lossy:
-        rows.append((f"bare link, {args.lossy}", *measure_bare_impaired(args.lossy,
-                                                                       args.seconds)))
-        for mtu in args.mtu:
-            rows.append((f"mvpd tun, MTU {mtu}, {args.lossy}",
-                         *measure_tunnel(mtu, False, args.seconds, args.lossy)))
-    relay = measure_relay(args.seconds, 1400)
-    print(f"\nTUN mode ({args.seconds:g}s iperf3 TCP, ping 50 x 20 ms; uvloop)")
-    print(f"{'path':<40} {'throughput':>14} {'RTT avg':>10} {'mdev':>8}")
-    for label, mbits, rtt, mdev in rows:
-        print(f"{label:<40} {mbits:>9.1f} Mbit/s {rtt:>7.3f} ms {mdev:>5.3f} ms")
-    for line in relay:
-        print(line.replace("TUN + UDP relay", "Python TUN + UDP relay, MTU 1400", 1))
+        print(f"lossy link: {args.lossy}", file=sys.stderr)
+        lossy = run_condition(args.variant, args.rounds, args.seconds, args.lossy, None)
+    print(f"\nTUN tunnels: iperf3 TCP {args.seconds:g} s, ping 50 x 20 ms, UDP {args.udp_rate} "
+          f"offered; medians of alternating rounds; load average before: "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| path | TCP | vs wireguard-go | RTT avg | mdev | UDP loss | CPU s/Gbit send / recv |")
+    print("|---|---|---|---|---|---|---|")
+    for line in format_rows(clean, args.udp_rate):
+        print(line)
+    if lossy:
+        for line in format_rows(lossy, None):
+            print(line)
     return 0
 
 

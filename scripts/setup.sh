@@ -8,6 +8,7 @@ APT_PACKAGES=(
     python3-venv python3-dev gcc pkg-config libsystemd-dev  # venv; systemd-python builds
     iproute2 iputils-ping iperf3 procps psmisc            # TUN, netns, benches, tests
     coturn                                                # the TURN relay test
+    wireguard-go wireguard-tools                          # bench/tun_mvpd.py baseline
     systemd systemd-container                             # the booted-systemd tests
 )
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
