@@ -1,0 +1,8 @@
+"""TUN packets as protected datagrams on the peer connection's ICE path.
+
+:mod:`mvpd.tun.datagram` is the sans-I/O protection (header, AEAD, replay window, rekeying,
+the hello exchange both ends use to advertise the feature); :mod:`mvpd.tun.ice_datagrams`
+is the only module that reaches into aiortc and aioice (keying material from the DTLS
+connection, raw datagrams on the nominated candidate pair); :mod:`mvpd.tun.link` joins the
+two for one peer's tun transport.
+"""
