@@ -1,0 +1,213 @@
+"""Raw datagrams on an aiortc peer connection's nominated ICE pair, beside DTLS.
+
+Every access to aiortc's and aioice's private attributes for the TUN datagram path is in this
+module, behind a version gate (:data:`TESTED_VERSIONS`), so the hook can move to another
+peer-connection stack by rewriting this one file. What it reaches, from a data channel:
+
+    RTCDataChannel.transport            RTCSctpTransport     (public)
+      .transport                        RTCDtlsTransport     (public)
+        ._ssl, ._role                   pyOpenSSL Connection: export_keying_material; our role
+        .transport                      RTCIceTransport      (public)
+          ._connection                  aioice Connection
+            ._nominated[1]              the nominated CandidatePair: .protocol.transport is
+                                        the UDP (or TURN) transport, .remote_addr the peer
+            .data_received              where aioice's protocols hand over every datagram
+                                        that is not STUN, for RTCDtlsTransport's receive queue
+
+Receiving: :class:`IceDatagramSocket` replaces ``data_received`` on that one aioice
+connection with a function that takes datagrams whose first byte is
+:data:`~mvpd.tun.datagram.PACKET_TYPE` and passes everything else on unchanged. That is the
+RFC 7983 demultiplexer RTCDtlsTransport runs on the same stream one step later (it ignores
+our byte), moved in front of its queue so our datagrams skip a queue hop and a task switch
+each. Sending: ``sendto`` on the nominated pair's transport, synchronous (aioice's TURN
+transport wraps it in ChannelData itself). Nothing here changes what DTLS, SCTP or STUN see.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from .datagram import PACKET_TYPE
+
+log = logging.getLogger(__name__)
+
+#: Package versions (major.minor) whose private attributes this module was written against.
+TESTED_VERSIONS = {"aiortc": "1.16", "aioice": "0.13"}
+#: Off: every tun connection stays on its data channel (benchmarks, tests).
+ENABLED = True
+#: The path MTU assumed for the outer datagrams (Ethernet).
+PATH_MTU = 1500
+#: Bytes a TURN relay adds (a UDP ChannelData header; over TCP it is padded to 4 bytes).
+TURN_OVERHEAD = 4
+#: Socket buffers asked for the ICE socket carrying datagrams (the kernel may cap them).
+SOCKET_BUFFER = 4 * 1024 * 1024
+#: Datagrams wait in the event loop's buffer beyond the socket's only up to this much; more
+#: are dropped (a full interface queue), so the buffer never grows without bound.
+MAX_WRITE_BUFFER = 256 * 1024
+
+_ICE_COMPONENT = 1
+
+
+def unavailable_reason() -> str | None:
+    """Why the datagram path cannot be used in this process, or None."""
+    if not ENABLED:
+        return "turned off"
+    for package, tested in TESTED_VERSIONS.items():
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            return f"{package} is not installed"
+        if installed.split(".")[:2] != tested.split("."):
+            return f"{package} {installed} is not the tested {tested}.x"
+    return None
+
+
+class IceDatagramSocket:
+    """Datagrams on the nominated candidate pair of the connection under one data channel.
+
+    Build it with :meth:`for_channel` once the channel is open; ``on_datagram`` is called
+    (synchronously, from aioice's protocol) with each received datagram of ours. :meth:`close`
+    unhooks it.
+    """
+
+    def __init__(self, dtls: Any, connection: Any, on_datagram: Callable[[bytes], None]) -> None:
+        self._dtls = dtls
+        self._connection = connection
+        self._on_datagram = on_datagram
+        self._original: Callable[[bytes, int], None] = connection.data_received
+        self._tuned: set[int] = set()
+        self.closed = False
+
+        def data_received(data: bytes, component: int) -> None:
+            if data and data[0] == PACKET_TYPE and not self.closed:
+                try:
+                    on_datagram(data)
+                except Exception:  # never let it reach aioice's protocol
+                    log.exception("TUN datagram handler failed")
+                return
+            self._original(data, component)
+
+        self._hook = data_received
+        connection.data_received = data_received
+
+    @classmethod
+    def for_channel(
+        cls, channel: Any, on_datagram: Callable[[bytes], None]
+    ) -> IceDatagramSocket:
+        """Hook the connection under ``channel`` (an open aiortc RTCDataChannel); raises
+        :class:`LookupError` saying why when it cannot."""
+        reason = unavailable_reason()
+        if reason is not None:
+            raise LookupError(reason)
+        try:
+            dtls = channel.transport.transport
+            connection = dtls.transport._connection
+            ssl = dtls._ssl
+            role = dtls._role
+            hook = connection.data_received
+        except AttributeError as exc:
+            raise LookupError(f"unexpected aiortc internals: {exc}") from exc
+        if ssl is None or role not in ("client", "server") or dtls.state != "connected":
+            raise LookupError("the DTLS connection is not established")
+        if getattr(hook, "__self__", None) is not connection:
+            raise LookupError("the ICE connection is already hooked")
+        return cls(dtls, connection, on_datagram)
+
+    # --- keys ----------------------------------------------------------------------------
+
+    @property
+    def dtls_client(self) -> bool:
+        """Whether this end is the DTLS client (picks the sending key)."""
+        return bool(self._dtls._role == "client")
+
+    def export_keying_material(self, label: bytes, length: int) -> bytes:
+        """RFC 5705 keying material of the DTLS connection (no context)."""
+        return bytes(self._dtls._ssl.export_keying_material(label, length, None))
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _pair(self) -> Any:
+        if self.closed:
+            return None
+        return self._connection._nominated.get(_ICE_COMPONENT)
+
+    def send(self, datagrams: Iterable[bytes]) -> int:
+        """Send each datagram on the nominated pair; return how many were not sent (no pair,
+        transport closing, or the event loop's buffer full)."""
+        items = datagrams if isinstance(datagrams, list) else list(datagrams)
+        pair = self._pair()
+        if pair is None:
+            return len(items)
+        transport = pair.protocol.transport
+        addr = pair.remote_addr
+        if id(transport) not in self._tuned:
+            self._tune(transport)
+        sendto = transport.sendto
+        # aioice's TURN transport has neither (it sends each datagram in a task of its own).
+        buffered = getattr(transport, "get_write_buffer_size", None)
+        if getattr(transport, "is_closing", bool)():
+            return len(items)
+        if buffered is None:
+            for datagram in items:
+                sendto(datagram, addr)
+            return 0
+        sent = 0
+        for datagram in items:
+            if buffered() > MAX_WRITE_BUFFER:
+                break
+            sendto(datagram, addr)
+            sent += 1
+        return len(items) - sent
+
+    def max_datagram_size(self) -> int:
+        """The largest datagram that crosses a :data:`PATH_MTU` path unfragmented on the
+        current pair (IPv4 or IPv6, and a TURN relay's header)."""
+        pair = self._pair()
+        if pair is None:
+            return PATH_MTU - 40 - 8 - TURN_OVERHEAD
+        ip_header = 40 if ":" in str(pair.remote_addr[0]) else 20
+        relay = TURN_OVERHEAD if self.local_type() == "relay" else 0
+        return PATH_MTU - ip_header - 8 - relay
+
+    def local_type(self) -> str | None:
+        """The nominated pair's local candidate type (host, srflx, prflx, relay)."""
+        pair = self._pair()
+        return None if pair is None else str(pair.protocol.local_candidate.type)
+
+    def describe(self) -> str:
+        """The nominated pair, for status."""
+        pair = self._pair()
+        if pair is None:
+            return "no nominated ICE pair"
+        local = pair.protocol.local_candidate
+        return (f"{local.type} {local.host}:{local.port} -> "
+                f"{pair.remote_candidate.type} {pair.remote_addr[0]}:{pair.remote_addr[1]}")
+
+    def _tune(self, transport: Any) -> None:
+        """Larger socket buffers for the socket that now carries a tunnel's packets."""
+        self._tuned.add(id(transport))
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        for option, forced in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
+                               (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None))):
+            for opt in (forced, option):
+                if opt is None:
+                    continue
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                    break
+                except OSError:  # FORCE needs CAP_NET_ADMIN
+                    continue
+
+    def close(self) -> None:
+        """Give aioice its own ``data_received`` back."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._connection.data_received is self._hook:
+            del self._connection.data_received

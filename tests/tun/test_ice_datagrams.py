@@ -1,0 +1,186 @@
+"""The datagram path on real aiortc peer connections over loopback: keys from the DTLS exporter,
+the hello exchange, packets both ways beside a working data channel, a peer without the
+feature, replay and tamper on the wire, unhooking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from mvpd.tun import ice_datagrams
+from mvpd.tun.datagram import EXPORTER_LABEL, EXPORTER_LENGTH, OVERHEAD, PACKET_TYPE
+from mvpd.tun.ice_datagrams import IceDatagramSocket
+from mvpd.tun.link import DatagramLink
+from tests.peerlink import run
+
+PACKET = bytes([0x45]) + os.urandom(99)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def channel_pair() -> AsyncIterator[tuple[Any, Any]]:
+    """Two real peer connections on loopback with an open unordered channel each way."""
+    config = RTCConfiguration(iceServers=[])
+    a, b = RTCPeerConnection(config), RTCPeerConnection(config)
+    try:
+        ch_a = a.createDataChannel("tun", ordered=False, maxRetransmits=0, protocol="tun")
+        got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        b.on("datachannel", lambda ch: got.set_result(ch))
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+        await a.setRemoteDescription(b.localDescription)
+        ch_b = await asyncio.wait_for(got, 20)
+        await wait_for(lambda: ch_a.readyState == "open" and ch_b.readyState == "open", 20)
+        yield ch_a, ch_b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def channel_works(sender: Any, receiver: Any) -> None:
+    """A message on the data channel still arrives (DTLS and SCTP are untouched)."""
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def on_message(message: bytes) -> None:
+        if not got.done():
+            got.set_result(message)
+
+    receiver.on("message", on_message)
+    for _ in range(20):  # unordered, maxRetransmits=0: may need a resend
+        sender.send(b"over sctp")
+        try:
+            assert await asyncio.wait_for(asyncio.shield(got), 0.5) == b"over sctp"
+            return
+        except asyncio.TimeoutError:
+            continue
+    raise AssertionError("the data channel stopped carrying messages")
+
+
+def test_exporter_material_equal_on_both_ends_and_roles_opposite() -> None:
+    async def body() -> None:
+        async with channel_pair() as (ch_a, ch_b):
+            sa = IceDatagramSocket.for_channel(ch_a, lambda d: None)
+            sb = IceDatagramSocket.for_channel(ch_b, lambda d: None)
+            ma = sa.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH)
+            mb = sb.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH)
+            assert ma == mb and len(ma) == EXPORTER_LENGTH
+            assert sa.dtls_client != sb.dtls_client
+            assert sa.max_datagram_size() == 1500 - 20 - 8  # IPv4 host pair on loopback
+            assert sa.local_type() == "host"
+            sa.close()
+            sb.close()
+
+    run(body())
+
+
+def test_links_confirm_each_other_and_carry_packets_both_ways() -> None:
+    async def body() -> None:
+        async with channel_pair() as (ch_a, ch_b):
+            got_a: list[bytes] = []
+            got_b: list[bytes] = []
+            la = DatagramLink.open(ch_a, got_a.append)
+            lb = DatagramLink.open(ch_b, got_b.append)
+            await wait_for(lambda: la.active and lb.active)
+            assert la.protection.session_id == lb.protection.session_id
+            big = bytes([0x45]) + bytes(la.max_packet_size)  # one byte too many
+            assert la.send_packets([PACKET, big]) == [big]
+            assert lb.send_packets([PACKET] * 50) == []
+            await wait_for(lambda: len(got_b) == 1 and len(got_a) == 50)
+            assert got_b == [PACKET]
+            assert la.status()["packets_out"] == 1 and lb.status()["packets_in"] == 1
+            await channel_works(ch_a, ch_b)
+            la.close()
+            lb.close()
+
+    run(body())
+
+
+def test_a_peer_without_the_feature_never_confirms_and_the_channel_keeps_working() -> None:
+    async def body() -> None:
+        async with channel_pair() as (ch_a, ch_b):
+            la = DatagramLink.open(ch_a, lambda p: None)
+            await asyncio.sleep(1.2)  # several hellos went to b's DTLS demux, which ignores them
+            assert not la.active
+            assert la.protection.stats.packets_in == 0
+            await channel_works(ch_a, ch_b)
+            await channel_works(ch_b, ch_a)
+            la.close()
+
+    run(body())
+
+
+def test_replayed_and_tampered_datagrams_on_the_wire_are_dropped_and_counted() -> None:
+    async def body() -> None:
+        async with channel_pair() as (ch_a, ch_b):
+            got_b: list[bytes] = []
+            la = DatagramLink.open(ch_a, lambda p: None)
+            lb = DatagramLink.open(ch_b, got_b.append)
+            await wait_for(lambda: la.active and lb.active)
+            wire: list[bytes] = []
+            send = la.sock.send
+
+            def recording(datagrams: Any) -> int:
+                wire.extend(datagrams)
+                return send(datagrams)
+
+            la.sock.send = recording  # type: ignore[method-assign]
+            la.send_packets([PACKET])
+            await wait_for(lambda: len(got_b) == 1)
+            (datagram,) = wire
+            assert datagram[0] == PACKET_TYPE and len(datagram) == len(PACKET) + OVERHEAD
+            send([datagram])  # replayed
+            tampered = bytearray(la.protection.seal(PACKET))  # a fresh counter, then altered
+            tampered[-1] ^= 0x80
+            send([bytes(tampered)])
+            stats = lb.protection.stats
+            await wait_for(lambda: stats.replayed + stats.undecryptable >= 2, 3)
+            assert (stats.replayed, stats.undecryptable) == (1, 1), stats
+            assert got_b == [PACKET]
+            la.close()
+            lb.close()
+
+    run(body())
+
+
+def test_close_restores_aioice_and_refuses_a_second_hook() -> None:
+    async def body() -> None:
+        async with channel_pair() as (ch_a, _):
+            connection = ch_a.transport.transport.transport._connection
+            sock = IceDatagramSocket.for_channel(ch_a, lambda d: None)
+            assert connection.data_received is not type(connection).data_received
+            with pytest.raises(LookupError, match="already hooked"):
+                IceDatagramSocket.for_channel(ch_a, lambda d: None)
+            sock.close()
+            assert connection.data_received.__func__ is type(connection).data_received
+            assert sock.send([b"x"]) == 1  # closed: nothing is sent
+
+    run(body())
+
+
+def test_version_gate_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ice_datagrams.unavailable_reason() is None
+    monkeypatch.setattr(ice_datagrams, "TESTED_VERSIONS", {"aiortc": "0.9"})
+    assert "not the tested 0.9" in str(ice_datagrams.unavailable_reason())
+    monkeypatch.setattr(ice_datagrams, "ENABLED", False)
+    assert ice_datagrams.unavailable_reason() == "turned off"
+
+    async def body() -> None:
+        async with channel_pair() as (ch_a, _):
+            with pytest.raises(LookupError, match="turned off"):
+                DatagramLink.open(ch_a, lambda p: None)
+
+    run(body())
