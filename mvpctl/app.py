@@ -243,6 +243,24 @@ def format_tun(peer: str, tun: dict[str, Any]) -> str:
         f"allowed IPs {allowed}\n"
         f"{peer}: packets in {tun.get('packets_in', 0)} ({_size(tun.get('bytes_in'))}), "
         f"out {tun.get('packets_out', 0)} ({_size(tun.get('bytes_out'))}); drops: {dropped}"
+        + _format_tun_path(peer, tun)
+    )
+
+
+def _format_tun_path(peer: str, tun: dict[str, Any]) -> str:
+    """The path tun packets take: datagrams on the ICE pair, or the data channel and why."""
+    path = tun.get("path")
+    dgram = tun.get("datagram") or {}
+    if path is None:
+        return ""
+    if path != "datagram":
+        return f"\n{peer}: path data channel ({dgram.get('unavailable') or 'no datagram path'})"
+    return (
+        f"\n{peer}: path datagrams on {dgram.get('ice_pair', '?')}, session "
+        f"{dgram.get('session_id', '?')}, epoch {dgram.get('send_epoch', 0)}/"
+        f"{dgram.get('receive_epoch', 0)}: in {dgram.get('packets_in', 0)}, out "
+        f"{dgram.get('packets_out', 0)}, replayed {dgram.get('replayed', 0)}, undecryptable "
+        f"{dgram.get('undecryptable', 0)}, dropped {dgram.get('dropped', 0)}"
     )
 
 

@@ -154,9 +154,10 @@ class TunSettings(BaseModel):
     name: str = Field(default="mvp-tun%d", pattern=r"^[A-Za-z0-9_.%-]{1,15}$")
     #: This machine's address on the tunnel, with prefix, e.g. ``10.0.0.1/24``.
     address: IPInterface | None = None
-    #: 4000 by measurement (BENCHMARKS.md, "TUN mode"): ~2x the TCP throughput of 1400
-    #: through aiortc, while a packet spans only 4 SCTP chunks (one lost chunk loses it).
-    mtu: int = Field(default=4000, ge=576, le=65535)
+    #: 1420, WireGuard's: a packet plus the datagram path's 28 bytes fits one unfragmented
+    #: datagram on a 1500-byte path, over IPv6 and through a TURN relay too (mvpd.tun).
+    #: Larger packets still work, on the data channel.
+    mtu: int = Field(default=1420, ge=576, le=65535)
     #: Destinations besides ``address`` that a peer's packets may have: networks this agent
     #: forwards to (a LAN behind it, or other tun peers for a hub; needs IP forwarding).
     #: Empty: a peer reaches this agent's tunnel address and nothing else of this host.

@@ -13,6 +13,14 @@ always understood on receipt and can be turned on with ``batch_size``, but measu
 mvpd it was not faster and made RTT jitter 5-10x worse (BENCHMARKS.md, "TUN mode"): aiortc's
 SCTP still cuts a batch into 1160-byte chunks and sends one SACK per chunk.
 
+Datagram path: when the channel opens, :class:`~mvpd.tun.link.DatagramLink` hooks the peer
+connection's ICE path and advertises the feature to the peer; once the peer answers (a newer
+mvpd), packets travel as AEAD-protected datagrams beside DTLS instead of on the channel
+(WireGuard's data path, keyed from the DTLS connection: see :mod:`mvpd.tun.datagram`), and
+only packets too big for one unfragmented datagram still take the channel. What arrives that
+way meets the same allowed-IPs check. A peer that never answers (an older mvpd, a browser)
+sees nothing of it and stays on the channel.
+
 Backpressure: when the channel's send buffer reaches the high watermark, the transport asks
 the tunnel to pause reading the device (the kernel queues, then drops, as a congested link
 would); ``bufferedamountlow`` lets it resume. Every dropped packet is counted by reason.
@@ -29,6 +37,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..proto.errors import TransportError
 from ..proto.ippacket import DropCounters, DropReason, PacketFilter
+from ..tun.link import DatagramLink
 from .base import ChannelOptions, DataChannelLike, Transport
 
 log = logging.getLogger(__name__)
@@ -89,6 +98,9 @@ class TunTransport(Transport[bytes]):
         self.traffic = TunTraffic()
         self._drops = DropCounters()
         self._paused = False
+        #: The datagram path, once the channel is open and the connection has one.
+        self.datagrams: DatagramLink | None = None
+        self._no_datagrams = "the channel is not open yet"
         self.add_close_listener(self._closed_channel)
 
     @property
@@ -113,6 +125,12 @@ class TunTransport(Transport[bytes]):
         if self.sink is None:
             log.warning("TUN channel %r opened with no tunnel bound: packets are dropped",
                         self.label)
+        if self.datagrams is None and not self.is_closed:
+            try:
+                self.datagrams = DatagramLink.open(self.channel, self._datagram_received)
+            except LookupError as exc:
+                self._no_datagrams = str(exc)
+                log.info("peer %s: TUN packets stay on the data channel: %s", self.peer_id, exc)
 
     def _buffer_drained(self) -> None:
         if self._paused:
@@ -122,6 +140,8 @@ class TunTransport(Transport[bytes]):
 
     def _closed_channel(self) -> None:
         self._paused = False
+        if self.datagrams is not None:
+            self.datagrams.close()
         if self.sink is not None:
             self.sink.detach(self)
 
@@ -136,6 +156,14 @@ class TunTransport(Transport[bytes]):
         if self.filter is None:
             drops.add(DropReason.NOT_CONNECTED, len(packets))
             return
+        link = self.datagrams
+        if link is not None and link.active:
+            rest = link.send_packets(packets)  # all but those too big for one datagram
+            self.traffic.packets_out += len(packets) - len(rest)
+            self.traffic.bytes_out += sum(map(len, packets)) - sum(map(len, rest))
+            if not rest:
+                return
+            packets = rest
         limit = self.batch_size
         if limit <= 1:
             messages = []
@@ -176,6 +204,13 @@ class TunTransport(Transport[bytes]):
             return
         self.sink.from_peer(self, data)
 
+    def _datagram_received(self, packet: bytes) -> None:
+        """One authenticated packet from the datagram path: checked like any other."""
+        if self.sink is None:
+            self.drops.add(DropReason.NOT_CONNECTED)
+            return
+        self.sink.from_peer(self, packet)
+
     def decode(self, data: str | bytes) -> bytes:
         return data.encode() if isinstance(data, str) else data
 
@@ -201,4 +236,16 @@ class TunTransport(Transport[bytes]):
             "bytes_out": self.traffic.bytes_out,
             "drops": {k: v for k, v in self.drops.as_dict().items() if v},
             "device_drops": info.get("drops", {}),
+            **self.path_status(),
         }
+
+    def path_status(self) -> dict[str, Any]:
+        """``path`` ("datagram" or "channel") and ``datagram``: that path's state and counters,
+        or why there is none."""
+        link = self.datagrams
+        if link is None:
+            return {"path": "channel", "datagram": {"unavailable": self._no_datagrams}}
+        state = link.status()
+        if not link.active:
+            state["unavailable"] = "the peer has not answered (no datagram support)"
+        return {"path": "datagram" if link.active else "channel", "datagram": state}
