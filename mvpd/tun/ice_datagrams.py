@@ -11,16 +11,19 @@ peer-connection stack by rewriting this one file. What it reaches, from a data c
           ._connection                  aioice Connection
             ._nominated[1]              the nominated CandidatePair: .protocol.transport is
                                         the UDP (or TURN) transport, .remote_addr the peer
-            .data_received              where aioice's protocols hand over every datagram
-                                        that is not STUN, for RTCDtlsTransport's receive queue
+            ._protocols                 its StunProtocols, one per local candidate, whose
+                                        datagram_received gets every datagram (a TURN
+                                        relay's unwrapped ones too)
 
-Receiving: :class:`IceDatagramSocket` replaces ``data_received`` on that one aioice
-connection with a function that takes datagrams whose first byte is
-:data:`~mvpd.tun.datagram.PACKET_TYPE` and passes everything else on unchanged. That is the
-RFC 7983 demultiplexer RTCDtlsTransport runs on the same stream one step later (it ignores
-our byte), moved in front of its queue so our datagrams skip a queue hop and a task switch
-each. Sending: ``sendto`` on the nominated pair's transport, synchronous (aioice's TURN
-transport wraps it in ChannelData itself). Nothing here changes what DTLS, SCTP or STUN see.
+Receiving: :class:`IceDatagramSocket` gives each of those protocols a ``datagram_received``
+of its own that takes datagrams whose first byte is :data:`~mvpd.tun.datagram.PACKET_TYPE`
+and passes everything else on unchanged. That is the RFC 7983 demultiplexer RTCDtlsTransport
+runs on the same stream later (it ignores our byte), moved in front of aioice's STUN parser
+(which would raise on each of ours) and its receive queue (a queue hop and a task switch per
+datagram). Datagrams are taken from any source address, as aioice does: the AEAD tag, not the
+address, decides what is ours. Sending: ``sendto`` on the nominated pair's transport,
+synchronous (aioice's TURN transport wraps it in ChannelData itself). Nothing here changes
+what DTLS, SCTP or STUN see.
 """
 
 from __future__ import annotations
@@ -77,22 +80,28 @@ class IceDatagramSocket:
     def __init__(self, dtls: Any, connection: Any, on_datagram: Callable[[bytes], None]) -> None:
         self._dtls = dtls
         self._connection = connection
-        self._on_datagram = on_datagram
-        self._original: Callable[[bytes, int], None] = connection.data_received
         self._tuned: set[int] = set()
         self.closed = False
+        self._hooked: list[tuple[Any, Callable[..., None]]] = []
+        for protocol in connection._protocols:
+            hook = self._hook(protocol.datagram_received, on_datagram)
+            protocol.datagram_received = hook
+            self._hooked.append((protocol, hook))
 
-        def data_received(data: bytes, component: int) -> None:
+    def _hook(
+        self, original: Callable[[bytes, Any], None], on_datagram: Callable[[bytes], None]
+    ) -> Callable[[bytes, Any], None]:
+        def datagram_received(data: bytes, addr: Any) -> None:
             if data and data[0] == PACKET_TYPE and not self.closed:
                 try:
                     on_datagram(data)
                 except Exception:  # never let it reach aioice's protocol
                     log.exception("TUN datagram handler failed")
                 return
-            self._original(data, component)
+            original(data, addr)
 
-        self._hook = data_received
-        connection.data_received = data_received
+        datagram_received.mvpd_tun_hook = True  # type: ignore[attr-defined]
+        return datagram_received
 
     @classmethod
     def for_channel(
@@ -108,12 +117,13 @@ class IceDatagramSocket:
             connection = dtls.transport._connection
             ssl = dtls._ssl
             role = dtls._role
-            hook = connection.data_received
+            receivers = [p.datagram_received for p in connection._protocols]
+            connection._nominated.get(_ICE_COMPONENT)
         except AttributeError as exc:
             raise LookupError(f"unexpected aiortc internals: {exc}") from exc
         if ssl is None or role not in ("client", "server") or dtls.state != "connected":
             raise LookupError("the DTLS connection is not established")
-        if getattr(hook, "__self__", None) is not connection:
+        if any(getattr(r, "mvpd_tun_hook", False) for r in receivers):
             raise LookupError("the ICE connection is already hooked")
         return cls(dtls, connection, on_datagram)
 
@@ -155,13 +165,11 @@ class IceDatagramSocket:
             for datagram in items:
                 sendto(datagram, addr)
             return 0
-        sent = 0
+        if buffered() > MAX_WRITE_BUFFER:  # checked per batch (64 packets at most)
+            return len(items)
         for datagram in items:
-            if buffered() > MAX_WRITE_BUFFER:
-                break
             sendto(datagram, addr)
-            sent += 1
-        return len(items) - sent
+        return 0
 
     def max_datagram_size(self) -> int:
         """The largest datagram that crosses a :data:`PATH_MTU` path unfragmented on the
@@ -205,9 +213,11 @@ class IceDatagramSocket:
                     continue
 
     def close(self) -> None:
-        """Give aioice its own ``data_received`` back."""
+        """Give aioice's protocols their own ``datagram_received`` back."""
         if self.closed:
             return
         self.closed = True
-        if self._connection.data_received is self._hook:
-            del self._connection.data_received
+        for protocol, hook in self._hooked:
+            if protocol.__dict__.get("datagram_received") is hook:
+                del protocol.datagram_received
+        self._hooked = []
