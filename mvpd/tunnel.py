@@ -53,6 +53,7 @@ from .proto.errors import MvpError, TunError
 from .proto.ippacket import AllowedIPs, DropReason, IPNetwork, PacketFilter
 from .transports.base import Transport
 from .transports.tun import TunTransport
+from .tun.writer import DeviceWriter
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class Tunnel:
         #: Drops on the device side no single peer can be blamed for (no route, malformed).
         self.filter = PacketFilter(self.table)
         self.device: TunDevice | None = None
+        #: Writes what peers send to the device from a thread (mvpd.tun.writer).
+        self.writer: DeviceWriter | None = None
         self._peers: dict[str, TunPeer] = {}
         self._congested: set[str] = set()
         self._configured: asyncio.Future[bool] | None = None
@@ -241,6 +244,7 @@ class Tunnel:
         tun = self.settings.tun
         device = TunDevice.create(tun.name)
         self.device = device
+        self.writer = DeviceWriter(device.fd, device.name)
         self._congested.clear()
         if tun.address is not None:
             own = ipaddress.ip_network(tun.address.ip)
@@ -302,6 +306,9 @@ class Tunnel:
 
     def _remove_device(self, why: str) -> None:
         device, self.device = self.device, None
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
         self.table.remove_peer(LOCAL_OWNER)
         self._congested.clear()
         if device is not None and not device.closed:
@@ -352,13 +359,13 @@ class Tunnel:
         packets = transport.filter.incoming_message(transport.peer_id, message)
         if not packets:
             return
-        device = self.device
-        if device is None or device.closed:
+        writer = self.writer
+        if writer is None:
             transport.drops.add(DropReason.NOT_CONNECTED, len(packets))
             return
         traffic = transport.traffic
         for packet in packets:
-            if device.write(packet):
+            if writer.write(packet):
                 traffic.packets_in += 1
                 traffic.bytes_in += len(packet)
             else:
@@ -389,8 +396,16 @@ class Tunnel:
             "device": device.name if device is not None and alive else None,
             "addresses": [str(a) for a in device.addresses] if device is not None else [],
             "mtu": device.mtu if device is not None else None,
-            "drops": {k: v for k, v in self.filter.drops.as_dict().items() if v},
+            "drops": {k: v for k, v in self._device_drops().items() if v},
         }
+
+    def _device_drops(self) -> dict[str, int]:
+        drops = self.filter.drops.as_dict()
+        writer = self.writer
+        if writer is not None:  # refused by the kernel, or beyond the writer's queue
+            key = DropReason.WRITE_FAILED.value
+            drops[key] = drops.get(key, 0) + writer.failed + writer.overflowed
+        return drops
 
     def status(self) -> dict[str, Any]:
         """The device and every peer behind it."""
