@@ -38,7 +38,9 @@ VARIANTS: dict[str, str] = {
 def daemon_command(variant: str, probe_file: Path) -> tuple[str, ...]:
     setup = (
         f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import sctp_probe; "
-        f"sctp_probe.install({str(probe_file)!r}); " + VARIANTS[variant]
+        f"sctp_probe.install({str(probe_file)!r}); "
+        # The SCTP channel is what this bench studies: no datagram path.
+        "import mvpd.tun.ice_datagrams as d; d.ENABLED = False; " + VARIANTS[variant]
     )
     return (sys.executable, "-c", setup + "from mvpd.cli import main; main()")
 
