@@ -244,7 +244,7 @@ class Tunnel:
         tun = self.settings.tun
         device = TunDevice.create(tun.name)
         self.device = device
-        self.writer = DeviceWriter(device.fd, device.name)
+        self.writer = DeviceWriter(device.fd, device.name, asyncio.get_running_loop())
         self._congested.clear()
         if tun.address is not None:
             own = ipaddress.ip_network(tun.address.ip)

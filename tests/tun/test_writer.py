@@ -84,3 +84,26 @@ def test_close_drops_what_is_queued_and_refuses_more() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_with_a_loop_one_iteration_becomes_one_batch() -> None:
+    import asyncio
+
+    async def body() -> None:
+        r, w = os.pipe()
+        try:
+            writer = DeviceWriter(w, "test", asyncio.get_running_loop())
+            for i in range(10):
+                writer.write(bytes([i]))
+            assert writer._queue.qsize() == 0  # nothing handed over inside the iteration
+            assert len(writer._batch) == 10
+            await asyncio.sleep(0)
+            assert writer._batch == []  # one list for the thread
+            wait(lambda: writer.written == 10)
+            assert os.read(r, 100) == bytes(range(10))
+            writer.close()
+        finally:
+            os.close(r)
+            os.close(w)
+
+    asyncio.run(body())
