@@ -242,10 +242,11 @@ class DatagramProtection:
         epoch_byte = datagram[1]
         key = self._current
         if epoch_byte != key.epoch & 0xFF:
-            key = self._other_key(epoch_byte)  # type: ignore[assignment]
-            if key is None:
+            other = self._other_key(epoch_byte)
+            if other is None:
                 stats.undecryptable += 1
                 return None
+            key = other
         counter = int.from_bytes(datagram[4:12], "big")
         window = key.window
         if not window.check(counter):

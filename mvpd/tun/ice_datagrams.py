@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -145,29 +145,25 @@ class IceDatagramSocket:
             return None
         return self._connection._nominated.get(_ICE_COMPONENT)
 
-    def send(self, datagrams: Iterable[bytes]) -> int:
+    def send(self, datagrams: list[bytes]) -> int:
         """Send each datagram on the nominated pair; return how many were not sent (no pair,
         transport closing, or the event loop's buffer full)."""
-        items = datagrams if isinstance(datagrams, list) else list(datagrams)
         pair = self._pair()
         if pair is None:
-            return len(items)
+            return len(datagrams)
         transport = pair.protocol.transport
         addr = pair.remote_addr
         if id(transport) not in self._tuned:
             self._tune(transport)
-        sendto = transport.sendto
         # aioice's TURN transport has neither (it sends each datagram in a task of its own).
+        is_closing = getattr(transport, "is_closing", None)
         buffered = getattr(transport, "get_write_buffer_size", None)
-        if getattr(transport, "is_closing", bool)():
-            return len(items)
-        if buffered is None:
-            for datagram in items:
-                sendto(datagram, addr)
-            return 0
-        if buffered() > MAX_WRITE_BUFFER:  # checked per batch (64 packets at most)
-            return len(items)
-        for datagram in items:
+        if is_closing is not None and is_closing():
+            return len(datagrams)
+        if buffered is not None and buffered() > MAX_WRITE_BUFFER:  # once per batch
+            return len(datagrams)
+        sendto = transport.sendto
+        for datagram in datagrams:
             sendto(datagram, addr)
         return 0
 
