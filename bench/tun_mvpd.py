@@ -102,8 +102,12 @@ def variant_command(setup: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
 
-def mvpd_config(address: str, mtu: int | None) -> str:
-    return f"tun:\n  address: {address}/24\n" + (f"  mtu: {mtu}\n" if mtu else "")
+def mvpd_config(host: int, mtu: int | None) -> str:
+    """The config of alice (``host`` 1) or bob (2): its tunnel address, the MTU (None: mvpd's
+    default) and the other one as a tun peer with its /32."""
+    peer, other = ("bob", 2) if host == 1 else ("alice", 1)
+    return (f"tun:\n  address: {MVPD_SUBNET}.{host}/24\n" + (f"  mtu: {mtu}\n" if mtu else "")
+            + f"peers:\n  {peer}: {{mode: tun, allowed_ips: [{MVPD_SUBNET}.{other}/32]}}\n")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -249,8 +253,7 @@ def run_condition(
         print(f"  {label}: {sample}", file=sys.stderr, flush=True)
 
     first_setup, first_mtu = VARIANTS[variants[0]]
-    configs = {"alice": mvpd_config(f"{MVPD_SUBNET}.1", first_mtu),
-               "bob": mvpd_config(f"{MVPD_SUBNET}.2", first_mtu)}
+    configs = {"alice": mvpd_config(1, first_mtu), "bob": mvpd_config(2, first_mtu)}
     with tempfile.TemporaryDirectory(prefix="mvp-bench-") as tmp, tun_lab(
         Path(tmp), ["alice", "bob"], configs, mvpd=variant_command(first_setup),
         impairable=bool(lossy),
@@ -267,7 +270,7 @@ def run_condition(
                 if i:
                     for host, last in ((alice, 1), (bob, 2)):
                         host.stop()
-                        host.config_text = mvpd_config(f"{MVPD_SUBNET}.{last}", mtu)
+                        host.config_text = mvpd_config(last, mtu)
                         host.start(lab.url, mvpd=variant_command(setup))
                 lab.connect("alice", "bob")
                 tunnel_ping(a, f"{MVPD_SUBNET}.2")
