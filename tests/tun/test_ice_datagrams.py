@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 from mvpd.tun import ice_datagrams
 from mvpd.tun.datagram import EXPORTER_LABEL, EXPORTER_LENGTH, OVERHEAD, PACKET_TYPE
 from mvpd.tun.ice_datagrams import IceDatagramSocket
 from mvpd.tun.link import DatagramLink
+from tests.e2e.harness import TurnServer
 from tests.peerlink import run
 
 PACKET = bytes([0x45]) + os.urandom(99)
@@ -31,9 +35,11 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
 
 
 @asynccontextmanager
-async def channel_pair() -> AsyncIterator[tuple[Any, Any]]:
+async def channel_pair(
+    config: RTCConfiguration | None = None,
+) -> AsyncIterator[tuple[Any, Any]]:
     """Two real peer connections on loopback with an open unordered channel each way."""
-    config = RTCConfiguration(iceServers=[])
+    config = config or RTCConfiguration(iceServers=[])
     a, b = RTCPeerConnection(config), RTCPeerConnection(config)
     try:
         ch_a = a.createDataChannel("tun", ordered=False, maxRetransmits=0, protocol="tun")
@@ -184,5 +190,57 @@ def test_version_gate_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         async with channel_pair() as (ch_a, _):
             with pytest.raises(LookupError, match="turned off"):
                 DatagramLink.open(ch_a, lambda p: None)
+
+    run(body())
+
+
+@pytest.fixture
+def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
+    # TurnServer picks a free UDP port, but coturn listens on TCP at the same number too,
+    # which on this busy machine is now and then some client's ephemeral port: try again.
+    for attempt in range(3):
+        workdir = tmp_path / f"turn{attempt}"
+        workdir.mkdir()
+        server = TurnServer(workdir)
+        try:
+            server.start(binary)
+            break
+        except pytest.fail.Exception:
+            server.stop()
+            if attempt == 2:
+                raise
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_through_a_turn_relay(turn_server: TurnServer) -> None:
+    """Relayed pairs: aioice wraps our datagrams in ChannelData and unwraps them for the hook;
+    the size limit leaves room for the 4-byte ChannelData header."""
+
+    async def body() -> None:
+        relay = RTCConfiguration(
+            iceServers=[RTCIceServer(urls=[turn_server.url], username=TurnServer.USER,
+                                     credential=TurnServer.PASSWORD)],
+            iceTransportPolicy=RTCIceTransportPolicy.RELAY,
+        )
+        async with channel_pair(relay) as (ch_a, ch_b):
+            got_b: list[bytes] = []
+            la = DatagramLink.open(ch_a, lambda p: None)
+            lb = DatagramLink.open(ch_b, got_b.append)
+            await wait_for(lambda: la.active and lb.active, 20)
+            assert la.sock.local_type() == "relay"
+            assert la.sock.max_datagram_size() == 1500 - 20 - 8 - 4
+            assert la.max_packet_size == 1500 - 20 - 8 - 4 - OVERHEAD >= 1420
+            la.send_packets([PACKET] * 5)
+            await wait_for(lambda: len(got_b) == 5)
+            assert "relay" in la.status()["ice_pair"]
+            await channel_works(ch_b, ch_a)
+            la.close()
+            lb.close()
 
     run(body())
