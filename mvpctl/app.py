@@ -604,9 +604,186 @@ def _run_pipe(client: Client, stream: Subscription) -> None:
                 client.poll()
 
 
+# --- stats, ping, web --------------------------------------------------------------------------
+
+
+def _rate(per_second: Any) -> str:
+    return f"{_size(per_second)}/s"
+
+
+def _endpoint(candidate: dict[str, Any] | None) -> str:
+    if not candidate:
+        return "?"
+    address = str(candidate.get("address", "?"))
+    if ":" in address:
+        address = f"[{address}]"
+    return f"{address}:{candidate.get('port', '?')} {candidate.get('type', '?')}"
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The ``stats`` result as text for humans."""
+    status = stats.get("status") or {}
+    peer = status.get("peer", "?")
+    lines = [f"{peer}: {status.get('state', '?')}, {status.get('mode') or '-'} mode, "
+             f"path {status.get('path', 'unknown')}, connected {_since(status.get('since'))}"]
+    pair = stats.get("pair")
+    if pair:
+        local, remote = pair.get("local") or {}, pair.get("remote") or {}
+        lines.append(f"  pair      {local.get('protocol', '?')} {_endpoint(local)} -> "
+                     f"{_endpoint(remote)}")
+    rtt = stats.get("ice_rtt")
+    if rtt:
+        lines.append(f"  ice rtt   {rtt['last_ms']:.2f} ms (min {rtt['min_ms']:.2f}, avg "
+                     f"{rtt['avg_ms']:.2f}, max {rtt['max_ms']:.2f} ms over "
+                     f"{rtt['samples']} checks)")
+    else:
+        lines.append("  ice rtt   - (no liveness check answered yet)")
+    rates = stats.get("rates")
+    if rates:
+        lines.append(
+            f"  rate      in {_rate(rates['bytes_in_per_s'])} "
+            f"({rates['messages_in_per_s']:.1f} msg/s), out {_rate(rates['bytes_out_per_s'])} "
+            f"({rates['messages_out_per_s']:.1f} msg/s) over {rates['window_s']:.0f} s")
+    for label, channel in sorted((stats.get("channels") or {}).items()):
+        state = "open" if channel.get("open") else "closed"
+        lines.append(
+            f"  channel   {label} ({channel.get('mode')}, {state}): in "
+            f"{_size(channel.get('bytes_in'))} / {channel.get('messages_in', 0)} msgs, out "
+            f"{_size(channel.get('bytes_out'))} / {channel.get('messages_out', 0)} msgs")
+    sctp = stats.get("sctp")
+    if sctp:
+        srtt = sctp.get("srtt_ms")
+        lines.append(
+            f"  sctp      cwnd {_size(sctp.get('cwnd'))}, in flight "
+            f"{_size(sctp.get('flight_size'))}, srtt "
+            f"{'-' if srtt is None else f'{srtt:.1f} ms'}, retransmissions "
+            f"{sctp.get('retransmissions', 0)}, abandoned {sctp.get('abandoned', 0)}, "
+            f"T3 timeouts {sctp.get('t3_expirations', 0)}")
+    dropped = status.get("dropped") or {}
+    lines.append("  drops     " + (", ".join(f"{reason} {count}" for reason, count
+                                            in sorted(dropped.items())) or "none"))
+    if status.get("tun"):
+        lines.append(format_tun(str(peer), status["tun"]))
+    return "\n".join(lines)
+
+
+@app.command()
+@_handles_errors
+def stats(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    as_json: bool = typer.Option(False, "--json", "-j", help="Print the raw stats as JSON."),
+    watch: bool = typer.Option(
+        False, "--watch", "-w", help="Show them again every second until interrupted."
+    ),
+) -> None:
+    """Show live statistics of the connection to PEER.
+
+    The selected ICE candidate pair (address, port, type, protocol), the ICE round trip of
+    the liveness checks, traffic rates over the last seconds, bytes and messages per
+    channel, SCTP counters (congestion window, retransmissions, abandoned chunks) and drops
+    by reason.
+    """
+    use_json = _want_json(ctx, as_json)
+    with _client(ctx) as client:
+        while True:
+            result = client.call("stats", peer=peer)
+            if use_json:
+                typer.echo(json.dumps(result, sort_keys=True, default=_json_default,
+                                      indent=None if watch else 2))
+            else:
+                if watch and sys.stdout.isatty():
+                    typer.echo("\x1b[H\x1b[2J", nl=False)
+                typer.echo(format_stats(result))
+            if not watch:
+                return
+            sys.stdout.flush()
+            time.sleep(1.0)
+
+
+@app.command()
+@_handles_errors
+def ping(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    count: int = typer.Option(4, "--count", "-c", min=1, help="Stop after N probes."),
+    interval: float = typer.Option(
+        1.0, "--interval", "-i", min=0.0, help="Seconds between probes."
+    ),
+    timeout: float = typer.Option(
+        2.0, "--timeout", "-W", min=0.001, max=30.0, help="Seconds to wait for each reply."
+    ),
+    size: int = typer.Option(
+        0, "--padding", "-s", min=0, max=1008, help="Zero bytes added to each probe."
+    ),
+) -> None:
+    """Measure the round trip to PEER over the data path itself.
+
+    Like `tailscale ping`: each probe travels on a data channel of its own (label mvp-ping)
+    through DTLS, SCTP and the selected ICE pair (and the TURN relay, if any); PEER's mvpd
+    echoes it. Each reply shows its time and the path (direct or relayed). Exits 0 when at
+    least one reply came, 1 otherwise (also when PEER does not answer data-path pings).
+    """
+    as_json = _want_json(ctx, False)
+    rtts: list[float] = []
+    sent = 0
+    with _client(ctx, timeout=None) as client:
+        for index in range(count):
+            if index:
+                time.sleep(interval)
+            result = client.call("ping", reply_timeout=timeout + 10, peer=peer,
+                                 timeout=timeout, padding=size)
+            sent += 1
+            if as_json:
+                typer.echo(json.dumps(result, sort_keys=True))
+            elif result.get("rtt_ms") is None:
+                typer.echo(f"no reply from {peer}: seq={result.get('sequence')} "
+                           f"(timeout {timeout:g} s)")
+            else:
+                typer.echo(f"reply from {peer}: seq={result.get('sequence')} "
+                           f"time={result['rtt_ms']:.3f} ms path={result.get('path')}")
+            if result.get("rtt_ms") is not None:
+                rtts.append(float(result["rtt_ms"]))
+            sys.stdout.flush()
+    if not as_json:
+        lost = 100 * (sent - len(rtts)) / max(sent, 1)
+        summary = f"--- {peer}: {sent} probes, {len(rtts)} replies, {lost:.0f}% lost"
+        if rtts:
+            summary += (f"; rtt min/avg/max {min(rtts):.3f}/{sum(rtts) / len(rtts):.3f}/"
+                        f"{max(rtts):.3f} ms")
+        typer.echo(summary)
+    if not rtts:
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+@_handles_errors
+def web(
+    ctx: typer.Context,
+    listen: str = typer.Option(
+        "127.0.0.1:0", "--listen", "-l", metavar="HOST:PORT",
+        help="Where the page is served (loopback only; port 0 picks a free one).",
+    ),
+    open_browser: bool = typer.Option(
+        False, "--open", help="Open the page in the default browser too."
+    ),
+) -> None:
+    """Serve a local web page showing the daemon: peers, live throughput and RTT plots.
+
+    The page talks to mvpd with your rights: anyone may watch what `mvpctl status` shows;
+    members of the control socket's group may also connect, disconnect and send. It prints
+    a URL with a random token (like Jupyter); requests without the token, from another
+    origin or for another host name are refused. Stop it with Ctrl-C.
+    """
+    from .web.server import serve  # only this command pays for the web server's imports
+
+    options: _Options = ctx.ensure_object(_Options)
+    serve(listen, options.socket, open_browser=open_browser)
+
+
 def main() -> None:
     """Console entry point (``mvpctl``)."""
     app()
 
 
-__all__ = ["EXIT_CODES", "app", "exit_code_for", "format_status", "main"]
+__all__ = ["EXIT_CODES", "app", "exit_code_for", "format_stats", "format_status", "main"]

@@ -211,6 +211,15 @@ class AgentSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias=AliasChoices("MVPD_LOG_LEVEL", "log_level")
     )
+    #: Serve Prometheus metrics at ``http://HOST:PORT/metrics`` (off when unset).
+    metrics_listen: str | None = Field(
+        default=None, validation_alias=AliasChoices("MVPD_METRICS_LISTEN", "metrics_listen")
+    )
+    #: Allow ``metrics_listen`` on an address other than loopback.
+    metrics_allow_remote: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("MVPD_METRICS_ALLOW_REMOTE", "metrics_allow_remote"),
+    )
     #: Peers whose offers are answered: ``["*"]`` for everyone on the signaling server.
     allowed_peers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"],
@@ -297,6 +306,31 @@ class AgentSettings(BaseSettings):
             if key != ANY_PEER and not re.match(AGENT_ID_PATTERN, key):
                 raise ValueError(f"{key!r} is neither '*' nor an agent id")
         return value
+
+    @field_validator("metrics_listen", mode="before")
+    @classmethod
+    def _metrics_off(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _metrics_address(self) -> AgentSettings:
+        """The metrics name the peers and show their traffic: loopback only, unless allowed."""
+        if self.metrics_listen is None:
+            return self
+        host, _ = split_host_port(self.metrics_listen)
+        if host == "localhost" or self.metrics_allow_remote:
+            return self
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"metrics_listen {self.metrics_listen} is not a loopback address: the metrics "
+                "name your peers and their traffic. Use 127.0.0.1 (and an SSH tunnel or an "
+                "authenticating proxy), or set metrics_allow_remote: true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tun_peers(self) -> AgentSettings:
@@ -517,6 +551,8 @@ ENV_NAMES: dict[str, str] = {
     "socket_group": "MVPD_SOCKET_GROUP",
     "others_access": "MVPD_OTHERS_ACCESS",
     "log_level": "MVPD_LOG_LEVEL",
+    "metrics_listen": "MVPD_METRICS_LISTEN",
+    "metrics_allow_remote": "MVPD_METRICS_ALLOW_REMOTE",
     "allowed_peers": "MVPD_ALLOWED_PEERS",
     "auto_connect": "MVPD_AUTO_CONNECT",
     "connect_timeout": "MVPD_CONNECT_TIMEOUT",

@@ -23,6 +23,7 @@ from .config import EX_CONFIG, AgentSettings, load_settings
 from .control import ControlServer
 from .core import AgentCore
 from .logs import log_event, setup_logging
+from .observability import Observability
 from .peer import PeerState
 from .proto.errors import ConfigError, MvpError
 from .proto.rpc import ReloadResult
@@ -53,6 +54,7 @@ class Daemon:
         self.tunnel: Tunnel | None = None
         self.methods: RpcMethods | None = None
         self.control: ControlServer | None = None
+        self.observability: Observability | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._dialing: set[str] = set()
@@ -79,12 +81,15 @@ class Daemon:
             self.core.add_connect_check(self.tunnel.check)
             self.core.add_transport_hook(self.tunnel.attach)
             await self.core.start()
+            self.observability = Observability(s, self.core, self.signaling)
             self.methods = RpcMethods(
-                s, self.core, signaling_state=self._signaling_state, reload=self.reload
+                s, self.core, signaling_state=self._signaling_state, reload=self.reload,
+                sampler=self.observability.sampler,
             )
+            await self.observability.start(self.methods)
             self.control = ControlServer(
                 s.socket,
-                self.methods,
+                self.observability.count_calls(self.methods),
                 group=s.socket_group,
                 others_access=s.others_access,
                 agent_id=s.agent_id,
@@ -132,6 +137,7 @@ class Daemon:
         steps = [
             ("control socket", self.control.close if self.control else None),
             ("rpc", self.methods.close if self.methods else None),
+            ("metrics", self.observability.close if self.observability else None),
             ("peers", self.core.stop if self.core else None),
             ("tun device", self.tunnel.close if self.tunnel else None),
             ("signaling client", self.signaling.close if self.signaling else None),
@@ -146,6 +152,7 @@ class Daemon:
             except Exception as exc:
                 log.warning("stopping the %s: %s", name, exc)
         self.control = self.methods = self.core = None
+        self.observability = None
         self.tunnel = None
         self.signaling = self.signaling_server = None
 

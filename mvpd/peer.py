@@ -42,7 +42,9 @@ from aiortc.sdp import candidate_from_sdp
 
 from .config import AgentSettings
 from .logs import FieldsAdapter, RateLimitedLog, fields
+from .ping import answer_pings
 from .proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
+from .proto.ping import PING_LABEL
 from .proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
 from .transports import (
     PIPE_LABEL,
@@ -82,6 +84,8 @@ ADJUST_UNRELIABLE_SCTP = True
 LIVENESS_CHECKS_PER_TIMEOUT = 5
 #: Retransmissions of one liveness check (sent at 0, 0.5 and 1.5 s; given up at 3.5 s).
 LIVENESS_RETRANSMISSIONS = 2
+#: Timed liveness checks kept for ``mvpctl stats`` (the ICE round trip).
+LIVENESS_RTTS = 16
 
 SendSignal = Callable[[RoutedMessage], Awaitable[None]]
 #: Peer connections still closing in the background (referenced so they are not collected).
@@ -213,6 +217,8 @@ class PeerSession:
         #: Remote candidates taken so far (SDP and trickled), at most max_remote_candidates.
         self.remote_candidates = 0
         self._warned: set[str] = set()
+        #: Round trips (s) of the last liveness checks on the selected pair (mvpd.stats).
+        self.liveness_rtts: collections.deque[float] = collections.deque(maxlen=LIVENESS_RTTS)
         for warning in settings.ice_warnings():
             self._log.debug("ICE servers: %s", warning)  # AgentCore.start logs them once
 
@@ -614,6 +620,8 @@ class PeerSession:
             transport = PipeTransport()
             self._attach(transport, channel)
             self._offer_incoming_pipe(transport)
+        elif label == PING_LABEL:
+            answer_pings(channel)  # mvpctl ping on the peer's side (mvpd.ping)
         else:
             self._log.warning("peer %s: unknown channel %r closed", self.peer_id, label)
             channel.close()
@@ -711,6 +719,7 @@ class PeerSession:
         async def check(connection: Any, pair: Any) -> None:
             nonlocal last_answer
             request = connection.build_request(pair, nominate=False)
+            sent = loop.time()
             await pair.protocol.request(
                 request,
                 pair.remote_addr,
@@ -718,6 +727,7 @@ class PeerSession:
                 retransmissions=LIVENESS_RETRANSMISSIONS,
             )
             last_answer = loop.time()
+            self.liveness_rtts.append(last_answer - sent)
 
         try:
             while pc is self._pc and not self._closing:

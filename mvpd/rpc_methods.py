@@ -20,6 +20,7 @@ from .config import AgentSettings
 from .control import Caller, PipeStream
 from .core import AgentCore
 from .peer import PeerSession, PeerState
+from .ping import PingService
 from .proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
 from .proto.rpc import (
     ConnectParams,
@@ -28,13 +29,17 @@ from .proto.rpc import (
     NoParams,
     PeerParams,
     PeerStatus,
+    PingParams,
+    PingResult,
     RecvParams,
     ReloadResult,
     SendParams,
     SendResult,
     SignalingStatus,
+    StatsResult,
     StatusResult,
 )
+from .stats import TrafficSampler, peer_stats
 from .transports import PipeTransport, Transport, TunTransport
 
 log = logging.getLogger("mvpd.rpc")
@@ -110,15 +115,19 @@ class RpcMethods:
         *,
         signaling_state: Callable[[], str],
         reload: Callable[[], ReloadResult] | None = None,
+        sampler: TrafficSampler | None = None,
     ) -> None:
         self.settings = settings
         self.core = core
         self.started = time.time()
         self._signaling_state = signaling_state
         self._reload = reload
+        self.sampler = sampler
+        self.pings = PingService()
 
     async def close(self) -> None:
-        """End every ``recv --follow`` (the daemon stops)."""
+        """End every ``recv --follow`` (the daemon stops) and every ping."""
+        self.pings.close()
         self.core.inboxes.close()
 
     # --- read methods ----------------------------------------------------------------------
@@ -177,6 +186,25 @@ class RpcMethods:
             ),
             **totals,
         )
+
+    async def rpc_stats(self, params: PeerParams, caller: Caller) -> StatsResult:
+        session = self._session(params.peer)
+        return StatsResult(status=self.peer_status(session),
+                           **peer_stats(session, self.sampler))
+
+    async def rpc_ping(self, params: PingParams, caller: Caller) -> PingResult:
+        session = self._session(params.peer)
+        if session.state != PeerState.CONNECTED:
+            raise PeerError(f"the connection to {params.peer} is {session.state.value}, "
+                            "not open yet")
+        pinger = self.pings.pinger(session)
+        sequence, rtt = await pinger.ping(params.timeout, params.padding)
+        ice = session.ice_path()
+        return PingResult(peer=params.peer, sequence=sequence,
+                          rtt_ms=None if rtt is None else rtt * 1000,
+                          path=ice["path"] or "unknown",
+                          local_candidate=ice["local_candidate"],
+                          remote_candidate=ice["remote_candidate"])
 
     # --- write methods ---------------------------------------------------------------------
 

@@ -203,6 +203,39 @@ class ReloadResult(BaseModel):
     not_applied: list[str] = Field(default_factory=list)
 
 
+class StatsResult(BaseModel):
+    """The ``stats`` result: the peer's status plus what :mod:`mvpd.stats` measures.
+
+    ``pair`` is ``{path, local, remote}`` with ``{address, port, type, protocol}`` each;
+    ``ice_rtt`` ``{last_ms, min_ms, avg_ms, max_ms, samples}`` of the timed liveness checks;
+    ``channels`` bytes and messages by channel label; ``rates`` per second over the last
+    ``window_s`` seconds; ``history`` ``[unix time, bytes in, bytes out, messages in,
+    messages out]`` once a second for the last minute; ``sctp`` the association's state and
+    counters (``retransmissions``, ``abandoned``, ``t3_expirations``, ``cwnd``, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: PeerStatus
+    pair: dict[str, Any] | None = None
+    ice_rtt: dict[str, Any] | None = None
+    channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rates: dict[str, float] | None = None
+    history: list[list[float]] = Field(default_factory=list)
+    sctp: dict[str, Any] | None = None
+
+
+class PingResult(BaseModel):
+    """The ``ping`` result: one probe over the data path. ``rtt_ms`` is None when no reply
+    came within the timeout; ``path`` is the path at the time of the reply."""
+
+    peer: str
+    sequence: int
+    rtt_ms: float | None
+    path: Literal["direct", "relayed", "unknown"] = "unknown"
+    local_candidate: str | None = None
+    remote_candidate: str | None = None
+
+
 class Message(BaseModel):
     """One message from a peer, as the ``recv`` stream's ``message`` events carry it.
 
@@ -285,6 +318,16 @@ class RecvParams(_Wire):
     limit: int | None = Field(default=None, ge=1)
 
 
+class PingParams(_Wire):
+    """``ping``: one probe over the data path (see :mod:`mvpd.proto.ping`)."""
+
+    peer: PeerId
+    #: Seconds to wait for the reply.
+    timeout: float = Field(default=2.0, gt=0, le=30)
+    #: Zero bytes added to the probe (up to 1024 bytes in all).
+    padding: int = Field(default=0, ge=0, le=1008)
+
+
 class SubParams(_Wire):
     """``pipe.eof`` and ``cancel``: name a subscription of this connection."""
 
@@ -324,6 +367,8 @@ METHODS: dict[str, MethodSpec] = {
     "pipe.eof": MethodSpec("write", SubParams, "end the writing side of a pipe"),
     "cancel": MethodSpec("read", SubParams, "end one of this connection's subscriptions"),
     "reload": MethodSpec("write", NoParams, "re-read the configuration"),
+    "stats": MethodSpec("read", PeerParams, "a peer's candidate pair, RTT, rates and SCTP"),
+    "ping": MethodSpec("write", PingParams, "one round trip over a peer's data path"),
 }
 
 
@@ -392,6 +437,8 @@ __all__ = [
     "PeerId",
     "PeerParams",
     "PeerStatus",
+    "PingParams",
+    "PingResult",
     "PipeWriteParams",
     "RecvParams",
     "ReloadResult",
@@ -402,6 +449,7 @@ __all__ = [
     "SendResult",
     "ServerHello",
     "SignalingStatus",
+    "StatsResult",
     "StatusResult",
     "SubParams",
     "Subscribed",

@@ -1,0 +1,1 @@
+"""``mvpctl web``: a local page showing the daemon (see :mod:`mvpctl.web.server`)."""

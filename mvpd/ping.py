@@ -1,0 +1,206 @@
+"""Data-path pings: answer the peer's ``mvp-ping`` channel, and ping a peer over our own.
+
+The wire format is :mod:`mvpd.proto.ping`. The answering side is :func:`answer_pings`,
+called by the session for a channel the peer opened with that label. The pinging side is
+:class:`Pinger`, one per session (kept by :class:`PingService`): it opens the channel at its
+first ping and keeps it for the next ones, so each ``ping`` call measures one round trip of
+a probe, not the channel's setup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .proto.errors import PeerError, ProtocolError
+from .proto.ping import (
+    PING_LABEL,
+    PING_PROTOCOL,
+    REPLY,
+    encode_request,
+    parse_probe,
+    reply_to,
+)
+from .stats import peer_connection
+
+if TYPE_CHECKING:
+    from .peer import PeerSession, StateChange
+
+log = logging.getLogger(__name__)
+
+#: Replies are skipped (and counted) while this many bytes wait on the ping channel: a peer
+#: that floods requests gets no more than the link carries, and no memory builds up here.
+MAX_REPLY_BACKLOG = 64 * 1024
+#: Seconds the ping channel may take to open.
+OPEN_TIMEOUT = 5.0
+
+NO_PINGS = (
+    "{peer} does not answer data-path pings ({why}); it is not an mvpd, or an older one. "
+    "`mvpctl stats {peer}` shows the ICE round trip instead"
+)
+
+
+class PingAnswers:
+    """What :func:`answer_pings` did on one channel."""
+
+    def __init__(self) -> None:
+        self.replied = 0
+        self.invalid = 0
+        self.skipped = 0
+
+
+def answer_pings(channel: Any) -> PingAnswers:
+    """Echo every valid request that arrives on ``channel`` (an ``mvp-ping`` channel the
+    peer opened); ignore anything else."""
+    answers = PingAnswers()
+
+    def on_message(data: Any) -> None:
+        reply = reply_to(data) if isinstance(data, bytes) else None
+        if reply is None:
+            answers.invalid += 1
+            return
+        if channel.readyState != "open" or channel.bufferedAmount > MAX_REPLY_BACKLOG:
+            answers.skipped += 1
+            return
+        channel.send(reply)
+        answers.replied += 1
+
+    channel.on("message", on_message)
+    return answers
+
+
+class Pinger:
+    """Probes to one session's peer over a channel of their own."""
+
+    def __init__(self, session: PeerSession) -> None:
+        self.session = session
+        self._channel: Any = None
+        self._opened: asyncio.Future[None] | None = None
+        self._waiting: dict[int, asyncio.Future[float]] = {}
+        self._sequence = 0
+        #: Whether the peer ever answered: until it has, a silence means it cannot.
+        self.answered = False
+        self.sent = 0
+        self.received = 0
+
+    async def ping(self, timeout: float, padding: int = 0) -> tuple[int, float | None]:
+        """Send one probe; its sequence number and round trip in seconds (``None``: no
+        reply within ``timeout``). :class:`PeerError` when the peer cannot answer pings."""
+        await self._open()
+        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+        sequence = self._sequence
+        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._waiting[sequence] = waiter
+        try:
+            self._channel.send(encode_request(sequence, time.monotonic_ns(), padding))
+            self.sent += 1
+            return sequence, await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            if not self.answered:
+                self.close()
+                raise PeerError(NO_PINGS.format(peer=self.session.peer_id,
+                                                why=f"no reply within {timeout:g} s"),
+                                code="timeout") from None
+            return sequence, None
+        finally:
+            self._waiting.pop(sequence, None)
+
+    async def _open(self) -> None:
+        if self._opened is None:
+            pc = peer_connection(self.session)
+            if pc is None or self.session.state.value != "connected":
+                raise PeerError(f"not connected to {self.session.peer_id}")
+            loop = asyncio.get_running_loop()
+            opened: asyncio.Future[None] = loop.create_future()
+            self._opened = opened
+            channel = pc.createDataChannel(
+                PING_LABEL, ordered=False, maxRetransmits=0, protocol=PING_PROTOCOL
+            )
+            self._channel = channel
+
+            def on_open() -> None:
+                if not opened.done():
+                    opened.set_result(None)
+
+            def on_close() -> None:
+                if not opened.done():
+                    opened.set_exception(PeerError(NO_PINGS.format(
+                        peer=self.session.peer_id, why="it closed the mvp-ping channel")))
+                    opened.exception()  # retrieved: nobody may be waiting
+                self._fail_waiting(PeerError(f"the ping channel to {self.session.peer_id} "
+                                             "closed"))
+                if self._opened is opened:  # the next ping opens a new channel
+                    self._opened = self._channel = None
+
+            channel.on("open", on_open)
+            channel.on("close", on_close)
+            channel.on("message", self._on_message)
+            if channel.readyState == "open":
+                on_open()
+        opened = self._opened
+        assert opened is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(opened), OPEN_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.close()
+            raise PeerError(NO_PINGS.format(peer=self.session.peer_id,
+                                            why=f"the channel did not open in {OPEN_TIMEOUT:g} s"),
+                            code="timeout") from None
+
+    def _on_message(self, data: Any) -> None:
+        try:
+            probe = parse_probe(data)
+        except ProtocolError:
+            return
+        waiter = self._waiting.get(probe.sequence)
+        if probe.kind != REPLY or waiter is None or waiter.done():
+            return
+        self.answered = True
+        self.received += 1
+        waiter.set_result((time.monotonic_ns() - probe.timestamp) / 1e9)
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+                waiter.exception()
+
+    def close(self) -> None:
+        channel, self._channel, self._opened = self._channel, None, None
+        self._fail_waiting(PeerError(f"the connection to {self.session.peer_id} closed"))
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
+class PingService:
+    """One :class:`Pinger` per live session, dropped when the session ends."""
+
+    def __init__(self) -> None:
+        self._pingers: dict[str, Pinger] = {}
+
+    def pinger(self, session: PeerSession) -> Pinger:
+        pinger = self._pingers.get(session.peer_id)
+        if pinger is None or pinger.session is not session:
+            if pinger is not None:
+                pinger.close()
+            pinger = self._pingers[session.peer_id] = Pinger(session)
+            session.add_state_listener(self._on_state)
+        return pinger
+
+    def _on_state(self, session: PeerSession, change: StateChange) -> None:
+        pinger = self._pingers.get(session.peer_id)
+        if change.state.is_final and pinger is not None and pinger.session is session:
+            del self._pingers[session.peer_id]
+            pinger.close()
+
+    def close(self) -> None:
+        for pinger in self._pingers.values():
+            pinger.close()
+        self._pingers.clear()
+
+
+__all__ = ["MAX_REPLY_BACKLOG", "PingAnswers", "PingService", "Pinger", "answer_pings"]
