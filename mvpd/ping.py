@@ -90,6 +90,9 @@ class Pinger:
         """Send one probe; its sequence number and round trip in seconds (``None``: no
         reply within ``timeout``). :class:`PeerError` when the peer cannot answer pings."""
         await self._open()
+        if self._channel is None or self._channel.readyState != "open":
+            self.close()
+            raise self._closed_error()
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
         sequence = self._sequence
         waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -126,12 +129,11 @@ class Pinger:
                     opened.set_result(None)
 
             def on_close() -> None:
+                error = self._closed_error()
                 if not opened.done():
-                    opened.set_exception(PeerError(NO_PINGS.format(
-                        peer=self.session.peer_id, why="it closed the mvp-ping channel")))
+                    opened.set_exception(error)
                     opened.exception()  # retrieved: nobody may be waiting
-                self._fail_waiting(PeerError(f"the ping channel to {self.session.peer_id} "
-                                             "closed"))
+                self._fail_waiting(error)
                 if self._opened is opened:  # the next ping opens a new channel
                     self._opened = self._channel = None
 
@@ -149,6 +151,12 @@ class Pinger:
             raise PeerError(NO_PINGS.format(peer=self.session.peer_id,
                                             why=f"the channel did not open in {OPEN_TIMEOUT:g} s"),
                             code="timeout") from None
+
+    def _closed_error(self) -> PeerError:
+        if self.answered:
+            return PeerError(f"the ping channel to {self.session.peer_id} closed; try again")
+        return PeerError(NO_PINGS.format(peer=self.session.peer_id,
+                                         why="it closed the mvp-ping channel"))
 
     def _on_message(self, data: Any) -> None:
         try:

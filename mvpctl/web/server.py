@@ -27,6 +27,7 @@ import http.server
 import ipaddress
 import json
 import secrets
+import socket
 import sys
 import urllib.parse
 import webbrowser
@@ -227,7 +228,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             result = call()
         except MvpError as exc:
-            status = {Forbidden: 403, NotFound: 404, DaemonNotRunning: 503}.get(type(exc), 502)
+            statuses: dict[type[MvpError], int] = {
+                Forbidden: 403, NotFound: 404, DaemonNotRunning: 503,
+            }
+            status = statuses.get(type(exc), 502)
             self._json(status, {"error": exc.message, "code": exc.code})
             return
         self._json(200, {} if result is None else result)
@@ -258,15 +262,22 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """A threading HTTP server on IPv4 or (for ``::1``) IPv6."""
+
+    def __init__(self, address: tuple[str, int], handler: Any,
+                 family: socket.AddressFamily | None = None) -> None:
+        if family is not None:
+            self.address_family = family
+        super().__init__(address, handler)
+
+
 def make_server(listen: str, socket_path: str | None) -> tuple[http.server.HTTPServer, str]:
     """The server (not yet serving) and the URL with its token."""
     host, port = parse_listen(listen)
     app = WebApp(socket_path, secrets.token_urlsafe(24))
     handler = type("BoundHandler", (Handler,), {"app": app})
-    server_class = http.server.ThreadingHTTPServer
-    if ":" in host:
-        server_class = type("V6Server", (server_class,), {"address_family": 10})  # AF_INET6
-    server = server_class((host, port), handler)
+    server = _Server((host, port), handler, family=socket.AF_INET6 if ":" in host else None)
     server.daemon_threads = True
     app.port = int(server.server_address[1])
     shown = "127.0.0.1" if host == "localhost" else (f"[{host}]" if ":" in host else host)
