@@ -719,7 +719,7 @@ class PeerSession:
         async def check(connection: Any, pair: Any) -> None:
             nonlocal last_answer
             request = connection.build_request(pair, nominate=False)
-            sent = loop.time()
+            sent = time.monotonic()  # not loop.time(): uvloop's has a 1 ms resolution
             await pair.protocol.request(
                 request,
                 pair.remote_addr,
@@ -727,7 +727,7 @@ class PeerSession:
                 retransmissions=LIVENESS_RETRANSMISSIONS,
             )
             last_answer = loop.time()
-            self.liveness_rtts.append(last_answer - sent)
+            self.liveness_rtts.append(time.monotonic() - sent)
 
         try:
             while pc is self._pc and not self._closing:
