@@ -9,6 +9,7 @@ APT_PACKAGES=(
     iproute2 iputils-ping iperf3 procps psmisc            # TUN, netns, benches, tests
     coturn                                                # the TURN relay test
     wireguard-go wireguard-tools                          # bench/tun_mvpd.py baseline
+    prometheus                                            # the metrics scrape test
     systemd systemd-container                             # the booted-systemd tests
 )
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -22,8 +23,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-        # coturn's package enables a system service; the tests start their own relay.
+        # coturn's and prometheus' packages enable a system service; the tests start their
+        # own relay and their own Prometheus (on free ports, with temporary storage).
         systemctl disable --now coturn >/dev/null 2>&1 || true
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
     fi
     # Optional: headless Chromium for the browser-peer test (tests/browser skip without it).
     if ! command -v chromium >/dev/null; then
