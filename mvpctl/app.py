@@ -708,10 +708,10 @@ def ping(
     peer: str = typer.Argument(..., help="The peer's agent id."),
     count: int = typer.Option(4, "--count", "-c", min=1, help="Stop after N probes."),
     interval: float = typer.Option(
-        1.0, "--interval", "-i", min=0.0, help="Seconds between probes."
+        1.0, "--interval", "-i", min=0, help="Seconds between probes."
     ),
     timeout: float = typer.Option(
-        2.0, "--timeout", "-W", min=0.001, max=30.0, help="Seconds to wait for each reply."
+        2.0, "--timeout", "-W", min=0.001, help="Seconds to wait for each reply (at most 30)."
     ),
     size: int = typer.Option(
         0, "--padding", "-s", min=0, max=1008, help="Zero bytes added to each probe."
