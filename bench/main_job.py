@@ -65,6 +65,7 @@ from procs import (
 )
 
 from mvpctl.client import Client
+from mvpd.proto.ping import HEADER_SIZE
 
 BENCH = Path(__file__).resolve().parent
 ECHO_SIZE = 100
@@ -464,6 +465,9 @@ def measure_echo(setup: Setup, plan: Plan, report: Report) -> None:
     finally:
         children.stop(echoer)
     bare = run_bare(children, setup.work, "--echoes", str(plan.echoes))
+    report.facts["bare_echo_ms"] = {
+        f"p{pct}": percentile(bare["echo_s"], pct) * 1000 for pct in (50, 99)
+    }
     for pct in (50, 99):
         report.add(
             Row(
@@ -473,6 +477,40 @@ def measure_echo(setup: Setup, plan: Plan, report: Report) -> None:
                 "ms",
                 "bare aiortc echo",
                 "RPC send on A, RPC recv+send on B",
+            )
+        )
+
+
+def measure_ping(setup: Setup, plan: Plan, report: Report) -> None:
+    """``mvpctl ping``'s round trip (the daemon times its mvp-ping probe, padded to the echo's
+    100 bytes) against the bare aiortc echo of the same run (measured by :func:`measure_echo`,
+    or here when that step did not run)."""
+    progress("== data-path ping round trip")
+    connect_ab(setup)
+    bare_ms = report.facts.get("bare_echo_ms")
+    if bare_ms is None:
+        bare = run_bare(setup.children, setup.work, "--echoes", str(plan.echoes))
+        bare_ms = {f"p{pct}": percentile(bare["echo_s"], pct) * 1000 for pct in (50, 99)}
+    rtts = []
+    with setup.client("bench-a") as client:
+        warmup = min(plan.echoes, 20)
+        for index in range(warmup + plan.echoes):
+            result = client.call("ping", peer="bench-b", padding=ECHO_SIZE - HEADER_SIZE,
+                                 timeout=5)
+            if result["rtt_ms"] is None:
+                raise RuntimeError(f"ping {index} lost on loopback")
+            if index >= warmup:
+                rtts.append(float(result["rtt_ms"]))
+    for pct in (50, 99):
+        value = percentile(rtts, pct)
+        report.add(
+            Row(
+                f"mvpctl ping round trip p{pct}",
+                value,
+                bare_ms[f"p{pct}"],
+                "ms",
+                "bare aiortc echo",
+                f"{value - bare_ms[f'p{pct}']:+.2f} ms; probe timed in the daemon, 100 B",
             )
         )
 
@@ -669,6 +707,7 @@ def run(plan: Plan, quick: bool, keep: bool, parent: Path | None = None) -> Repo
         ("status", lambda: measure_status(setup, plan, report)),
         ("connect", lambda: measure_connect(setup, plan, report)),
         ("echo", lambda: measure_echo(setup, plan, report)),
+        ("ping", lambda: measure_ping(setup, plan, report)),
         ("bulk", lambda: measure_bulk(setup, plan, report)),
     ]
     try:
