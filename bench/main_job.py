@@ -465,9 +465,6 @@ def measure_echo(setup: Setup, plan: Plan, report: Report) -> None:
     finally:
         children.stop(echoer)
     bare = run_bare(children, setup.work, "--echoes", str(plan.echoes))
-    report.facts["bare_echo_ms"] = {
-        f"p{pct}": percentile(bare["echo_s"], pct) * 1000 for pct in (50, 99)
-    }
     for pct in (50, 99):
         report.add(
             Row(
@@ -483,14 +480,9 @@ def measure_echo(setup: Setup, plan: Plan, report: Report) -> None:
 
 def measure_ping(setup: Setup, plan: Plan, report: Report) -> None:
     """``mvpctl ping``'s round trip (the daemon times its mvp-ping probe, padded to the echo's
-    100 bytes) against the bare aiortc echo of the same run (measured by :func:`measure_echo`,
-    or here when that step did not run)."""
+    100 bytes) against a bare aiortc echo run right after it."""
     progress("== data-path ping round trip")
     connect_ab(setup)
-    bare_ms = report.facts.get("bare_echo_ms")
-    if bare_ms is None:
-        bare = run_bare(setup.children, setup.work, "--echoes", str(plan.echoes))
-        bare_ms = {f"p{pct}": percentile(bare["echo_s"], pct) * 1000 for pct in (50, 99)}
     rtts = []
     with setup.client("bench-a") as client:
         warmup = min(plan.echoes, 20)
@@ -501,16 +493,17 @@ def measure_ping(setup: Setup, plan: Plan, report: Report) -> None:
                 raise RuntimeError(f"ping {index} lost on loopback")
             if index >= warmup:
                 rtts.append(float(result["rtt_ms"]))
+    bare = run_bare(setup.children, setup.work, "--echoes", str(plan.echoes))
     for pct in (50, 99):
-        value = percentile(rtts, pct)
+        value, baseline = percentile(rtts, pct), percentile(bare["echo_s"], pct) * 1000
         report.add(
             Row(
                 f"mvpctl ping round trip p{pct}",
                 value,
-                bare_ms[f"p{pct}"],
+                baseline,
                 "ms",
                 "bare aiortc echo",
-                f"{value - bare_ms[f'p{pct}']:+.2f} ms; probe timed in the daemon, 100 B",
+                f"{value - baseline:+.2f} ms; probe timed in the daemon, 100 B",
             )
         )
 
