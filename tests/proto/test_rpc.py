@@ -238,6 +238,7 @@ def test_method_table_access() -> None:
         "status",
         "peers",
         "cancel",
+        "stats",  # what status shows, in more detail; ping sends traffic: write
     }
     rpc.check_access("status", "read")
     rpc.check_access("connect", "write")
