@@ -15,7 +15,8 @@ Metrics (all prefixed ``mvpd_``): ``info``, ``signaling_state``, ``signaling_con
 ``peer_bytes_sent``, ``peer_messages_received``, ``peer_messages_sent``, ``peer_dropped``,
 ``peer_ice_rtt_seconds``, ``peer_sctp_retransmissions``, ``peer_sctp_abandoned``,
 ``peer_sctp_cwnd_bytes``, ``refused_offers``, ``rpc_calls`` (by ``method`` and ``outcome``:
-``ok`` or the error code).
+``ok``, ``cancelled`` or the error code; counted around the daemon's methods, so calls the
+control server refuses before them, such as ``forbidden``, are only in the log).
 """
 
 from __future__ import annotations
