@@ -19,6 +19,8 @@ Measured, each next to a baseline measured in the same run:
   respecting bufferedAmount), MB/s from the receiver's first to its last byte;
 * 100-byte round trip through the daemons (bytes mode; an RPC client on A sends, an RPC client
   on B echoes what it receives) vs the bare echo, p50 and p99;
+* data-path ping (the ``ping`` RPC: a 100-byte mvp-ping probe timed by the daemon) vs a bare
+  echo run right after it, p50 and p99;
 * connect time (``connect`` RPC, and the ``mvpctl connect`` process) vs bare offer-to-open;
 * hub RSS with 1, 10 and 50 peers; growth per peer against the 1-peer figure;
 * ``mvpctl status`` as a process vs ``python -c pass``; the status RPC alone (connect + call
