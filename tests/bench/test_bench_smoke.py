@@ -66,6 +66,7 @@ def test_quick_run_measures_everything_and_leaves_nothing_running(tmp_path: Path
         "connect: mvpctl connect process",
         "100 B echo round trip p50",
         "100 B echo round trip p99",
+        "mvpctl ping round trip p50",
         "bulk throughput, mvpctl pipe",
         "hub RSS, 1 peer",
         "hub RSS, 3 peer",
