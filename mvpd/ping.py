@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from .proto.errors import PeerError, ProtocolError
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 #: Replies are skipped (and counted) while this many bytes wait on the ping channel: a peer
 #: that floods requests gets no more than the link carries, and no memory builds up here.
 MAX_REPLY_BACKLOG = 64 * 1024
+#: Ping channels one peer may have answered at once (one per `mvpctl ping` caller is plenty).
+MAX_PING_CHANNELS = 4
+#: How many ping channels are being answered, by the SCTP association they belong to (a
+#: count, not the channels: they refer to the association, which would never be freed).
+_answering: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 #: Seconds the ping channel may take to open.
 OPEN_TIMEOUT = 5.0
 
@@ -52,10 +58,24 @@ class PingAnswers:
         self.skipped = 0
 
 
-def answer_pings(channel: Any) -> PingAnswers:
+def answer_pings(channel: Any) -> PingAnswers | None:
     """Echo every valid request that arrives on ``channel`` (an ``mvp-ping`` channel the
-    peer opened); ignore anything else."""
+    peer opened); ignore anything else. A peer gets at most :data:`MAX_PING_CHANNELS` such
+    channels answered at once: a further one is closed (``None``)."""
+    association = getattr(channel, "transport", None)
+    if association is not None:
+        if _answering.get(association, 0) >= MAX_PING_CHANNELS:
+            channel.close()
+            return None
+        _answering[association] = _answering.get(association, 0) + 1
     answers = PingAnswers()
+    closed = False
+
+    def on_close() -> None:
+        nonlocal closed
+        if not closed and association is not None and association in _answering:
+            _answering[association] -= 1
+        closed = True
 
     def on_message(data: Any) -> None:
         reply = reply_to(data) if isinstance(data, bytes) else None
@@ -69,6 +89,7 @@ def answer_pings(channel: Any) -> PingAnswers:
         answers.replied += 1
 
     channel.on("message", on_message)
+    channel.on("close", on_close)
     return answers
 
 
@@ -211,4 +232,11 @@ class PingService:
         self._pingers.clear()
 
 
-__all__ = ["MAX_REPLY_BACKLOG", "PingAnswers", "PingService", "Pinger", "answer_pings"]
+__all__ = [
+    "MAX_PING_CHANNELS",
+    "MAX_REPLY_BACKLOG",
+    "PingAnswers",
+    "PingService",
+    "Pinger",
+    "answer_pings",
+]

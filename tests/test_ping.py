@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from mvpd import peer as peer_module
-from mvpd.ping import PingService
+from mvpd.ping import MAX_PING_CHANNELS, PingService
 from mvpd.proto.errors import PeerError
 from mvpd.proto.ping import PING_LABEL, PING_PROTOCOL, REPLY, encode_request, parse_probe
 from mvpd.stats import peer_connection
-from tests.peerlink import connected_pair, run
+from tests.peerlink import connected_pair, run, wait_for
 
 
 def test_ping_measures_a_round_trip_over_one_reused_channel() -> None:
@@ -94,6 +94,39 @@ def test_junk_on_the_ping_channel_is_ignored_and_valid_requests_still_answered()
         await asyncio.sleep(0.2)
         assert replies.empty()  # nothing else was answered
         assert sb.state.value == "connected"
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_a_peer_gets_only_a_few_ping_channels_answered_at_once() -> None:
+    async def body() -> None:
+        sa, sb, _, _ = await connected_pair()
+        pc = peer_connection(sa)
+        replies: asyncio.Queue[int] = asyncio.Queue()
+        closed: list[int] = []
+        channels = []
+        for index in range(MAX_PING_CHANNELS + 2):
+            channel = pc.createDataChannel(PING_LABEL, protocol=PING_PROTOCOL)
+            channel.on("message", lambda data, i=index: replies.put_nowait(i))
+            channel.on("close", lambda i=index: closed.append(i))
+            channels.append(channel)
+        await wait_for(lambda: all(c.readyState != "connecting" for c in channels), 10)
+        await wait_for(lambda: len(closed) == 2, 10)
+        for index, channel in enumerate(channels):
+            if channel.readyState == "open":
+                channel.send(encode_request(index, 0))
+        answered = {await asyncio.wait_for(replies.get(), 5) for _ in range(MAX_PING_CHANNELS)}
+        assert len(answered) == MAX_PING_CHANNELS and not set(closed) & answered
+        # Closing one makes room for a new one.
+        channels[min(answered)].close()
+        await asyncio.sleep(0.3)
+        extra = pc.createDataChannel(PING_LABEL, protocol=PING_PROTOCOL)
+        extra.on("message", lambda data: replies.put_nowait(-1))
+        await wait_for(lambda: extra.readyState == "open", 10)
+        extra.send(encode_request(99, 0))
+        assert await asyncio.wait_for(replies.get(), 5) == -1
         await sa.close()
         await sb.close()
 
