@@ -49,26 +49,16 @@ NO_PINGS = (
 )
 
 
-class PingAnswers:
-    """What :func:`answer_pings` did on one channel."""
-
-    def __init__(self) -> None:
-        self.replied = 0
-        self.invalid = 0
-        self.skipped = 0
-
-
-def answer_pings(channel: Any) -> PingAnswers | None:
+def answer_pings(channel: Any) -> bool:
     """Echo every valid request that arrives on ``channel`` (an ``mvp-ping`` channel the
     peer opened); ignore anything else. A peer gets at most :data:`MAX_PING_CHANNELS` such
-    channels answered at once: a further one is closed (``None``)."""
+    channels answered at once: a further one is closed (``False``)."""
     association = getattr(channel, "transport", None)
     if association is not None:
         if _answering.get(association, 0) >= MAX_PING_CHANNELS:
             channel.close()
-            return None
+            return False
         _answering[association] = _answering.get(association, 0) + 1
-    answers = PingAnswers()
     closed = False
 
     def on_close() -> None:
@@ -79,18 +69,14 @@ def answer_pings(channel: Any) -> PingAnswers | None:
 
     def on_message(data: Any) -> None:
         reply = reply_to(data) if isinstance(data, bytes) else None
-        if reply is None:
-            answers.invalid += 1
-            return
-        if channel.readyState != "open" or channel.bufferedAmount > MAX_REPLY_BACKLOG:
-            answers.skipped += 1
-            return
-        channel.send(reply)
-        answers.replied += 1
+        if reply is not None and channel.readyState == "open" and (
+            channel.bufferedAmount <= MAX_REPLY_BACKLOG
+        ):
+            channel.send(reply)
 
     channel.on("message", on_message)
     channel.on("close", on_close)
-    return answers
+    return True
 
 
 class Pinger:
@@ -104,8 +90,6 @@ class Pinger:
         self._sequence = 0
         #: Whether the peer ever answered: until it has, a silence means it cannot.
         self.answered = False
-        self.sent = 0
-        self.received = 0
 
     async def ping(self, timeout: float, padding: int = 0) -> tuple[int, float | None]:
         """Send one probe; its sequence number and round trip in seconds (``None``: no
@@ -120,7 +104,6 @@ class Pinger:
         self._waiting[sequence] = waiter
         try:
             self._channel.send(encode_request(sequence, time.monotonic_ns(), padding))
-            self.sent += 1
             return sequence, await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except asyncio.TimeoutError:
             if not self.answered:
@@ -188,7 +171,6 @@ class Pinger:
         if probe.kind != REPLY or waiter is None or waiter.done():
             return
         self.answered = True
-        self.received += 1
         waiter.set_result((time.monotonic_ns() - probe.timestamp) / 1e9)
 
     def _fail_waiting(self, exc: Exception) -> None:
@@ -235,7 +217,6 @@ class PingService:
 __all__ = [
     "MAX_PING_CHANNELS",
     "MAX_REPLY_BACKLOG",
-    "PingAnswers",
     "PingService",
     "Pinger",
     "answer_pings",
