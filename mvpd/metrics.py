@@ -232,8 +232,9 @@ class MetricsServer:
             if self._connections > MAX_CONNECTIONS:
                 return
             await asyncio.wait_for(self._answer(reader, writer), REQUEST_TIMEOUT)
-        except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError, OSError):
-            pass
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, OSError):
+            pass  # a client that is not a scraper, or went away: nothing to tell it
         finally:
             self._connections -= 1
             writer.close()

@@ -166,9 +166,15 @@ def test_metrics_refuse_non_loopback_unless_allowed(daemons: Daemons, tmp_path: 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and goes away mid-request
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /" + b"x" * 10000 + b" HTTP/1.1\r\n\r\n")  # an oversized head
+        assert sock.recv(100) == b""  # closed without an answer
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
     assert missing.value.code == 404
     time.sleep(0.1)
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).status == 200
     assert alice.call("status")["agent_id"] == "alice"
+    assert "Traceback" not in alice.log.read_text() and "Unhandled" not in alice.log.read_text()
