@@ -271,6 +271,10 @@ class _Server(http.server.ThreadingHTTPServer):
             self.address_family = family
         super().__init__(address, handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a closed tab is not news
+            super().handle_error(request, client_address)
+
 
 def make_server(listen: str, socket_path: str | None) -> tuple[http.server.HTTPServer, str]:
     """The server (not yet serving) and the URL with its token."""
