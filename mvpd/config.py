@@ -254,7 +254,9 @@ class AgentSettings(BaseSettings):
     )
     #: Offers one peer id may make per minute (a token bucket); further ones are refused.
     offers_per_minute: float = Field(
-        default=6.0,
+        # A script that connects and disconnects in a loop stays under it; a flood from one
+        # id does not (the pending-session cap bounds floods from many ids).
+        default=30.0,
         gt=0,
         le=600,
         validation_alias=AliasChoices("MVPD_OFFERS_PER_MINUTE", "offers_per_minute"),
