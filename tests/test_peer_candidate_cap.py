@@ -8,7 +8,6 @@ from typing import Any
 
 from peerlink import Forwarder, run, trickle
 
-from mvpd.peer import _ice_connection
 from mvpd.proto.signaling import Offer, RoutedMessage
 
 FAKES = 1000
@@ -50,7 +49,7 @@ def test_a_thousand_candidates_leave_at_most_the_cap_in_aioice() -> None:
         await sa.start_offer()
         await sa.wait_open()
         await sb.wait_open()
-        connection: Any = _ice_connection(sb._pc)
+        connection: Any = sb._pc.ice_transport._connection  # aioice's
         remote = connection.remote_candidates
         # What aioice holds: at most the cap (peer-reflexive ones it learns come on top).
         assert len([c for c in remote if c.type != "prflx"]) <= CAP

@@ -24,6 +24,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aioice.stun import TransactionError
 from aiortc import RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
 
 from .errors import RtcError, UnsupportedLibrary
@@ -139,12 +140,16 @@ def selected_pair(ice: RTCIceTransport) -> SelectedPair | None:
     )
 
 
+#: What :func:`probe_selected_pair` raises when the check went unanswered.
+ProbeUnanswered = TransactionError
+
+
 async def probe_selected_pair(ice: RTCIceTransport, *, retransmissions: int) -> bool:
     """One authenticated STUN binding check on the selected pair, as consent freshness
     sends (RFC 7675); the remote ICE agent answers it however busy its channels are.
 
     ``True`` once answered, ``False`` when there is no selected pair yet; raises
-    ``aioice.stun.TransactionError`` when no answer came after
+    :data:`ProbeUnanswered` when no answer came after
     ``retransmissions`` retransmissions.
     """
     connection = ice._connection

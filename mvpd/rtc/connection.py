@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 #: UDP socket buffers of the local candidates (capped by net.core.rmem_max/wmem_max).
 SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
+#: How long :meth:`PeerConnection.close` waits for the peer to confirm the channels' stream
+#: resets and the SCTP SHUTDOWN (a round trip each) before it stops DTLS and ICE anyway.
+CLOSE_TIMEOUT = 1.0
 #: Remote candidates kept while waiting for the remote description (a hostile peer's
 #: flood stops here; a browser sends a few per interface).
 MAX_PENDING_CANDIDATES = 256
@@ -446,15 +449,23 @@ class PeerConnection(EventEmitter):
         if self._closed:
             raise InvalidStateError("the peer connection is closed")
 
-    async def close(self) -> None:
-        """Shut SCTP down, close DTLS (close_notify) and stop ICE (idempotent)."""
+    async def shutdown(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close the channels (stream resets) and shut SCTP down (SHUTDOWN, so the peer sees
+        a clean close, not an abort), waiting up to ``timeout`` seconds for the peer to
+        confirm. DTLS and ICE stay up until :meth:`close`."""
+        sctp = self._sctp
+        if sctp is not None and not self._closed:
+            await sctp.close(timeout)
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """:meth:`shutdown` (if not done yet), then close DTLS (close_notify) and stop ICE.
+        Idempotent."""
         if self._closed:
             return
+        await self.shutdown(timeout)
         self._closed = True
         sctp = self._sctp
         if sctp is not None:
-            sctp.shutdown()
-            await asyncio.sleep(0)  # let the SHUTDOWN leave
             sctp.detach()
         for channel in self._early_channels:
             channel._set_state(ChannelState.CLOSED)

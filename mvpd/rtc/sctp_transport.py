@@ -27,6 +27,7 @@ from aiortc import RTCDtlsTransport
 
 from ..sctp import Association, SctpError
 from ..sctp.dcep import (
+    PPID_STRING,
     ChannelAcknowledged,
     ChannelMessage,
     ChannelState,
@@ -101,6 +102,8 @@ class SctpTransport:
         self.table = DataChannelProtocol(dtls_role)
         self.state = SCTP_NEW
         self.protocol_violations = 0
+        #: Text messages that were not UTF-8 (handed to the channel as bytes).
+        self.invalid_text = 0
         self.max_channels = max_channels
         self.channels_refused = 0
         self._on_datachannel = on_datachannel
@@ -116,6 +119,8 @@ class SctpTransport:
         self._timer_at: float | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._dtls_ready = False
+        #: Set whenever a channel is forgotten or the state changes (for :meth:`close`).
+        self._changed = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -137,6 +142,30 @@ class SctpTransport:
         if self.state in (SCTP_CONNECTING, SCTP_CONNECTED):
             self.association.shutdown(self._now())
             self._step()
+
+    async def close(self, timeout: float) -> None:
+        """Close cleanly within ``timeout`` seconds, as far as the peer answers: every
+        channel by a stream reset (RFC 8831 section 6.7), then the association by SHUTDOWN
+        (RFC 9260 section 9.2), so the peer sees a close and not an abort. Whatever is
+        still open after ``timeout`` is left to :meth:`detach`."""
+        loop = self._loop
+        deadline = loop.time() + timeout
+        for channel in [*self._channels.values(), *self._pending]:
+            channel.close()
+        # Half the time for the resets: the SHUTDOWN must still leave if the peer never
+        # answers them.
+        await self._wait_until(lambda: not self._channels, loop.time() + timeout / 2)
+        self.shutdown()
+        await self._wait_until(lambda: self.state in (SCTP_CLOSED, SCTP_FAILED), deadline)
+
+    async def _wait_until(self, done: Callable[[], bool], deadline: float) -> None:
+        while not done() and self.state in (SCTP_CONNECTING, SCTP_CONNECTED):
+            self._changed.clear()
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
 
     def detach(self) -> None:
         """Stop all I/O and close every channel (the DTLS transport is going away)."""
@@ -242,7 +271,7 @@ class SctpTransport:
                 self._set_state(SCTP_CLOSED if peer_closed else SCTP_FAILED, event.reason)
             elif isinstance(event, AssociationClosed):
                 self._close_all_channels()
-                self._set_state(SCTP_CLOSED, "the peer shut the association down")
+                self._set_state(SCTP_CLOSED, "the association was shut down")
 
     def _on_message(self, stream_id: int, ppid: int, data: bytes) -> None:
         event = self.table.receive(stream_id, ppid, data)
@@ -277,6 +306,14 @@ class SctpTransport:
             if channel is not None:
                 channel._set_state(ChannelState.OPEN)
         elif isinstance(event, ProtocolViolation):
+            channel = self._channels.get(stream_id)
+            if ppid == PPID_STRING and channel is not None and channel.readyState == "open":
+                # Text that is not UTF-8 (the only violation a text message on an open
+                # channel can have): the channel gets the bytes, and its transport decides
+                # (chat and json count it as invalid). The association is unaffected.
+                self.invalid_text += 1
+                channel.emit("message", data)
+                return
             self.protocol_violations += 1
             log.debug("data channel protocol violation on stream %d: %s",
                       stream_id, event.reason)
@@ -327,6 +364,7 @@ class SctpTransport:
         self._reset_requested.discard(stream_id)
         self.table.closed(stream_id)
         channel = self._channels.pop(stream_id, None)
+        self._changed.set()
         if channel is not None:
             channel._set_state(ChannelState.CLOSED)
 
@@ -341,6 +379,7 @@ class SctpTransport:
         if state == self.state or self.state in (SCTP_CLOSED, SCTP_FAILED):
             return
         self.state = state
+        self._changed.set()
         if self._timer is not None and state in (SCTP_CLOSED, SCTP_FAILED):
             self._timer.cancel()
             self._timer = None
@@ -441,5 +480,6 @@ class SctpTransport:
             "state": self.state,
             "channels": len(self._channels),
             "protocol_violations": self.protocol_violations,
+            "invalid_text": self.invalid_text,
             "channels_refused": self.channels_refused,
         }

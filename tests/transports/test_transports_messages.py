@@ -1,4 +1,4 @@
-"""Chat, JSON and bytes transports over real aiortc channels on loopback."""
+"""Chat, JSON and bytes transports over real data channels (mvpd.rtc) on loopback."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from peerlink import connected_pair, run, wait_for
 
 from mvpd.peer import PeerState
 from mvpd.proto.errors import MessageTooLarge, TransportError
+from mvpd.sctp.dcep import PPID_STRING, Outgoing
 from mvpd.transports import (
     MAX_MESSAGE_SIZE,
     TRANSPORTS,
@@ -22,11 +23,9 @@ from mvpd.transports import (
 
 async def inject_raw_text(transport: object, payload: bytes) -> None:
     """Send ``payload`` as a *text* message without UTF-8 checks (what a broken or hostile
-    peer could do): straight into aiortc's SCTP queue with the string PPID (51)."""
+    peer could do): straight to the SCTP driver with the string PPID (51)."""
     channel = transport.channel  # type: ignore[attr-defined]
-    sctp = channel.transport
-    sctp._data_channel_queue.append((channel, 51, payload))
-    await sctp._data_channel_flush()
+    channel._transport._send(Outgoing(channel.id, PPID_STRING, payload))
 
 
 def test_message_over_max_message_size_is_refused_and_counted_channel_stays() -> None:

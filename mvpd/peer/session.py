@@ -1,21 +1,20 @@
-"""One WebRTC peer connection per remote agent: negotiation, channels, state, stats.
+"""One peer connection per remote agent: negotiation, glare, channels, state, status.
 
-This is the only module that touches aiortc. What shapes it (aiortc 1.16):
+It runs on :class:`mvpd.rtc.PeerConnection` (aiortc's ICE and DTLS, our SCTP). What shapes it:
 
-* Half-trickle: aiortc gathers every local candidate inside ``setLocalDescription`` and
-  never emits candidates, so our offer/answer SDP is complete. Browsers trickle theirs, and
-  those may arrive before the offer or answer: they are queued until the remote description
-  is set (aiortc has no ICE transport to give them to before that) and never dropped. An
-  empty or null candidate means end-of-candidates.
-* ``RTCConfiguration()`` without ``iceServers`` contacts a public STUN server, so the list is
-  always passed, empty when none are configured.
+* Half-trickle: the connection gathers every local candidate before it describes itself,
+  so our offer/answer SDP is complete. Browsers trickle theirs, and those may arrive before
+  the offer or answer: they are queued here until the remote description is set and never
+  dropped. An empty or null candidate means end-of-candidates.
+* The ICE server list is always explicit (empty when none are configured): see
+  :func:`mvpd.peer.candidates.ice_configuration`.
 * No rollback and no ICE restart: on glare the agent with the lower id throws its own peer
   connection away and answers; recovery from failure is a new session.
 * The mode travels in-band: the offerer opens the main channel with ``label`` =
   ``data_channel_label`` and ``protocol`` = mode, which the answerer reads from the
   channel-open message to build the matching transport.
-* aiortc's ``getStats()`` only reports RTP senders and receivers, so the selected candidate
-  pair is read from the ICE connection of the SCTP transport.
+* Closing is graceful: the channels are closed with stream resets and the association shut
+  down (SHUTDOWN, not ABORT), so the peer (a browser too) sees a clean close.
 """
 
 from __future__ import annotations
@@ -23,30 +22,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-from aioice.stun import TransactionError
-from aiortc import (
-    RTCConfiguration,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
-from aiortc.rtcconfiguration import RTCIceTransportPolicy
-from aiortc.sdp import candidate_from_sdp
+from aiortc import RTCCertificate, RTCSessionDescription
 
-from .config import AgentSettings
-from .logs import FieldsAdapter, RateLimitedLog, fields
-from .ping import answer_pings
-from .proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
-from .proto.ping import PING_LABEL
-from .proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
-from .transports import (
+from ..config import AgentSettings
+from ..logs import FieldsAdapter, RateLimitedLog, fields
+from ..ping import answer_pings
+from ..proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
+from ..proto.ping import PING_LABEL
+from ..proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
+from ..rtc import DataChannel, PeerConnection
+from ..transports import (
     PIPE_LABEL,
     PipeTransport,
     Transport,
@@ -54,8 +44,18 @@ from .transports import (
     create_transport,
     transport_class,
 )
+from .candidates import (
+    count_candidate_lines,
+    ice_configuration,
+    ice_ufrag,
+    keep_candidate_lines,
+    parse_candidate,
+)
+from .liveness import LIVENESS_RTTS, watch_liveness
+from .state import PeerState, StateChange
 
-log = logging.getLogger(__name__)
+#: The logger of the whole package (``journalctl`` and tests filter on ``mvpd.peer``).
+log = logging.getLogger("mvpd.peer")
 
 #: Candidate messages (end-of-candidates included) kept while waiting for the remote
 #: description; the candidates among them are bounded by ``max_remote_candidates`` anyway.
@@ -66,104 +66,36 @@ MAX_INBOX = 256
 BYE_TIMEOUT = 2.0
 #: How long a refused session keeps its peer connection after its bye left (see _refuse).
 REFUSAL_LINGER = 0.5
-#: How long closing waits for aiortc to tear the peer connection down. Past that the rest
-#: goes on in the background: with an unreachable TURN server aiortc waits ~63 s for the
-#: allocation's deletion to be confirmed, and a disconnect or a stop must not wait for that.
+#: How long closing waits for the peer connection to shut down (channels reset, SCTP
+#: SHUTDOWN, DTLS close, ICE stopped). Past that the rest goes on in the background: with an
+#: unreachable TURN server aiortc waits ~63 s for the allocation's deletion to be confirmed,
+#: and a disconnect or a stop must not wait for that.
 PC_CLOSE_TIMEOUT = 3.0
 #: How long a pipe that closed under its user waits for the whole session to end too before
 #: it is taken for the peer closing just that pipe: a peer that disconnects or stops closes
 #: its channels a moment before the connection (or its bye) ends the session here.
 PIPE_END_GRACE = 1.0
-#: aiortc's SCTP data channel payload protocol identifier for UTF-8 text.
-_PPID_STRING = 51
-#: Whether the loss of a chunk of a ``maxRetransmits=0`` channel (TUN mode) leaves the SCTP
-#: congestion window alone and its FORWARD-TSN chunks are
-#: not repeated for every SACK (see :func:`adapt_sctp_to_unreliable_channels`).
-ADJUST_UNRELIABLE_SCTP = True
-#: Liveness checks per ``peer_timeout`` (one every peer_timeout/5 s).
-LIVENESS_CHECKS_PER_TIMEOUT = 5
-#: Retransmissions of one liveness check (sent at 0, 0.5 and 1.5 s; given up at 3.5 s).
-LIVENESS_RETRANSMISSIONS = 2
-#: Timed liveness checks kept for ``mvpctl stats`` (the ICE round trip).
-LIVENESS_RTTS = 16
 
 SendSignal = Callable[[RoutedMessage], Awaitable[None]]
+#: Gives the DTLS certificate of a new peer connection (``None``: a fresh one each time), so a
+#: long-term identity can be configured without this module knowing where it comes from.
+CertificateProvider = Callable[[AgentSettings], "RTCCertificate | None"]
 #: Peer connections still closing in the background (referenced so they are not collected).
 _CLOSING_PCS: set[asyncio.Future[None]] = set()
-
-
-class PeerState(str, enum.Enum):
-    """Life of a session: new -> connecting -> connected -> closed | failed."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (PeerState.CLOSED, PeerState.FAILED)
-
-
-@dataclass(frozen=True)
-class StateChange:
-    state: PeerState
-    at: float
-    reason: str = ""
 
 
 StateListener = Callable[["PeerSession", StateChange], None]
 TransportListener = Callable[["PeerSession", Transport[Any]], None]
 
 
-def ice_configuration(settings: AgentSettings) -> RTCConfiguration:
-    """The aiortc configuration for ``settings``: explicit (maybe empty) server list and
-    transport policy, so ``relay`` forces TURN."""
-    servers = [
-        RTCIceServer(
-            urls=list(server.urls),
-            username=server.username,
-            credential=(
-                server.credential.get_secret_value() if server.credential is not None else None
-            ),
-        )
-        for server in settings.ice_servers
-    ]
-    policy = (
-        RTCIceTransportPolicy.RELAY
-        if settings.ice_transport_policy == "relay"
-        else RTCIceTransportPolicy.ALL
-    )
-    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
-
-
-def parse_candidate(init: IceCandidate) -> Any:
-    """An aiortc ``RTCIceCandidate`` from a browser's RTCIceCandidateInit.
-
-    Raises ``ValueError`` when the candidate line cannot be parsed.
-    """
-    line = init.candidate.strip()
-    line = line.removeprefix("a=").removeprefix("candidate:")
-    try:
-        candidate = candidate_from_sdp(line)
-    except (AssertionError, IndexError, ValueError) as exc:
-        raise ValueError(f"cannot parse ICE candidate {init.candidate[:80]!r}") from exc
-    candidate.sdpMid = init.sdpMid
-    candidate.sdpMLineIndex = init.sdpMLineIndex
-    if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
-        # Data-only sessions have a single m-line.
-        candidate.sdpMLineIndex = 0
-    return candidate
-
-
 class PeerSession:
-    """The connection to one remote agent: one RTCPeerConnection, its data channels and
-    their transports.
+    """The connection to one remote agent: one :class:`~mvpd.rtc.PeerConnection`, its data
+    channels and their transports.
 
     Signaling messages for this peer go to :meth:`deliver` (queued, handled in order by the
     session's own task, so a slow gather never blocks other peers) or directly to
-    :meth:`handle`. Outgoing signaling goes through ``send_signal``.
+    :meth:`handle`. Outgoing signaling goes through ``send_signal``. ``certificate``, when
+    given, provides the DTLS certificate of each peer connection the session makes.
     """
 
     def __init__(
@@ -175,8 +107,10 @@ class PeerSession:
         mode: str | None = None,
         on_state: StateListener | None = None,
         on_transport: TransportListener | None = None,
+        certificate: CertificateProvider | None = None,
     ) -> None:
         self.settings = settings
+        self._certificate = certificate
         self.peer_id = peer_id
         #: Every line about this peer carries PEER_ID (``journalctl -u mvpd PEER_ID=bob``).
         self._log = FieldsAdapter(log, peer=peer_id)
@@ -188,7 +122,7 @@ class PeerSession:
         self._transport_listeners: list[TransportListener] = [on_transport] if on_transport else []
         self.history: list[StateChange] = [StateChange(PeerState.NEW, time.time())]
         self.transports: dict[str, Transport[Any]] = {}
-        self._pc: Any = None
+        self._pc: PeerConnection | None = None
         self._remote_description_set = False
         self._remote_ufrag: str | None = None
         self._pending_candidates: list[IceCandidate | None] = []
@@ -267,10 +201,11 @@ class PeerSession:
 
     # --- starting --------------------------------------------------------------------------
 
-    def _new_pc(self) -> Any:
-        pc = RTCPeerConnection(ice_configuration(self.settings))
+    def _new_pc(self) -> PeerConnection:
+        certificate = self._certificate(self.settings) if self._certificate else None
+        pc = PeerConnection(ice_configuration(self.settings), certificate=certificate)
 
-        def on_datachannel(channel: Any) -> None:
+        def on_datachannel(channel: DataChannel) -> None:
             if pc is self._pc:
                 self._on_remote_channel(channel)
 
@@ -280,7 +215,7 @@ class PeerSession:
             state = pc.connectionState
             self._log.debug("peer %s: connection state %s", self.peer_id, state)
             if state == "failed":
-                self._spawn_close("ICE or DTLS failed", failed=True)
+                self._spawn_close(pc.failure or "ICE or DTLS failed", failed=True)
             elif state == "closed":
                 self._spawn_close("the peer connection closed")
 
@@ -291,7 +226,7 @@ class PeerSession:
         self._remote_ufrag = None
         return pc
 
-    def _is_current(self, pc: Any) -> bool:
+    def _is_current(self, pc: PeerConnection) -> bool:
         return pc is self._pc
 
     def _start_worker(self) -> None:
@@ -324,9 +259,9 @@ class PeerSession:
         except Exception as exc:
             await self.close(f"cannot create an offer: {exc}", failed=True)
             raise PeerError(f"cannot create an offer for {self.peer_id}: {exc}") from exc
-        if not self._is_current(pc):
+        if not self._is_current(pc) or pc.localDescription is None:
             return  # an incoming offer won the glare while we were gathering
-        sdp: str = pc.localDescription.sdp
+        sdp = pc.localDescription.sdp
         await self._signal(Offer(sender=self.local_id, to=self.peer_id, sdp=sdp))
 
     async def wait_open(self, timeout: float | None = None) -> Transport[Any]:
@@ -427,7 +362,7 @@ class PeerSession:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         await self._remote_description_applied(sdp)
         await pc.setLocalDescription(await pc.createAnswer())
-        if pc is self._pc and not self.state.is_final:
+        if pc is self._pc and not self.state.is_final and pc.localDescription is not None:
             await self._signal(
                 Answer(sender=self.local_id, to=self.peer_id, sdp=pc.localDescription.sdp)
             )
@@ -488,25 +423,13 @@ class PeerSession:
     def _limit_candidates(self, sdp: str) -> str:
         """``sdp`` with only the candidate lines :meth:`_take_candidates` allows (the first
         ones: browsers list their best candidates first)."""
-        lines = sdp.splitlines(keepends=True)
-        offered = sum(1 for line in lines if line.startswith("a=candidate:"))
+        offered = count_candidate_lines(sdp)
         allowed = self._take_candidates(offered)
-        if allowed == offered:
-            return sdp
-        kept = []
-        for line in lines:
-            if line.startswith("a=candidate:"):
-                if allowed == 0:
-                    continue
-                allowed -= 1
-            kept.append(line)
-        return "".join(kept)
+        return sdp if allowed == offered else keep_candidate_lines(sdp, allowed)
 
     async def _remote_description_applied(self, sdp: str) -> None:
         self._remote_description_set = True
-        self._remote_ufrag = _ice_ufrag(sdp)
-        self._guard_text_decoding()
-        adapt_sctp_to_unreliable_channels(self._pc.sctp if self._pc is not None else None)
+        self._remote_ufrag = ice_ufrag(sdp)
         pending, self._pending_candidates = self._pending_candidates, []
         for init in pending:
             await self._add_candidate(init)
@@ -531,36 +454,9 @@ class PeerSession:
             self.candidates_ignored += 1
             self._log.warning("peer %s: remote candidate ignored: %s", self.peer_id, exc)
 
-    def _guard_text_decoding(self) -> None:
-        """Make invalid UTF-8 in a text message harmless.
-
-        aiortc decodes text messages with ``bytes.decode`` inside its SCTP receive path; an
-        invalid one raises there and tears the whole association down. A peer must not be
-        able to do that, so such a message is handed to the channel as bytes instead, where
-        the transport counts it as invalid.
-        """
-        sctp = self._pc.sctp if self._pc is not None else None
-        if sctp is None or getattr(sctp, "_mvpd_guarded", False):
-            return
-        original = sctp._data_channel_receive
-
-        async def receive(stream_id: int, pp_id: int, data: bytes) -> None:
-            if pp_id == _PPID_STRING:
-                try:
-                    data.decode("utf-8")
-                except UnicodeDecodeError:
-                    channel = sctp._data_channels.get(stream_id)
-                    if channel is not None:
-                        channel.emit("message", bytes(data))
-                    return
-            await original(stream_id, pp_id, data)
-
-        sctp._data_channel_receive = receive
-        sctp._mvpd_guarded = True
-
     # --- channels --------------------------------------------------------------------------
 
-    def _attach(self, transport: Transport[Any], channel: Any) -> None:
+    def _attach(self, transport: Transport[Any], channel: DataChannel) -> None:
         label = channel.label
         if isinstance(transport, PipeTransport):
             # Pipes are one-way streams, one channel per direction and per `mvpctl pipe`,
@@ -589,7 +485,7 @@ class PeerSession:
             except Exception:
                 self._log.exception("transport listener for peer %s failed", self.peer_id)
 
-    def _on_remote_channel(self, channel: Any) -> None:
+    def _on_remote_channel(self, channel: DataChannel) -> None:
         label = channel.label
         if label == self.settings.data_channel_label:
             mode = channel.protocol or self.settings.mode_for(self.peer_id)
@@ -629,8 +525,9 @@ class PeerSession:
     def _main_channel_opened(self, transport: Transport[Any]) -> None:
         if self.transport is not transport or self.state.is_final:
             return
-        if self._liveness_task is None and self.settings.peer_timeout > 0:
-            self._liveness_task = asyncio.ensure_future(self._watch_liveness(self._pc))
+        pc = self._pc
+        if self._liveness_task is None and self.settings.peer_timeout > 0 and pc is not None:
+            self._liveness_task = asyncio.ensure_future(self._watch_liveness(pc))
         self._set_state(PeerState.CONNECTED, f"{self.mode} channel open")
         if not self._main_open.done():
             self._main_open.set_result(transport)
@@ -702,67 +599,19 @@ class PeerSession:
 
     # --- liveness --------------------------------------------------------------------------
 
-    async def _watch_liveness(self, pc: Any) -> None:
-        """Fail the session once the peer stops answering for ``peer_timeout`` seconds.
-
-        aioice's consent freshness (RFC 7675) gives up only after about 30 s. This sends the
-        same kind of check on the selected candidate pair, an authenticated STUN binding
-        request that the remote ICE agent (aioice or a browser) answers by itself however
-        busy its channels are, every ``peer_timeout``/5 s, one at a time, and closes the
-        session when no answer came for ``peer_timeout`` s: a vanished peer is noticed within
-        1.2 x ``peer_timeout``. A few bytes per check; nothing on the data channels.
-        """
-        loop = asyncio.get_running_loop()
-        last_answer = loop.time()
-        probe: asyncio.Task[None] | None = None
-
-        async def check(connection: Any, pair: Any) -> None:
-            nonlocal last_answer
-            request = connection.build_request(pair, nominate=False)
-            sent = time.monotonic()  # not loop.time(): uvloop's has a 1 ms resolution
-            await pair.protocol.request(
-                request,
-                pair.remote_addr,
-                integrity_key=connection.remote_password.encode("utf8"),
-                retransmissions=LIVENESS_RETRANSMISSIONS,
-            )
-            last_answer = loop.time()
-            self.liveness_rtts.append(time.monotonic() - sent)
-
-        try:
-            while pc is self._pc and not self._closing:
-                timeout = self.settings.peer_timeout
-                if timeout <= 0:
-                    return
-                await asyncio.sleep(timeout / LIVENESS_CHECKS_PER_TIMEOUT)
-                if pc is not self._pc or self._closing:
-                    return
-                if probe is not None and probe.done():
-                    error = None if probe.cancelled() else probe.exception()
-                    probe = None
-                    if error is not None and not isinstance(error, TransactionError):
-                        # Not a missing answer: this aioice works differently. Leave the
-                        # peer to consent freshness rather than fail healthy sessions.
-                        self._log.warning("peer %s: liveness checks unavailable (%s: %s); relying "
-                                    "on ICE consent freshness", self.peer_id,
-                                    type(error).__name__, error)
-                        return
-                silent = loop.time() - last_answer
-                if silent >= timeout:
-                    await self.close(
-                        f"{self.peer_id} stopped answering: no reply to liveness checks for "
-                        f"{silent:.0f} s (peer_timeout {timeout:g} s)",
-                        failed=True,
-                        send_bye=True,
-                    )
-                    return
-                connection = _ice_connection(pc)
-                pair = _selected_pair(pc)
-                if probe is None and connection is not None and pair is not None:
-                    probe = asyncio.ensure_future(check(connection, pair))
-        finally:
-            if probe is not None and not probe.done():
-                probe.cancel()
+    async def _watch_liveness(self, pc: PeerConnection) -> None:
+        """Fail the session once the peer stops answering liveness checks for
+        ``peer_timeout`` seconds (see :mod:`mvpd.peer.liveness`)."""
+        silent = await watch_liveness(
+            pc,
+            peer_timeout=lambda: self.settings.peer_timeout,
+            active=lambda: pc is self._pc and not self._closing,
+            log=self._log,
+            on_rtt=self.liveness_rtts.append,
+        )
+        if silent is not None and pc is self._pc and not self._closing:
+            await self.close(f"{self.peer_id} stopped answering: {silent}", failed=True,
+                             send_bye=True)
 
     # --- signaling out ---------------------------------------------------------------------
 
@@ -827,15 +676,20 @@ class PeerSession:
         for task in (self._worker, self._timeout_task, self._liveness_task):
             if task is not None and task is not current:
                 task.cancel()
+        for transport in list(self.transports.values()):
+            transport.close()
+        pc, self._pc = self._pc, None
+        if pc is not None:
+            # The data path says goodbye first (stream resets, SCTP SHUTDOWN), so the peer
+            # sees a clean close however fast the bye below makes it drop the connection.
+            with contextlib.suppress(Exception):
+                await pc.shutdown()
         if send_bye:
             bye = Bye(sender=self.local_id, to=self.peer_id, reason=reason[:256])
             try:
                 await asyncio.wait_for(self._send_signal(bye), BYE_TIMEOUT)
             except Exception as exc:
                 self._log.debug("peer %s: bye not sent: %s", self.peer_id, exc)
-        for transport in list(self.transports.values()):
-            transport.close()
-        pc, self._pc = self._pc, None
         if pc is not None:
             closing = asyncio.ensure_future(pc.close())
             _CLOSING_PCS.add(closing)
@@ -858,15 +712,13 @@ class PeerSession:
 
     def ice_path(self) -> dict[str, Any]:
         """The selected candidate pair: ``path`` is ``direct``, ``relayed`` or ``None``."""
-        pair = _selected_pair(self._pc)
+        pair = self._pc.selected_pair() if self._pc is not None else None
         if pair is None:
             return {"path": None, "local_candidate": None, "remote_candidate": None}
-        local, remote = pair.local_candidate, pair.remote_candidate
-        relayed = "relay" in (local.type, remote.type)
         return {
-            "path": "relayed" if relayed else "direct",
-            "local_candidate": local.to_sdp(),
-            "remote_candidate": remote.to_sdp(),
+            "path": pair.path,
+            "local_candidate": pair.local.sdp,
+            "remote_candidate": pair.remote.sdp,
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -896,113 +748,5 @@ class PeerSession:
             "remote_candidates": self.remote_candidates,
             "signaling_dropped": self.inbox_dropped,
             "pending_candidates": len(self._pending_candidates),
+            "sctp": pc.sctp.stats() if pc is not None and pc.sctp is not None else None,
         }
-
-
-def adapt_sctp_to_unreliable_channels(sctp: Any) -> None:
-    """Make aiortc's SCTP association ``sctp`` fit channels whose chunks are never resent
-    (``maxRetransmits=0``: TUN mode). Two changes, both inert while no such chunk is lost.
-
-    Congestion window: stop shrinking it when only such chunks went missing.
-
-    aiortc's SCTP reacts to every loss it infers from gap reports as RFC 4960 says: half the
-    window (no less than 4 chunks), once per round trip. On a link that loses packets at
-    random that keeps the window at a handful of chunks whatever the capacity (5 % loss,
-    40 ms RTT: ~5 chunks, ~1 Mbit/s). For the tunnel those losses are the inner traffic's
-    business: the IP flows inside have their own congestion control and recovery (no
-    TCP-over-TCP, and no congestion control over congestion control either, as with any
-    UDP-based VPN). So when a SACK reports losses and every lost chunk belongs to a
-    ``maxRetransmits=0`` channel, the window, slow-start threshold and fast-recovery state
-    are put back as they were before that SACK. A lost chunk of any other channel (chat,
-    json, bytes, pipes: resent until delivered) still halves the window, T3-rtx timeouts
-    still collapse it, and an association without such channels behaves exactly as before.
-
-    FORWARD-TSN: aiortc sends one (a packet of its own) for every SACK that arrives while the
-    peer has not yet acknowledged the abandoned chunks, and the peer answers each with a SACK:
-    one lost packet costs a round trip's worth of SACKs in FORWARD-TSNs, more than the data
-    itself under steady loss. The same FORWARD-TSN is now sent again only after a smoothed
-    round trip (a new one, for newly abandoned chunks, goes at once); the T3-rtx timer is kept
-    running meanwhile, so a lost FORWARD-TSN is still repeated.
-    """
-    if sctp is None or not ADJUST_UNRELIABLE_SCTP or getattr(sctp, "_mvpd_relaxed", False):
-        return
-    required = ("_receive_sack_chunk", "_maybe_abandon", "_transmit", "_cwnd",
-                "_partial_bytes_acked", "_fast_recovery_exit", "_fast_recovery_transmit",
-                "_update_advanced_peer_ack_point", "_forward_tsn_chunk", "_srtt",
-                "_t3_handle", "_t3_start")
-    if not all(hasattr(sctp, name) for name in required):
-        log.debug("this aiortc's SCTP differs; congestion control left as it is")
-        return
-    original_sack = sctp._receive_sack_chunk
-    original_abandon = sctp._maybe_abandon
-    original_update_ack_point = sctp._update_advanced_peer_ack_point
-    resent_loss = False
-    last_forward_tsn: int | None = None
-    last_forward_at = 0.0
-
-    def maybe_abandon(chunk: Any) -> bool:
-        nonlocal resent_loss
-        abandoned: bool = original_abandon(chunk)
-        if getattr(chunk, "_max_retransmits", None) != 0:
-            resent_loss = True  # a chunk of a reliable or partially reliable channel
-        return abandoned
-
-    async def receive_sack(chunk: Any) -> None:
-        nonlocal resent_loss
-        resent_loss = False
-        before = (sctp._cwnd, getattr(sctp, "_ssthresh", None), sctp._partial_bytes_acked)
-        recovering = sctp._fast_recovery_exit is not None
-        await original_sack(chunk)
-        if recovering or sctp._fast_recovery_exit is None or resent_loss:
-            return
-        # This SACK started a fast recovery for unreliable chunks only: undo it.
-        sctp._cwnd, ssthresh, sctp._partial_bytes_acked = before
-        if ssthresh is not None:
-            sctp._ssthresh = ssthresh
-        sctp._fast_recovery_exit = None
-        sctp._fast_recovery_transmit = False
-        sctp._mvpd_unreliable_losses_ignored += 1
-        await sctp._transmit()  # fill the window the reduction had closed
-
-    def update_advanced_peer_ack_point() -> None:
-        nonlocal last_forward_tsn, last_forward_at
-        original_update_ack_point()
-        forward = sctp._forward_tsn_chunk
-        if forward is None:
-            return
-        now = time.monotonic()
-        if forward.cumulative_tsn == last_forward_tsn and (
-            now - last_forward_at < (sctp._srtt or 0.0)
-        ):
-            sctp._forward_tsn_chunk = None  # the same one is still on its way
-            if sctp._t3_handle is None:
-                sctp._t3_start()  # repeats it should it be lost
-            return
-        last_forward_tsn, last_forward_at = forward.cumulative_tsn, now
-
-    sctp._maybe_abandon = maybe_abandon
-    sctp._receive_sack_chunk = receive_sack
-    sctp._update_advanced_peer_ack_point = update_advanced_peer_ack_point
-    sctp._mvpd_unreliable_losses_ignored = 0
-    sctp._mvpd_relaxed = True
-
-
-def _ice_connection(pc: Any) -> Any:
-    """aioice's ``Connection`` under the SCTP transport, if there is one yet."""
-    try:
-        return pc.sctp.transport.transport._connection
-    except AttributeError:
-        return None
-
-
-def _selected_pair(pc: Any) -> Any:
-    """aioice's nominated pair for component 1 of the SCTP transport, if any."""
-    nominated = getattr(_ice_connection(pc), "_nominated", None)
-    return nominated.get(1) if nominated is not None else None
-
-
-def _ice_ufrag(sdp: str) -> str | None:
-    for line in sdp.splitlines():
-        if line.startswith("a=ice-ufrag:"):
-            return line.split(":", 1)[1].strip()
-    return None
