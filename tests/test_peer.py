@@ -143,6 +143,26 @@ def test_glare_lower_id_yields_and_answers() -> None:
     run(body())
 
 
+def test_glare_while_the_lower_id_is_still_gathering() -> None:
+    """Bob's offer reaches alice while her own offer is still gathering: she throws that
+    peer connection away mid-gather and answers (her session must not fail for it)."""
+
+    async def body() -> None:
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        await sb.start_offer()  # bob's offer is delivered to alice's inbox now
+        await sa.start_offer()  # her worker handles it while this gathers
+        ta, tb = await asyncio.gather(sa.wait_open(), sb.wait_open())
+        assert sa.role == "answerer" and sb.role == "offerer"
+        assert [m.sender for m in fwd.sent if isinstance(m, Offer)] == ["bob"]
+        ta.send_text("after glare")
+        assert await tb.recv() == "after glare"
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
 def test_connect_timeout_is_a_clear_peer_error() -> None:
     async def body() -> None:
         async def nowhere(message: RoutedMessage) -> None:

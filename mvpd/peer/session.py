@@ -257,6 +257,8 @@ class PeerSession:
         try:
             await pc.setLocalDescription(await pc.createOffer())
         except Exception as exc:
+            if not self._is_current(pc):
+                return  # an incoming offer won the glare while we were gathering
             await self.close(f"cannot create an offer: {exc}", failed=True)
             raise PeerError(f"cannot create an offer for {self.peer_id}: {exc}") from exc
         if not self._is_current(pc) or pc.localDescription is None:
@@ -337,7 +339,9 @@ class PeerSession:
     async def handle_offer(self, offer: Offer) -> None:
         """Answer an offer (resolving glare: the lower agent id yields)."""
         if self._pc is not None:
-            if self._pc.signalingState == "have-local-offer":
+            # Our offer is out, or still gathering (signaling state "stable" until the
+            # gather ends and it is set): both count as offering.
+            if self.role == "offerer" and not self._remote_description_set:
                 if self.local_id < self.peer_id:
                     self._log.info("peer %s: both sides offered; %s < %s, so we answer",
                              self.peer_id, self.local_id, self.peer_id)
