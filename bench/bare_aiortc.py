@@ -11,7 +11,8 @@ host candidates only) and, like mvpd, uvloop when it is installed. It measures w
 * ``--bulk-bytes B --bulk-rounds R``: R transfers of B bytes in 64 KiB messages over a
   reliable ordered channel, pausing while ``bufferedAmount`` is above 1 MiB and resuming on
   ``bufferedamountlow`` (256 KiB), the same watermarks as mvpd's transports. The answerer
-  times each transfer from its first to its last received byte.
+  times each transfer from its first to its last received byte; each side reports the CPU
+  seconds its process used for the transfer.
 
 The result is one JSON object on stdout. Everything is bounded by ``--timeout``; the answerer
 is stopped by PID when this process ends, and dies with it (PR_SET_PDEATHSIG) if it is killed.
@@ -110,12 +111,14 @@ class Answerer:
         expected = 0
         received = 0
         first = 0.0
+        cpu_start = 0.0
 
         def on_message(message: str | bytes) -> None:
-            nonlocal expected, received, first
+            nonlocal expected, received, first, cpu_start
             if isinstance(message, str):
                 if message.startswith("bulk:"):
                     expected, received = int(message[5:]), 0
+                    cpu_start = time.process_time()
                 return
             if expected <= 0:
                 channel.send(message)  # echo
@@ -126,7 +129,10 @@ class Answerer:
             received += len(message)
             if received >= expected:
                 expected = 0
-                channel.send(json.dumps({"bytes": received, "seconds": now - first}))
+                channel.send(json.dumps({
+                    "bytes": received, "seconds": now - first,
+                    "receiver_cpu_seconds": time.process_time() - cpu_start,
+                }))
 
         channel.on("message", on_message)
 
@@ -199,6 +205,7 @@ class Offerer:
         chunk = os.urandom(MESSAGE_SIZE)
         channel.send(f"bulk:{size}")
         started = time.perf_counter()
+        cpu_start = time.process_time()
         left = size
         while left > 0:
             while channel.bufferedAmount >= HIGH_WATERMARK:
@@ -211,6 +218,7 @@ class Offerer:
         assert isinstance(report, str), "expected the answerer's report"
         result = json.loads(report)
         result["sender_seconds"] = time.perf_counter() - started
+        result["sender_cpu_seconds"] = time.process_time() - cpu_start
         return {k: float(v) for k, v in result.items()}
 
 

@@ -528,9 +528,43 @@ def echo_main(socket_path: str, peer: str, timeout: float) -> int:
     return 0
 
 
-def pipe_round(setup: Setup, data_file: Path, size: int) -> float:
-    """One ``mvpctl pipe`` transfer B <- A; MB/s from the first to the last byte received."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (also of a zombie not yet
+    reaped)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def exited_cpu_seconds(proc: subprocess.Popen[bytes], timeout: float) -> float:
+    """Wait until ``proc`` exits, without reaping it, and read its CPU seconds."""
+    deadline = time.monotonic() + timeout
+    while proc.returncode is None and time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
+                break
+        except ChildProcessError:
+            break
+        time.sleep(0.01)
+    try:
+        return cpu_seconds(proc.pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return math.nan  # already reaped
+
+
+@dataclass
+class PipeResult:
+    """One pipe transfer: MB/s and CPU seconds on each side (daemon, mvpctl)."""
+
+    rate: float
+    cpu: dict[str, float]
+
+
+def pipe_round(setup: Setup, data_file: Path, size: int) -> PipeResult:
+    """One ``mvpctl pipe`` transfer B <- A; MB/s from the first to the last byte received,
+    and the CPU seconds of both daemons and both ``mvpctl pipe`` processes over it."""
     children = setup.children
+    daemons = {name: setup.daemons[f"bench-{name}"].pid for name in ("a", "b")}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in daemons.items()}
     receiver = children.start(
         "mvpctl pipe (receiver)",
         setup.mvpctl("bench-b", "pipe", "bench-a"),
@@ -569,13 +603,17 @@ def pipe_round(setup: Setup, data_file: Path, size: int) -> float:
             last = now
         if received != size:
             raise RuntimeError(f"the pipe delivered {received} of {size} bytes")
+        cpu = {f"daemon {name}": cpu_seconds(pid) - cpu_before[name]
+               for name, pid in daemons.items()}
+        cpu["mvpctl a"] = exited_cpu_seconds(sender, 30)
+        cpu["mvpctl b"] = exited_cpu_seconds(receiver, 30)
         for proc in (sender, receiver):
             proc.wait(timeout=30)
     finally:
         for proc in (sender, receiver):
             if proc is not None:
                 children.stop(proc)
-    return size / (last - first) / 1e6
+    return PipeResult(size / (last - first) / 1e6, cpu)
 
 
 def measure_bulk(setup: Setup, plan: Plan, report: Report) -> None:
@@ -587,11 +625,34 @@ def measure_bulk(setup: Setup, plan: Plan, report: Report) -> None:
         out.write(os.urandom(plan.bulk_bytes % MiB))
     connect_ab(setup)
     pipe_rates, bare_rates = [], []
+    pipe_cpu: dict[str, list[float]] = {}
+    bare_cpu: dict[str, list[float]] = {"sender": [], "receiver": []}
+    megabytes = plan.bulk_bytes / 1e6
     for _ in range(plan.bulk_rounds):  # alternate, so noise hits both alike
-        pipe_rates.append(pipe_round(setup, data_file, plan.bulk_bytes))
+        pipe = pipe_round(setup, data_file, plan.bulk_bytes)
+        pipe_rates.append(pipe.rate)
+        for name, seconds in pipe.cpu.items():
+            pipe_cpu.setdefault(name, []).append(seconds / megabytes)
         bare = run_bare(setup.children, setup.work, "--bulk-bytes", str(plan.bulk_bytes))
         bare_rates.extend(b["bytes"] / b["seconds"] / 1e6 for b in bare["bulk"])
+        for b in bare["bulk"]:
+            for side in ("sender", "receiver"):
+                bare_cpu[side].append(b.get(f"{side}_cpu_seconds", math.nan) / megabytes)
         progress(f"   round: pipe {pipe_rates[-1]:.2f} MB/s, bare {bare_rates[-1]:.2f} MB/s")
+    ms_per_mb = {name: 1000 * statistics.median(values) for name, values in pipe_cpu.items()}
+    for side, daemon, ctl, bare_side in (("sending", "a", "a", "sender"),
+                                         ("receiving", "b", "b", "receiver")):
+        report.add(
+            Row(
+                f"CPU per MB, {side} side (daemon + mvpctl)",
+                ms_per_mb[f"daemon {daemon}"] + ms_per_mb[f"mvpctl {ctl}"],
+                1000 * statistics.median(bare_cpu[bare_side]),
+                "ms/MB",
+                f"bare aiortc {bare_side}",
+                f"daemon {ms_per_mb[f'daemon {daemon}']:.1f} + mvpctl "
+                f"{ms_per_mb[f'mvpctl {ctl}']:.1f}, lower is better",
+            )
+        )
     report.add(
         Row(
             "bulk throughput, mvpctl pipe (median)",

@@ -30,6 +30,9 @@
     signaling: "idle", // idle | connecting | open | registered | closed
     connection: "new", // RTCPeerConnection.connectionState
     channel: "none", // none | connecting | open | closed
+    // How the last channel ended: "" (not yet), "closed" (a clean close by either side), or
+    // the RTCError the browser reported (an SCTP abort, for example).
+    channelEnd: "",
     role: "", // offer | answer
     id: "",
     peer: "",
@@ -251,7 +254,7 @@
 
   function closePeerConnection() {
     if (channel) {
-      channel.onopen = channel.onclose = channel.onmessage = null;
+      channel.onopen = channel.onclose = channel.onmessage = channel.onerror = null;
       channel.close();
       channel = null;
     }
@@ -363,9 +366,19 @@
       showState();
       if (options.send) sendLine(options.send);
     };
+    ch.onerror = (event) => {
+      if (channel !== ch) return;
+      const e = event.error || {};
+      const detail = (e.errorDetail || "error") +
+        (e.sctpCauseCode ? ", cause " + e.sctpCauseCode : "") +
+        (e.message ? " (" + e.message + ")" : "");
+      state.channelEnd = detail;
+      error("channel failed: " + detail);
+    };
     ch.onclose = () => {
       if (channel !== ch) return;
       state.channel = "closed";
+      if (!state.channelEnd) state.channelEnd = "closed";
       log("channel closed");
       showState();
     };

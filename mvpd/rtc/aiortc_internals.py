@@ -6,7 +6,9 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the ICE role, which aiortc sets on its aioice ``Connection`` from RTCPeerConnection;
 * the DTLS role, set with ``RTCDtlsTransport._set_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
-  each decrypted datagram) and ``_send_data``;
+  each decrypted datagram) and ``_send_data``; :func:`send_data_now`, the same without its
+  five coroutine layers per packet, encrypts with ``_ssl`` and writes to the selected pair's
+  UDP transport;
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
@@ -24,8 +26,11 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aioice.ice import StunProtocol
 from aioice.stun import TransactionError
+from aioice.turn import TurnTransport
 from aiortc import RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
+from OpenSSL import SSL
 
 from .errors import RtcError, UnsupportedLibrary
 
@@ -85,7 +90,7 @@ def check_objects(
             (gatherer, ("_connection",)),
             (ice, ("_connection", "_role_set")),
             (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
-                    "_send_data", "_role")),
+                    "_send_data", "_role", "_ssl")),
             (connection, ("ice_controlling", "_nominated", "build_request",
                           "remote_password")),
         )
@@ -228,6 +233,39 @@ async def send_data(dtls: RTCDtlsTransport, data: bytes) -> None:
     datagram with DTLS overhead (aiortc reads 1500 bytes per record).
     """
     await dtls._send_data(data)
+
+
+def send_data_now(dtls: RTCDtlsTransport, data: bytes) -> bool:
+    """What :func:`send_data` does, synchronously, when the selected pair is a plain UDP
+    socket (host, server- or peer-reflexive candidates); ``False`` (nothing sent) when it
+    is not (a TURN relay: use :func:`send_data`).
+
+    Raises ``ConnectionError`` when DTLS or ICE is not connected.
+    """
+    if dtls.state != "connected":
+        raise ConnectionError("Cannot send encrypted data, not connected")
+    pair = dtls.transport._connection._nominated.get(1)
+    if pair is None:
+        raise ConnectionError("Cannot send data, not connected")
+    protocol = pair.protocol
+    if type(protocol) is not StunProtocol:
+        return False
+    transport = protocol.transport
+    if isinstance(transport, TurnTransport):
+        return False  # a relayed candidate: aioice may have to bind a channel first
+    if transport is None or transport.is_closing():
+        raise ConnectionError("the candidate's socket is closed")
+    ssl = dtls._ssl
+    try:
+        ssl.send(data)
+    except SSL.Error as exc:  # the session is shutting down
+        raise ConnectionError(f"DTLS cannot send: {exc}") from None
+    try:
+        record = ssl.bio_read(1500)
+    except SSL.Error:
+        return True  # nothing to send, as aiortc's _write_ssl
+    transport.sendto(record, pair.remote_addr)
+    return True
 
 
 def export_keying_material(

@@ -219,9 +219,11 @@ class SctpTransport:
             self._process_events()
             if not packets:
                 return
+            dtls = self._dtls
             for packet in packets:
                 try:
-                    await internals.send_data(self._dtls, packet)
+                    if not internals.send_data_now(dtls, packet):
+                        await internals.send_data(dtls, packet)
                 except ConnectionError as exc:
                     # DTLS or ICE is gone; SCTP's own timers notice the silence.
                     log.debug("SCTP packet not sent: %s", exc)

@@ -84,9 +84,14 @@ def test_daemon_offers_to_the_browser(
     state = wait_page(page, "s.channel === 'open'", "the data channel to open")
     assert state["role"] == "answer" and state["peer"] == DAEMON_ID
     chat_both_ways(alice, page)
-    # A bye from the daemon closes the page's connection at once.
+    # Disconnecting closes the channel cleanly first (stream reset, SCTP SHUTDOWN: the page
+    # gets a close event without an RTCError, which an SCTP ABORT would raise: "sctp-failure,
+    # cause 12"), then the bye closes the page's connection.
     alice.ctl_ok("disconnect", BROWSER_ID)
-    wait_page(page, "s.channel !== 'open' && s.connection === 'closed'", "the page to close")
+    state = wait_page(page, "s.channel !== 'open' && s.connection === 'closed'",
+                      "the page to close")
+    assert state["channelEnd"] == "closed", state["log"]
+    assert any(line.endswith("channel closed") for line in state["log"]), state["log"]
 
 
 def test_page_comes_back_after_the_signaling_server_restarts(

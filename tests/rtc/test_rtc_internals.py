@@ -126,6 +126,10 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             await internals.send_data(db, b"back")
             assert await asyncio.wait_for(rb.received.get(), 5) == big
             assert await asyncio.wait_for(ra.received.get(), 5) == b"back"
+            # The synchronous path: on a host pair it sends at once, in order.
+            assert internals.send_data_now(da, big) and internals.send_data_now(da, b"2")
+            assert await asyncio.wait_for(rb.received.get(), 5) == big
+            assert await asyncio.wait_for(rb.received.get(), 5) == b"2"
             key_a = internals.export_keying_material(da, b"EXPORTER-mvp-test", 32)
             assert key_a == internals.export_keying_material(db, b"EXPORTER-mvp-test", 32)
             assert key_a != internals.export_keying_material(da, b"EXPORTER-other", 32)
@@ -134,6 +138,9 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             await internals.send_data(db, b"after")
             assert await asyncio.wait_for(ra.received.get(), 5) == b"after"
             assert rb.received.empty()
+            await db.stop()
+            with pytest.raises(ConnectionError):
+                internals.send_data_now(db, b"after close")
         finally:
             for _, ice, dtls, _ in sides:
                 await dtls.stop()
