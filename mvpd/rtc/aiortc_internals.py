@@ -256,6 +256,8 @@ def send_data_now(dtls: RTCDtlsTransport, data: bytes) -> bool:
     if transport is None or transport.is_closing():
         raise ConnectionError("the candidate's socket is closed")
     ssl = dtls._ssl
+    if ssl is None:
+        raise ConnectionError("DTLS has no session")
     try:
         ssl.send(data)
     except SSL.Error as exc:  # the session is shutting down
