@@ -163,6 +163,54 @@ def test_glare_while_the_lower_id_is_still_gathering() -> None:
     run(body())
 
 
+def test_close_resets_the_channels_and_shuts_sctp_down_before_the_bye() -> None:
+    """Closing a session ends the data path cleanly, as a browser wants to see it: stream
+    resets for the channels, then the SHUTDOWN handshake to its end (SHUTDOWN, SHUTDOWN ACK,
+    SHUTDOWN COMPLETE), never an ABORT; the bye follows."""
+
+    async def body() -> None:
+        from mvpd.sctp.chunks import ABORT, RECONFIG, SHUTDOWN, SHUTDOWN_ACK, SHUTDOWN_COMPLETE
+        from mvpd.sctp.packet import parse_packet
+
+        fwd = Forwarder()
+        sa, sb = fwd.pair("alice", "bob")
+        await connect(sa, sb)
+        pipe = await sa.open_pipe()
+        seen: list[int] = []  # chunk types either side received, in order
+        for session in (sa, sb):
+            assert session._pc is not None and session._pc.sctp is not None
+            driver = session._pc.sctp
+
+            def recorder(original: Any) -> Any:
+                async def record(data: bytes) -> None:
+                    seen.extend(kind for kind, _f, _s, _e in parse_packet(data).chunks)
+                    await original(data)
+
+                return record
+
+            driver._handle_data = recorder(driver._handle_data)  # type: ignore[method-assign]
+        bye_at: list[int] = []
+        send = fwd.sender("alice")
+
+        async def watch(message: RoutedMessage) -> None:
+            if isinstance(message, Bye):
+                bye_at.append(len(seen))
+            await send(message)
+
+        sa._send_signal = watch
+        await sa.close("done", send_bye=True)
+        assert pipe.is_closed
+        assert ABORT not in seen, seen
+        for kind in (RECONFIG, SHUTDOWN, SHUTDOWN_ACK, SHUTDOWN_COMPLETE):
+            assert kind in seen, (kind, str(seen))
+        assert seen.index(RECONFIG) < seen.index(SHUTDOWN)
+        # The bye left once the handshake was over.
+        assert bye_at and bye_at[0] > seen.index(SHUTDOWN_COMPLETE)
+        await wait_for(lambda: sb.state == PeerState.CLOSED)
+
+    run(body())
+
+
 def test_connect_timeout_is_a_clear_peer_error() -> None:
     async def body() -> None:
         async def nowhere(message: RoutedMessage) -> None:

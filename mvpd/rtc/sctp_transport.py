@@ -121,6 +121,8 @@ class SctpTransport:
         self._dtls_ready = False
         #: Set whenever a channel is forgotten or the state changes (for :meth:`close`).
         self._changed = asyncio.Event()
+        #: Sends of the last packets through aiortc's own (TURN) path, kept referenced.
+        self._last_sends: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -229,6 +231,26 @@ class SctpTransport:
                     log.debug("SCTP packet not sent: %s", exc)
                     return
 
+    def _send_last_packets(self) -> None:
+        """The association ended: what it still has to say (SHUTDOWN COMPLETE, ABORT) goes
+        out now, before the state change stops all I/O."""
+        if not self._dtls_ready:
+            return
+        for packet in self.association.packets_to_send():
+            try:
+                if not internals.send_data_now(self._dtls, packet):
+                    task = self._loop.create_task(internals.send_data(self._dtls, packet))
+                    self._last_sends.add(task)
+                    task.add_done_callback(self._last_sent)
+            except ConnectionError as exc:
+                log.debug("last SCTP packet not sent: %s", exc)
+                return
+
+    def _last_sent(self, task: asyncio.Task[None]) -> None:
+        self._last_sends.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("last SCTP packet not sent: %s", task.exception())
+
     def _rearm_timer(self) -> None:
         deadline = self.association.next_deadline()
         if deadline == self._timer_at:
@@ -266,12 +288,14 @@ class SctpTransport:
                 self._set_state(SCTP_CONNECTED)
                 self._open_pending()
             elif isinstance(event, AssociationLost):
+                self._send_last_packets()
                 self._close_all_channels()
                 # aiortc and browsers end a connection with an ABORT: the peer is gone by
                 # its own choice, which is a close, not a failure of ours.
                 peer_closed = event.reason.startswith(PEER_ABORT_PREFIX)
                 self._set_state(SCTP_CLOSED if peer_closed else SCTP_FAILED, event.reason)
             elif isinstance(event, AssociationClosed):
+                self._send_last_packets()
                 self._close_all_channels()
                 self._set_state(SCTP_CLOSED, "the association was shut down")
 
