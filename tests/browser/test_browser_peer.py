@@ -84,9 +84,9 @@ def test_daemon_offers_to_the_browser(
     state = wait_page(page, "s.channel === 'open'", "the data channel to open")
     assert state["role"] == "answer" and state["peer"] == DAEMON_ID
     chat_both_ways(alice, page)
-    # Disconnecting closes the channel cleanly first (stream reset, SCTP SHUTDOWN: the page
-    # gets a close event without an RTCError, which an SCTP ABORT would raise: "sctp-failure,
-    # cause 12"), then the bye closes the page's connection.
+    # Disconnecting closes the channel first (stream reset, then SCTP SHUTDOWN: tests/
+    # test_peer.py checks the chunks), so the page sees its channel close by itself, with no
+    # RTCError (the page fails on one), before the bye closes its connection.
     alice.ctl_ok("disconnect", BROWSER_ID)
     state = wait_page(page, "s.channel !== 'open' && s.connection === 'closed'",
                       "the page to close")
