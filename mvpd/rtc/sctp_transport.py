@@ -176,6 +176,7 @@ class SctpTransport:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_at = None
         self._close_all_channels()
         if self.state not in (SCTP_CLOSED, SCTP_FAILED):
             self._set_state(SCTP_CLOSED, "closed locally")
@@ -253,7 +254,12 @@ class SctpTransport:
 
     def _rearm_timer(self) -> None:
         deadline = self.association.next_deadline()
-        if deadline == self._timer_at:
+        timer_at = self._timer_at
+        if timer_at is not None and deadline is not None and timer_at <= deadline:
+            # The armed timer fires no later than needed: when it does, handle_timeout runs
+            # what is due (nothing, if the deadline moved on) and the timer is set again.
+            # A SACK moves the T3-rtx deadline later on every packet; this saves a cancel
+            # and a new loop timer each time.
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -409,6 +415,7 @@ class SctpTransport:
         if self._timer is not None and state in (SCTP_CLOSED, SCTP_FAILED):
             self._timer.cancel()
             self._timer = None
+            self._timer_at = None
         self._on_state(state, reason)
 
     # --- channels --------------------------------------------------------------------------
