@@ -48,7 +48,8 @@ _TOTALS = ("bytes_in", "bytes_out", "messages_in", "messages_out")
 
 
 def peer_connection(session: PeerSession) -> Any:
-    """The session's current peer connection (aiortc ``RTCPeerConnection``), or ``None``."""
+    """The session's current peer connection (:class:`mvpd.rtc.PeerConnection`), or
+    ``None``."""
     return getattr(session, "_pc", None)
 
 
@@ -98,6 +99,9 @@ def sctp_counters(session: PeerSession) -> dict[str, Any] | None:
     sctp = sctp_association(session)
     if sctp is None:
         return None
+    if hasattr(sctp, "association_stats"):  # mvpd.rtc's driver: the association counts
+        stats: dict[str, Any] = sctp.association_stats()
+        return stats
     counted: collections.Counter[str] = getattr(sctp, "_mvpd_counters", None) or (
         collections.Counter()
     )

@@ -121,18 +121,18 @@ def test_a_lost_packet_shows_as_a_retransmission() -> None:
         tb = await sb.wait_open()
         received: list[Any] = []
         tb.add_message_listener(received.append)
-        # Lose the next packet alice sends (it carries the first message's DATA chunk).
-        dtls = sctp.transport
-        send_data = dtls._send_data
+        # Lose the next packet bob receives (it carries the first message's DATA chunk).
+        receiver = sctp_association(sb)
+        handle_data = receiver._handle_data
         lost = []
 
-        async def lossy_send(data: bytes) -> None:
+        async def lossy_receive(data: bytes) -> None:
             if not lost:
                 lost.append(data)
                 return
-            await send_data(data)
+            await handle_data(data)
 
-        dtls._send_data = lossy_send
+        receiver._handle_data = lossy_receive
         for i in range(10):
             await ta.send_text_async(f"message {i}")
         await wait_for(lambda: len(received) == 10, 20)

@@ -112,6 +112,12 @@ class DataChannel(EventEmitter):
         if self._id is not None:
             self._transport.channel_set_low_threshold(self, value)
 
+    @property
+    def transport(self) -> ChannelTransport:
+        """The SCTP transport carrying the channel (aiortc's name for it; its ``transport``
+        is the DTLS transport, as in the W3C ``RTCSctpTransport``)."""
+        return self._transport
+
     # --- W3C methods -----------------------------------------------------------------------
 
     def send(self, data: str | bytes | bytearray | memoryview) -> None:

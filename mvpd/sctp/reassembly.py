@@ -2,11 +2,17 @@
 
 Ordered messages are keyed by ``(stream, SSN)``: a message is complete when its first and
 last fragments are in and every TSN between them, counted in O(1) per fragment.  Unordered
-multi-fragment messages are found by their consecutive TSNs.  A message growing past the
-maximum message size is refused as it grows (:class:`ProtocolViolation`), never buffered
-whole.  ``buffered`` counts the bytes held here plus :data:`ENTRY_COST` per fragment or
-message held, for the advertised receive window, so the window also bounds how many
-objects a peer can make us keep.
+multi-fragment messages are found by their consecutive TSNs.
+
+An ordered message growing past the maximum message size is refused as it grows, never
+buffered whole: its fragments are dropped, so are the ones still to come, the stream goes
+on after it and ``refused`` counts it (a peer's oversized message must not end the
+association and every other channel with it).  An unordered one is a
+:class:`ProtocolViolation`.
+
+``buffered`` counts the bytes held here plus :data:`ENTRY_COST` per fragment or message
+held, for the advertised receive window, so the window also bounds how many objects a peer
+can make us keep.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from .tsn import SSN_MASK, TSN_MASK, ssn_le
 
 #: What one held fragment or message costs beyond its payload, in window bytes.
 ENTRY_COST = 64
+#: The PPID of a refused message's place in the delivery order (nothing is delivered).
+_REFUSED = (-1, b"")
 
 
 class _Partial:
     """Fragments of one ordered message received so far."""
 
-    __slots__ = ("first_tsn", "fragments", "last_tsn", "ppid", "size")
+    __slots__ = ("count", "first_tsn", "fragments", "last_tsn", "ppid", "refused", "size")
 
     def __init__(self) -> None:
         self.first_tsn = -1
@@ -31,6 +39,9 @@ class _Partial:
         self.fragments: dict[int, bytes] = {}
         self.size = 0
         self.ppid = 0
+        #: Fragments received (kept or, once refused, dropped).
+        self.count = 0
+        self.refused = False
 
 
 class _IncomingStream:
@@ -58,6 +69,8 @@ class Reassembly:
         self.buffered = 0
         #: Bytes delivered as MessageReceived events since the user last drained them.
         self.delivered = 0
+        #: Ordered messages refused for exceeding the maximum message size.
+        self.refused = 0
 
     def _stream(self, stream_id: int) -> _IncomingStream:
         stream = self._streams.get(stream_id)
@@ -89,14 +102,18 @@ class Reassembly:
         partial = stream.partial.get(ssn)
         if partial is None:
             partial = stream.partial[ssn] = _Partial()
-        partial.fragments[tsn] = payload
-        partial.size += len(payload)
-        self.buffered += len(payload) + ENTRY_COST
-        if partial.size > self.max_message_size or len(partial.fragments) > self.max_fragments:
-            raise ProtocolViolation(
-                f"message on stream {stream_id} exceeds the maximum message size "
-                f"{self.max_message_size} or {self.max_fragments} fragments"
-            )
+        partial.count += 1
+        if not partial.refused:
+            partial.fragments[tsn] = payload
+            partial.size += len(payload)
+            self.buffered += len(payload) + ENTRY_COST
+            if partial.size > self.max_message_size or partial.count > self.max_fragments:
+                # Refused: what was kept goes, what is still to come is only counted.
+                self.buffered -= partial.size + ENTRY_COST * len(partial.fragments)
+                partial.fragments.clear()
+                partial.size = 0
+                partial.refused = True
+                self.refused += 1
         if flags & DATA_BEGINNING:
             partial.first_tsn = tsn
             partial.ppid = ppid
@@ -104,9 +121,19 @@ class Reassembly:
             partial.last_tsn = tsn
         first = partial.first_tsn
         last = partial.last_tsn
-        if first < 0 or last < 0 or len(partial.fragments) != ((last - first) & TSN_MASK) + 1:
+        if first < 0 or last < 0 or partial.count != ((last - first) & TSN_MASK) + 1:
             return
         del stream.partial[ssn]
+        if partial.refused:
+            # Its place in the order passes without a delivery.
+            if ssn == stream.next_ssn:
+                stream.next_ssn = (ssn + 1) & SSN_MASK
+                if stream.complete:
+                    self._deliver_ready(stream_id, stream)
+            else:
+                stream.complete[ssn] = _REFUSED
+                self.buffered += ENTRY_COST
+            return
         fragments = partial.fragments
         parts = [fragments.get((first + i) & TSN_MASK) for i in range(len(fragments))]
         if None in parts:
@@ -129,7 +156,8 @@ class Reassembly:
         while ssn in complete:
             ppid, data = complete.pop(ssn)
             self.buffered -= len(data) + ENTRY_COST
-            self._deliver(stream_id, ppid, data)
+            if ppid != _REFUSED[0]:
+                self._deliver(stream_id, ppid, data)
             ssn = (ssn + 1) & SSN_MASK
         stream.next_ssn = ssn
 
@@ -204,7 +232,8 @@ class Reassembly:
                               key=lambda s: (s - next_ssn) & SSN_MASK):
                 ppid, data = stream.complete.pop(ssn)
                 self.buffered -= len(data) + ENTRY_COST
-                self._deliver(stream_id, ppid, data)
+                if ppid != _REFUSED[0]:
+                    self._deliver(stream_id, ppid, data)
             if ssn_le(stream.next_ssn, skipped):
                 stream.next_ssn = (skipped + 1) & SSN_MASK
             self._deliver_ready(stream_id, stream)

@@ -259,15 +259,40 @@ def test_send_refuses_what_it_cannot_take() -> None:
     assert issubclass(MessageTooLarge, SctpError) and issubclass(SctpError, ProtocolError)
 
 
-def test_oversized_incoming_message_is_refused_during_reassembly() -> None:
+def test_oversized_incoming_message_is_refused_and_counted_the_streams_go_on() -> None:
     pair = Pair(peer_max_message_size=262144)
     pair.b.association = Association(max_message_size=5000)  # and says so in its SDP...
     pair.connect()
-    pair.a.association.send(0, 53, b"y" * 20000, now=pair.now)
-    pair.run(lambda: bool(pair.b.of_type(AssociationLost)))
-    assert pair.b.association.reassembly.buffered <= 5000 + 1200
-    pair.run(lambda: bool(pair.a.of_type(AssociationLost)))
-    assert not pair.b.messages()
+    a = pair.a.association
+    a.send(0, 53, b"y" * 20000, now=pair.now)  # ...which a ignores
+    a.send(0, 53, b"after it", now=pair.now)
+    a.send(1, 53, b"another stream", now=pair.now)
+    a.send(0, 53, b"z" * 4000, now=pair.now)  # fragmented, within the limit
+    pair.run(lambda: len(pair.b.messages()) == 3)
+    reassembly = pair.b.association.reassembly
+    assert reassembly.refused == 1 and reassembly.buffered == 0
+    by_stream = [(m.stream_id, m.data) for m in pair.b.messages()]
+    assert [d for s, d in by_stream if s == 0] == [b"after it", b"z" * 4000]
+    assert (1, b"another stream") in by_stream
+    assert not pair.b.of_type(AssociationLost) and not pair.a.of_type(AssociationLost)
+
+
+def test_a_refused_message_whose_end_comes_first_still_frees_its_place() -> None:
+    """Reassembly, fed directly: the last fragment of an oversized message arrives before
+    the rest; the message after it waits for the refusal, then is delivered."""
+    from mvpd.sctp.chunks import DATA_BEGINNING, DATA_END
+    from mvpd.sctp.events import Event, MessageReceived
+    from mvpd.sctp.reassembly import Reassembly
+
+    events: list[Event] = []
+    r = Reassembly(1000, events)
+    r.add(13, 0, 1, DATA_BEGINNING | DATA_END, 53, b"next")  # SSN 1 waits for SSN 0
+    r.add(12, 0, 0, DATA_END, 53, b"c" * 600)
+    r.add(10, 0, 0, DATA_BEGINNING, 53, b"a" * 600)  # 1200 > 1000: refused
+    assert r.refused == 1 and not events
+    r.add(11, 0, 0, 0, 53, b"b" * 600)  # the middle: dropped, and SSN 0 is done
+    assert [e.data for e in events if isinstance(e, MessageReceived)] == [b"next"]
+    assert r.buffered == 0
 
 
 def test_unreliable_losses_can_leave_cwnd_alone() -> None:

@@ -29,26 +29,26 @@ async def inject_raw_text(transport: object, payload: bytes) -> None:
 
 
 def test_message_over_max_message_size_is_refused_and_counted_channel_stays() -> None:
-    """A peer that ignores our a=max-message-size (aiortc lets one by clearing the remote
-    limit) sends 1 MiB: refused before decoding, counted, the inbox never holds it (8 MiB
-    from a hostile peer against a real daemon: tests/e2e/test_e2e_recv.py)."""
+    """A peer that ignores our a=max-message-size sends 1 MiB: our SCTP refuses it during
+    reassembly (never buffered whole), counts it (status: sctp.messages_too_large), and the
+    channel and the association carry on; the inbox never holds it (8 MiB from a hostile
+    peer against a real daemon: tests/e2e/test_e2e_recv.py)."""
 
     async def body() -> None:
         sa, sb, ta, tb = await connected_pair("bytes")
         channel = ta.channel
         assert channel is not None
-        channel.transport._remote_max_message_size = 0  # type: ignore[attr-defined]
-        errors: list[TransportErrorEvent] = []
-        tb.add_error_listener(errors.append)
+        sender = channel.transport  # the SCTP driver: lift both of its send limits
+        sender.remote_max_message_size = 0  # type: ignore[attr-defined]
+        sender.association.peer_max_message_size = 1 << 30  # type: ignore[attr-defined]
         channel.send(b"\x00" * (1024 * 1024))
         channel.send("x" * (MAX_MESSAGE_SIZE + 1))  # text counts too
         channel.send(b"\x01" * MAX_MESSAGE_SIZE)  # at the limit: accepted
         ta.send_bytes(b"after")
         assert len(await tb.recv()) == MAX_MESSAGE_SIZE
         assert await tb.recv() == b"after"
-        assert tb.counters.errors == {"message-too-large": 2}
-        assert [e.reason for e in errors] == ["message-too-large"] * 2
-        assert "1048576-byte message" in errors[0].detail
+        assert sb.snapshot()["sctp"]["messages_too_large"] == 2
+        assert tb.counters.errors == {}
         assert tb.inbox is not None and tb.inbox.bytes == 0 and not tb.inbox.dropped
         assert sb.state == PeerState.CONNECTED and tb.is_open
         await sa.close()
