@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mvpd import peer as peer_module
+from mvpd.peer import session as peer_module
 from mvpd.ping import MAX_PING_CHANNELS, PingService
 from mvpd.proto.errors import PeerError
 from mvpd.proto.ping import PING_LABEL, PING_PROTOCOL, REPLY, encode_request, parse_probe
@@ -26,7 +26,7 @@ def test_ping_measures_a_round_trip_over_one_reused_channel() -> None:
         rtts = [rtt for _, rtt in results]
         assert all(rtt is not None and 0 < rtt < 1.0 for rtt in rtts), rtts
         assert pings.pinger(sa) is pinger  # kept for the next call
-        ping_channels = [c for c in peer_connection(sb).sctp._data_channels.values()
+        ping_channels = [c for c in peer_connection(sb).sctp._channels.values()
                          if c.label == PING_LABEL]
         assert len(ping_channels) == 1
         assert sa.ice_path()["path"] == "direct"
