@@ -37,6 +37,7 @@ from ..proto.ping import PING_LABEL
 from ..proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
 from ..rtc import DataChannel, PeerConnection
 from ..transports import (
+    MAX_MESSAGE_SIZE,
     PIPE_LABEL,
     PipeTransport,
     Transport,
@@ -478,6 +479,11 @@ class PeerSession:
                 old.close()
         self.transports[key] = transport
         transport.attach_channel(channel)
+        channel.on("messagerefused", lambda received: transport.report_error(
+            "message-too-large",
+            f"refused a message of over {received} bytes: over the advertised "
+            f"max-message-size of {MAX_MESSAGE_SIZE} bytes",
+        ))
         if label == self.settings.data_channel_label:
             channel.on("open", lambda: self._main_channel_opened(transport))
             if channel.readyState == "open":

@@ -44,6 +44,7 @@ from ..sctp.events import (
     AssociationLost,
     BufferedAmountLow,
     MessageReceived,
+    MessageRefused,
     OutgoingStreamsReset,
     StreamsReset,
 )
@@ -285,6 +286,11 @@ class SctpTransport:
         for event in self.association.events():
             if isinstance(event, MessageReceived):
                 self._on_message(event.stream_id, event.ppid, event.data)
+            elif isinstance(event, MessageRefused):
+                channel = self._channels.get(event.stream_id)
+                if channel is not None:
+                    # Not a W3C event: mvpd's transports count it (message-too-large).
+                    channel.emit("messagerefused", event.received)
             elif isinstance(event, BufferedAmountLow):
                 channel = self._channels.get(event.stream_id)
                 if channel is not None:

@@ -25,6 +25,7 @@ from .events import (
     BufferedAmountLow,
     Event,
     MessageReceived,
+    MessageRefused,
     OutgoingStreamsReset,
     StreamsReset,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidStream",
     "MalformedPacket",
     "MessageReceived",
+    "MessageRefused",
     "MessageTooLarge",
     "OutgoingStreamsReset",
     "ProtocolViolation",

@@ -26,6 +26,15 @@ class MessageReceived(Event):
 
 
 @dataclass(slots=True)
+class MessageRefused(Event):
+    """An incoming message on ``stream_id`` outgrew the maximum message size and was
+    dropped; ``received`` bytes of it had arrived by then."""
+
+    stream_id: int
+    received: int
+
+
+@dataclass(slots=True)
 class StreamsReset(Event):
     """The peer reset its outgoing ``stream_ids`` (our incoming ones): for WebRTC, the peer
     closed those data channels.  Their incoming sequence numbers start again at 0."""

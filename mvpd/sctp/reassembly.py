@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .chunks import DATA_BEGINNING, DATA_END
 from .errors import ProtocolViolation
-from .events import Event, MessageReceived
+from .events import Event, MessageReceived, MessageRefused
 from .tsn import SSN_MASK, TSN_MASK, ssn_le
 
 #: What one held fragment or message costs beyond its payload, in window bytes.
@@ -109,6 +109,7 @@ class Reassembly:
             self.buffered += len(payload) + ENTRY_COST
             if partial.size > self.max_message_size or partial.count > self.max_fragments:
                 # Refused: what was kept goes, what is still to come is only counted.
+                self._events.append(MessageRefused(stream_id, partial.size))
                 self.buffered -= partial.size + ENTRY_COST * len(partial.fragments)
                 partial.fragments.clear()
                 partial.size = 0

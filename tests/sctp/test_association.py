@@ -260,6 +260,8 @@ def test_send_refuses_what_it_cannot_take() -> None:
 
 
 def test_oversized_incoming_message_is_refused_and_counted_the_streams_go_on() -> None:
+    from mvpd.sctp.events import MessageRefused
+
     pair = Pair(peer_max_message_size=262144)
     pair.b.association = Association(max_message_size=5000)  # and says so in its SDP...
     pair.connect()
@@ -275,6 +277,8 @@ def test_oversized_incoming_message_is_refused_and_counted_the_streams_go_on() -
     assert [d for s, d in by_stream if s == 0] == [b"after it", b"z" * 4000]
     assert (1, b"another stream") in by_stream
     assert not pair.b.of_type(AssociationLost) and not pair.a.of_type(AssociationLost)
+    (refused,) = pair.b.of_type(MessageRefused)
+    assert refused.stream_id == 0 and 5000 < refused.received <= 5000 + 1200  # type: ignore[attr-defined]
 
 
 def test_a_refused_message_whose_end_comes_first_still_frees_its_place() -> None:
@@ -289,7 +293,7 @@ def test_a_refused_message_whose_end_comes_first_still_frees_its_place() -> None
     r.add(13, 0, 1, DATA_BEGINNING | DATA_END, 53, b"next")  # SSN 1 waits for SSN 0
     r.add(12, 0, 0, DATA_END, 53, b"c" * 600)
     r.add(10, 0, 0, DATA_BEGINNING, 53, b"a" * 600)  # 1200 > 1000: refused
-    assert r.refused == 1 and not events
+    assert r.refused == 1 and not [e for e in events if isinstance(e, MessageReceived)]
     r.add(11, 0, 0, 0, 53, b"b" * 600)  # the middle: dropped, and SSN 0 is done
     assert [e.data for e in events if isinstance(e, MessageReceived)] == [b"next"]
     assert r.buffered == 0

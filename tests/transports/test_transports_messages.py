@@ -41,6 +41,8 @@ def test_message_over_max_message_size_is_refused_and_counted_channel_stays() ->
         sender = channel.transport  # the SCTP driver: lift both of its send limits
         sender.remote_max_message_size = 0  # type: ignore[attr-defined]
         sender.association.peer_max_message_size = 1 << 30  # type: ignore[attr-defined]
+        errors: list[TransportErrorEvent] = []
+        tb.add_error_listener(errors.append)
         channel.send(b"\x00" * (1024 * 1024))
         channel.send("x" * (MAX_MESSAGE_SIZE + 1))  # text counts too
         channel.send(b"\x01" * MAX_MESSAGE_SIZE)  # at the limit: accepted
@@ -48,7 +50,9 @@ def test_message_over_max_message_size_is_refused_and_counted_channel_stays() ->
         assert len(await tb.recv()) == MAX_MESSAGE_SIZE
         assert await tb.recv() == b"after"
         assert sb.snapshot()["sctp"]["messages_too_large"] == 2
-        assert tb.counters.errors == {}
+        assert tb.counters.errors == {"message-too-large": 2}
+        assert [e.reason for e in errors] == ["message-too-large"] * 2
+        assert "max-message-size of 262144 bytes" in errors[0].detail
         assert tb.inbox is not None and tb.inbox.bytes == 0 and not tb.inbox.dropped
         assert sb.state == PeerState.CONNECTED and tb.is_open
         await sa.close()
