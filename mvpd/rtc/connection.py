@@ -270,6 +270,12 @@ class PeerConnection(EventEmitter):
         if description.type == "answer" and self._remote is None:
             raise InvalidStateError("an answer needs the remote offer first")
         self._local = description
+        if description.type == "offer":
+            # The offerer controls (RFC 8445 6.1.1), from now on: the answerer starts its
+            # checks as soon as it answers, and they may arrive before our answer does. A
+            # still-controlled agent receiving them is a role conflict that can leave both
+            # ends waiting for the other to nominate.
+            internals.set_ice_controlling(self._ice, True)
         self._maybe_connect()
 
     async def setRemoteDescription(

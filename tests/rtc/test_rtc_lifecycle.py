@@ -358,3 +358,32 @@ def test_relay_policy_through_turn_says_relayed(
             await close_all(ours, stock)
 
     run(body, timeout=90)
+
+
+def test_the_offerer_controls_ice_before_the_answer_arrives() -> None:
+    """The answerer starts its connectivity checks as soon as it answers; when the answer
+    reaches the offerer late (a busy signaling path), those checks meet an offerer that is
+    already the controlling agent, so no role conflict can leave both ends waiting for the
+    other to nominate (seen with three daemons connecting at once under load)."""
+
+    async def body() -> None:
+        offerer, answerer = our_peer(), our_peer()
+        try:
+            offerer.createDataChannel("late answer")
+            await offerer.setLocalDescription(await offerer.createOffer())
+            assert offerer.ice_transport._connection.ice_controlling is True
+            assert offerer.localDescription is not None
+            await answerer.setRemoteDescription(offerer.localDescription)
+            await answerer.setLocalDescription(await answerer.createAnswer())
+            assert answerer.ice_transport._connection.ice_controlling is False
+            await asyncio.sleep(1.5)  # the answerer's checks arrive first
+            assert answerer.localDescription is not None
+            await offerer.setRemoteDescription(answerer.localDescription)
+            await wait_state(offerer, "connected")
+            await wait_state(answerer, "connected")
+            pair = offerer.selected_pair()
+            assert pair is not None and answerer.selected_pair() is not None
+        finally:
+            await close_all(offerer, answerer)
+
+    run(body)
