@@ -39,6 +39,7 @@ from .config import AgentSettings
 from .inbox import Inbox, Inboxes, InboxMessage
 from .logs import RateLimitedLog, fields
 from .peer import PeerSession, PeerState, StateChange
+from .proto.early_candidates import EarlyCandidates
 from .proto.errors import ConnectionClosed, MvpError, PeerError, SignalingRejected
 from .proto.modes import MESSAGE_MODES, MessageKind, encode_message
 from .proto.signaling import (
@@ -161,6 +162,8 @@ class AgentCore:
         self.admission = OfferAdmission(settings.max_pending_sessions, settings.offers_per_minute)
         #: Refused offers: the first is logged, then one summary a minute.
         self._refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
+        #: Trickled candidates that came before their offer, held until it comes.
+        self.early_candidates = EarlyCandidates(ttl=settings.connect_timeout)
         self._transport_hooks: list[TransportHook] = []
         self._connect_checks: list[ConnectCheck] = []
         #: Every peer's received messages (the only receive buffer).
@@ -484,10 +487,25 @@ class AgentCore:
             self._on_offer(peer, message, session)
             return
         if session is None or session.state.is_final:
-            self.ignored_messages += 1
-            log.debug("ignored a %s from %s: no session", message.type, peer)
+            if isinstance(message, Candidate):
+                self._hold_early_candidate(peer, message)
+            elif isinstance(message, Bye):
+                self.early_candidates.discard(peer)
+            else:
+                self.ignored_messages += 1
+                log.debug("ignored a %s from %s: no session", message.type, peer)
             return
         session.deliver(message)
+
+    def _hold_early_candidate(self, peer: str, candidate: Candidate) -> None:
+        """Keep a candidate that came before its offer (browsers trickle at once, and the
+        offer may be behind it): the offer's session gets it right after the offer."""
+        if self._stopping or not self.settings.allows(peer):
+            self.ignored_messages += 1
+            return
+        if not self.early_candidates.hold(peer, candidate, time.monotonic()):
+            self.ignored_messages += 1
+            log.debug("ignored an early candidate from %s: too many held", peer)
 
     def _on_offer(self, peer: str, offer: Offer, session: PeerSession | None) -> None:
         if not self.settings.allows(peer):
@@ -524,6 +542,8 @@ class AgentCore:
         if session is None or session.state.is_final:
             session = self._new_session(peer, None)
         session.deliver(offer)
+        for candidate in self.early_candidates.take(peer, time.monotonic()):
+            session.deliver(candidate)
 
     def _pending_answers(self) -> int:
         """Sessions answering an offer that are not connected yet (our own offers are
@@ -547,6 +567,7 @@ class AgentCore:
 
     def _refuse_offer(self, peer: str, told: str, logged: str) -> None:
         """Say bye with ``told``, count, emit and log (rate-limited) a refused offer."""
+        self.early_candidates.discard(peer)
         self.refused_offers += 1
         self._refusals.warning("refused an offer from %s: %s", peer, logged,
                                extra=fields(peer=peer, event="offer-refused"))
