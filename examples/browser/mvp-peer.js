@@ -215,8 +215,12 @@
 
   function newPeerConnection() {
     closePeerConnection();
-    // No ICE servers: direct paths only (the daemon's own STUN/TURN settings still apply).
-    const conn = new RTCPeerConnection({ iceServers: options.iceServers });
+    // No ICE servers unless given: direct paths only (the daemon's own STUN/TURN settings
+    // still apply). `relayOnly` sends everything through the TURN server given.
+    const conn = new RTCPeerConnection({
+      iceServers: options.iceServers,
+      iceTransportPolicy: options.relayOnly ? "relay" : "all",
+    });
     pc = conn;
     pendingCandidates = [];
     conn.onicecandidate = (event) => {
@@ -271,9 +275,28 @@
     attachChannel(conn.createDataChannel(LABEL, { ordered: true, protocol: state.mode }));
     const offer = await conn.createOffer();
     await conn.setLocalDescription(offer);
+    if (options.candidatesFirst) {
+      // Every candidate is trickled before the offer leaves, and the offer carries none (as
+      // when a signaling path delivers candidates ahead of the offer).
+      await gatheringComplete(conn);
+      if (pc !== conn) return;
+      signal({ type: "offer", to: state.peer, sdp: offer.sdp });
+      log("offered " + state.mode + " to " + state.peer + " after " + state.candidatesSent +
+        " candidates");
+      return;
+    }
     if (pc !== conn) return;
     signal({ type: "offer", to: state.peer, sdp: conn.localDescription.sdp });
     log("offered " + state.mode + " to " + state.peer);
+  }
+
+  function gatheringComplete(conn) {
+    if (conn.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      conn.addEventListener("icegatheringstatechange", () => {
+        if (conn.iceGatheringState === "complete") resolve();
+      });
+    });
   }
 
   async function onOffer(message) {
@@ -409,7 +432,9 @@
   // --- start --------------------------------------------------------------------------------
 
   function start(opts) {
-    options = Object.assign({ token: "", send: "", offer: false, iceServers: [] }, opts);
+    options = Object.assign({
+      token: "", send: "", offer: false, iceServers: [], relayOnly: false, candidatesFirst: false,
+    }, opts);
     state.id = options.id;
     state.peer = options.peer || "";
     state.mode = MODES.includes(options.mode) ? options.mode : "chat";

@@ -4,13 +4,16 @@ the ``mvp`` data channel, in both roles. The page's state is read over DevTools.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.browser.chromium import Chromium
 from tests.browser.conftest import LAB_ADDRESS, Browser
-from tests.e2e.harness import Daemon, Daemons, SignalServer, wait_until
+from tests.e2e.harness import Daemon, Daemons, SignalServer, TurnServer, wait_until
+from tests.netns import Namespace
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -103,3 +106,32 @@ def test_page_comes_back_after_the_signaling_server_restarts(
                what="alice to reconnect")
     alice.ctl_ok("connect", BROWSER_ID, "--timeout", "20")
     wait_page(page, "s.channel === 'open'", "the data channel to open")
+
+
+def test_browser_trickling_before_its_offer_connects_through_a_relay(
+    daemons: Daemons, signal_server: SignalServer, browser: Browser, lab: Namespace,
+    tmp_path: Path,
+) -> None:
+    # Relay only on both sides, and the page sends every candidate before its offer (which
+    # carries none): the daemon must keep them for the session the offer creates, or coturn
+    # has no permission for the browser's relay address and nothing connects.
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
+    turn = TurnServer(tmp_path).start(binary, wrap=lab.argv())
+    try:
+        alice = daemons(DAEMON_ID, env={**turn.daemon_env(), "MVPD_CONNECT_TIMEOUT": "20"})
+        page = browser.open(signal=signal_server.url, id=BROWSER_ID, peer=DAEMON_ID,
+                            mode="chat", offer="1", send="hello from the browser",
+                            turn=turn.url, turnUser=turn.USER, turnPass=turn.PASSWORD,
+                            relay="1", candidatesFirst="1")
+        state = wait_page(page, "s.channel === 'open'", "the data channel to open", timeout=40)
+        offered = next(i for i, line in enumerate(state["log"]) if " offered " in line)
+        trickled = [i for i, line in enumerate(state["log"]) if " candidate " in line]
+        assert trickled and max(trickled) < offered, state["log"]
+        assert all("typ relay" in c for c in state["localCandidates"]), state
+        assert alice.messages(BROWSER_ID, 1) == ["hello from the browser"]
+        peer = alice.peers()[BROWSER_ID]
+        assert peer["state"] == "connected" and peer["path"] == "relayed", peer
+    finally:
+        turn.stop()

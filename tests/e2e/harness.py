@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,33 @@ def wait_until(
         time.sleep(interval)
 
 
-def wait_for_stun(port: int, proc: subprocess.Popen[Any]) -> None:
-    """Until the STUN/TURN server ``proc`` answers a binding request on 127.0.0.1:``port``."""
+#: wait_for_stun inside a network namespace: the same probe, run there by a child process.
+_STUN_PROBE = """
+import os, socket, struct, sys, time
+request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
+deadline = time.monotonic() + 10
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        sock.sendto(request, ("127.0.0.1", int(sys.argv[1])))
+        try:
+            sock.recv(2048)
+            sys.exit(0)
+        except OSError:
+            continue
+sys.exit(1)
+"""
+
+
+def wait_for_stun(port: int, proc: subprocess.Popen[Any], wrap: Sequence[str] = ()) -> None:
+    """Until the STUN/TURN server ``proc`` answers a binding request on 127.0.0.1:``port``
+    (in the network namespace that ``wrap``, e.g. ``ip netns exec NS``, runs commands in)."""
+    if wrap:
+        probe = subprocess.run([*wrap, sys.executable, "-c", _STUN_PROBE, str(port)],
+                               capture_output=True, timeout=20)
+        if probe.returncode != 0:
+            pytest.fail(f"turnserver did not answer STUN in time (exited: {proc.poll()})")
+        return
     request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
     deadline = time.monotonic() + 10
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -362,11 +387,12 @@ class TurnServer:
             "ICE_TRANSPORT_POLICY": "relay",
         }
 
-    def start(self, binary: str) -> TurnServer:
+    def start(self, binary: str, wrap: Sequence[str] = ()) -> TurnServer:
+        """Start coturn (through ``wrap``, e.g. in a network namespace) and wait for it."""
         self.port = free_port(socket.SOCK_DGRAM)
         base = 40000 + (self.port % 20000)
         self.proc = subprocess.Popen(
-            [binary, "-n", f"--listening-port={self.port}", "--listening-ip=127.0.0.1",
+            [*wrap, binary, "-n", f"--listening-port={self.port}", "--listening-ip=127.0.0.1",
              "--relay-ip=127.0.0.1", f"--min-port={base}", f"--max-port={base + 200}",
              f"--user={self.USER}:{self.PASSWORD}", "--lt-cred-mech", "--realm=test",
              "--allowed-peer-ip=127.0.0.1", "--allow-loopback-peers", "--no-cli", "--no-tls",
@@ -374,7 +400,7 @@ class TurnServer:
              f"--log-file={self.workdir}/turn.log", f"--pidfile={self.workdir}/turn.pid"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )
-        wait_for_stun(self.port, self.proc)
+        wait_for_stun(self.port, self.proc, wrap)
         return self
 
 
