@@ -124,6 +124,9 @@ class Daemon:
             name = signal.Signals(signum).name if signum else "request"
             log_event(log, logging.INFO, "stopping", "stopping (%s)", name)
             systemd.notify_stopping("stopping: saying bye to peers")
+            if self.signaling is not None:
+                # Byes still go out on a connection that is up; nothing connects again.
+                self.signaling.begin_stopping()
             self._stop.set()
 
     async def stop(self) -> None:

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from peerlink import make_settings, run, wait_for
 
 from mvpd.config import SignalingServerSettings
 from mvpd.core import AgentCore, CoreEvent, Subscription
@@ -18,6 +17,7 @@ from mvpd.proto.errors import ConnectionClosed, PeerError
 from mvpd.signaling.client import SignalingClient
 from mvpd.signaling.server import SignalingServer
 from mvpd.transports import BytesTransport, ChatTransport, JsonTransport
+from tests.peerlink import make_settings, run, wait_for
 
 FAST: dict[str, Any] = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 5.0}
 

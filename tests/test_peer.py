@@ -7,13 +7,13 @@ import socket
 from typing import Any
 
 import pytest
-from peerlink import Forwarder, make_settings, run, split_candidates, trickle, wait_for
 
 from mvpd.peer import PeerSession, PeerState, ice_configuration, parse_candidate
 from mvpd.proto.errors import ConnectionClosed, PeerError
 from mvpd.proto.signaling import Answer, Bye, IceCandidate, Offer, RoutedMessage
 from mvpd.transports import ChatTransport, JsonTransport
 from tests.e2e.harness import free_port, wait_for_stun
+from tests.peerlink import Forwarder, make_settings, run, split_candidates, trickle, wait_for
 
 
 async def connect(sa: PeerSession, sb: PeerSession) -> tuple[Any, Any]:

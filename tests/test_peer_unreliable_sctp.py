@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from aiortc.rtcsctptransport import DataChunk
-from peerlink import connected_pair, run, wait_for
 
 import mvpd.peer
+from tests.peerlink import connected_pair, run, wait_for
 
 MESSAGES = 400
 MESSAGE_SIZE = 1000

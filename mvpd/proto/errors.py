@@ -63,6 +63,13 @@ class SignalingRejected(SignalingError):
     code = "rejected"
 
 
+class IllegalTransition(MvpError):
+    """A state machine was given an event its current state does not accept: a bug in the
+    code driving it (see :mod:`mvpd.proto.fsm`)."""
+
+    code = "internal"
+
+
 class ConnectionClosed(MvpError):
     """The other end went away."""
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from peerlink import connected_pair, run, wait_for
-
 from mvpd.transports import PipeTransport
 from mvpd.transports.pipe import DEFAULT_WINDOW
+from tests.peerlink import connected_pair, run, wait_for
 
 TOTAL = 20 * 1024 * 1024
 
