@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -43,8 +42,18 @@ from aiortc.sdp import candidate_from_sdp
 from .config import AgentSettings
 from .logs import FieldsAdapter, RateLimitedLog, fields
 from .ping import answer_pings
-from .proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
+from .proto.errors import (
+    ConnectionClosed,
+    IllegalTransition,
+    MvpError,
+    PeerError,
+    TransportError,
+)
 from .proto.ping import PING_LABEL
+
+# PeerState is re-exported: the rest of the daemon knows it from here.
+from .proto.session_states import PeerState as PeerState
+from .proto.session_states import SessionEvent, session_machine
 from .proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
 from .transports import (
     PIPE_LABEL,
@@ -88,22 +97,11 @@ LIVENESS_RETRANSMISSIONS = 2
 LIVENESS_RTTS = 16
 
 SendSignal = Callable[[RoutedMessage], Awaitable[None]]
+#: Whether an event the session table refuses raises (the test suite sets this) or is logged
+#: and ignored (production: a bug there must not take the session down).
+strict_transitions = False
 #: Peer connections still closing in the background (referenced so they are not collected).
 _CLOSING_PCS: set[asyncio.Future[None]] = set()
-
-
-class PeerState(str, enum.Enum):
-    """Life of a session: new -> connecting -> connected -> closed | failed."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (PeerState.CLOSED, PeerState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -249,9 +247,19 @@ class PeerSession:
     def add_transport_listener(self, listener: TransportListener) -> None:
         self._transport_listeners.append(listener)
 
-    def _set_state(self, state: PeerState, reason: str = "") -> None:
-        if state == self.state or self.state.is_final:
-            return
+    def _set_state(self, event: SessionEvent, reason: str = "") -> bool:
+        """Apply ``event`` as :mod:`mvpd.proto.session_states` says; record and announce a
+        change of state. False if the table refused the event."""
+        machine = session_machine(self.state)
+        try:
+            state = machine.handle(event)
+        except IllegalTransition as exc:
+            if strict_transitions:
+                raise
+            self._log.warning("peer %s: %s; ignored", self.peer_id, exc)
+            return False
+        if state == self.history[-1].state:
+            return True
         change = StateChange(state, time.time(), reason)
         self.history.append(change)
         self._log.log(
@@ -264,6 +272,7 @@ class PeerSession:
                 listener(self, change)
             except Exception:
                 self._log.exception("state listener for peer %s failed", self.peer_id)
+        return True
 
     # --- starting --------------------------------------------------------------------------
 
@@ -280,9 +289,9 @@ class PeerSession:
             state = pc.connectionState
             self._log.debug("peer %s: connection state %s", self.peer_id, state)
             if state == "failed":
-                self._spawn_close("ICE or DTLS failed", failed=True)
+                self._spawn_close("ICE or DTLS failed", event=SessionEvent.TRANSPORT_FAILED)
             elif state == "closed":
-                self._spawn_close("the peer connection closed")
+                self._spawn_close("the peer connection closed", event=SessionEvent.CHANNEL_CLOSED)
 
         pc.on("datachannel", on_datachannel)
         pc.on("connectionstatechange", on_connection_state)
@@ -306,7 +315,7 @@ class PeerSession:
             raise PeerError(f"session with {self.peer_id} was already started")
         factory = transport_class(self.mode)  # fails early for unknown modes
         self.role = "offerer"
-        self._set_state(PeerState.CONNECTING, "offering")
+        self._set_state(SessionEvent.OFFER_SENT, "offering")
         self._start_worker()
         pc = self._new_pc()
         transport = factory()
@@ -336,7 +345,7 @@ class PeerSession:
             return await asyncio.wait_for(asyncio.shield(self._main_open), limit)
         except asyncio.TimeoutError:
             reason = self._timeout_reason(limit)
-            await self.close(reason, failed=True, send_bye=True)
+            await self.close(reason, send_bye=True, event=SessionEvent.TIMEOUT)
             raise PeerError(reason, code="timeout") from None
 
     def _timeout_reason(self, limit: float) -> str:
@@ -352,7 +361,8 @@ class PeerSession:
         try:
             await asyncio.wait_for(asyncio.shield(self._main_open), limit)
         except asyncio.TimeoutError:
-            await self.close(self._timeout_reason(limit), failed=True, send_bye=True)
+            await self.close(self._timeout_reason(limit), send_bye=True,
+                             event=SessionEvent.TIMEOUT)
         except (MvpError, asyncio.CancelledError):
             pass
 
@@ -397,7 +407,7 @@ class PeerSession:
             await self.handle_candidate(message)
         elif isinstance(message, Bye):
             reason = f"{self.peer_id} said bye{': ' + message.reason if message.reason else ''}"
-            await self.close(reason)
+            await self.close(reason, event=SessionEvent.BYE)
 
     async def handle_offer(self, offer: Offer) -> None:
         """Answer an offer (resolving glare: the lower agent id yields)."""
@@ -407,6 +417,7 @@ class PeerSession:
                     self._log.info("peer %s: both sides offered; %s < %s, so we answer",
                              self.peer_id, self.local_id, self.peer_id)
                     await self._discard_pc()
+                    self._set_state(SessionEvent.GLARE_YIELD, "both sides offered")
                 else:
                     self._log.info("peer %s: both sides offered; %s > %s, so we keep our offer",
                              self.peer_id, self.local_id, self.peer_id)
@@ -417,7 +428,7 @@ class PeerSession:
                               self.peer_id, self._pc.signalingState)
                 return
         self.role = "answerer"
-        self._set_state(PeerState.CONNECTING, "answering")
+        self._set_state(SessionEvent.OFFER_RECEIVED, "answering")
         if "m=application" not in offer.sdp:
             # aiortc would happily answer an SDP without sections; nothing could ever open.
             raise PeerError("the offer has no data channel (m=application) section")
@@ -439,6 +450,7 @@ class PeerSession:
             self._log.log(self._first_time("answer"),
                           "peer %s: unexpected answer (%s) ignored", self.peer_id, state)
             return
+        self._set_state(SessionEvent.ANSWER_RECEIVED)
         sdp = self._limit_candidates(answer.sdp)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         await self._remote_description_applied(sdp)
@@ -631,13 +643,13 @@ class PeerSession:
             return
         if self._liveness_task is None and self.settings.peer_timeout > 0:
             self._liveness_task = asyncio.ensure_future(self._watch_liveness(self._pc))
-        self._set_state(PeerState.CONNECTED, f"{self.mode} channel open")
+        self._set_state(SessionEvent.CHANNEL_OPEN, f"{self.mode} channel open")
         if not self._main_open.done():
             self._main_open.set_result(transport)
 
     def _main_channel_closed(self, transport: Transport[Any]) -> None:
         if self.transport is transport and not self._closing:
-            self._spawn_close("the data channel closed")
+            self._spawn_close("the data channel closed", event=SessionEvent.CHANNEL_CLOSED)
 
     async def open_pipe(self) -> PipeTransport:
         """Open a new pipe channel to the peer (our sending direction) and wait until open."""
@@ -752,8 +764,8 @@ class PeerSession:
                     await self.close(
                         f"{self.peer_id} stopped answering: no reply to liveness checks for "
                         f"{silent:.0f} s (peer_timeout {timeout:g} s)",
-                        failed=True,
                         send_bye=True,
+                        event=SessionEvent.TIMEOUT,
                     )
                     return
                 connection = _ice_connection(pc)
@@ -776,9 +788,13 @@ class PeerSession:
 
     # --- closing ---------------------------------------------------------------------------
 
-    def _spawn_close(self, reason: str, *, failed: bool = False) -> None:
+    def _spawn_close(
+        self, reason: str, *, failed: bool = False, event: SessionEvent | None = None
+    ) -> None:
         if not self._closing and self._close_task is None:
-            self._close_task = asyncio.ensure_future(self.close(reason, failed=failed))
+            self._close_task = asyncio.ensure_future(
+                self.close(reason, failed=failed, event=event)
+            )
 
     async def _refuse(self, reason: str) -> None:
         """Say bye with ``reason``, then end the session. The bye goes first and the peer
@@ -806,15 +822,27 @@ class PeerSession:
             await pc.close()
 
     async def close(
-        self, reason: str = "closed", *, failed: bool = False, send_bye: bool = False
+        self,
+        reason: str = "closed",
+        *,
+        failed: bool = False,
+        send_bye: bool = False,
+        event: SessionEvent | None = None,
     ) -> None:
-        """End the session and release everything (idempotent)."""
+        """End the session and release everything (idempotent). ``event`` says why, for the
+        state table (default: ``error`` if ``failed``, else ``close-requested``); whether the
+        session ends ``failed`` follows from it."""
         if self._closing:
             return
         self._closing = True
-        self.failure = reason if failed else None
-        state = PeerState.FAILED if failed else PeerState.CLOSED
-        self._set_state(state, reason)
+        failure_events = (SessionEvent.ERROR, SessionEvent.TIMEOUT, SessionEvent.TRANSPORT_FAILED)
+        fallback = (SessionEvent.ERROR if failed or event in failure_events
+                    else SessionEvent.CLOSE_REQUESTED)
+        # Whatever the table said about ``event``, a closing session ends in a final state
+        # (the fallbacks are legal in every live state).
+        if not self._set_state(event or fallback, reason):
+            self._set_state(fallback, reason)
+        self.failure = reason if self.state == PeerState.FAILED else None
         self._ended.set()
         if not self._main_open.done():
             self._main_open.set_exception(PeerError(reason))

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+import mvpd.peer
 from mvpd.peer import PeerSession, PeerState, ice_configuration, parse_candidate
-from mvpd.proto.errors import ConnectionClosed, PeerError
+from mvpd.proto.errors import ConnectionClosed, IllegalTransition, PeerError
+from mvpd.proto.session_states import SessionEvent
 from mvpd.proto.signaling import Answer, Bye, IceCandidate, Offer, RoutedMessage
 from mvpd.transports import ChatTransport, JsonTransport
 from tests.e2e.harness import free_port, wait_for_stun
@@ -269,5 +271,41 @@ def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str
         assert "typ host" not in offer.sdp
         await sa.close()
         await sb.close()
+
+    run(body())
+
+
+def test_state_changes_follow_the_session_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        async def nowhere(message: Any) -> None:
+            pass
+
+        session = PeerSession(make_settings("alice"), "bob", send_signal=nowhere)
+        # Strict (the test suite): a refused event raises and changes nothing.
+        with pytest.raises(IllegalTransition, match="'channel-open' is not allowed in state 'new'"):
+            session._set_state(SessionEvent.CHANNEL_OPEN)
+        assert session.state == PeerState.NEW
+        # Production: logged and ignored; and a close for a reason the table refuses here
+        # still ends the session, as a plain close.
+        monkeypatch.setattr(mvpd.peer, "strict_transitions", False)
+        assert not session._set_state(SessionEvent.CHANNEL_OPEN)
+        await session.close("the data channel closed", event=SessionEvent.CHANNEL_CLOSED)
+        assert [c.state for c in session.history] == [PeerState.NEW, PeerState.CLOSED]
+        # Final: nothing moves it any more.
+        assert not session._set_state(SessionEvent.OFFER_RECEIVED)
+        assert session.state == PeerState.CLOSED
+
+    run(body())
+
+
+def test_a_timeout_ends_the_session_failed() -> None:
+    async def body() -> None:
+        async def nowhere(message: Any) -> None:
+            pass
+
+        session = PeerSession(make_settings("alice"), "bob", send_signal=nowhere)
+        await session.close("no channel within 1 s", event=SessionEvent.TIMEOUT)
+        assert session.state == PeerState.FAILED
+        assert session.failure == "no channel within 1 s"
 
     run(body())
