@@ -25,8 +25,8 @@ from .proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTi
 from .proto.rpc import (
     ConnectParams,
     InboxStatus,
-    Message,
     NoParams,
+    PeerMessage,
     PeerParams,
     PeerStatus,
     PingParams,
@@ -258,19 +258,19 @@ class RpcMethods:
         size = await self.core.send(params.peer, params.kind, value[params.kind])
         return SendResult(bytes=size)
 
-    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[Message]:
+    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[PeerMessage]:
         inbox = self.core.inboxes.get(params.peer)
         if not params.follow and not inbox and self.core.get_session(params.peer) is None:
             raise NotFound(f"not connected to {params.peer} and no messages from it")
         return self._read(params)
 
-    async def _read(self, params: RecvParams) -> AsyncIterator[Message]:
+    async def _read(self, params: RecvParams) -> AsyncIterator[PeerMessage]:
         """Queued messages, then (following) new ones until the daemon stops. A follower
         may wait for a peer that is not connected yet: ``chat`` starts that way."""
         async for message in self.core.inboxes.read(
             params.peer, follow=params.follow, limit=params.limit
         ):
-            yield Message(peer=params.peer, kind=message.kind, data=message.value)
+            yield PeerMessage(peer=params.peer, kind=message.kind, data=message.value)
 
     async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
         session = self._session(params.peer)

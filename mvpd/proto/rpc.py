@@ -236,7 +236,7 @@ class PingResult(BaseModel):
     remote_candidate: str | None = None
 
 
-class Message(BaseModel):
+class PeerMessage(BaseModel):
     """One message from a peer, as the ``recv`` stream's ``message`` events carry it.
 
     ``data`` is a str for ``text``, any msgpack-able value for ``json``, bytes for ``bytes``."""
@@ -247,7 +247,7 @@ class Message(BaseModel):
 
 
 class Subscribed(BaseModel):
-    """The result of a stream-opening call (``recv``, ``pipe.open``)."""
+    """The result of a stream-opening call (``recv``, ``pipe.open``): the subscription."""
 
     sub: int
 
@@ -342,33 +342,53 @@ class PipeWriteParams(_Wire):
 
 
 class MethodSpec(NamedTuple):
-    """One entry of :data:`METHODS`."""
+    """One entry of :data:`METHODS`: everything the control server needs to serve a method.
+
+    Adding a method takes an entry here and a coroutine on the daemon's handler (see
+    :class:`mvpd.control.ControlHandler`) named :attr:`handler_name`."""
 
     access: Access
     params: type[BaseModel]
     doc: str
+    #: What the handler returns (documentation and clients; None: an empty map).
+    result: type[BaseModel] | None = None
     #: Answers ``{sub}`` and then pushes events.
     stream: bool = False
+    #: Served by the control server itself (the connection's own subscriptions), not by
+    #: the daemon's handler.
+    builtin: bool = False
+
+    def handler_name(self, method: str) -> str:
+        """The handler's coroutine for ``method``: ``rpc_`` + the name, dots as underscores."""
+        return "rpc_" + method.replace(".", "_")
 
 
 METHODS: dict[str, MethodSpec] = {
-    "status": MethodSpec("read", NoParams, "agent id, version, uptime, signaling and peers"),
-    "peers": MethodSpec("read", NoParams, "every known peer's status"),
-    "connect": MethodSpec("write", ConnectParams, "connect to a peer (optionally wait)"),
+    "status": MethodSpec("read", NoParams, "agent id, version, uptime, signaling and peers",
+                         StatusResult),
+    "peers": MethodSpec("read", NoParams, "every known peer's status", PeerStatus),
+    "connect": MethodSpec("write", ConnectParams, "connect to a peer (optionally wait)",
+                          PeerStatus),
     "disconnect": MethodSpec("write", PeerParams, "close the connection to a peer"),
-    "send": MethodSpec("write", SendParams, "send one text, JSON or bytes message"),
+    "send": MethodSpec("write", SendParams, "send one text, JSON or bytes message", SendResult),
     "recv": MethodSpec(
-        "write", RecvParams, "stream a peer's messages: events message, end", stream=True
+        "write", RecvParams, "stream a peer's messages: events message, end", Subscribed,
+        stream=True,
     ),
     "pipe.open": MethodSpec(
-        "write", PeerParams, "byte pipe to a peer: events data, eof, error, end", stream=True
+        "write", PeerParams, "byte pipe to a peer: events data, eof, error, end", Subscribed,
+        stream=True,
     ),
-    "pipe.write": MethodSpec("write", PipeWriteParams, "write bytes to a pipe (backpressure)"),
-    "pipe.eof": MethodSpec("write", SubParams, "end the writing side of a pipe"),
-    "cancel": MethodSpec("read", SubParams, "end one of this connection's subscriptions"),
-    "reload": MethodSpec("write", NoParams, "re-read the configuration"),
-    "stats": MethodSpec("read", PeerParams, "a peer's candidate pair, RTT, rates and SCTP"),
-    "ping": MethodSpec("write", PingParams, "one round trip over a peer's data path"),
+    "pipe.write": MethodSpec("write", PipeWriteParams, "write bytes to a pipe (backpressure)",
+                             builtin=True),
+    "pipe.eof": MethodSpec("write", SubParams, "end the writing side of a pipe", builtin=True),
+    "cancel": MethodSpec("read", SubParams, "end one of this connection's subscriptions",
+                         builtin=True),
+    "reload": MethodSpec("write", NoParams, "re-read the configuration", ReloadResult),
+    "stats": MethodSpec("read", PeerParams, "a peer's candidate pair, RTT, rates and SCTP",
+                        StatsResult),
+    "ping": MethodSpec("write", PingParams, "one round trip over a peer's data path",
+                       PingResult),
 }
 
 
@@ -391,12 +411,14 @@ def validate_params(method: str, params: dict[str, Any]) -> BaseModel:
         raise InvalidParams(f"{method}: {_first_error(exc)}") from None
 
 
-def check_access(method: str, access: Access | None) -> None:
-    """Raise :class:`Forbidden` unless a caller with ``access`` may call ``method``."""
+def check_access(method: str, access: Access | None, hint: str = "") -> MethodSpec:
+    """The spec of ``method`` if a caller with ``access`` may call it: the one access rule.
+    :class:`UnknownMethod` if there is no such method, :class:`Forbidden` (with ``hint``, say
+    who may) if the caller may not."""
     spec = method_spec(method)
     if access == "write" or (access == "read" and spec.access == "read"):
-        return
-    raise Forbidden(f"{method} needs write access")
+        return spec
+    raise Forbidden(f"{method} needs write access" + (f": {hint}" if hint else ""))
 
 
 def to_wire(value: Any) -> Any:
@@ -430,11 +452,11 @@ __all__ = [
     "FrameTooLarge",
     "InboxStatus",
     "InvalidParams",
-    "Message",
     "MethodSpec",
     "Mode",
     "NoParams",
     "PeerId",
+    "PeerMessage",
     "PeerParams",
     "PeerStatus",
     "PingParams",
