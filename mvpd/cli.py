@@ -125,8 +125,8 @@ def install_units(
 ) -> None:
     """Install the systemd units, the sysusers.d entry and /etc/mvp-agent.yaml (an existing
     config is kept); with --prefix / also run systemd-sysusers and systemctl daemon-reload."""
-    from .systemd import CONFIG_NAME, TMP_DROPIN, activate_units
-    from .systemd import install_units as do_install
+    from .units import CONFIG_NAME, TMP_DROPIN, activate_units
+    from .units import install_units as do_install
 
     # A given --bin is kept as written (a stable symlink survives upgrades of its target).
     target = bin_path.absolute() if bin_path else Path(sys.argv[0]).resolve()

@@ -343,7 +343,7 @@ class PeerSession:
         limit = self.settings.connect_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(asyncio.shield(self._main_open), limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = self._timeout_reason(limit)
             await self.close(reason, send_bye=True, event=SessionEvent.TIMEOUT)
             raise PeerError(reason, code="timeout") from None
@@ -360,7 +360,7 @@ class PeerSession:
         limit = self.settings.connect_timeout
         try:
             await asyncio.wait_for(asyncio.shield(self._main_open), limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.close(self._timeout_reason(limit), send_bye=True,
                              event=SessionEvent.TIMEOUT)
         except (MvpError, asyncio.CancelledError):
@@ -661,7 +661,7 @@ class PeerSession:
         self._attach(transport, channel)
         try:
             await asyncio.wait_for(transport.wait_open(), self.settings.connect_timeout)
-        except (asyncio.TimeoutError, ConnectionClosed) as exc:
+        except (TimeoutError, ConnectionClosed) as exc:
             transport.close()
             raise PeerError(f"the pipe to {self.peer_id} did not open: {exc}") from None
         return transport
@@ -678,7 +678,7 @@ class PeerSession:
         self._pipe_waiters.append(waiter)
         try:
             return await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerError(f"{self.peer_id} opened no pipe", code="timeout") from None
         finally:
             with contextlib.suppress(ValueError):
@@ -870,7 +870,7 @@ class PeerSession:
             closing.add_done_callback(self._pc_closed)
             try:
                 await asyncio.wait_for(asyncio.shield(closing), PC_CLOSE_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._log.info("peer %s: the peer connection is still closing (TURN server "
                          "unreachable?); finishing in the background", self.peer_id)
             except Exception:

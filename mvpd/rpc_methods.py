@@ -225,7 +225,7 @@ class RpcMethods:
         timeout = params.timeout or self.settings.connect_timeout
         try:
             await asyncio.wait_for(self.core.connect_to(params.peer, params.mode), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.core.disconnect(params.peer, "connect timed out")
             raise RpcTimeout(
                 f"no data channel to {params.peer} opened within {timeout:g} s; is the peer "

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
 
 from mvpd.rtc import aiortc_internals as internals

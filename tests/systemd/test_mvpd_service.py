@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import MVPCTL_BIN, MVPD_BIN, InstalledUnits, SystemdContainer
 
-from mvpd.systemd import TMP_DROPIN, paths_under_tmp
+from mvpd.units import TMP_DROPIN, paths_under_tmp
+from tests.systemd.harness import MVPCTL_BIN, MVPD_BIN, InstalledUnits, SystemdContainer
 
 pytestmark = pytest.mark.root
 
