@@ -96,7 +96,7 @@ class CoreEvent:
     at: float = field(default_factory=time.time)
 
 
-class Subscription:
+class EventSubscription:
     """A bounded event queue for one subscriber. When full, the oldest event is dropped
     and counted in :attr:`dropped`. Iterate it, or ``await get()``; ``close()`` when done."""
 
@@ -153,7 +153,7 @@ class AgentCore:
         self.agent_id = settings.agent_id
         self.signaling = signaling
         self._sessions: dict[str, PeerSession] = {}
-        self._subscribers: list[Subscription] = []
+        self._subscribers: list[EventSubscription] = []
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._stopping = False
@@ -365,13 +365,13 @@ class AgentCore:
 
     def subscribe(
         self, maxsize: int = DEFAULT_SUBSCRIBER_QUEUE, kinds: set[str] | None = None
-    ) -> Subscription:
+    ) -> EventSubscription:
         """A new event queue (all kinds, or only ``kinds``)."""
-        sub = Subscription(self, maxsize, frozenset(kinds) if kinds is not None else None)
+        sub = EventSubscription(self, maxsize, frozenset(kinds) if kinds is not None else None)
         self._subscribers.append(sub)
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: EventSubscription) -> None:
         with contextlib.suppress(ValueError):
             self._subscribers.remove(sub)
 

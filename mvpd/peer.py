@@ -244,9 +244,6 @@ class PeerSession:
     def add_state_listener(self, listener: StateListener) -> None:
         self._state_listeners.append(listener)
 
-    def add_transport_listener(self, listener: TransportListener) -> None:
-        self._transport_listeners.append(listener)
-
     def _set_state(self, event: SessionEvent, reason: str = "") -> bool:
         """Apply ``event`` as :mod:`mvpd.proto.session_states` says; record and announce a
         change of state. False if the table refused the event."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mvpd.config import SignalingServerSettings
-from mvpd.core import AgentCore, CoreEvent, Subscription
+from mvpd.core import AgentCore, CoreEvent, EventSubscription
 from mvpd.inbox import InboxMessage
 from mvpd.proto.errors import ConnectionClosed, PeerError
 from mvpd.signaling.client import SignalingClient
@@ -27,7 +27,7 @@ class Agents:
         self.server = server
         self.cores: dict[str, AgentCore] = {}
         self.clients: dict[str, SignalingClient] = {}
-        self.events: dict[str, Subscription] = {}
+        self.events: dict[str, EventSubscription] = {}
 
     async def add(self, agent_id: str, **settings: Any) -> AgentCore:
         cfg = make_settings(agent_id, signaling_url=self.server.url, **settings)
@@ -59,7 +59,7 @@ async def agents() -> AsyncIterator[Agents]:
         await server.close()
 
 
-async def next_event(sub: Subscription, kind: str, timeout: float = 20) -> CoreEvent:
+async def next_event(sub: EventSubscription, kind: str, timeout: float = 20) -> CoreEvent:
     async with asyncio.timeout(timeout):
         while True:
             event = await sub.get()
@@ -67,7 +67,7 @@ async def next_event(sub: Subscription, kind: str, timeout: float = 20) -> CoreE
                 return event
 
 
-async def state_event(sub: Subscription, peer: str, state: str) -> CoreEvent:
+async def state_event(sub: EventSubscription, peer: str, state: str) -> CoreEvent:
     async with asyncio.timeout(20):
         while True:
             event = await next_event(sub, "peer-state")

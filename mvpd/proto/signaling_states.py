@@ -90,7 +90,3 @@ def signaling_machine() -> StateMachine[SignalingState, SignalingEvent]:
     """A new signaling client's machine, in ``disconnected``."""
     return StateMachine("signaling client", SIGNALING_TRANSITIONS, _S.DISCONNECTED)
 
-
-def may_connect(state: SignalingState) -> bool:
-    """Whether a client in ``state`` may open a connection (``connecting`` only)."""
-    return state == _S.CONNECTING

@@ -166,7 +166,8 @@ class SignalingServer:
         return f"{scheme}://{host}:{self.port}"
 
     def reload_tokens(self) -> None:
-        """Read the tokens file again (SIGHUP). On a :class:`ConfigError` the old tokens stay.
+        """Read the tokens file again (SIGHUP to ``mvpd signal``). On a :class:`ConfigError`
+        the old tokens stay.
         Agents already registered stay registered."""
         token = self.settings.token.get_secret_value() if self.settings.token else None
         tokens = (
@@ -411,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _reload_tokens(server: SignalingServer) -> None:
+    """SIGHUP: read the tokens file again; a broken file leaves the old tokens in force."""
+    try:
+        server.reload_tokens()
+    except ConfigError as exc:
+        logger.error("tokens not reloaded, the old ones stay in force: %s", exc.message)
+
+
 async def _run(server: SignalingServer) -> int:
     try:
         await server.start()
@@ -424,6 +433,7 @@ async def _run(server: SignalingServer) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_tokens, server)
     print(f"listening on {server.url}", flush=True)
     try:
         await stop.wait()
