@@ -2,10 +2,11 @@
 
 The core reads every signaling message (one task iterating the client), routes it to the
 session for its sender, answers offers only from allowed peers (others get a ``bye`` with a
-reason), and publishes what happens (peer state changes, transport errors) to subscribers:
-one bounded queue each, with a drop counter, so a slow subscriber never slows the data
-plane. Established sessions do not need signaling: losing the signaling server leaves them
-running.
+reason), holds trickled candidates that arrive before their offer (for the session the
+offer creates; :mod:`mvpd.proto.early_candidates`), and publishes what happens (peer state
+changes, transport errors) to subscribers: one bounded queue each, with a drop counter, so a
+slow subscriber never slows the data plane. Established sessions do not need signaling:
+losing the signaling server leaves them running.
 
 Received chat/json/bytes messages do not pass through events: each transport puts them
 straight into its peer's inbox (:mod:`mvpd.inbox`), which :meth:`AgentCore.recv`,
