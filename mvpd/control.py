@@ -56,10 +56,13 @@ from typing import Any, Literal, Protocol
 
 from .logs import RateLimitedLog, fields
 from .proto.control import (
+    Admission,
     CallReceived,
     CallRefused,
+    ConnectionLedger,
     ConnectionState,
     ControlEvent,
+    ControlLimits,
     ControlProtocol,
     HelloReceived,
     HelloRefused,
@@ -77,7 +80,6 @@ from .proto.errors import (
 from .proto.fsm import StateMachine
 from .proto.pipe_states import PipeEvent, PipeState, eof_sent, pipe_machine
 from .proto.rpc import (
-    MAX_FRAME,
     METHODS,
     Access,
     ConnectParams,
@@ -223,39 +225,6 @@ class ControlHandler(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ControlLimits:
-    """Resource limits of the control server."""
-
-    #: Largest frame from callers with write access.
-    max_frame: int = MAX_FRAME
-    #: Largest frame from read-only callers (they can only ask for status).
-    read_only_max_frame: int = 64 * 1024
-    #: Calls running at once per connection; more requests wait in the socket buffer.
-    max_inflight: int = 16
-    #: Subscriptions (recv streams, pipes) per connection.
-    max_streams: int = 16
-    #: Queued ``pipe.write``/``pipe.eof`` calls per pipe before the server stops reading.
-    pipe_queue: int = 8
-    #: Connections at once, from everyone; the last ``reserved_for_root`` only for root.
-    max_connections: int = 512
-    reserved_for_root: int = 16
-    #: Connections at once from one uid (root excepted), and how many of them may still be
-    #: waiting for their hello.
-    max_connections_per_uid: int = 64
-    max_pre_hello_per_uid: int = 32
-    #: Connections at once from callers without write access (outside root and the group),
-    #: all of them together and per uid; counted from ``accept``, before the hello.
-    max_read_only_connections: int = 32
-    max_read_only_per_uid: int = 8
-    #: Seconds a new connection has to send its hello.
-    hello_timeout: float = 5.0
-    #: The listen backlog; connections are accepted at once, so it only absorbs bursts.
-    backlog: int = 256
-    #: Seconds a resolved access level is trusted before group membership is looked up again.
-    access_ttl: float = 5.0
-
-
 def peer_credentials(sock: Any) -> tuple[int, int, int]:
     """``(pid, uid, gid)`` of the process at the other end of a Unix socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -284,19 +253,6 @@ def resolve_access(
         if user is not None and group_id in os.getgrouplist(user.pw_name, user.pw_gid):
             return "write"
     return "read" if others_access == "read" else None
-
-
-@dataclass(eq=False)
-class _Admission:
-    """What was decided about a connection at ``accept``, and what it counts against."""
-
-    pid: int
-    uid: int
-    gid: int
-    access: Access | None
-    #: Counted in the pool of callers without write access.
-    read_only: bool
-    hello_pending: bool = True
 
 
 #: accept() errors that mean "out of file descriptors or memory", not "that client is gone".
@@ -343,7 +299,7 @@ class ControlServer:
         self._listener: socket.socket | None = None
         self._resume_accepting: asyncio.TimerHandle | None = None
         self._connections: set[ControlConnection] = set()
-        self._admitted: list[_Admission] = []
+        self._ledger = ConnectionLedger(self.limits, group)
         self._connection_tasks: set[asyncio.Task[None]] = set()
         # A hostile client must not be able to flood the journal with these.
         self._log_refusal = RateLimitedLog(log)
@@ -352,7 +308,7 @@ class ControlServer:
     @property
     def connections(self) -> int:
         """Connections open now (those waiting for their hello included)."""
-        return len(self._admitted)
+        return len(self._ledger)
 
     async def start(self) -> None:
         """Create the socket and start accepting connections."""
@@ -493,7 +449,7 @@ class ControlServer:
                 self._connection_tasks.add(task)
                 task.add_done_callback(self._connection_tasks.discard)
 
-    def _admit(self, sock: socket.socket) -> _Admission | None:
+    def _admit(self, sock: socket.socket) -> Admission | None:
         """Count the new connection in, or refuse it (a ``busy`` frame, then close)."""
         sock.setblocking(False)
         try:
@@ -503,7 +459,7 @@ class ControlServer:
             sock.close()
             return None
         access = resolve_access(uid, gid, self.group, self.others_access)
-        refusal = self._over_limit(uid, access)
+        refusal = self._ledger.refusal(uid, access)
         if refusal is not None:
             self._log_refusal.warning("control connection refused: uid=%d pid=%d: %s",
                                       uid, pid, refusal)
@@ -512,37 +468,10 @@ class ControlServer:
                 sock.send(encode_frame(error_message(None, Busy(refusal))))
             sock.close()
             return None
-        admission = _Admission(pid, uid, gid, access, read_only=access != "write")
-        self._admitted.append(admission)
+        admission = self._ledger.admit(pid, uid, gid, access)
         return admission
 
-    def _over_limit(self, uid: int, access: Access | None) -> str | None:
-        """Why a new connection from ``uid`` would break a limit, or None."""
-        limits = self.limits
-        total = len(self._admitted)
-        if total >= limits.max_connections:
-            return "too many control connections; try again later"
-        if uid == 0:
-            return None
-        if total >= limits.max_connections - limits.reserved_for_root:
-            return "too many control connections; try again later"
-        mine = [a for a in self._admitted if a.uid == uid]
-        if len(mine) >= limits.max_connections_per_uid:
-            return (f"too many control connections from uid {uid} "
-                    f"({limits.max_connections_per_uid} at most); close some")
-        if sum(a.hello_pending for a in mine) >= limits.max_pre_hello_per_uid:
-            return (f"too many control connections from uid {uid} still without their hello "
-                    f"({limits.max_pre_hello_per_uid} at most)")
-        if access != "write":
-            if sum(a.read_only for a in mine) >= limits.max_read_only_per_uid:
-                return (f"too many read-only control connections from uid {uid} "
-                        f"({limits.max_read_only_per_uid} at most); close some")
-            if sum(a.read_only for a in self._admitted) >= limits.max_read_only_connections:
-                return (f"too many control connections from users outside group "
-                        f"{self.group!r}; try again later")
-        return None
-
-    async def _serve_connection(self, sock: socket.socket, admission: _Admission) -> None:
+    async def _serve_connection(self, sock: socket.socket, admission: Admission) -> None:
         conn: ControlConnection | None = None
         try:
             try:
@@ -556,7 +485,7 @@ class ControlServer:
         except OSError as exc:
             log.debug("control connection uid=%d lost: %s", admission.uid, exc)
         finally:
-            self._admitted.remove(admission)
+            self._ledger.release(admission)
             if conn is not None:
                 self._connections.discard(conn)
 
@@ -601,7 +530,7 @@ class ControlConnection:
         server: ControlServer,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        admission: _Admission,
+        admission: Admission,
     ) -> None:
         self.server = server
         self.reader = reader

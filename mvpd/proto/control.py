@@ -26,6 +26,10 @@ The protocol owns the conversation's rules (see :mod:`mvpd.proto.rpcwire` for th
 
 The caller's access is set by the I/O layer (from the kernel's peer credentials, re-resolved
 now and then): :attr:`ControlProtocol.access`.
+
+Before any of that, at ``accept``, :class:`ConnectionLedger` decides whether a connection may
+be opened at all under the :class:`ControlLimits` (per uid, before the hello, for callers
+without write access, the part reserved for root); see :mod:`mvpd.control` for the rules.
 """
 
 from __future__ import annotations
@@ -233,3 +237,102 @@ class ControlProtocol:
             self.send(error_message(request_id, exc))
             return
         self._events.append(CallReceived(request.id, method, params, spec))
+
+
+# --- admission: who may open a connection, counted at accept ---------------------------------
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    """Resource limits of the control server."""
+
+    #: Largest frame from callers with write access.
+    max_frame: int = MAX_FRAME
+    #: Largest frame from read-only callers (they can only ask for status).
+    read_only_max_frame: int = 64 * 1024
+    #: Calls running at once per connection; more requests wait in the socket buffer.
+    max_inflight: int = 16
+    #: Subscriptions (recv streams, pipes) per connection.
+    max_streams: int = 16
+    #: Queued ``pipe.write``/``pipe.eof`` calls per pipe before the server stops reading.
+    pipe_queue: int = 8
+    #: Connections at once, from everyone; the last ``reserved_for_root`` only for root.
+    max_connections: int = 512
+    reserved_for_root: int = 16
+    #: Connections at once from one uid (root excepted), and how many of them may still be
+    #: waiting for their hello.
+    max_connections_per_uid: int = 64
+    max_pre_hello_per_uid: int = 32
+    #: Connections at once from callers without write access (outside root and the group),
+    #: all of them together and per uid; counted from ``accept``, before the hello.
+    max_read_only_connections: int = 32
+    max_read_only_per_uid: int = 8
+    #: Seconds a new connection has to send its hello.
+    hello_timeout: float = 5.0
+    #: The listen backlog; connections are accepted at once, so it only absorbs bursts.
+    backlog: int = 256
+    #: Seconds a resolved access level is trusted before group membership is looked up again.
+    access_ttl: float = 5.0
+
+
+@dataclass(eq=False)
+class Admission:
+    """What was decided about a connection at ``accept``, and what it counts against."""
+
+    pid: int
+    uid: int
+    gid: int
+    access: Access | None
+    #: Counted in the pool of callers without write access.
+    read_only: bool
+    hello_pending: bool = True
+
+
+class ConnectionLedger:
+    """The open control connections and the limits of :class:`ControlLimits` on them:
+    :meth:`refusal` says whether one more from a uid fits, :meth:`admit` counts it in,
+    :meth:`release` out. ``group`` is only named in refusals."""
+
+    def __init__(self, limits: ControlLimits, group: str) -> None:
+        self.limits = limits
+        self.group = group
+        self._admitted: list[Admission] = []
+
+    def __len__(self) -> int:
+        return len(self._admitted)
+
+    def admit(self, pid: int, uid: int, gid: int, access: Access | None) -> Admission:
+        """Count a connection in (after :meth:`refusal` said None)."""
+        admission = Admission(pid, uid, gid, access, read_only=access != "write")
+        self._admitted.append(admission)
+        return admission
+
+    def release(self, admission: Admission) -> None:
+        """The connection closed."""
+        self._admitted.remove(admission)
+
+    def refusal(self, uid: int, access: Access | None) -> str | None:
+        """Why a new connection from ``uid`` would break a limit, or None."""
+        limits = self.limits
+        total = len(self._admitted)
+        if total >= limits.max_connections:
+            return "too many control connections; try again later"
+        if uid == 0:
+            return None
+        if total >= limits.max_connections - limits.reserved_for_root:
+            return "too many control connections; try again later"
+        mine = [a for a in self._admitted if a.uid == uid]
+        if len(mine) >= limits.max_connections_per_uid:
+            return (f"too many control connections from uid {uid} "
+                    f"({limits.max_connections_per_uid} at most); close some")
+        if sum(a.hello_pending for a in mine) >= limits.max_pre_hello_per_uid:
+            return (f"too many control connections from uid {uid} still without their hello "
+                    f"({limits.max_pre_hello_per_uid} at most)")
+        if access != "write":
+            if sum(a.read_only for a in mine) >= limits.max_read_only_per_uid:
+                return (f"too many read-only control connections from uid {uid} "
+                        f"({limits.max_read_only_per_uid} at most); close some")
+            if sum(a.read_only for a in self._admitted) >= limits.max_read_only_connections:
+                return (f"too many control connections from users outside group "
+                        f"{self.group!r}; try again later")
+        return None

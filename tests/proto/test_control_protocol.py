@@ -8,7 +8,9 @@ from typing import Any
 from mvpd.proto.control import (
     CallReceived,
     CallRefused,
+    ConnectionLedger,
     ConnectionState,
+    ControlLimits,
     ControlProtocol,
     HelloReceived,
     HelloRefused,
@@ -124,3 +126,34 @@ def test_hello_timeout_and_replies_too_large_for_a_frame() -> None:
     p.send(result_message(9, {"blob": b"x" * (17 * 1024 * 1024)}))
     [reply] = replies(p)
     assert reply["id"] == 9 and reply["error"]["code"] == "too-large"
+
+
+def test_the_ledger_keeps_root_and_the_group_reachable() -> None:
+    limits = ControlLimits(max_connections=10, reserved_for_root=2, max_connections_per_uid=6,
+                           max_pre_hello_per_uid=4, max_read_only_connections=3,
+                           max_read_only_per_uid=2)
+    ledger = ConnectionLedger(limits, "mvp")
+    # A user outside the group: two connections, then refused (per uid), and three such
+    # users together at most.
+    for _ in range(2):
+        assert ledger.refusal(1001, "read") is None
+        ledger.admit(1, 1001, 1001, "read")
+    assert "read-only control connections from uid 1001" in (ledger.refusal(1001, "read") or "")
+    ledger.admit(2, 1002, 1002, "read")
+    assert "outside group 'mvp'" in (ledger.refusal(1003, None) or "")
+    # A group member: four waiting for their hello at most, then the hello frees a slot.
+    member = [ledger.admit(3, 1100, 100, "write") for _ in range(4)]
+    assert "still without their hello" in (ledger.refusal(1100, "write") or "")
+    member[0].hello_pending = False
+    assert ledger.refusal(1100, "write") is None
+    ledger.admit(3, 1100, 100, "write")
+    # 8 of 10 in use: the last two are root's.
+    assert len(ledger) == 8
+    assert "try again later" in (ledger.refusal(1200, "write") or "")
+    assert ledger.refusal(0, "write") is None
+    ledger.admit(4, 0, 0, "write")
+    ledger.admit(4, 0, 0, "write")
+    assert ledger.refusal(0, "write") == "too many control connections; try again later"
+    for admission in member:
+        ledger.release(admission)
+    assert len(ledger) == 6 and ledger.refusal(1200, "write") is None
