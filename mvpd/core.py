@@ -487,6 +487,12 @@ class AgentCore:
         if isinstance(message, Offer):
             self._on_offer(peer, message, session)
             return
+        if isinstance(message, Candidate) and session is not None and (
+            session.is_for_another_ice_session(message)
+        ):
+            # The peer started over and trickles for the offer that will replace this session.
+            self._hold_early_candidate(peer, message)
+            return
         if session is None or session.state.is_final:
             if isinstance(message, Candidate):
                 self._hold_early_candidate(peer, message)

@@ -5,8 +5,11 @@ This is the only module that touches aiortc. What shapes it (aiortc 1.16):
 * Half-trickle: aiortc gathers every local candidate inside ``setLocalDescription`` and
   never emits candidates, so our offer/answer SDP is complete. Browsers trickle theirs, and
   those may arrive before the offer or answer: they are queued until the remote description
-  is set (aiortc has no ICE transport to give them to before that) and never dropped. An
-  empty or null candidate means end-of-candidates.
+  is set (aiortc has no ICE transport to give them to before that) and never dropped (those
+  that come before the offer, when no session exists yet, the core holds: see
+  :mod:`mvpd.proto.early_candidates`). An empty or null candidate means end-of-candidates.
+* States and what moves them are the table of :mod:`mvpd.proto.session_states`; every
+  change goes through ``_set_state`` with an event, which asks it.
 * ``RTCConfiguration()`` without ``iceServers`` contacts a public STUN server, so the list is
   always passed, empty when none are configured.
 * No rollback and no ICE restart: on glare the agent with the lower id throws its own peer
@@ -240,6 +243,15 @@ class PeerSession:
     def negotiated(self) -> bool:
         """Offer and answer have both been applied."""
         return self._remote_description_set and self._pc is not None
+
+    def is_for_another_ice_session(self, message: Candidate) -> bool:
+        """Whether a trickled candidate names an ICE username fragment other than the one
+        this session negotiated: the peer has started over (a new offer is on its way)."""
+        init = message.candidate
+        return bool(
+            self.negotiated and init is not None and init.usernameFragment
+            and self._remote_ufrag and init.usernameFragment != self._remote_ufrag
+        )
 
     def add_state_listener(self, listener: StateListener) -> None:
         self._state_listeners.append(listener)
