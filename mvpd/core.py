@@ -250,10 +250,12 @@ class AgentCore:
 
     def dropped(self) -> dict[str, int]:
         """Drops that belong to no connected peer, by reason: unread messages of peers that
-        left (``inbox-expired``, and their earlier ``inbox-full``), and events no subscriber
-        read in time (``event-queue-full``)."""
+        left (``inbox-expired``, and their earlier ``inbox-full``), events no subscriber
+        read in time (``event-queue-full``), and candidates that came before an offer that
+        never did, or over the caps (``early-candidates``)."""
         drops = collections.Counter(self.inboxes.dropped)
         drops["event-queue-full"] += sum(s.dropped for s in self._subscribers)
+        drops["early-candidates"] += self.early_candidates.dropped
         return {reason: count for reason, count in drops.items() if count}
 
     # --- messages --------------------------------------------------------------------------

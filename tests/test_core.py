@@ -347,3 +347,28 @@ def test_transport_reader_under_a_core_ends_when_its_channel_closes() -> None:
                 await asyncio.wait_for(reader, 5)
 
     run(body())
+
+
+def test_candidates_before_an_offer_are_held_bounded_and_counted() -> None:
+    async def body() -> None:
+        core = AgentCore(make_settings("alice", allowed_peers=["web", "pal"]),
+                         signaling=None)  # type: ignore[arg-type]
+
+        def candidate(sender: str, n: int) -> dict[str, Any]:
+            return {"type": "candidate", "from": sender, "to": "alice", "candidate": {
+                "candidate": f"candidate:{n} 1 udp 1 10.0.0.1 {5000 + n} typ host",
+                "sdpMid": "0", "sdpMLineIndex": 0}}
+
+        for n in range(70):  # over the per-id cap of 64
+            core.dispatch(candidate("web", n))
+        core.dispatch(candidate("stranger", 1))  # not allowed: not even held
+        core.dispatch(candidate("pal", 1))
+        assert core.early_candidates.peers() == ["web", "pal"]
+        assert len(core.early_candidates) == 65
+        assert core.ignored_messages == 7
+        # pal says bye instead of offering: its candidate goes, counted.
+        core.dispatch({"type": "bye", "from": "pal", "to": "alice"})
+        assert core.early_candidates.peers() == ["web"]
+        assert core.dropped() == {"early-candidates": 7}
+
+    run(body())

@@ -107,6 +107,7 @@ def test_candidates_before_the_offer_connect_through_a_relay(
             await peer.close()
 
     asyncio.run(asyncio.wait_for(body(), 90))
+    assert "early-candidates" not in bob.status()["dropped"]
 
 
 def test_a_peer_that_starts_over_trickling_first_replaces_its_session(
