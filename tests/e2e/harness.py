@@ -73,11 +73,15 @@ def wait_until(
         time.sleep(interval)
 
 
+#: Seconds coturn has to answer its first binding request (it starts slowly on a busy machine).
+STUN_WAIT = 30
+
 #: wait_for_stun inside a network namespace: the same probe, run there by a child process.
 _STUN_PROBE = """
 import os, socket, struct, sys, time
+STUN_WAIT = float(sys.argv[2])
 request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
-deadline = time.monotonic() + 10
+deadline = time.monotonic() + STUN_WAIT
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
     sock.settimeout(0.2)
     while time.monotonic() < deadline:
@@ -95,13 +99,13 @@ def wait_for_stun(port: int, proc: subprocess.Popen[Any], wrap: Sequence[str] = 
     """Until the STUN/TURN server ``proc`` answers a binding request on 127.0.0.1:``port``
     (in the network namespace that ``wrap``, e.g. ``ip netns exec NS``, runs commands in)."""
     if wrap:
-        probe = subprocess.run([*wrap, sys.executable, "-c", _STUN_PROBE, str(port)],
-                               capture_output=True, timeout=20)
+        probe = subprocess.run([*wrap, sys.executable, "-c", _STUN_PROBE, str(port),
+                                str(STUN_WAIT)], capture_output=True, timeout=STUN_WAIT + 10)
         if probe.returncode != 0:
             pytest.fail(f"turnserver did not answer STUN in time (exited: {proc.poll()})")
         return
     request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + STUN_WAIT
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.2)
         while time.monotonic() < deadline:
