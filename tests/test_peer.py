@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from mvpd.proto.errors import ConnectionClosed, IllegalTransition, PeerError
 from mvpd.proto.session_states import SessionEvent
 from mvpd.proto.signaling import Answer, Bye, IceCandidate, Offer, RoutedMessage
 from mvpd.transports import ChatTransport, JsonTransport
-from tests.e2e.harness import free_port, wait_for_stun
+from tests.e2e.harness import TurnServer
 from tests.peerlink import Forwarder, make_settings, run, split_candidates, trickle, wait_for
 
 
@@ -222,32 +221,15 @@ def test_ice_configuration_is_explicit() -> None:
 def turn_server(tmp_path: Any) -> Any:
     """coturn on 127.0.0.1 with one static user, stopped (by pid) afterwards."""
     import shutil
-    import subprocess
 
     binary = shutil.which("turnserver")
     if binary is None:
         pytest.skip("coturn (turnserver) is not installed")
-    port = free_port(socket.SOCK_DGRAM)
-    base = 40000 + (port % 20000)
-    proc = subprocess.Popen(
-        [binary, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
-         f"--listening-port={port}", f"--min-port={base}", f"--max-port={base + 200}",
-         "--lt-cred-mech", "--user=mvp:relay-secret", "--realm=mvp.test",
-         "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
-         f"--pidfile={tmp_path}/turn.pid", f"--log-file={tmp_path}/turn.log",
-         "--no-software-attribute"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = TurnServer(tmp_path).start(binary)
     try:
-        wait_for_stun(port, proc)
-        yield f"turn:127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str) -> None:
@@ -256,7 +238,8 @@ def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str
         relay = {
             "ice_transport_policy": "relay",
             "ice_servers": [
-                {"urls": [turn_server], "username": "mvp", "credential": "relay-secret"}
+                {"urls": [turn_server], "username": TurnServer.USER,
+                 "credential": TurnServer.PASSWORD}
             ],
         }
         sa, sb = fwd.pair("alice", "bob", **relay)

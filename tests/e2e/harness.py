@@ -120,6 +120,20 @@ def wait_for_stun(port: int, proc: subprocess.Popen[Any], wrap: Sequence[str] = 
     pytest.fail("turnserver did not answer STUN in time")
 
 
+def free_udp_tcp_port() -> int:
+    """A port number free for both UDP and TCP on 127.0.0.1 right now (coturn takes both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -391,22 +405,33 @@ class TurnServer:
             "ICE_TRANSPORT_POLICY": "relay",
         }
 
-    def start(self, binary: str, wrap: Sequence[str] = ()) -> TurnServer:
-        """Start coturn (through ``wrap``, e.g. in a network namespace) and wait for it."""
-        self.port = free_port(socket.SOCK_DGRAM)
-        base = 40000 + (self.port % 20000)
-        self.proc = subprocess.Popen(
-            [*wrap, binary, "-n", f"--listening-port={self.port}", "--listening-ip=127.0.0.1",
-             "--relay-ip=127.0.0.1", f"--min-port={base}", f"--max-port={base + 200}",
-             f"--user={self.USER}:{self.PASSWORD}", "--lt-cred-mech", "--realm=test",
-             "--allowed-peer-ip=127.0.0.1", "--allow-loopback-peers", "--no-cli", "--no-tls",
-             "--no-dtls", "--no-software-attribute", "--verbose", f"--db={self.workdir}/turndb",
-             f"--log-file={self.workdir}/turn.log", f"--pidfile={self.workdir}/turn.pid"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        )
-        wait_for_stun(self.port, self.proc, wrap)
-        return self
+    def start(self, binary: str, wrap: Sequence[str] = (), attempts: int = 3) -> TurnServer:
+        """Start coturn (through ``wrap``, e.g. in a network namespace) and wait for it.
 
+        coturn listens on TCP at its UDP port number too; on a busy machine that number is
+        now and then some client's ephemeral port by the time coturn binds it, so a start
+        that does not answer is tried again on another port."""
+        for attempt in range(attempts):
+            self.port = free_udp_tcp_port()
+            base = 40000 + (self.port % 20000)
+            self.proc = subprocess.Popen(
+                [*wrap, binary, "-n", f"--listening-port={self.port}",
+                 "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--min-port={base}",
+                 f"--max-port={base + 200}", f"--user={self.USER}:{self.PASSWORD}",
+                 "--lt-cred-mech", "--realm=test", "--allowed-peer-ip=127.0.0.1",
+                 "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
+                 "--no-software-attribute", "--verbose", f"--db={self.workdir}/turndb",
+                 f"--log-file={self.workdir}/turn.log", f"--pidfile={self.workdir}/turn.pid"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            )
+            try:
+                wait_for_stun(self.port, self.proc, wrap)
+                return self
+            except pytest.fail.Exception:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:
