@@ -48,11 +48,14 @@ from pydantic_settings import (
 from .proto.errors import ConfigError
 from .proto.modes import Mode
 from .proto.signaling import AGENT_ID_PATTERN
+from .proto.trust import TrustPolicy, normalize_fingerprint
 
 DEFAULT_CONFIG_FILE = Path("/etc/mvp-agent.yaml")
 #: The config file :func:`load_settings` chose, for the sources of the settings it builds.
 _FILE_OVERRIDE: ContextVar[tuple[Path | None] | None] = ContextVar("config_file", default=None)
 DEFAULT_SOCKET = Path("/run/mvpd/mvpd.sock")
+#: Where the identity key and known_peers live (systemd's StateDirectory=mvpd).
+DEFAULT_STATE_DIR = Path("/var/lib/mvpd")
 DEFAULT_SIGNALING_PORT = 8765
 EX_CONFIG = 78
 
@@ -143,6 +146,21 @@ class PeerSettings(BaseModel):
     #: TUN mode: the addresses this peer may send from and that are routed to it. Having
     #: them is what lets a peer use TUN mode here; they never default to anything.
     allowed_ips: list[IPNetwork] = Field(default_factory=list)
+    #: The peer's identities (``sha-256 AB:CD:...``, as its ``mvpctl id`` prints them):
+    #: when given, the only ones accepted.
+    fingerprints: list[str] = Field(default_factory=list)
+    #: This peer's trust policy; the global ``trust`` when unset.
+    trust: TrustPolicy | None = None
+
+    @field_validator("fingerprints", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("fingerprints")
+    @classmethod
+    def _canonical(cls, value: list[str]) -> list[str]:
+        return [normalize_fingerprint(item) for item in value]
 
 
 class TunSettings(BaseModel):
@@ -267,6 +285,15 @@ class AgentSettings(BaseSettings):
         ge=1,
         le=1024,
         validation_alias=AliasChoices("MVPD_MAX_REMOTE_CANDIDATES", "max_remote_candidates"),
+    )
+    #: Where this agent's identity key and known_peers are kept (0700, root only).
+    state_dir: Path = Field(
+        default=DEFAULT_STATE_DIR, validation_alias=AliasChoices("MVPD_STATE_DIR", "state_dir")
+    )
+    #: Trust policy for peers without one of their own: tofu, pinned or any. Unset: tofu,
+    #: but pinned for peers in tun mode.
+    trust: TrustPolicy | None = Field(
+        default=None, validation_alias=AliasChoices("MVPD_TRUST", "trust")
     )
     signaling_server: SignalingServerSettings = Field(
         default_factory=SignalingServerSettings,
@@ -562,6 +589,8 @@ ENV_NAMES: dict[str, str] = {
     "max_pending_sessions": "MVPD_MAX_PENDING_SESSIONS",
     "offers_per_minute": "MVPD_OFFERS_PER_MINUTE",
     "max_remote_candidates": "MVPD_MAX_REMOTE_CANDIDATES",
+    "state_dir": "MVPD_STATE_DIR",
+    "trust": "MVPD_TRUST",
     "signaling_server": "MVPD_SIGNALING_SERVER__*",
     "peers": "MVPD_PEERS",
     "tun": "MVPD_TUN__*",

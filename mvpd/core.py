@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from .admission import MODE_NOT_GRANTED, NOT_ALLOWED, PENDING, OfferAdmission
 from .config import AgentSettings
 from .inbox import Inbox, Inboxes, InboxMessage
+from .known_peers import PeerVerifier
 from .logs import RateLimitedLog, fields
 from .peer import PeerSession, PeerState, StateChange
 from .proto.early_candidates import EarlyCandidates
@@ -55,6 +56,7 @@ from .proto.signaling import (
     RoutedMessage,
     parse_message,
 )
+from .proto.trust import TrustDecision
 from .transports import PipeTransport, Transport, TransportErrorEvent, transport_class
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,9 @@ class CoreEvent:
     * ``transport-error``: ``{"label", "reason", "detail"}``;
     * ``channel``: a channel was attached, ``{"label", "mode"}`` (e.g. a pipe opened);
     * ``offer-refused``: ``{"reason"}`` (and ``"mode"`` when a channel's mode was refused);
-    * ``signaling-error``: the server reported an error, ``{"code", "message"}``.
+    * ``signaling-error``: the server reported an error, ``{"code", "message"}``;
+    * ``identity-refused``: the peer's DTLS fingerprint is not trusted,
+      ``{"reason", "expected", "offered"}``.
     """
 
     kind: str
@@ -149,8 +153,18 @@ class EventSubscription:
 class AgentCore:
     """All peer sessions of this agent, driven by one signaling client."""
 
-    def __init__(self, settings: AgentSettings, signaling: SignalingLike) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        signaling: SignalingLike,
+        *,
+        verifier: PeerVerifier | None = None,
+    ) -> None:
+        """``verifier`` holds this agent's identity and its trust in peers; by default it
+        is loaded from ``settings.state_dir`` (:class:`ConfigError` if unsafe)."""
         self.settings = settings
+        self.verifier = verifier if verifier is not None else PeerVerifier.load(settings)
+        self.verifier.add_refusal_listener(self._on_identity_refused)
         self.agent_id = settings.agent_id
         self.signaling = signaling
         self._sessions: dict[str, PeerSession] = {}
@@ -356,6 +370,7 @@ class AgentCore:
             mode=mode,
             on_state=self._on_session_state,
             on_transport=self._on_session_transport,
+            verifier=self.verifier,
         )
         session.add_state_listener(self._note_connected)
         self._sessions[peer] = session
@@ -400,6 +415,10 @@ class AgentCore:
         if change.state.is_final and self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
             self.inboxes.peer_left(session.peer_id)
+
+    def _on_identity_refused(self, peer: str, decision: TrustDecision) -> None:
+        self.emit("identity-refused", peer, reason=decision.reason,
+                  expected=list(decision.expected), offered=decision.offered)
 
     def _on_session_transport(self, session: PeerSession, transport: Transport[Any]) -> None:
         for hook in self._transport_hooks:

@@ -43,6 +43,8 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.sdp import candidate_from_sdp
 
 from .config import AgentSettings
+from .identity import use_certificate
+from .known_peers import PeerVerifier
 from .logs import FieldsAdapter, RateLimitedLog, fields
 from .ping import answer_pings
 from .proto.errors import (
@@ -58,6 +60,7 @@ from .proto.ping import PING_LABEL
 from .proto.session_states import PeerState as PeerState
 from .proto.session_states import SessionEvent, session_machine
 from .proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
+from .proto.trust import TrustDecision
 from .transports import (
     PIPE_LABEL,
     PipeTransport,
@@ -176,8 +179,14 @@ class PeerSession:
         mode: str | None = None,
         on_state: StateListener | None = None,
         on_transport: TransportListener | None = None,
+        verifier: PeerVerifier | None = None,
     ) -> None:
         self.settings = settings
+        #: This agent's certificate and the trust check; None: aiortc's per-connection
+        #: certificate and no check (a bare session, as in aiortc's own examples).
+        self.verifier = verifier
+        #: The verdict on the peer's identity, once its offer or answer came.
+        self.identity: TrustDecision | None = None
         self.peer_id = peer_id
         #: Every line about this peer carries PEER_ID (``journalctl -u mvpd PEER_ID=bob``).
         self._log = FieldsAdapter(log, peer=peer_id)
@@ -287,6 +296,8 @@ class PeerSession:
 
     def _new_pc(self) -> Any:
         pc = RTCPeerConnection(ice_configuration(self.settings))
+        if self.verifier is not None:
+            use_certificate(pc, self.verifier.identity)
 
         def on_datachannel(channel: Any) -> None:
             if pc is self._pc:
@@ -441,6 +452,8 @@ class PeerSession:
         if "m=application" not in offer.sdp:
             # aiortc would happily answer an SDP without sections; nothing could ever open.
             raise PeerError("the offer has no data channel (m=application) section")
+        if not await self._identity_accepted(offer.sdp):
+            return
         self._start_worker()
         pc = self._new_pc()
         sdp = self._limit_candidates(offer.sdp)
@@ -458,6 +471,8 @@ class PeerSession:
             state = pc.signalingState if pc is not None else "no offer"
             self._log.log(self._first_time("answer"),
                           "peer %s: unexpected answer (%s) ignored", self.peer_id, state)
+            return
+        if not await self._identity_accepted(answer.sdp):
             return
         self._set_state(SessionEvent.ANSWER_RECEIVED)
         sdp = self._limit_candidates(answer.sdp)
@@ -478,6 +493,19 @@ class PeerSession:
             self._pending_candidates.append(message.candidate)
             return
         await self._add_candidate(message.candidate)
+
+    async def _identity_accepted(self, sdp: str) -> bool:
+        """Check the DTLS fingerprint the peer's SDP commits it to before the SDP is used
+        (DTLS then fails unless the peer proves it holds that certificate's key). On refusal
+        the session fails with a bye saying why, before any data can flow."""
+        if self.verifier is None:
+            return True
+        self.identity = self.verifier.check(self.peer_id, sdp, self.mode)
+        if self.identity.accepted:
+            return True
+        await self.close(f"identity refused: {self.identity.reason}", failed=True,
+                         send_bye=True)
+        return False
 
     def _first_time(self, what: str) -> int:
         """WARNING the first time ``what`` happens in this session, then DEBUG: a peer that
@@ -632,6 +660,14 @@ class PeerSession:
                 self._log.warning("peer %s: refusing channel %r: %s", self.peer_id, label, exc)
                 channel.close()
                 self._spawn_close(f"the peer asked for mode {mode!r}: {exc}", failed=True)
+                return
+            if self.verifier is not None and not self.verifier.admits_mode(
+                self.peer_id, mode, self.identity
+            ):
+                channel.close()
+                self._spawn_close(f"identity refused: {self.peer_id} is not trusted for {mode} "
+                                  f"mode (policy {self.verifier.policy_for(self.peer_id, mode)})",
+                                  failed=True)
                 return
             if mode != self.mode:
                 self._log.info("peer %s: the peer chose mode %s", self.peer_id, mode)
@@ -933,6 +969,8 @@ class PeerSession:
             "remote_candidates": self.remote_candidates,
             "signaling_dropped": self.inbox_dropped,
             "pending_candidates": len(self._pending_candidates),
+            "fingerprint": self.identity.offered if self.identity is not None else None,
+            "identity": self.identity.status if self.identity is not None else None,
         }
 
 

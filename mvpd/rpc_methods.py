@@ -21,10 +21,21 @@ from .control import Caller, PipeStream
 from .core import AgentCore
 from .peer import PeerSession, PeerState
 from .ping import PingService
-from .proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
+from .proto.errors import (
+    ConnectionClosed,
+    InvalidParams,
+    MvpError,
+    NotFound,
+    PeerError,
+    RpcTimeout,
+)
 from .proto.rpc import (
     ConnectParams,
+    ForgetParams,
+    IdentityInfo,
+    IdResult,
     InboxStatus,
+    KnownPeerEntry,
     NoParams,
     PeerMessage,
     PeerParams,
@@ -33,12 +44,16 @@ from .proto.rpc import (
     PingResult,
     RecvParams,
     ReloadResult,
+    RotateParams,
     SendParams,
     SendResult,
     SignalingStatus,
     StatsResult,
     StatusResult,
+    TrustParams,
+    TrustResult,
 )
+from .proto.trust import normalize_fingerprint, short_fingerprint
 from .stats import TrafficSampler, peer_stats
 from .transports import PipeTransport, Transport, TunTransport
 
@@ -184,6 +199,8 @@ class RpcMethods:
             inbox=(
                 {"queued": len(inbox), "queued_bytes": inbox.bytes} if inbox is not None else None
             ),
+            fingerprint=snap["fingerprint"],
+            identity=snap["identity"],
             **totals,
         )
 
@@ -283,6 +300,55 @@ class RpcMethods:
             return ReloadResult(not_applied=["reload is not supported here"])
         return self._reload()
 
+    # --- identity --------------------------------------------------------------------------
+
+    async def rpc_id(self, params: NoParams, caller: Caller) -> IdResult:
+        verifier = self.core.verifier
+        pending = verifier.store.pending()
+        return IdResult(
+            agent_id=self.settings.agent_id,
+            current=_identity_info(verifier.identity.fingerprint),
+            next=_identity_info(pending.fingerprint) if pending is not None else None,
+            state_dir=str(verifier.store.state_dir),
+        )
+
+    async def rpc_id_rotate(self, params: RotateParams, caller: Caller) -> IdResult:
+        verifier = self.core.verifier
+        if params.finish:
+            old = verifier.identity.fingerprint
+            verifier.identity = verifier.store.finish_rotation()
+            log.warning("identity rotated by %s: new connections use %s (was %s)", caller,
+                        verifier.identity.fingerprint, old)
+        else:
+            pending = verifier.store.begin_rotation()
+            log.info("identity rotation started by %s: next identity %s", caller,
+                     pending.fingerprint)
+        return await self.rpc_id(NoParams(), caller)
+
+    async def rpc_trust(self, params: TrustParams, caller: Caller) -> TrustResult:
+        fingerprint = _fingerprint_param(params.fingerprint)
+        changed = self.core.verifier.known.add(params.peer, fingerprint, "trusted")
+        log.info("%s trusted for %s by %s", fingerprint, params.peer, caller)
+        return self._known(params.peer, int(changed))
+
+    async def rpc_forget(self, params: ForgetParams, caller: Caller) -> TrustResult:
+        fingerprint = None
+        if params.fingerprint is not None:
+            fingerprint = _fingerprint_param(params.fingerprint)
+        removed = self.core.verifier.known.forget(params.peer, fingerprint)
+        if not removed:
+            raise NotFound(f"known_peers holds no {'such ' if fingerprint else ''}fingerprint "
+                           f"for {params.peer}")
+        log.info("%s forgotten (%d fingerprint(s)) by %s", params.peer, removed, caller)
+        return self._known(params.peer, removed)
+
+    def _known(self, peer: str, changed: int) -> TrustResult:
+        entries = [
+            KnownPeerEntry(fingerprint=e.fingerprint, how=e.how, added=e.added)
+            for e in self.core.verifier.known.get(peer)
+        ]
+        return TrustResult(peer=peer, changed=changed, entries=entries)
+
     # --- helpers ---------------------------------------------------------------------------
 
     def _session(self, peer: str) -> PeerSession:
@@ -295,6 +361,17 @@ class RpcMethods:
 def _tun_status(transport: Transport[Any] | None) -> dict[str, Any] | None:
     """The TUN part of a peer's status (device, addresses, packets, drops), if tun mode."""
     return transport.tun_status() if isinstance(transport, TunTransport) else None
+
+
+def _identity_info(fingerprint: str) -> IdentityInfo:
+    return IdentityInfo(fingerprint=fingerprint, short=short_fingerprint(fingerprint))
+
+
+def _fingerprint_param(text: str) -> str:
+    try:
+        return normalize_fingerprint(text)
+    except ValueError as exc:
+        raise InvalidParams(str(exc)) from None
 
 
 def _log_background_failure(peer: str) -> Callable[[asyncio.Future[Any]], None]:

@@ -88,6 +88,12 @@ class PeerError(MvpError):
     code = "peer"
 
 
+class IdentityRefused(PeerError):
+    """The remote peer's DTLS certificate fingerprint is not one this agent trusts for it."""
+
+    code = "identity-refused"
+
+
 class TransportError(MvpError):
     """A data-channel transport could not send or decode a message."""
 

@@ -150,6 +150,11 @@ class PeerStatus(BaseModel):
     #: ``packets_in/out``, ``bytes_in/out`` (IP packets), ``drops`` (this peer's, by reason)
     #: and ``device_drops`` (the shared device's, e.g. ``no-route``).
     tun: dict[str, Any] | None = None
+    #: The peer's DTLS identity (``sha-256 AB:...``) once its offer or answer came.
+    fingerprint: str | None = None
+    #: How that identity is trusted: ``pinned``, ``trusted``, ``remembered``, ``new``
+    #: (first contact, remembered now), ``unverified`` (policy any) or ``refused``.
+    identity: str | None = None
 
 
 class SignalingStatus(BaseModel):
@@ -246,6 +251,39 @@ class PeerMessage(BaseModel):
     data: Any
 
 
+class IdentityInfo(BaseModel):
+    """One identity: its fingerprint and the short form to read aloud."""
+
+    fingerprint: str
+    short: str
+
+
+class IdResult(BaseModel):
+    """The ``id`` result: this agent's identity and, during a rotation, the next one."""
+
+    agent_id: str
+    current: IdentityInfo
+    #: Made by ``id.rotate``, used for connections only after ``id.rotate`` with ``finish``.
+    next: IdentityInfo | None = None
+    state_dir: str
+
+
+class KnownPeerEntry(BaseModel):
+    """One fingerprint of a peer in ``known_peers``."""
+
+    fingerprint: str
+    how: Literal["remembered", "trusted"]
+    added: int
+
+
+class TrustResult(BaseModel):
+    """The ``trust`` and ``forget`` results: the peer's entries afterwards."""
+
+    peer: str
+    changed: int
+    entries: list[KnownPeerEntry] = Field(default_factory=list)
+
+
 class Subscribed(BaseModel):
     """The result of a stream-opening call (``recv``, ``pipe.open``): the subscription."""
 
@@ -328,6 +366,26 @@ class PingParams(_Wire):
     padding: int = Field(default=0, ge=0, le=1008)
 
 
+class RotateParams(_Wire):
+    """``id.rotate``: make the next identity, or (``finish``) switch to it."""
+
+    finish: bool = False
+
+
+class TrustParams(_Wire):
+    """``trust``: accept ``fingerprint`` (``sha-256 AB:CD:...``) for ``peer``."""
+
+    peer: PeerId
+    fingerprint: str = Field(min_length=64, max_length=120)
+
+
+class ForgetParams(_Wire):
+    """``forget``: drop what ``known_peers`` holds for ``peer`` (or just ``fingerprint``)."""
+
+    peer: PeerId
+    fingerprint: str | None = Field(default=None, max_length=120)
+
+
 class SubParams(_Wire):
     """``pipe.eof`` and ``cancel``: name a subscription of this connection."""
 
@@ -389,6 +447,13 @@ METHODS: dict[str, MethodSpec] = {
                         StatsResult),
     "ping": MethodSpec("write", PingParams, "one round trip over a peer's data path",
                        PingResult),
+    "id": MethodSpec("read", NoParams, "this agent's identity (DTLS certificate fingerprint)",
+                     IdResult),
+    "id.rotate": MethodSpec("write", RotateParams, "make the next identity; finish: use it",
+                            IdResult),
+    "trust": MethodSpec("write", TrustParams, "add a peer's fingerprint to known_peers",
+                        TrustResult),
+    "forget": MethodSpec("write", ForgetParams, "remove a peer from known_peers", TrustResult),
 }
 
 
@@ -447,11 +512,15 @@ __all__ = [
     "ErrorCode",
     "Event",
     "Forbidden",
+    "ForgetParams",
     "FrameDecoder",
     "FrameError",
     "FrameTooLarge",
+    "IdResult",
+    "IdentityInfo",
     "InboxStatus",
     "InvalidParams",
+    "KnownPeerEntry",
     "MethodSpec",
     "Mode",
     "NoParams",
@@ -466,6 +535,7 @@ __all__ = [
     "ReloadResult",
     "Request",
     "Response",
+    "RotateParams",
     "RpcError",
     "SendParams",
     "SendResult",
@@ -475,6 +545,8 @@ __all__ = [
     "StatusResult",
     "SubParams",
     "Subscribed",
+    "TrustParams",
+    "TrustResult",
     "UnknownMethod",
     "VersionMismatch",
     "check_access",

@@ -230,6 +230,7 @@ class Daemon:
         self.config.write_text(config)
         self.socket = socket_path or workdir / f"{agent_id}.sock"
         self.log = workdir / f"{agent_id}.log"
+        self.state_dir = workdir / f"{agent_id}.state"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -244,6 +245,8 @@ class Daemon:
             AGENT_CONFIG=str(self.config),
             SIGNALING_URL=self.signaling_url,
             MVPD_SOCKET=str(self.socket),
+            # Each daemon its own identity; kept across restarts of the same daemon.
+            MVPD_STATE_DIR=str(self.state_dir),
         )
         env.update(self.extra_env)
         return env

@@ -97,7 +97,11 @@ class Host:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
                 env=_env(AGENT_ID=self.agent_id, AGENT_CONFIG=str(config),
                          SIGNALING_URL=signaling_url, MVPD_SOCKET=str(self.socket),
-                         MVPD_CONNECT_TIMEOUT="20", **env),
+                         MVPD_STATE_DIR=str(self.workdir / f"{self.agent_id}.state"),
+                         MVPD_CONNECT_TIMEOUT="20",
+                         # Tunnel tests: peers trusted on first use (tun mode's default is
+                         # pinned; tests/e2e/test_e2e_identity.py covers that).
+                         **{"MVPD_TRUST": "tofu", **env}),
             )
         proc = self.proc
 
