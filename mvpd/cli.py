@@ -108,6 +108,23 @@ def check_config(config: Path | None = ConfigOption) -> None:
         typer.echo(f"warning: {warning}", err=True)
 
 
+@app.command()
+def identity(config: Path | None = ConfigOption) -> None:
+    """Print this agent's identity (made now if there is none): the SHA-256 fingerprint of
+    its DTLS certificate, which peers pin in peers.ID.fingerprints, and a short form to read
+    aloud. Works without the daemon (e.g. to pin peers before their first start); the
+    running daemon's `mvpctl id` says the same. Exit 78 if a file in state_dir is unsafe."""
+    from .identity import IdentityStore
+
+    settings = _load(config)
+    try:
+        current = IdentityStore(settings.state_dir).load()
+    except ConfigError as exc:
+        typer.echo(f"mvpd: {exc}", err=True)
+        raise typer.Exit(EX_CONFIG) from None
+    typer.echo(f"fingerprint  {current.fingerprint}\nshort        {current.short}")
+
+
 @app.command("install-units")
 def install_units(
     prefix: Path = typer.Option(Path("/"), "--prefix", help="Root to install under."),

@@ -376,7 +376,7 @@ class TrustParams(_Wire):
     """``trust``: accept ``fingerprint`` (``sha-256 AB:CD:...``) for ``peer``."""
 
     peer: PeerId
-    fingerprint: str = Field(min_length=64, max_length=120)
+    fingerprint: str = Field(max_length=120)
 
 
 class ForgetParams(_Wire):
