@@ -37,7 +37,7 @@ log = logging.getLogger("mvpd")
 
 #: Settings that SIGHUP applies without a restart.
 RELOADABLE = ("allowed_peers", "ice_servers", "ice_transport_policy", "log_level",
-              "connect_timeout", "peer_timeout", "auto_connect", "peers")
+              "connect_timeout", "peer_timeout", "auto_connect", "peers", "trust")
 #: Seconds between auto-connect attempts for a peer that is not connected (with jitter).
 AUTO_CONNECT_INTERVAL = 10.0
 

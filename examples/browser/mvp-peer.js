@@ -34,6 +34,9 @@
     id: "",
     peer: "",
     mode: "",
+    // The peer's identity: the sha-256 fingerprint in its offer or answer. The daemon shows
+    // its own with `mvpctl id`; compare them to know the signaling server did not swap it.
+    peerFingerprint: "",
     received: [], // messages from the peer, as shown
     sent: [],
     candidatesSent: 0,
@@ -49,6 +52,10 @@
   let channel = null;
   let pendingCandidates = [];
   let offerRetries = 0;
+  // One certificate for every connection of this page, so that its identity (fingerprint)
+  // stays the same across reconnects: daemons that remember peers (trust on first use)
+  // refuse a changed one. A reloaded page makes a new one.
+  let certificate = null;
   let stopped = false;
 
   // --- output -----------------------------------------------------------------------------
@@ -88,7 +95,8 @@
     if (box) {
       box.textContent =
         "signaling " + state.signaling + " · connection " + state.connection +
-        " · channel " + state.channel + (state.mode ? " (" + state.mode + ")" : "");
+        " · channel " + state.channel + (state.mode ? " (" + state.mode + ")" : "") +
+        (state.peerFingerprint ? " · peer identity " + state.peerFingerprint : "");
     }
     const send = ui("send");
     if (send) send.disabled = state.channel !== "open";
@@ -220,6 +228,7 @@
     const conn = new RTCPeerConnection({
       iceServers: options.iceServers,
       iceTransportPolicy: options.relayOnly ? "relay" : "all",
+      certificates: certificate ? [certificate] : undefined,
     });
     pc = conn;
     pendingCandidates = [];
@@ -290,6 +299,13 @@
     log("offered " + state.mode + " to " + state.peer);
   }
 
+  function notePeerFingerprint(sdp) {
+    const line = sdp.split(/\r?\n/).find((l) => /^a=fingerprint:sha-256 /i.test(l));
+    state.peerFingerprint = line ? "sha-256 " + line.split(" ")[1].toUpperCase() : "";
+    log("peer identity " + (state.peerFingerprint || "missing from its SDP"));
+    showState();
+  }
+
   function gatheringComplete(conn) {
     if (conn.iceGatheringState === "complete") return Promise.resolve();
     return new Promise((resolve) => {
@@ -312,6 +328,7 @@
     state.peer = message.from;
     state.role = "answer";
     const conn = newPeerConnection();
+    notePeerFingerprint(message.sdp);
     await conn.setRemoteDescription({ type: "offer", sdp: message.sdp });
     await flushCandidates(conn);
     const answer = await conn.createAnswer();
@@ -328,6 +345,7 @@
       return;
     }
     const conn = pc;
+    notePeerFingerprint(message.sdp);
     await conn.setRemoteDescription({ type: "answer", sdp: message.sdp });
     offerRetries = 0;
     await flushCandidates(conn);
@@ -447,7 +465,10 @@
     log("starting as " + state.id + (state.role === "offer"
       ? ", offering " + state.mode + " to " + state.peer
       : ", waiting for an offer" + (state.peer ? " from " + state.peer : "")));
-    connectSignaling();
+    RTCPeerConnection.generateCertificate({ name: "ECDSA", namedCurve: "P-256" })
+      .then((made) => { certificate = made; })
+      .catch((err) => log("no page certificate (" + err + "); one per connection"))
+      .finally(connectSignaling);
   }
 
   function stop() {

@@ -86,10 +86,17 @@ def test_daemon_offers_to_the_browser(
     alice.ctl_ok("connect", BROWSER_ID, "--mode", "chat", "--timeout", "20")
     state = wait_page(page, "s.channel === 'open'", "the data channel to open")
     assert state["role"] == "answer" and state["peer"] == DAEMON_ID
+    # The page shows the daemon's identity; the daemon remembers the page's (first use).
+    assert state["peerFingerprint"] == alice.call("id")["current"]["fingerprint"]
+    assert alice.peers()[BROWSER_ID]["identity"] == "new"
     chat_both_ways(alice, page)
     # A bye from the daemon closes the page's connection at once.
     alice.ctl_ok("disconnect", BROWSER_ID)
     wait_page(page, "s.channel !== 'open' && s.connection === 'closed'", "the page to close")
+    # The page keeps its certificate across connections: still the one remembered.
+    alice.ctl_ok("connect", BROWSER_ID, "--mode", "chat", "--timeout", "20")
+    wait_page(page, "s.channel === 'open'", "the data channel to open again")
+    assert alice.peers()[BROWSER_ID]["identity"] == "remembered"
 
 
 def test_page_comes_back_after_the_signaling_server_restarts(

@@ -160,6 +160,8 @@ def test_hardening_keeps_what_tun_needs() -> None:
     assert service["WatchdogSec"] == ["30"] and service["Restart"] == ["on-failure"]
     assert service["RuntimeDirectory"] == ["mvpd"]
     assert service["LimitNOFILE"] == ["1024:524288"]  # the daemon raises its soft limit
+    # The identity key lives on across restarts, root only.
+    assert service["StateDirectory"] == ["mvpd"] and service["StateDirectoryMode"] == ["0700"]
     assert "CAP_NET_ADMIN" in service["CapabilityBoundingSet"][0].split()
     assert service["DeviceAllow"] == ["/dev/net/tun rw"]
     assert "AF_NETLINK" in service["RestrictAddressFamilies"][0].split()
