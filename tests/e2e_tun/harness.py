@@ -98,10 +98,7 @@ class Host:
                 env=_env(AGENT_ID=self.agent_id, AGENT_CONFIG=str(config),
                          SIGNALING_URL=signaling_url, MVPD_SOCKET=str(self.socket),
                          MVPD_STATE_DIR=str(self.workdir / f"{self.agent_id}.state"),
-                         MVPD_CONNECT_TIMEOUT="20",
-                         # Tunnel tests: peers trusted on first use (tun mode's default is
-                         # pinned; tests/e2e/test_e2e_identity.py covers that).
-                         **{"MVPD_TRUST": "tofu", **env}),
+                         MVPD_CONNECT_TIMEOUT="20", **self._trust(env)),
             )
         proc = self.proc
 
@@ -116,6 +113,13 @@ class Host:
 
         wait_until(serving, START_TIMEOUT, what=f"mvpd {self.agent_id} to serve")
         return self
+
+    def _trust(self, env: dict[str, str]) -> dict[str, str]:
+        """Tunnel tests trust peers on first use unless their config says otherwise (tun
+        mode's default is pinned; test_tun_identity_e2e.py tests that)."""
+        if "trust:" in self.config_text or "MVPD_TRUST" in env:
+            return env
+        return {"MVPD_TRUST": "tofu", **env}
 
     def log_tail(self, size: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
