@@ -333,6 +333,29 @@ def test_inbox_of_a_peer_that_left_is_kept_for_the_grace_then_freed() -> None:
     run(body())
 
 
+def test_refused_identity_is_an_event_naming_peer_expected_and_offered(tmp_path: Any) -> None:
+    """A peer whose key is not the one pinned: refused before any data, with an event."""
+
+    async def body() -> None:
+        from mvpd.identity import AgentIdentity, IdentityStore
+
+        pinned = AgentIdentity.generate().fingerprint
+        async with agents() as group:
+            alice = await group.add("alice", state_dir=tmp_path / "alice",
+                                    peers={"bob": {"fingerprints": [pinned]}})
+            await group.add("bob", state_dir=tmp_path / "bob")
+            with pytest.raises(PeerError, match="identity refused"):
+                await alice.connect_to("bob")
+            event = await next_event(group.events["alice"], "identity-refused")
+            assert event.peer == "bob" and event.data["expected"] == [pinned]
+            offered = IdentityStore(tmp_path / "bob").load().fingerprint
+            assert event.data["offered"] == offered
+            assert "not pinned" in event.data["reason"]
+            assert not any(e.kind == "message" for e in _drain(group.events["alice"]))
+
+    run(body())
+
+
 def test_transport_reader_under_a_core_ends_when_its_channel_closes() -> None:
     async def body() -> None:
         async with agents() as group:
@@ -372,3 +395,10 @@ def test_candidates_before_an_offer_are_held_bounded_and_counted() -> None:
         assert core.dropped() == {"early-candidates": 7}
 
     run(body())
+
+
+def _drain(sub: Subscription) -> list[CoreEvent]:
+    events = []
+    while (event := sub.get_nowait()) is not None:
+        events.append(event)
+    return events
