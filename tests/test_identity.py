@@ -151,6 +151,21 @@ def test_use_certificate_puts_the_identity_in_every_sdp() -> None:
     run(body())
 
 
+def test_our_own_peer_connection_takes_the_identity_as_a_parameter() -> None:
+    """mvpd/rtc (replacing RTCPeerConnection in peer.py) needs no private attribute."""
+    from mvpd.rtc import IceConfiguration, PeerConnection
+
+    async def body() -> None:
+        identity = AgentIdentity.generate()
+        pc = PeerConnection(IceConfiguration(), certificate=identity.rtc_certificate())
+        try:
+            assert f"sha-256 {pc.local_fingerprint}" == identity.fingerprint
+        finally:
+            await pc.close()
+
+    run(body())
+
+
 def test_dtls_fails_unless_the_certificate_matches_the_sdp_fingerprint() -> None:
     """What makes the SDP check sufficient: aiortc compares the certificate the peer shows
     in the DTLS handshake with the SDP's fingerprint and fails the connection otherwise,
