@@ -165,13 +165,3 @@ class PeerVerifier:
         if decision is None:
             return True
         return admits(self.policy_for(peer, mode), decision.status)
-
-    def status(self, peer: str, decision: TrustDecision | None) -> str:
-        """``pinned``, ``trusted``, ``remembered``, ``new`` or ``unverified`` for a connected
-        peer; for one without a session, what ``known_peers`` and the config say."""
-        if decision is not None:
-            return decision.status
-        if self.pins(peer):
-            return "pinned"
-        entries = self.known.get(peer)
-        return entries[-1].how if entries else "unknown"

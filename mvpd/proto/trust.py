@@ -31,7 +31,6 @@ from typing import Literal
 from .errors import ConfigError, IdentityRefused
 
 TrustPolicy = Literal["tofu", "pinned", "any"]
-TRUST_POLICIES: tuple[TrustPolicy, ...] = ("tofu", "pinned", "any")
 #: The hash every identity is named by (the one browsers and aiortc always offer).
 ALGORITHM = "sha-256"
 _DIGEST_BYTES = 32
