@@ -181,6 +181,7 @@ class AgentCore:
         self.early_candidates = EarlyCandidates(ttl=settings.connect_timeout)
         self._transport_hooks: list[TransportHook] = []
         self._connect_checks: list[ConnectCheck] = []
+        self._connect_checks.append(self.verifier.check_connect)
         #: Every peer's received messages (the only receive buffer).
         self.inboxes = Inboxes()
 

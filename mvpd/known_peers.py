@@ -123,12 +123,28 @@ class PeerVerifier:
         self._listeners.append(listener)
 
     def policy_for(self, peer: str, mode: str) -> TrustPolicy:
-        settings = self.settings.peers.get(peer)
+        """``peers.<peer>.trust`` (or ``peers."*"``'s), else ``trust``, else by mode."""
+        settings = self.settings.peer_settings(peer)
         return effective_policy(settings.trust if settings else None, self.settings.trust, mode)
 
     def pins(self, peer: str) -> list[str]:
-        settings = self.settings.peers.get(peer)
+        """``peers.<peer>.fingerprints`` (or ``peers."*"``'s)."""
+        settings = self.settings.peer_settings(peer)
         return list(settings.fingerprints) if settings else []
+
+    def check_connect(self, peer: str, mode: str) -> None:
+        """Before offering: :class:`IdentityRefused` at once when no identity of ``peer``
+        could pass (policy ``pinned``, nothing pinned or trusted), rather than after the
+        answer."""
+        if self.policy_for(peer, mode) != "pinned" or self.pins(peer):
+            return
+        if any(e.how == "trusted" for e in self.known.get(peer)):
+            return
+        raise IdentityRefused(
+            f"identity refused: {mode} mode to {peer} needs its identity pinned (trust policy "
+            f"pinned): add its `mvpctl id` fingerprint to peers.{peer}.fingerprints or run "
+            f"`mvpctl trust {peer} FINGERPRINT`"
+        )
 
     def check(self, peer: str, sdp: str, mode: str) -> TrustDecision:
         """Decide on the fingerprint in ``peer``'s offer or answer ``sdp`` (before it is

@@ -654,20 +654,25 @@ class PeerSession:
                         "(see peers.<id> in its config)"
                     ))
                 return
+            if self.verifier is not None and not self.verifier.admits_mode(
+                self.peer_id, mode, self.identity
+            ):
+                # The mode comes only now, and tun mode may want more than the offer got.
+                policy = self.verifier.policy_for(self.peer_id, mode)
+                status = self.identity.status if self.identity is not None else "unknown"
+                reason = (f"identity refused: {mode} mode takes {policy} identities here, and "
+                          f"{self.peer_id}'s is {status}")
+                self._log.warning("peer %s: %s", self.peer_id, reason,
+                                  extra=fields(event="identity-refused", mode=mode))
+                if not self._closing and self._close_task is None:
+                    self._close_task = asyncio.ensure_future(self._refuse(reason))
+                return
             try:
                 transport = create_transport(mode)
             except TransportError as exc:
                 self._log.warning("peer %s: refusing channel %r: %s", self.peer_id, label, exc)
                 channel.close()
                 self._spawn_close(f"the peer asked for mode {mode!r}: {exc}", failed=True)
-                return
-            if self.verifier is not None and not self.verifier.admits_mode(
-                self.peer_id, mode, self.identity
-            ):
-                channel.close()
-                self._spawn_close(f"identity refused: {self.peer_id} is not trusted for {mode} "
-                                  f"mode (policy {self.verifier.policy_for(self.peer_id, mode)})",
-                                  failed=True)
                 return
             if mode != self.mode:
                 self._log.info("peer %s: the peer chose mode %s", self.peer_id, mode)

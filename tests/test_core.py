@@ -154,7 +154,7 @@ def test_a_tun_channel_from_a_peer_without_allowed_ips_is_refused_with_a_bye() -
     allowed IPs: others get a bye with the reason, and it counts an offer-refused event."""
     async def body() -> None:
         async with agents() as group:
-            alice = await group.add("alice")
+            alice = await group.add("alice", trust="tofu")  # past the identity check
             bob = await group.add("bob", peers={"carol": {"allowed_ips": ["10.9.0.3/32"]}})
             with contextlib.suppress(PeerError):  # the channel may open before the bye
                 await alice.connect_to("bob", "tun")
@@ -402,3 +402,15 @@ def _drain(sub: Subscription) -> list[CoreEvent]:
     while (event := sub.get_nowait()) is not None:
         events.append(event)
     return events
+
+
+def test_tun_connect_to_an_unpinned_peer_fails_before_any_offer() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            await group.add("bob")
+            with pytest.raises(PeerError, match=r"needs its identity pinned.*mvpctl trust bob"):
+                await alice.connect_to("bob", "tun")
+            assert alice.sessions == {}
+
+    run(body())

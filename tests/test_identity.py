@@ -281,15 +281,17 @@ def test_offerer_refuses_an_answer_from_someone_else(tmp_path: Path) -> None:
 
 def test_tofu_session_cannot_turn_into_a_tunnel(tmp_path: Path) -> None:
     """The answerer learns the mode when the channel opens: a peer accepted on first use
-    (chat's default policy) cannot then ask for tun mode, whose default is pinned."""
+    (chat's default policy) cannot then ask for tun mode, whose default is pinned, even
+    where tun mode is granted to it."""
 
     async def body() -> None:
         fwd = Forwarder()
-        sa, sb = session_pair(tmp_path, fwd, alice={"trust": "tofu"})
+        sa, sb = session_pair(tmp_path, fwd, alice={"trust": "tofu"},
+                              bob={"peers": {"alice": {"allowed_ips": ["10.9.0.1/32"]}}})
         sa.mode = "tun"
         await sa.start_offer()
         await wait_for(lambda: sb.state == PeerState.FAILED)
-        assert "not trusted for tun mode" in sb.history[-1].reason
+        assert "tun mode takes pinned identities here" in sb.history[-1].reason
         assert sb.transport is None
         await sa.close("done")
 
