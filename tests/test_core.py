@@ -397,7 +397,7 @@ def test_candidates_before_an_offer_are_held_bounded_and_counted() -> None:
     run(body())
 
 
-def _drain(sub: Subscription) -> list[CoreEvent]:
+def _drain(sub: EventSubscription) -> list[CoreEvent]:
     events = []
     while (event := sub.get_nowait()) is not None:
         events.append(event)
