@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from peerlink import Forwarder, make_settings, run, wait_for
 
 from mvpd.identity import AgentIdentity, IdentityStore, use_certificate
 from mvpd.known_peers import KnownPeers, PeerVerifier
@@ -19,6 +18,7 @@ from mvpd.peer import PeerSession, PeerState
 from mvpd.proto.errors import ConfigError
 from mvpd.proto.signaling import Bye, Offer, RoutedMessage
 from mvpd.proto.trust import KnownEntry, offered_fingerprint
+from tests.peerlink import Forwarder, make_settings, run, wait_for
 
 
 def mode_of(path: Path) -> int:
