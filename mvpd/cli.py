@@ -82,6 +82,13 @@ def signal(
     tokens_file: Path | None = typer.Option(
         None, "--tokens-file", help="File of 'agent-id token' lines: one token per agent id."
     ),
+    redis: str | None = typer.Option(
+        None,
+        "--redis",
+        envvar="MVPD_SIGNALING_SERVER__REDIS",
+        help="redis://HOST:PORT/DB shared by several servers: agents on any of them reach each "
+        "other, and an agent whose server died registers again on another.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run the reference signaling server alone (no root needed)."""
@@ -92,6 +99,8 @@ def signal(
         argv += ["--token", token]
     if tokens_file:
         argv += ["--tokens-file", str(tokens_file)]
+    if redis:
+        argv += ["--redis", redis]
     if verbose:
         argv += ["--verbose"]
     raise typer.Exit(signal_main(argv))

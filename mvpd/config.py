@@ -129,6 +129,18 @@ class SignalingServerSettings(BaseModel):
     burst: int = Field(default=200, ge=1)
     #: WebSocket keepalive: ping every ``ping_interval`` seconds (0 disables).
     ping_interval: float = Field(default=20.0, ge=0)
+    #: ``redis://HOST:PORT/DB`` shared by several servers (see README, "Running several
+    #: signaling servers"); unset: this server alone. Secret (it may hold a password).
+    redis: SecretStr | None = None
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(
+            r"^(rediss?://[^\s]+|unix:///[^\s]+)$", value.get_secret_value()
+        ):
+            raise ValueError("must be a redis://HOST:PORT/DB, rediss:// or unix:/// URL")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -201,6 +213,9 @@ class AgentSettings(BaseSettings):
     agent_id: AgentId = Field(default_factory=lambda: _default_agent_id())
     #: ws:// or wss:// URL of the signaling server. The default is the embedded server's.
     signaling_url: str = f"ws://127.0.0.1:{DEFAULT_SIGNALING_PORT}"
+    #: Several servers of one cluster, tried in turn (``SIGNALING_URLS``, comma-separated);
+    #: replaces ``signaling_url``, which may also be given as a list in the config file.
+    signaling_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     signaling_token: SecretStr | None = None
     mode: Mode = "chat"
     data_channel_label: str = Field(default="mvp", min_length=1, max_length=64)
@@ -308,10 +323,20 @@ class AgentSettings(BaseSettings):
 
     _config_file: Path | None = None
 
-    @field_validator("ice_urls", "allowed_peers", "auto_connect", mode="before")
+    @field_validator("ice_urls", "allowed_peers", "auto_connect", "signaling_urls", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         return _csv(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _signaling_url_list(cls, data: Any) -> Any:
+        """``signaling_url: [a, b]`` in a config file means ``signaling_urls``."""
+        if isinstance(data, dict) and isinstance(data.get("signaling_url"), list):
+            data = dict(data)
+            data.setdefault("signaling_urls", data["signaling_url"])
+            data["signaling_url"] = data["signaling_url"][0] if data["signaling_url"] else ""
+        return data
 
     @field_validator("signaling_url")
     @classmethod
@@ -319,6 +344,18 @@ class AgentSettings(BaseSettings):
         if not re.match(r"^wss?://[^\s/]+", value):
             raise ValueError("must be a ws:// or wss:// URL, e.g. ws://127.0.0.1:8765")
         return value
+
+    @field_validator("signaling_urls")
+    @classmethod
+    def _ws_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            cls._ws_url(url)
+        return value
+
+    @property
+    def signaling_url_list(self) -> list[str]:
+        """The signaling servers to try, in order."""
+        return list(self.signaling_urls) or [self.signaling_url]
 
     @field_validator("allowed_peers")
     @classmethod

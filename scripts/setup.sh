@@ -10,6 +10,7 @@ APT_PACKAGES=(
     coturn                                                # the TURN relay test
     wireguard-go wireguard-tools                          # bench/tun_mvpd.py baseline
     prometheus                                            # the metrics scrape test
+    redis-server                                          # several signaling servers
     systemd systemd-container                             # the booted-systemd tests
 )
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -23,10 +24,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-        # coturn's and prometheus' packages enable a system service; the tests start their
-        # own relay and their own Prometheus (on free ports, with temporary storage).
-        systemctl disable --now coturn >/dev/null 2>&1 || true
-        systemctl disable --now prometheus >/dev/null 2>&1 || true
+        # coturn's, prometheus' and redis-server's packages enable system services; the tests
+        # start their own relay, Prometheus and Redis (on free ports, with temporary storage).
+        for unit in coturn prometheus redis-server; do
+            systemctl disable --now "$unit" >/dev/null 2>&1 \
+                || { service "$unit" stop >/dev/null 2>&1 || true; }
+        done
     fi
     # Optional: headless Chromium for the browser-peer test (tests/browser skip without it).
     if ! command -v chromium >/dev/null; then
@@ -41,7 +44,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[systemd,speed,test]' \
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[systemd,speed,cluster,test]' \
     2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import mvpd, mvpctl, aiortc, websockets, msgpack, typer" \
+.venv/bin/python -c "import mvpd, mvpctl, aiortc, websockets, msgpack, typer, redis" \
     || { echo "setup: the venv is incomplete" >&2; exit 1; }

@@ -23,6 +23,11 @@ take the agent off signaling for good): the client closes that connection, its s
   slower backoff (``refused_backoff_initial`` doubling up to ``refused_backoff_max``), so a
   token fixed on the server is picked up without a restart.
 
+Several servers of one cluster (``signaling_urls``, or ``signaling_url`` given as a list):
+the client stays on the one that works; when it is down or its connection is lost, the next
+URL is tried at once (with a little jitter, so the agents of a dead server do not all arrive
+together), and the backoff applies only after every URL failed in a row.
+
 Peer sessions do not depend on the signaling connection and are not touched by any of this.
 
 States (see :attr:`SignalingClient.state` and ``on_state``) and what moves them are the
@@ -82,7 +87,8 @@ _STOP = object()
 
 
 class SignalingClient:
-    """A self-healing signaling session for ``settings.agent_id`` at ``settings.signaling_url``.
+    """A self-healing signaling session for ``settings.agent_id`` at
+    ``settings.signaling_url`` (or any of ``settings.signaling_urls``).
 
     ``on_state`` is called with each new state (a plain function; a coroutine function is
     scheduled as a task). The timing keywords exist for tests and unusual deployments.
@@ -106,7 +112,11 @@ class SignalingClient:
     ) -> None:
         self.settings = settings
         self.agent_id: str = settings.agent_id
-        self.url: str = settings.signaling_url
+        #: The servers to try, in order; :attr:`url` is the one in use or tried next.
+        self.urls: list[str] = settings.signaling_url_list
+        self._url_index = 0
+        #: Other URLs still to try at once before backing off.
+        self._failover_left = len(self.urls) - 1
         self._on_state = on_state
         self.connect_timeout = connect_timeout
         self.send_timeout = send_timeout
@@ -135,6 +145,11 @@ class SignalingClient:
         self.connections = 0
 
     # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The signaling server in use (or tried next)."""
+        return self.urls[self._url_index]
 
     @property
     def state(self) -> str:
@@ -322,7 +337,13 @@ class SignalingClient:
                         refused_attempt, self.refused_backoff_initial, self.refused_backoff_max
                     )
                     refused_attempt += 1
+                elif self._refusal is None and self._failover_left > 0:
+                    # Another server of the cluster may be up: try it almost at once.
+                    self._failover_left -= 1
+                    delay = random.uniform(0, self.backoff_initial)
                 else:
+                    if self._refusal is None:
+                        self._failover_left = len(self.urls) - 1
                     delay = self._backoff(attempt)
                     attempt += 1
                 if self._refusal is not None:
@@ -335,6 +356,7 @@ class SignalingClient:
                         self._last_error,
                         delay,
                     )
+                    self._url_index = (self._url_index + 1) % len(self.urls)
                 await asyncio.sleep(delay)
                 if not self._machine.accepts(SignalingEvent.RETRY):
                     return  # the agent began stopping during the wait
@@ -397,6 +419,7 @@ class SignalingClient:
             return None
         self._ws = ws
         self.registered = False
+        self._failover_left = len(self.urls) - 1
         self.connections += 1
         self._last_error = None
         self._connected.set()
