@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from ..proto.cluster import (
@@ -68,6 +70,11 @@ Ping = Callable[[Any], Awaitable[bool]]
 _MAX_BATCH = 512
 #: Claims of ids held elsewhere tried this many times (a race with a third server).
 _CLAIM_ATTEMPTS = 3
+#: Seconds after subscribing again during which a target missing from Redis is looked up again
+#: (every :data:`_REASSERT_RETRY` s) rather than reported offline: after a Redis restart
+#: the other servers need a moment to re-assert their ids.
+_REASSERT_GRACE = 2.0
+_REASSERT_RETRY = 0.25
 
 
 def redact_url(url: str) -> str:
@@ -108,6 +115,9 @@ class RedisLink(Generic[ConnT]):
             socket_timeout=5,
             socket_connect_timeout=3,
             health_check_interval=10,
+            # A pooled connection Redis closed (a restart) is replaced at once; a Redis that
+            # is down fails fast (the caller answers unavailable/offline) instead of hanging.
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2),
         )
         self._claim = self._redis.register_script(CLAIM_SCRIPT)
         self._takeover = self._redis.register_script(TAKEOVER_SCRIPT)
@@ -119,6 +129,8 @@ class RedisLink(Generic[ConnT]):
         self._checks: dict[str, tuple[str, asyncio.Future[bool]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscribed = asyncio.Event()
+        self._subscribed_at: float | None = None
+        self._resubscribed_at = float("-inf")
         self._refresh_now = asyncio.Event()
         #: Whether the last exchange with Redis worked (for status and logs).
         self.connected = False
@@ -257,8 +269,12 @@ class RedisLink(Generic[ConnT]):
                 self._lost(exc)
                 results = [0] * len(batch)
             actions: list[Action[Any]] = []
+            loop = asyncio.get_running_loop()
+            regrouping = loop.time() < self._resubscribed_at + _REASSERT_GRACE
             for item, result in zip(batch, results, strict=True):
-                if not isinstance(result, int) or result <= 0:
+                if result == -1 and regrouping:
+                    loop.call_later(_REASSERT_RETRY, self._forward_queue.put_nowait, item)
+                elif not isinstance(result, int) or result <= 0:
                     actions += self.router.forward_failed(item.sender, item.to, item.about)
             if actions:
                 await self._apply(actions)
@@ -271,6 +287,10 @@ class RedisLink(Generic[ConnT]):
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
+                if self._subscribed_at is not None:
+                    # Again: Redis restarted, or was out of reach for a while.
+                    self._resubscribed_at = asyncio.get_running_loop().time()
+                self._subscribed_at = asyncio.get_running_loop().time()
                 self._subscribed.set()
                 self.connected = True
                 self._refresh_now.set()  # Redis may have restarted empty: re-assert our ids

@@ -166,8 +166,10 @@ def sha256(path: Path) -> str:
 class SignalServer:
     """``mvpd signal`` as a subprocess. ``url`` is known once :meth:`start` returns."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        #: More ``mvpd signal`` options, e.g. ``("--redis", url)``.
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.url = ""
@@ -181,7 +183,7 @@ class SignalServer:
         err = self.workdir / f"signal-{self.starts}.log"
         with out.open("wb") as stdout, err.open("wb") as stderr:
             self.proc = subprocess.Popen(
-                [*MVPD, "signal", "--listen", f"127.0.0.1:{listen_port}"],
+                [*MVPD, "signal", "--listen", f"127.0.0.1:{listen_port}", *self.extra_args],
                 stdout=stdout, stderr=stderr, env=base_env(), cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
             )

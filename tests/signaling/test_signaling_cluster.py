@@ -196,7 +196,7 @@ def test_routing_resumes_by_itself_after_redis_restarts(redis_server: RedisServe
             carol = await registered(a, "carol")
             await bob.send(json.dumps({"type": "bye", "to": "carol"}))
             assert (await recv_json(carol))["from"] == "bob"
-            print(f"routing resumed {resumed:.2f} s after the Redis restart began")
+            print(f"routing resumed {resumed:.2f} s after Redis was back")
             for ws in (alice, bob, carol, thief):
                 await ws.close()
 
