@@ -137,3 +137,29 @@ def test_redis_restart_needs_no_restart_of_servers_or_daemons(
 
 def redis_restart(redis: RedisServer) -> None:
     redis.restart(down_for=1.0)
+
+
+@pytest.mark.root
+def test_tun_between_daemons_on_different_servers(tmp_path: Path) -> None:
+    """TUN mode through two servers: alice registers with one, bob with the other.
+
+    The hub namespace runs the servers and an idle third agent and forwards between the
+    spoke hosts, which hold the tunnel's ends. (With a tunnel end in the hub, ICE may pair
+    the hub's own tunnel address, reachable outside the tunnel only through the hub, and the
+    path then loops through the tunnel once the routes are up; that is a matter of candidate
+    timing, not of the signaling servers, and is reported separately.)"""
+    from tests.e2e_tun.harness import ping, tun_lab
+    from tests.netns import require_tun
+    from tests.signaling.redis_server import need_redis
+
+    require_tun()
+    need_redis()
+    configs = {"alice": "tun:\n  address: 10.77.0.1/24\n",
+               "bob": "tun:\n  address: 10.77.0.2/24\n"}
+    with tun_lab(tmp_path, ["hub", "alice", "bob"], configs, signal_servers=2) as lab:
+        urls = {h: lab[h].call("status")["signaling"]["url"] for h in ("alice", "bob")}
+        assert urls["alice"] != urls["bob"], urls
+        lab["hub"].ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")  # spoke to spoke
+        lab.connect("alice", "bob")
+        ping(lab["alice"].ns, "10.77.0.2")
+        ping(lab["bob"].ns, "10.77.0.1")
