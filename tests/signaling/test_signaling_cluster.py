@@ -336,3 +336,29 @@ def test_error_messages_reach_the_client_as_errors(redis_server: RedisServer) ->
             await alice.close()
 
     run(main_)
+
+
+def test_a_heartbeat_that_finds_its_id_held_elsewhere_drops_its_holder(
+    redis_server: RedisServer,
+) -> None:
+    """After a partition longer than the TTL another server may have granted our id: the
+    cluster's word wins, our holder is told ``replaced``."""
+    import redis.asyncio as aioredis
+
+    async def main_() -> None:
+        async with servers(redis_server, 1) as (a,):
+            alice = await registered(a, "alice")
+            assert a.cluster is not None
+            client = aioredis.Redis.from_url(redis_server.url)
+            key = a.cluster.keys.id_key("alice")
+            assert (await client.get(key)).decode() == a.cluster.server_id
+            assert 0 < await client.ttl(key) <= 15
+            await client.set(key, "otherserver")
+            a.cluster._refresh_now.set()
+            err = await recv_json(alice)
+            assert (err["code"], err["peer"]) == ("replaced", "alice")
+            assert a.router.holder("alice") is None
+            assert (await client.get(key)).decode() == "otherserver"  # not released by us
+            await client.aclose()
+
+    run(main_)
