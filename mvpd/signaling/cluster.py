@@ -66,6 +66,8 @@ Apply = Callable[[list[Action[Any]]], Awaitable[None]]
 #: Pings one connection; True when it answered within the liveness deadline.
 Ping = Callable[[Any], Awaitable[bool]]
 
+#: Connections to Redis at most (the subscription has one more of its own).
+_MAX_CONNECTIONS = 32
 #: Forwarded messages sent to Redis in one pipeline at most.
 _MAX_BATCH = 512
 #: Claims of ids held elsewhere tried this many times (a race with a third server).
@@ -109,16 +111,21 @@ class RedisLink(Generic[ConnT]):
         self.liveness_timeout = liveness_timeout
         self._apply = apply
         self._ping = ping
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+        # A bounded pool: thousands of agents registering at once (a server died) wait for
+        # one of a few connections instead of opening thousands. A pooled connection Redis
+        # closed (a restart) is replaced at once; a Redis that is down fails fast (the caller
+        # answers unavailable/offline) instead of hanging.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=10,
             decode_responses=True,
             socket_timeout=5,
             socket_connect_timeout=3,
             health_check_interval=10,
-            # A pooled connection Redis closed (a restart) is replaced at once; a Redis that
-            # is down fails fast (the caller answers unavailable/offline) instead of hanging.
             retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2),
         )
+        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._claim = self._redis.register_script(CLAIM_SCRIPT)
         self._takeover = self._redis.register_script(TAKEOVER_SCRIPT)
         self._release = self._redis.register_script(RELEASE_SCRIPT)
@@ -166,6 +173,7 @@ class RedisLink(Generic[ConnT]):
                     await pipe.execute()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()
+            await self._redis.connection_pool.disconnect()
 
     def stats(self) -> dict[str, Any]:
         """The cluster part of the server's status."""
