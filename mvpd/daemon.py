@@ -210,8 +210,8 @@ class Daemon:
                 f"{connected} peer(s) connected")
 
     def _on_signaling_state(self, state: str) -> None:
-        log_event(log, logging.INFO, "signaling-" + state, "signaling %s (%s)", state,
-                  self.settings.signaling_url)
+        url = self.signaling.url if self.signaling is not None else self.settings.signaling_url
+        log_event(log, logging.INFO, "signaling-" + state, "signaling %s (%s)", state, url)
         sd_notify.notify_status(self.status_line())
 
     async def _track_peers(self) -> None:

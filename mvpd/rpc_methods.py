@@ -153,7 +153,9 @@ class RpcMethods:
             version=__version__,
             uptime=time.time() - self.started,
             signaling=SignalingStatus(
-                url=self.settings.signaling_url, state=self._signaling_state()
+                # The server in use, when several are configured (signaling_urls).
+                url=str(getattr(self.core.signaling, "url", self.settings.signaling_url)),
+                state=self._signaling_state(),
             ),
             peers=self._peer_list(),
             refused_offers=dict(self.core.admission.refused),

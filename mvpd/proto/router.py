@@ -394,14 +394,21 @@ class SignalingRouter(Generic[ConnT]):
             Close(conn, CLOSE_TRY_AGAIN, text),
         ]
 
-    def evict(self, agent_id: str) -> list[Action[ConnT]]:
+    def evict(self, agent_id: str, now: float) -> list[Action[ConnT]]:
         """Another server took ``agent_id`` over (our holder did not answer its check, or the
-        cluster says another server holds it now): drop our holder."""
+        cluster says another server holds it now): drop our holder, and refuse a local
+        claim waiting for it (the other server's claimant came first)."""
         holder = self._by_id.get(agent_id)
         held = self._conns.get(holder) if holder is not None else None
         if holder is None or held is None:
             return []
-        return self._replace(holder, held, agent_id) + self._released(agent_id)
+        actions = self._replace(holder, held, agent_id)
+        claimant = self._claims.pop(agent_id, None)
+        claim = self._conns.get(claimant) if claimant is not None else None
+        if claimant is not None and claim is not None and not claim.closing:
+            claim.claiming = None
+            actions += self._refuse_in_use(claimant, claim, agent_id, now)
+        return actions + self._released(agent_id)
 
     def deliver(self, agent_id: str, text: str) -> list[Action[ConnT]]:
         """A message from another server for our ``agent_id``: a :class:`Send`, or nothing

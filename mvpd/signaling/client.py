@@ -399,7 +399,7 @@ class SignalingClient:
         try:
             ws = await ws_connect(
                 self.url,
-                ssl=self._ssl,
+                ssl=self._ssl if self.url.startswith("wss://") else None,
                 open_timeout=self.connect_timeout,
                 ping_interval=self.ping_interval,
                 ping_timeout=self.ping_timeout,
@@ -514,7 +514,7 @@ class SignalingClient:
         return text
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.url.startswith("wss://"):
+        if not any(url.startswith("wss://") for url in self.urls):
             return None
         ca_file = self.settings.signaling_ca_file
         try:

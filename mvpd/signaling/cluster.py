@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
@@ -60,11 +60,7 @@ from ..proto.router import Action, ClaimOutcome, Forward, SignalingRouter
 
 logger = logging.getLogger("mvpd.signaling.cluster")
 
-ConnT = TypeVar("ConnT")
-#: Carries out router actions (the server's own way of doing it).
-Apply = Callable[[list[Action[Any]]], Awaitable[None]]
-#: Pings one connection; True when it answered within the liveness deadline.
-Ping = Callable[[Any], Awaitable[bool]]
+ConnT = TypeVar("ConnT", bound=Hashable)
 
 #: Connections to Redis at most (the subscription has one more of its own).
 _MAX_CONNECTIONS = 32
@@ -88,15 +84,18 @@ def redact_url(url: str) -> str:
 
 
 class RedisLink(Generic[ConnT]):
-    """This server's part in a cluster of signaling servers sharing the Redis at ``url``."""
+    """This server's part in a cluster of signaling servers sharing the Redis at ``url``.
+
+    ``apply`` carries out router actions the server's way; ``ping`` tells whether one
+    connection answers within the liveness deadline."""
 
     def __init__(
         self,
         url: str,
-        router: SignalingRouter[Any],
+        router: SignalingRouter[ConnT],
         *,
-        apply: Apply,
-        ping: Ping,
+        apply: Callable[[list[Action[ConnT]]], Awaitable[None]],
+        ping: Callable[[ConnT], Awaitable[bool]],
         liveness_timeout: float,
         heartbeat: float = HEARTBEAT_INTERVAL,
         ttl: int = PRESENCE_TTL,
@@ -131,7 +130,7 @@ class RedisLink(Generic[ConnT]):
         self._release = self._redis.register_script(RELEASE_SCRIPT)
         self._refresh = self._redis.register_script(REFRESH_SCRIPT)
         self._route = self._redis.register_script(ROUTE_SCRIPT)
-        self._forward_queue: asyncio.Queue[Forward[Any]] = asyncio.Queue()
+        self._forward_queue: asyncio.Queue[Forward[ConnT]] = asyncio.Queue()
         #: nonce -> the future a claim waits on for another server's :class:`HolderChecked`.
         self._checks: dict[str, tuple[str, asyncio.Future[bool]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -185,7 +184,7 @@ class RedisLink(Generic[ConnT]):
         """Carry out a :class:`ReleaseId`."""
         self._spawn(self._release_id(agent_id))
 
-    def forward(self, action: Forward[Any]) -> None:
+    def forward(self, action: Forward[ConnT]) -> None:
         """Carry out a :class:`Forward` (batched with others)."""
         self._forward_queue.put_nowait(action)
 
@@ -241,7 +240,7 @@ class RedisLink(Generic[ConnT]):
         holder = self.router.holder(check.id)
         alive = holder is not None and await self._ping(holder)
         if holder is not None and not alive:
-            await self._apply(self.router.evict(check.id))
+            await self._apply(self.router.evict(check.id, asyncio.get_running_loop().time()))
         reply = HolderChecked(id=check.id, nonce=check.nonce, alive=alive)
         with contextlib.suppress(RedisError, OSError):
             await self._redis.publish(self.keys.server_channel(check.origin), encode(reply))
@@ -276,7 +275,7 @@ class RedisLink(Generic[ConnT]):
             except (RedisError, OSError) as exc:
                 self._lost(exc)
                 results = [0] * len(batch)
-            actions: list[Action[Any]] = []
+            actions: list[Action[ConnT]] = []
             loop = asyncio.get_running_loop()
             regrouping = loop.time() < self._resubscribed_at + _REASSERT_GRACE
             for item, result in zip(batch, results, strict=True):
@@ -371,7 +370,7 @@ class RedisLink(Generic[ConnT]):
         for key in lost:
             agent_id = self.keys.agent_of(key)
             logger.warning("%s is held by another server now; dropping our connection", agent_id)
-            await self._apply(self.router.evict(agent_id))
+            await self._apply(self.router.evict(agent_id, asyncio.get_running_loop().time()))
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -147,12 +147,22 @@ def test_deliver_and_evict() -> None:
     registered(router, "a", "alice")
     assert router.deliver("alice", '{"type":"bye"}') == [Send("a", '{"type":"bye"}')]
     assert router.deliver("bob", "x") == []
-    actions = router.evict("alice")
+    actions = router.evict("alice", 0.0)
     assert texts(actions, "a")[0]["code"] == "replaced"
     assert [a.code for a in actions if isinstance(a, Close)] == [4009]
     assert actions[-1] == ReleaseId("alice")
     assert router.holder("alice") is None
-    assert router.evict("alice") == []
+    assert router.evict("alice", 0.0) == []
+
+
+def test_evict_refuses_a_local_claim_waiting_for_the_holder() -> None:
+    router = Router(cluster=True)
+    registered(router, "a", "alice")
+    assert register(router, "b", "alice") == [CheckLiveness("a")]
+    actions = router.evict("alice", 0.0)  # another server's claimant won
+    assert texts(actions, "b")[0]["code"] == "id-in-use"
+    assert actions[-1] == ReleaseId("alice")
+    assert router.liveness_checked("a", False, 0.0) == []
 
 
 # --- the wire format -----------------------------------------------------------------------
