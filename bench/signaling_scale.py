@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ class Worker:
         self.server_of: dict[int, int] = {}
         self.rtt_waiting: dict[str, tuple[float, asyncio.Future[float]]] = {}
         self.received = 0
+        self.errors: Counter[str] = Counter()
         self.last_received = 0.0
         self.registered_at: dict[int, float] = {}
         self.lost: set[int] = set()
@@ -165,6 +167,8 @@ class Worker:
             async for raw in ws:
                 msg = json.loads(raw)
                 kind = msg.get("type")
+                if kind == "error":
+                    self.errors[msg.get("code", "?")] += 1
                 if kind == "candidate":
                     self.received += 1
                     self.last_received = time.monotonic()
@@ -238,15 +242,16 @@ class Worker:
             await asyncio.sleep(0.002)
         return sent
 
-    async def drain(self) -> tuple[int, float]:
-        """Wait until nothing more arrives (2 s of quiet); what arrived and when the last
-        one did."""
-        while True:
-            count = self.received
-            await asyncio.sleep(2.0)
-            if self.received == count:
-                received, self.received = self.received, 0
-                return received, self.last_received
+    async def errors_seen(self) -> dict[str, int]:
+        errors, self.errors = dict(self.errors), Counter()
+        return errors
+
+    async def count(self, reset: bool) -> tuple[int, float]:
+        """What arrived so far and when the last one did."""
+        counted = self.received, self.last_received
+        if reset:
+            self.received = 0
+        return counted
 
     async def failover(self, dead: int, killed_at: float, timeout: float) -> dict[str, Any]:
         moved = [a for a in self.ids if a % self.servers == dead]
@@ -338,12 +343,22 @@ def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Nam
         per_agent = (sum(loaded) - sum(base)) / args.agents
         rtts = sorted(x for part in clients.call("rtt", args.rtt // args.workers,
                                                   args.rtt_rate / args.workers) for x in part)
-        clients.call("drain")
+        clients.call("count", True)
         flood_started = time.monotonic()
         sent = sum(clients.call("flood", args.flood))
-        drained = clients.call("drain")  # until what is in flight has arrived
-        received = sum(n for n, _ in drained)
-        elapsed = max(t for _, t in drained) - flood_started
+        # Until everything in flight has arrived, or nothing more did for 10 s.
+        received, progress = 0, time.monotonic()
+        while received < sent and time.monotonic() - progress < 10:
+            time.sleep(0.5)
+            counts = clients.call("count", False)
+            if sum(n for n, _ in counts) > received:
+                received, progress = sum(n for n, _ in counts), time.monotonic()
+        counts = clients.call("count", True)
+        received = sum(n for n, _ in counts)
+        elapsed = max(t for _, t in counts) - flood_started
+        errors: Counter[str] = Counter()
+        for part in clients.call("errors_seen"):
+            errors.update(part)
         result: dict[str, Any] = {
             "setup": name, "servers": servers, "agents": args.agents,
             "connect_s": round(connect_s, 2),
@@ -355,6 +370,7 @@ def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Nam
             "sent": sent, "received": received,
             "routed_per_s": round(received / elapsed),
             "loss": round(1 - received / sent, 4) if sent else None,
+            "errors": dict(errors),
         }
         if failover:
             killed_at = time.monotonic()
@@ -430,6 +446,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.agents = max(6, min(args.agents, MAX_AGENTS))
+    # SIGTERM stops everything started here too (the finally blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     raise_nofile(args.agents * 2 + 1024)
     deadline = time.monotonic() + TIME_LIMIT
     results: list[dict[str, Any]] = []

@@ -362,3 +362,50 @@ def test_a_heartbeat_that_finds_its_id_held_elsewhere_drops_its_holder(
             await client.aclose()
 
     run(main_)
+
+
+# --- the agent's list of servers -------------------------------------------------------------------
+
+
+def test_signaling_urls_from_the_environment_and_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mvpd.config import load_settings
+    from mvpd.proto.errors import ConfigError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    monkeypatch.setenv("SIGNALING_URLS", "ws://a:1, wss://b:2")
+    assert load_settings(agent_id="x", config_file=empty).signaling_url_list == [
+        "ws://a:1", "wss://b:2"
+    ]
+    monkeypatch.delenv("SIGNALING_URLS")
+    config = tmp_path / "c.yaml"
+    config.write_text("signaling_url: [ws://a:1, ws://b:2]\n")
+    settings = load_settings(agent_id="x", config_file=config)
+    assert settings.signaling_url_list == ["ws://a:1", "ws://b:2"]
+    assert settings.signaling_url == "ws://a:1"
+    assert load_settings(agent_id="x", config_file=empty).signaling_url_list == [
+        "ws://127.0.0.1:8765"
+    ]
+    config.write_text("signaling_urls: [ws://a:1, 'http://b']\n")
+    with pytest.raises(ConfigError, match="ws://"):
+        load_settings(agent_id="x", config_file=config)
+
+
+def test_the_client_skips_a_dead_url_at_once() -> None:
+    from tests.signaling.redis_server import free_port
+
+    async def main_() -> None:
+        async with SignalingServer(SignalingServerSettings(listen="127.0.0.1:0")) as server:
+            dead = f"ws://127.0.0.1:{free_port()}"
+            settings = AgentSettings(agent_id="alice", signaling_urls=[dead, server.url])
+            client = SignalingClient(settings, backoff_initial=0.2, backoff_max=30.0)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await client.connect(timeout=5)
+            assert client.url == server.url
+            assert loop.time() - started < 1.0
+            await client.close()
+
+    run(main_)
