@@ -65,7 +65,7 @@ ConnT = TypeVar("ConnT", bound=Hashable)
 #: Connections to Redis at most (the subscription has one more of its own).
 _MAX_CONNECTIONS = 32
 #: Forwarded messages sent to Redis in one pipeline at most.
-_MAX_BATCH = 512
+_MAX_BATCH = 256
 #: Claims of ids held elsewhere tried this many times (a race with a third server).
 _CLAIM_ATTEMPTS = 3
 #: Seconds after subscribing again during which a target missing from Redis is looked up again
@@ -119,7 +119,9 @@ class RedisLink(Generic[ConnT]):
             max_connections=_MAX_CONNECTIONS,
             timeout=10,
             decode_responses=True,
-            socket_timeout=5,
+            # Generous: a timed-out pipeline of forwards can only be answered "offline" (it
+            # may have been delivered), and a busy server's event loop reads late.
+            socket_timeout=10,
             socket_connect_timeout=3,
             health_check_interval=10,
             retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2),

@@ -364,7 +364,7 @@ def test_a_heartbeat_that_finds_its_id_held_elsewhere_drops_its_holder(
     run(main_)
 
 
-# --- the agent's list of servers -------------------------------------------------------------------
+# --- the agent's list of servers ---------------------------------------------------------------
 
 
 def test_signaling_urls_from_the_environment_and_the_config_file(
