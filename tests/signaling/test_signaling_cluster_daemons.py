@@ -149,13 +149,14 @@ def test_tun_between_daemons_on_different_servers(tmp_path: Path) -> None:
     path then loops through the tunnel once the routes are up; that is a matter of candidate
     timing, not of the signaling servers, and is reported separately.)"""
     from tests.e2e_tun.harness import ping, tun_lab
+    from tests.e2e_tun.test_tun_e2e import tun_config
     from tests.netns import require_tun
     from tests.signaling.redis_server import need_redis
 
     require_tun()
     need_redis()
-    configs = {"alice": "tun:\n  address: 10.77.0.1/24\n",
-               "bob": "tun:\n  address: 10.77.0.2/24\n"}
+    configs = {"alice": tun_config("10.77.0.1/24", bob="10.77.0.2/32"),
+               "bob": tun_config("10.77.0.2/24", alice="10.77.0.1/32")}
     with tun_lab(tmp_path, ["hub", "alice", "bob"], configs, signal_servers=2) as lab:
         urls = {h: lab[h].call("status")["signaling"]["url"] for h in ("alice", "bob")}
         assert urls["alice"] != urls["bob"], urls
