@@ -65,7 +65,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 #: The ``peers`` key whose settings apply to every peer without an entry of its own.
 ANY_PEER = "*"
 #: Fields whose values never appear in messages or logs.
-SECRET_KEYS = frozenset({"signaling_token", "ice_credential", "credential", "token"})
+SECRET_KEYS = frozenset({"signaling_token", "ice_credential", "credential", "token", "redis"})
 #: Environment variables that can hold settings: these prefixes (AGENT_ID, AGENT_CONFIG,
 #: SIGNALING_URL, ICE_URL, MVPD_SOCKET, MVPD_TUN__MTU, ...) and names.
 SETTING_ENV_PREFIXES = ("AGENT_", "SIGNALING_", "ICE_", "MVPD_")

@@ -393,6 +393,25 @@ def test_signaling_urls_from_the_environment_and_the_config_file(
         load_settings(agent_id="x", config_file=config)
 
 
+def test_the_redis_url_setting_is_secret_and_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mvpd.config import load_settings
+    from mvpd.proto.errors import ConfigError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    monkeypatch.setenv("MVPD_SIGNALING_SERVER__REDIS", "redis://:hunter2@10.0.0.5:6379/0")
+    settings = load_settings(agent_id="x", config_file=empty)
+    assert settings.signaling_server.redis is not None
+    assert settings.signaling_server.redis.get_secret_value().endswith("@10.0.0.5:6379/0")
+    assert "hunter2" not in json.dumps(settings.redacted())
+    monkeypatch.setenv("MVPD_SIGNALING_SERVER__REDIS", "http://10.0.0.5")
+    with pytest.raises(ConfigError, match="redis://") as refused:
+        load_settings(agent_id="x", config_file=empty)
+    assert "10.0.0.5" not in str(refused.value)
+
+
 def test_the_client_skips_a_dead_url_at_once() -> None:
     from tests.signaling.redis_server import free_port
 
