@@ -194,12 +194,14 @@ class Worker:
             self.lost.add(agent)
             await asyncio.sleep(random.uniform(0, 0.5))
             server = (self.server_of[agent] + 1) % len(self.urls)
-            for _ in range(len(self.urls)):
+            for attempt in range(20):  # as the client: round the list, then back off
                 try:
                     await self.open(agent, server)
                     return
                 except (OSError, RuntimeError, TimeoutError):
                     server = (server + 1) % len(self.urls)
+                    if attempt % len(self.urls) == len(self.urls) - 1:
+                        await asyncio.sleep(min(0.5 * 2 ** (attempt // len(self.urls)), 5.0))
 
     def other_agent(self, agent: int) -> int:
         """A random agent on another server (any other agent with one server)."""
@@ -254,6 +256,10 @@ class Worker:
     async def errors_seen(self) -> dict[str, int]:
         errors, self.errors = dict(self.errors), Counter()
         return errors
+
+    async def reconnected(self) -> int:
+        """Agents that lost their connection and opened another."""
+        return len(self.lost)
 
     async def count(self, reset: bool) -> tuple[int, float]:
         """What arrived so far and when the last one did."""
@@ -382,6 +388,7 @@ def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Nam
             "routed_per_s": round(received / elapsed),
             "loss": round(1 - received / sent, 4) if sent else None,
             "errors": dict(errors),
+            "reconnected": sum(clients.call("reconnected")),
         }
         if failover:
             killed_at = time.monotonic()

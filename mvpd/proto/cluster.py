@@ -7,7 +7,8 @@ refreshes on each heartbeat: a dead server's ids expire by themselves).
 
 Everything that must be atomic runs as a Lua script (the ``*_SCRIPT`` constants):
 
-* :data:`CLAIM_SCRIPT`: take a free id, or keep one we hold; otherwise name its holder;
+* :data:`CLAIM_SCRIPT`: take a free id, keep one we hold, or take one whose server is gone
+  (nobody listens on its channel); otherwise name its holder;
 * :data:`TAKEOVER_SCRIPT`: take an id from a holder that was found dead (compare-and-set,
   so two claimants cannot both win);
 * :data:`RELEASE_SCRIPT`: free an id, only if we still hold it;
@@ -88,10 +89,14 @@ class ClusterKeys:
 
 # --- scripts (run by Redis) --------------------------------------------------------------------
 
-#: KEYS[1] id key; ARGV server id, ttl. Returns "" when the id is ours now, else its holder.
+#: KEYS[1] id key; ARGV server id, ttl, channel prefix. Returns "" when the id is ours now
+#: (it was free, ours, or held by a server nobody listens for any more: a dead one), else
+#: the live holder's server id. One round trip for everything but a real conflict, which
+#: matters when a dead server's thousands of agents register elsewhere at once.
 CLAIM_SCRIPT = """
 local v = redis.call('GET', KEYS[1])
-if (not v) or v == ARGV[1] then
+if (not v) or v == ARGV[1]
+    or redis.call('PUBSUB', 'NUMSUB', ARGV[3] .. v)[2] == 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   return ''
 end

@@ -208,7 +208,9 @@ class RedisLink(Generic[ConnT]):
             return "unavailable"
         key = self.keys.id_key(agent_id)
         for _ in range(_CLAIM_ATTEMPTS):
-            holder = await self._claim(keys=[key], args=[self.server_id, self.ttl])
+            holder = await self._claim(
+                keys=[key], args=[self.server_id, self.ttl, self.keys.channel_prefix]
+            )
             self.connected = True
             if not holder:
                 return "granted"
