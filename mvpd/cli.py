@@ -182,10 +182,23 @@ def install_units(
     )
 
 
+@app.command("version")
+def version() -> None:
+    """Print the version and which SCTP build is loaded (``sctp: compiled`` or ``pure``;
+    also ``mvpd --version``)."""
+    from . import __version__
+    from .sctp import BUILD, PURE_REASON
+
+    note = f": {PURE_REASON}" if BUILD == "pure" and PURE_REASON else ""
+    typer.echo(f"mvpd {__version__} (sctp: {BUILD}{note})")
+
+
 def with_default_command(argv: list[str]) -> list[str]:
     """``mvpd`` alone, or with options only (``mvpd -v``), is ``mvpd run``; ``mvpd --help``
     stays the overview. Done on the arguments rather than in a typer callback, which would
     have to call ``run`` with typer's parameter objects as its defaults."""
+    if argv and argv[0] == "--version":
+        return ["version", *argv[1:]]
     if not argv or (argv[0].startswith("-") and argv[0] != "--help"):
         return ["run", *argv]
     return argv

@@ -44,7 +44,27 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[systemd,speed,cluster,test]' \
-    2>&1 | grep -v "^WARNING: Location" || true
+# The editable install itself is pure Python; the compile step below builds the native modules.
+MVPD_COMPILE=0 .venv/bin/python -m pip install -q --disable-pip-version-check \
+    -e '.[systemd,speed,cluster,test]' 2>&1 | grep -v "^WARNING: Location" || true
+
+# Compile mvpd.sctp's hot modules in place with mypyc (setup.py; about a minute) when a C
+# compiler and the Python headers are there; MVPD_COMPILE=0 keeps (and leaves) pure Python.
+# Up-to-date compiled modules are kept; mvpd falls back to the .py files while they are stale.
+if [ "${MVPD_COMPILE:-1}" = 0 ]; then
+    rm -f mvpd/sctp/*.so
+elif env -u MVPD_PURE_SCTP .venv/bin/python -c \
+        "import sys, mvpd.sctp as s; sys.exit(s.BUILD != 'compiled')" 2>/dev/null; then
+    :  # compiled and current
+else
+    echo "setup: compiling mvpd.sctp with mypyc (MVPD_COMPILE=0 skips)"
+    mkdir -p build
+    if .venv/bin/python setup.py build_ext --inplace >build/native.log 2>&1; then
+        touch mvpd/sctp/*.so  # built from the current sources (even when copied unchanged)
+    else
+        rm -f mvpd/sctp/*.so
+        echo "setup: note: compiling failed (build/native.log); mvpd.sctp runs as pure Python"
+    fi
+fi
 .venv/bin/python -c "import mvpd, mvpctl, aiortc, websockets, msgpack, typer, redis" \
     || { echo "setup: the venv is incomplete" >&2; exit 1; }
