@@ -6,7 +6,8 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the ICE role, which aiortc sets on its aioice ``Connection`` from RTCPeerConnection;
 * the DTLS role, set with ``RTCDtlsTransport._set_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
-  each decrypted datagram) and ``_send_data``;
+  each decrypted datagram) and ``_send_data``, or, synchronously, the DTLS ``SSL.Connection``
+  (``_ssl``) and the nominated pair's protocol (:func:`send_data_nowait`);
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
@@ -24,7 +25,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aioice.ice import StunProtocol
 from aiortc import RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
+from aiortc.rtcdtlstransport import State as DtlsState
+from OpenSSL import SSL
 
 from .errors import RtcError, UnsupportedLibrary
 
@@ -84,7 +88,7 @@ def check_objects(
             (gatherer, ("_connection",)),
             (ice, ("_connection", "_role_set")),
             (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
-                    "_send_data", "_role")),
+                    "_send_data", "_role", "_state", "_ssl")),
             (connection, ("ice_controlling", "_nominated", "build_request",
                           "remote_password")),
         )
@@ -223,6 +227,42 @@ async def send_data(dtls: RTCDtlsTransport, data: bytes) -> None:
     datagram with DTLS overhead (aiortc reads 1500 bytes per record).
     """
     await dtls._send_data(data)
+
+
+#: The largest DTLS record read back from OpenSSL: one SCTP packet (at most 64 KiB) plus
+#: the record's header, IV, MAC and padding.
+_MAX_RECORD = 65536 + 256
+
+
+def send_data_nowait(dtls: RTCDtlsTransport, data: bytes) -> bool:
+    """Encrypt ``data`` as one DTLS record and hand it to the selected pair's socket now,
+    without the four coroutine layers of :func:`send_data`; ``False`` (nothing done) when
+    the pair's protocol is not aioice's plain :class:`~aioice.ice.StunProtocol`: use
+    :func:`send_data` then.
+
+    It is what ``_send_data`` does, step by step: ``_write_ssl`` reads the record from the
+    memory BIO, the ICE connection's ``send`` looks up the nominated pair and its protocol's
+    ``send_data`` calls ``transport.sendto``, all without ever waiting.  A relayed pair's
+    transport is aioice's ``TurnTransport``, whose ``sendto`` wraps the record for the TURN
+    server (ChannelData, binding the channel first) as before.  Raises ``ConnectionError``
+    when DTLS or ICE is not connected.
+    """
+    ssl = dtls._ssl
+    if dtls._state != DtlsState.CONNECTED or ssl is None:
+        raise ConnectionError("Cannot send encrypted data, not connected")
+    pair = dtls.transport._connection._nominated.get(1)
+    if pair is None:
+        raise ConnectionError("Cannot send data, not connected")
+    protocol = pair.protocol
+    if type(protocol) is not StunProtocol or protocol.transport is None:
+        return False
+    ssl.send(data)
+    try:
+        record = ssl.bio_read(_MAX_RECORD)
+    except SSL.Error:
+        return True  # as _write_ssl: nothing to send
+    protocol.transport.sendto(record, pair.remote_addr)
+    return True
 
 
 def export_keying_material(

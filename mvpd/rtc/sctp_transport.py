@@ -4,7 +4,9 @@ It only feeds and drains :class:`mvpd.sctp.Association`:
 
 * each DTLS application datagram goes to ``receive_packet(data, now)``;
 * whatever ``packets_to_send()`` returns goes out as DTLS application data, in one flush
-  per loop iteration however many channels sent (so the association can bundle);
+  per loop iteration however many channels sent (so the association can bundle); each
+  packet is encrypted and handed to the socket synchronously where aioice's path allows
+  (``aiortc_internals.send_data_nowait``), else through aiortc's coroutines;
 * one timer, re-armed from ``next_deadline()`` after every step, calls ``handle_timeout``;
 * the association's events drive the channel table (:class:`DataChannelProtocol`, DCEP)
   and the :class:`DataChannel` objects.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,8 +57,6 @@ log = logging.getLogger(__name__)
 
 #: Channels (both sides' together) beyond which the peer's new ones are refused.
 MAX_CHANNELS = 1024
-#: How mvpd.sctp's AssociationLost reason starts when the peer sent the ABORT.
-PEER_ABORT_PREFIX = "aborted by peer"
 
 #: States of the association as the connection sees them.
 SCTP_NEW, SCTP_CONNECTING, SCTP_CONNECTED, SCTP_CLOSED, SCTP_FAILED = (
@@ -94,6 +95,8 @@ class SctpTransport:
             local_port=local_port,
             remote_port=remote_port,
             max_message_size=local_max_message_size,
+            # The peer's a=max-message-size (0: it takes any size, RFC 8841 6.1).
+            peer_max_message_size=remote_max_message_size or sys.maxsize,
             # Losses of maxRetransmits=0 messages (the tunnel) leave the congestion window
             # alone: the flows inside the tunnel run their own congestion control.
             unreliable_losses_reduce_cwnd=False,
@@ -114,7 +117,9 @@ class SctpTransport:
         self._reset_requested: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._flush_task: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+        #: Sending through aiortc's coroutines (a path send_data_nowait cannot take).
+        self._slow_task: asyncio.Task[None] | None = None
         self._dtls_ready = False
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -163,7 +168,7 @@ class SctpTransport:
         except Exception:
             log.exception("SCTP failed on a received packet; dropped")
         self._process_events()
-        await self._flush()
+        self._flush()
         self._rearm_timer()
 
     def _step(self) -> None:
@@ -173,30 +178,49 @@ class SctpTransport:
         self._rearm_timer()
 
     def _schedule_flush(self) -> None:
-        if self._flush_task is None and self._dtls_ready:
-            self._flush_task = self._loop.create_task(self._flush_soon())
+        if not self._flush_scheduled and self._dtls_ready:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_soon)
 
-    async def _flush_soon(self) -> None:
-        try:
-            await self._flush()
-        finally:
-            self._flush_task = None
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
         self._rearm_timer()
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        """Send every packet the association has (and what taking them made due)."""
+        if self._slow_task is not None:
+            return  # it takes the association's packets when done with its own
         while self._dtls_ready:
             packets = self.association.packets_to_send()
             # Taking packets drains send queues: buffered-amount-low events follow.
             self._process_events()
             if not packets:
                 return
-            for packet in packets:
+            for index, packet in enumerate(packets):
                 try:
-                    await internals.send_data(self._dtls, packet)
+                    if internals.send_data_nowait(self._dtls, packet):
+                        continue
                 except ConnectionError as exc:
                     # DTLS or ICE is gone; SCTP's own timers notice the silence.
                     log.debug("SCTP packet not sent: %s", exc)
                     return
+                self._slow_task = self._loop.create_task(self._flush_slowly(packets[index:]))
+                return
+
+    async def _flush_slowly(self, packets: list[bytes]) -> None:
+        """Send through aiortc's coroutines, in order, until the association has no more."""
+        try:
+            while packets and self._dtls_ready:
+                for packet in packets:
+                    await internals.send_data(self._dtls, packet)
+                packets = self.association.packets_to_send()
+                self._process_events()
+        except ConnectionError as exc:
+            log.debug("SCTP packet not sent: %s", exc)
+        finally:
+            self._slow_task = None
+        self._rearm_timer()
 
     def _rearm_timer(self) -> None:
         deadline = self.association.next_deadline()
@@ -238,8 +262,7 @@ class SctpTransport:
                 self._close_all_channels()
                 # aiortc and browsers end a connection with an ABORT: the peer is gone by
                 # its own choice, which is a close, not a failure of ours.
-                peer_closed = event.reason.startswith(PEER_ABORT_PREFIX)
-                self._set_state(SCTP_CLOSED if peer_closed else SCTP_FAILED, event.reason)
+                self._set_state(SCTP_CLOSED if event.by_peer else SCTP_FAILED, event.reason)
             elif isinstance(event, AssociationClosed):
                 self._close_all_channels()
                 self._set_state(SCTP_CLOSED, "the peer shut the association down")

@@ -504,7 +504,9 @@ class Association:
             elif kind == ABORT:
                 causes = AbortChunk.decode(flags, value).causes
                 self._end(now)
-                self._events.append(AssociationLost(f"aborted by peer: {cause_text(causes)}"))
+                self._events.append(AssociationLost(
+                    f"aborted by peer: {cause_text(causes)}", by_peer=True
+                ))
                 return
             elif kind == SHUTDOWN:
                 self._on_shutdown(ShutdownChunk.decode(flags, value), now)

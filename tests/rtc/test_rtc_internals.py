@@ -126,6 +126,11 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             await internals.send_data(db, b"back")
             assert await asyncio.wait_for(rb.received.get(), 5) == big
             assert await asyncio.wait_for(ra.received.get(), 5) == b"back"
+            # The synchronous path: same record, same pair, no coroutine.
+            assert internals.send_data_nowait(da, big[::-1])
+            assert internals.send_data_nowait(da, b"second")
+            assert await asyncio.wait_for(rb.received.get(), 5) == big[::-1]
+            assert await asyncio.wait_for(rb.received.get(), 5) == b"second"
             key_a = internals.export_keying_material(da, b"EXPORTER-mvp-test", 32)
             assert key_a == internals.export_keying_material(db, b"EXPORTER-mvp-test", 32)
             assert key_a != internals.export_keying_material(da, b"EXPORTER-other", 32)
@@ -138,6 +143,8 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             for _, ice, dtls, _ in sides:
                 await dtls.stop()
                 await ice.stop()
+        with pytest.raises(ConnectionError):
+            internals.send_data_nowait(da, b"closed")
 
     asyncio.run(asyncio.wait_for(main(), 30))
 

@@ -173,6 +173,9 @@ def test_abort_tells_the_peer_why() -> None:
     pair.run(lambda: bool(pair.b.of_type(AssociationLost)))
     lost = pair.b.of_type(AssociationLost)[0]
     assert isinstance(lost, AssociationLost) and "going away" in lost.reason
+    assert lost.by_peer
+    local = pair.a.of_type(AssociationLost)[0]
+    assert isinstance(local, AssociationLost) and not local.by_peer
     assert pair.b.association.closed and pair.a.association.closed
     with pytest.raises(AssociationNotOpen):
         pair.a.association.send(0, 53, b"x", now=pair.now)
