@@ -7,7 +7,8 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the DTLS role, set with ``RTCDtlsTransport._set_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
   each decrypted datagram) and ``_send_data``, or, synchronously, the DTLS ``SSL.Connection``
-  (``_ssl``) and the nominated pair's protocol (:func:`send_data_nowait`);
+  (``_ssl``) and the nominated pair's protocol (:func:`send_data_nowait`), and the ICE
+  connection's ``data_received`` (:func:`receive_data_nowait`);
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,7 +92,7 @@ def check_objects(
             (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
                     "_send_data", "_role", "_state", "_ssl")),
             (connection, ("ice_controlling", "_nominated", "build_request",
-                          "remote_password")),
+                          "remote_password", "data_received")),
         )
         for name in names
         if not hasattr(obj, name)
@@ -163,6 +165,43 @@ async def probe_selected_pair(ice: RTCIceTransport, *, retransmissions: int) -> 
         retransmissions=retransmissions,
     )
     return True
+
+
+#: The SCTP packet size of WebRTC stacks when the path is unknown: with IPv6, UDP and DTLS
+#: it fits the 1280-byte minimum MTU of IPv6, so it crosses any path unfragmented.
+DEFAULT_SCTP_PACKET_SIZE = 1200
+#: aiortc reads at most 1500 bytes of each DTLS record's plaintext: no larger SCTP packet.
+MAX_SCTP_PACKET_SIZE = 1500
+#: IPv6 (40) and UDP (8) headers, and a DTLS 1.2 record's worst overhead among aiortc's
+#: cipher suites (AES-CBC with SHA-1: 13 header + 16 IV + 20 MAC + up to 16 padding).
+_PACKET_OVERHEAD = 40 + 8 + 80
+_IP_MTU, _IPV6_MTU = 14, 24  # Linux getsockopt options (not in Python's socket module)
+
+
+def sctp_packet_size(ice: RTCIceTransport) -> int:
+    """The SCTP packet size for the selected pair: the path MTU less IP, UDP and DTLS
+    overhead (at most :data:`MAX_SCTP_PACKET_SIZE`) when both candidates are host
+    candidates, so the route to the peer's address is this host's own (a LAN, loopback,
+    a veth); :data:`DEFAULT_SCTP_PACKET_SIZE` otherwise (NAT, relays, unknown links).
+
+    The path MTU is what the kernel's routing knows for the peer's address (IP_MTU of a
+    UDP socket connected to it: the interface MTU, or a smaller learnt path MTU).
+    """
+    pair = selected_pair(ice)
+    if pair is None or pair.local.type != "host" or pair.remote.type != "host":
+        return DEFAULT_SCTP_PACKET_SIZE
+    if pair.local.protocol.lower() != "udp":
+        return DEFAULT_SCTP_PACKET_SIZE
+    try:
+        family = socket.AF_INET6 if ":" in pair.remote.address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((pair.remote.address, pair.remote.port))  # sends nothing
+            level, option = ((socket.IPPROTO_IPV6, _IPV6_MTU) if family == socket.AF_INET6
+                             else (socket.IPPROTO_IP, _IP_MTU))
+            mtu = sock.getsockopt(level, option)
+    except OSError:
+        return DEFAULT_SCTP_PACKET_SIZE
+    return max(DEFAULT_SCTP_PACKET_SIZE, min(MAX_SCTP_PACKET_SIZE, mtu - _PACKET_OVERHEAD))
 
 
 def set_socket_buffers(ice: RTCIceTransport, size: int) -> int:
@@ -263,6 +302,41 @@ def send_data_nowait(dtls: RTCDtlsTransport, data: bytes) -> bool:
         return True  # as _write_ssl: nothing to send
     protocol.transport.sendto(record, pair.remote_addr)
     return True
+
+
+#: The DTLS content type of application data (RFC 6347 4.1, RFC 5246 6.2.1).
+_APPLICATION_DATA = b"\x17"
+
+
+def receive_data_nowait(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None]) -> None:
+    """Once DTLS is connected, decrypt application-data records as the socket delivers them
+    and call ``receiver(plaintext)`` at once, instead of aioice's queue and aiortc's
+    receive coroutine (four awaits per datagram).  Anything else (handshake, alerts such as
+    close_notify, records before DTLS is connected) still takes aiortc's path, which keeps
+    handling them.  :func:`stop_receiving_nowait` undoes it.
+    """
+    connection = dtls.transport._connection
+    queue_datagram = type(connection).data_received.__get__(connection)
+
+    def data_received(data: bytes, component: int) -> None:
+        ssl = dtls._ssl
+        if data[:1] != _APPLICATION_DATA or dtls._state != DtlsState.CONNECTED or ssl is None:
+            queue_datagram(data, component)
+            return
+        ssl.bio_write(data)
+        try:
+            plaintext = ssl.recv(_MAX_RECORD)
+        except SSL.Error:
+            return  # not authentic, or a fragment: dropped as aiortc does
+        if plaintext:
+            receiver(plaintext)
+
+    connection.data_received = data_received  # type: ignore[method-assign]
+
+
+def stop_receiving_nowait(dtls: RTCDtlsTransport) -> None:
+    """Every datagram takes aiortc's path again."""
+    vars(dtls.transport._connection).pop("data_received", None)
 
 
 def export_keying_material(

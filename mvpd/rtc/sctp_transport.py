@@ -128,6 +128,11 @@ class SctpTransport:
         """Receive DTLS application data (call before the DTLS handshake starts, so a
         packet right behind the handshake is not lost)."""
         internals.register_data_receiver(self._dtls, self)
+        internals.receive_data_nowait(self._dtls, self._receive)
+
+    def set_packet_size(self, size: int) -> None:
+        """Build SCTP packets of up to ``size`` bytes (before the association starts)."""
+        self.association.set_mtu(size)
 
     def start(self) -> None:
         """DTLS is connected: the DTLS client starts the association."""
@@ -145,6 +150,7 @@ class SctpTransport:
 
     def detach(self) -> None:
         """Stop all I/O and close every channel (the DTLS transport is going away)."""
+        internals.stop_receiving_nowait(self._dtls)
         internals.unregister_data_receiver(self._dtls, self)
         self._dtls_ready = False
         if self._timer is not None:
@@ -160,7 +166,12 @@ class SctpTransport:
     # --- I/O -------------------------------------------------------------------------------
 
     async def _handle_data(self, data: bytes) -> None:
-        """aiortc's DTLS transport hands us each decrypted datagram here."""
+        """aiortc's DTLS transport hands us decrypted datagrams here (until the
+        synchronous path of :func:`aiortc_internals.receive_data_nowait` takes over)."""
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        """One decrypted DTLS datagram: an SCTP packet."""
         try:
             self.association.receive_packet(data, self._now())
         except SctpError as exc:  # malformed: dropped, the association is unchanged

@@ -335,6 +335,20 @@ class Association:
         self.send_queue.add(message)
         return stream.buffered
 
+    def set_mtu(self, mtu: int) -> None:
+        """Change the packet size before the handshake (for example once the path is known).
+
+        Raises :class:`ValueError` once the association is established or ``mtu`` is below
+        256 bytes or too large for the receive window.
+        """
+        if self.retransmissions is not None or self._ended:
+            raise ValueError("the packet size is fixed once the association is established")
+        if mtu < 256 or self.receive_window < 4 * mtu:
+            raise ValueError("mtu must be at least 256 bytes and at most receive_window / 4")
+        self._flush()
+        self.mtu = mtu
+        self._writer = PacketWriter(self.local_port, self.remote_port, mtu)
+
     def buffered_amount(self, stream_id: int) -> int:
         """Bytes queued on ``stream_id`` not yet handed to the network."""
         return self.send_queue.buffered_amount(stream_id)

@@ -121,6 +121,8 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             pair = internals.selected_pair(ia)
             assert pair is not None and pair.path == "direct"
             assert pair.local.type == "host" and pair.remote.port > 0
+            # Host to host: the packet size follows the interface MTU (1500 or more here).
+            assert internals.sctp_packet_size(ia) >= 1500 - 128
             big = bytes(range(256)) * 4 + b"x" * 176  # 1200 bytes, an SCTP packet's size
             await internals.send_data(da, big)
             await internals.send_data(db, b"back")
