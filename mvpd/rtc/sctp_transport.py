@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 #: Channels (both sides' together) beyond which the peer's new ones are refused.
 MAX_CHANNELS = 1024
 
+#: The association's congestion response: as many CUBIC flows as a QUIC connection in
+#: Chromium emulates (mvpd.sctp.congestion explains why).
+EMULATED_FLOWS = 2
+
 #: States of the association as the connection sees them.
 SCTP_NEW, SCTP_CONNECTING, SCTP_CONNECTED, SCTP_CLOSED, SCTP_FAILED = (
     "new", "connecting", "connected", "closed", "failed",
@@ -100,6 +104,9 @@ class SctpTransport:
             # Losses of maxRetransmits=0 messages (the tunnel) leave the congestion window
             # alone: the flows inside the tunnel run their own congestion control.
             unreliable_losses_reduce_cwnd=False,
+            # CUBIC as two flows, as Chromium's QUIC connections (one association carries
+            # all of a peer's channels); see mvpd.sctp.congestion.
+            emulated_flows=EMULATED_FLOWS,
         )
         self.table = DataChannelProtocol(dtls_role)
         self.state = SCTP_NEW
