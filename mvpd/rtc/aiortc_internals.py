@@ -7,7 +7,7 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the DTLS role, set with ``RTCDtlsTransport._set_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
   each decrypted datagram) and ``_send_data``, or, synchronously, the DTLS ``SSL.Connection``
-  (``_ssl``) and the nominated pair's protocol (:func:`send_data_nowait`), and the ICE
+  (``_ssl``) and the nominated pair's protocol (:func:`send_data_now`), and the ICE
   connection's ``data_received`` (:func:`receive_data_nowait`);
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
@@ -273,7 +273,7 @@ async def send_data(dtls: RTCDtlsTransport, data: bytes) -> None:
 _MAX_RECORD = 65536 + 256
 
 
-def send_data_nowait(dtls: RTCDtlsTransport, data: bytes) -> bool:
+def send_data_now(dtls: RTCDtlsTransport, data: bytes) -> bool:
     """Encrypt ``data`` as one DTLS record and hand it to the selected pair's socket now,
     without the four coroutine layers of :func:`send_data`; ``False`` (nothing done) when
     the pair's protocol is not aioice's plain :class:`~aioice.ice.StunProtocol`: use

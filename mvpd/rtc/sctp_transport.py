@@ -6,7 +6,7 @@ It only feeds and drains :class:`mvpd.sctp.Association`:
 * whatever ``packets_to_send()`` returns goes out as DTLS application data, in one flush
   per loop iteration however many channels sent (so the association can bundle); each
   packet is encrypted and handed to the socket synchronously where aioice's path allows
-  (``aiortc_internals.send_data_nowait``), else through aiortc's coroutines;
+  (``aiortc_internals.send_data_now``), else through aiortc's coroutines;
 * one timer, re-armed from ``next_deadline()`` after every step, calls ``handle_timeout``;
 * the association's events drive the channel table (:class:`DataChannelProtocol`, DCEP)
   and the :class:`DataChannel` objects.
@@ -125,7 +125,7 @@ class SctpTransport:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
-        #: Sending through aiortc's coroutines (a path send_data_nowait cannot take).
+        #: Sending through aiortc's coroutines (a path send_data_now cannot take).
         self._slow_task: asyncio.Task[None] | None = None
         self._dtls_ready = False
 
@@ -217,7 +217,7 @@ class SctpTransport:
                 return
             for index, packet in enumerate(packets):
                 try:
-                    if internals.send_data_nowait(self._dtls, packet):
+                    if internals.send_data_now(self._dtls, packet):
                         continue
                 except ConnectionError as exc:
                     # DTLS or ICE is gone; SCTP's own timers notice the silence.

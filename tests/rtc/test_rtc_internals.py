@@ -129,8 +129,8 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             assert await asyncio.wait_for(rb.received.get(), 5) == big
             assert await asyncio.wait_for(ra.received.get(), 5) == b"back"
             # The synchronous path: same record, same pair, no coroutine.
-            assert internals.send_data_nowait(da, big[::-1])
-            assert internals.send_data_nowait(da, b"second")
+            assert internals.send_data_now(da, big[::-1])
+            assert internals.send_data_now(da, b"second")
             assert await asyncio.wait_for(rb.received.get(), 5) == big[::-1]
             assert await asyncio.wait_for(rb.received.get(), 5) == b"second"
             key_a = internals.export_keying_material(da, b"EXPORTER-mvp-test", 32)
@@ -146,7 +146,7 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
                 await dtls.stop()
                 await ice.stop()
         with pytest.raises(ConnectionError):
-            internals.send_data_nowait(da, b"closed")
+            internals.send_data_now(da, b"closed")
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
