@@ -57,7 +57,9 @@ def native_extensions() -> list:  # type: ignore[type-arg]
     from mypyc.build import mypycify
 
     return mypycify(
-        NATIVE_MODULES,
+        # No config file: pyproject's [tool.mypy] loads plugins (pydantic) that a wheel's
+        # build environment does not have, and these modules need none.
+        ["--config-file=", *NATIVE_MODULES],
         opt_level="3",
         # The shared runtime library lives inside the package (not at the top level), so an
         # editable install finds it like any other module of mvpd.sctp.

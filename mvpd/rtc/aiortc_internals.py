@@ -7,8 +7,8 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the DTLS role, set with ``RTCDtlsTransport._set_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
   each decrypted datagram) and ``_send_data``, or, synchronously, the DTLS ``SSL.Connection``
-  (``_ssl``) and the nominated pair's protocol (:func:`send_data_now`), and the ICE
-  connection's ``data_received`` (:func:`receive_data_nowait`);
+  (``_ssl``) and the nominated pair's protocol (:func:`send_data_now`), and the selected
+  pair's ``datagram_received`` (:func:`receive_data_now`);
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
@@ -92,7 +92,7 @@ def check_objects(
             (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
                     "_send_data", "_role", "_state", "_ssl")),
             (connection, ("ice_controlling", "_nominated", "build_request",
-                          "remote_password", "data_received")),
+                          "remote_password")),
         )
         for name in names
         if not hasattr(obj, name)
@@ -308,20 +308,30 @@ def send_data_now(dtls: RTCDtlsTransport, data: bytes) -> bool:
 _APPLICATION_DATA = b"\x17"
 
 
-def receive_data_nowait(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None]) -> None:
-    """Once DTLS is connected, decrypt application-data records as the socket delivers them
-    and call ``receiver(plaintext)`` at once, instead of aioice's queue and aiortc's
-    receive coroutine (four awaits per datagram).  Anything else (handshake, alerts such as
-    close_notify, records before DTLS is connected) still takes aiortc's path, which keeps
-    handling them.  :func:`stop_receiving_nowait` undoes it.
-    """
-    connection = dtls.transport._connection
-    queue_datagram = type(connection).data_received.__get__(connection)
+def receive_data_now(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None]) -> bool:
+    """Decrypt application-data records as the socket delivers them and call
+    ``receiver(plaintext)`` at once, instead of aioice's STUN parse attempt, its queue and
+    aiortc's receive coroutine (four awaits per datagram).  Call it once DTLS is connected;
+    ``False`` (nothing changed) when there is no selected pair on aioice's
+    :class:`~aioice.ice.StunProtocol` then.
 
-    def data_received(data: bytes, component: int) -> None:
+    It takes over the selected pair's ``datagram_received`` (a relayed pair's protocol gets
+    its datagrams from aioice's TURN client through the same method): DTLS application
+    data (content type 23) is decrypted here; everything else (STUN consent checks,
+    handshake records, alerts such as close_notify) goes on to aioice and aiortc as before.
+    :func:`stop_receiving_now` undoes it.
+    """
+    pair = dtls.transport._connection._nominated.get(1)
+    if pair is None or type(pair.protocol) is not StunProtocol:
+        return False
+    protocol = pair.protocol
+    to_aioice = StunProtocol.datagram_received.__get__(protocol)
+
+    def datagram_received(data: bytes | str, addr: tuple[Any, ...]) -> None:
         ssl = dtls._ssl
-        if data[:1] != _APPLICATION_DATA or dtls._state != DtlsState.CONNECTED or ssl is None:
-            queue_datagram(data, component)
+        if (type(data) is not bytes or data[:1] != _APPLICATION_DATA
+                or dtls._state != DtlsState.CONNECTED or ssl is None):
+            to_aioice(data, addr)
             return
         ssl.bio_write(data)
         try:
@@ -331,12 +341,14 @@ def receive_data_nowait(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None
         if plaintext:
             receiver(plaintext)
 
-    connection.data_received = data_received  # type: ignore[method-assign]
+    protocol.datagram_received = datagram_received  # type: ignore[method-assign]
+    return True
 
 
-def stop_receiving_nowait(dtls: RTCDtlsTransport) -> None:
-    """Every datagram takes aiortc's path again."""
-    vars(dtls.transport._connection).pop("data_received", None)
+def stop_receiving_now(dtls: RTCDtlsTransport) -> None:
+    """Every datagram takes aioice's and aiortc's path again."""
+    for pair in dtls.transport._connection._nominated.values():
+        vars(pair.protocol).pop("datagram_received", None)
 
 
 def export_keying_material(

@@ -2,7 +2,8 @@
 
 It only feeds and drains :class:`mvpd.sctp.Association`:
 
-* each DTLS application datagram goes to ``receive_packet(data, now)``;
+* each DTLS application datagram goes to ``receive_packet(data, now)``, decrypted as the
+  socket delivers it once DTLS is up (``aiortc_internals.receive_data_now``);
 * whatever ``packets_to_send()`` returns goes out as DTLS application data, in one flush
   per loop iteration however many channels sent (so the association can bundle); each
   packet is encrypted and handed to the socket synchronously where aioice's path allows
@@ -135,7 +136,6 @@ class SctpTransport:
         """Receive DTLS application data (call before the DTLS handshake starts, so a
         packet right behind the handshake is not lost)."""
         internals.register_data_receiver(self._dtls, self)
-        internals.receive_data_nowait(self._dtls, self._receive)
 
     def set_packet_size(self, size: int) -> None:
         """Build SCTP packets of up to ``size`` bytes (before the association starts)."""
@@ -144,6 +144,7 @@ class SctpTransport:
     def start(self) -> None:
         """DTLS is connected: the DTLS client starts the association."""
         self._dtls_ready = True
+        internals.receive_data_now(self._dtls, self._receive)
         self._set_state(SCTP_CONNECTING)
         if self.dtls_role == "client":
             self.association.connect(self._now())
@@ -157,7 +158,7 @@ class SctpTransport:
 
     def detach(self) -> None:
         """Stop all I/O and close every channel (the DTLS transport is going away)."""
-        internals.stop_receiving_nowait(self._dtls)
+        internals.stop_receiving_now(self._dtls)
         internals.unregister_data_receiver(self._dtls, self)
         self._dtls_ready = False
         if self._timer is not None:
@@ -174,7 +175,7 @@ class SctpTransport:
 
     async def _handle_data(self, data: bytes) -> None:
         """aiortc's DTLS transport hands us decrypted datagrams here (until the
-        synchronous path of :func:`aiortc_internals.receive_data_nowait` takes over)."""
+        synchronous path of :func:`aiortc_internals.receive_data_now` takes over)."""
         self._receive(data)
 
     def _receive(self, data: bytes) -> None:

@@ -133,6 +133,19 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             assert internals.send_data_now(da, b"second")
             assert await asyncio.wait_for(rb.received.get(), 5) == big[::-1]
             assert await asyncio.wait_for(rb.received.get(), 5) == b"second"
+            # And received synchronously: straight from the socket to the callback.
+            direct: list[bytes] = []
+            assert internals.receive_data_now(db, direct.append)
+            internals.send_data_now(da, b"direct")
+            await internals.send_data(da, b"also direct")
+            for _ in range(100):
+                if len(direct) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert direct == [b"direct", b"also direct"] and rb.received.empty()
+            internals.stop_receiving_now(db)
+            await internals.send_data(da, b"queued again")
+            assert await asyncio.wait_for(rb.received.get(), 5) == b"queued again"
             key_a = internals.export_keying_material(da, b"EXPORTER-mvp-test", 32)
             assert key_a == internals.export_keying_material(db, b"EXPORTER-mvp-test", 32)
             assert key_a != internals.export_keying_material(da, b"EXPORTER-other", 32)
