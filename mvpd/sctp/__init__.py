@@ -37,10 +37,13 @@ class _SourceFirstFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source)
 
 
-def _compiled_is_stale() -> bool:
-    """A compiled module older than its ``.py`` (the source changed since the build):
-    loading it would run old code, so the ``.py`` files are used until the next build."""
-    here = Path(__file__).parent
+def _compiled_is_stale(here: Path = Path(__file__).parent) -> bool:
+    """In a source checkout, a compiled module older than its ``.py`` (the source changed
+    since ``scripts/setup.sh`` built it in place): loading it would run old code, so the
+    ``.py`` files are used until the next build.  (An installed wheel's files all carry
+    its installation time: no check there.)"""
+    if not (here.parent.parent / ".git").exists():
+        return False
     for native in here.glob("*.cpython-*.so"):
         source = here / f"{native.name.split('.', 1)[0]}.py"
         if source.exists() and source.stat().st_mtime > native.stat().st_mtime:

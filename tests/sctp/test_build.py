@@ -51,3 +51,18 @@ def test_mvpd_version_names_the_build() -> None:
     )
     assert result.stdout.startswith("mvpd ")
     assert f"(sctp: {mvpd.sctp.BUILD}" in result.stdout
+
+
+def test_stale_compiled_modules_in_a_checkout_are_not_loaded(tmp_path: Path) -> None:
+    package = tmp_path / "mvpd" / "sctp"
+    package.mkdir(parents=True)
+    source, native = package / "packet.py", package / "packet.cpython-311-x86_64-linux-gnu.so"
+    source.write_text("")
+    native.write_bytes(b"")
+    os.utime(source, (1000, 1000))
+    os.utime(native, (2000, 2000))
+    assert not mvpd.sctp._compiled_is_stale(package)  # no checkout: never stale
+    (tmp_path / ".git").mkdir()
+    assert not mvpd.sctp._compiled_is_stale(package)  # built after the last edit
+    os.utime(source, (3000, 3000))
+    assert mvpd.sctp._compiled_is_stale(package)  # edited since the build
