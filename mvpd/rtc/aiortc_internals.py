@@ -295,7 +295,10 @@ def send_data_now(dtls: RTCDtlsTransport, data: bytes) -> bool:
     protocol = pair.protocol
     if type(protocol) is not StunProtocol or protocol.transport is None:
         return False
-    ssl.send(data)
+    try:
+        ssl.send(data)
+    except SSL.Error as exc:  # the session is shutting down
+        raise ConnectionError(f"DTLS cannot send: {exc}") from None
     try:
         record = ssl.bio_read(_MAX_RECORD)
     except SSL.Error:
