@@ -55,6 +55,8 @@ def daemon_env(agent_id: str, url: str, socket: Path, config: Path) -> dict[str,
         SIGNALING_URL=url,
         MVPD_SOCKET=str(socket),
         AGENT_CONFIG=str(config),
+        # Each daemon its own identity (the default /var/lib/mvpd is the machine's).
+        MVPD_STATE_DIR=str(socket.parent / f"{agent_id}.state"),
     )
 
 

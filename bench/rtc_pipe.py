@@ -18,6 +18,13 @@ It prints one JSON object: every sample, medians per stack, and ``ratio`` = ours
 (MB/s above 1: ours is faster; CPU s/MB and echo ms below 1: ours costs less).
 
     .venv/bin/python bench/rtc_pipe.py --rounds 5 --bulk-bytes 33554432 --echoes 300
+
+``--netem "delay 20ms loss 5%"`` (root) runs the two processes in two network namespaces
+joined by tests/impair.py's lossy, slow link (the delay and loss apply each way) and adds
+the link's counters to the result:
+
+    sudo .venv/bin/python bench/rtc_pipe.py --netem "delay 20ms loss 5%" --rounds 3 \
+        --bulk-bytes 4194304 --echoes 20
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -48,6 +56,7 @@ from bare_aiortc import (
 
 from mvpd.rtc.connection import IceConfiguration, PeerConnection
 
+ROOT = Path(__file__).resolve().parent.parent
 STACKS = ("stock", "ours")
 LABEL = "bench"
 MB = 1e6
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bulk-bytes", type=int, default=32 * 1024 * 1024)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--netem", help='impair the path, e.g. "delay 20ms loss 5%%" (root)')
+    parser.add_argument("--answerer-netns", help="start the answerer in it (internal)")
     args = parser.parse_args(argv)
     if args.bulk_bytes < 2 * MESSAGE_SIZE:
         parser.error(f"--bulk-bytes must be at least {2 * MESSAGE_SIZE} (two messages, so the "
@@ -255,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(Answerer().run())
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.netem:
+        return run_impaired(args.netem, sys.argv[1:] if argv is None else argv)
     command = [sys.executable, os.path.abspath(__file__), "--serve"]
+    if args.answerer_netns:
+        command = ["ip", "netns", "exec", args.answerer_netns, *command]
     if not uvloop_on:
         command.append("--no-uvloop")
     child = subprocess.Popen(
@@ -267,6 +282,35 @@ def main(argv: list[str] | None = None) -> int:
         stop_child(child)
     result["uvloop"] = uvloop_on
     result["bulk_bytes"] = args.bulk_bytes
+    print(json.dumps(result))
+    return 0
+
+
+def run_impaired(spec: str, argv: list[str]) -> int:
+    """This benchmark with the offerer in namespace A and the answerer in B, across
+    tests/impair.py's link impaired with the netem-style ``spec``."""
+    sys.path.insert(0, str(ROOT))
+    from tests.impair import impaired_link
+    from tests.netns import namespace, require_netns
+
+    require_netns()
+    rest = []
+    skip = False
+    for arg in argv:  # the same arguments without --netem
+        if skip:
+            skip = False
+        elif arg == "--netem":
+            skip = True
+        elif not arg.startswith("--netem="):
+            rest.append(arg)
+    with namespace("pa") as a, namespace("pb") as b, impaired_link(a, b) as link:
+        link.set_netem(spec)
+        inner = a.run(sys.executable, os.path.abspath(__file__), *rest, "--answerer-netns",
+                      b.name, timeout=3600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        sys.stderr.write(inner.stderr)
+        result = json.loads(inner.stdout.strip().splitlines()[-1])
+        result["netem"] = spec
+        result["link"] = link.stats()
     print(json.dumps(result))
     return 0
 

@@ -215,6 +215,8 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
         )
     lines = [_table(rows)]
     for p in peers:
+        if p.get("fingerprint"):
+            lines.append(f"{p.get('peer')}: identity {p['fingerprint']} ({p.get('identity')})")
         if p.get("error"):
             lines.append(f"{p.get('peer')}: {neutralise(str(p['error']))}")
         if p.get("dropped"):
@@ -779,6 +781,112 @@ def web(
 
     options: _Options = ctx.ensure_object(_Options)
     serve(listen, options.socket, open_browser=open_browser)
+
+
+# --- identity and trust ----------------------------------------------------------------------
+
+
+def format_id(result: dict[str, Any]) -> str:
+    """The ``id`` result for humans."""
+    current = result.get("current") or {}
+    lines = [
+        f"agent        {result.get('agent_id', '?')}",
+        f"fingerprint  {current.get('fingerprint', '?')}",
+        f"short        {current.get('short', '?')}",
+    ]
+    pending = result.get("next")
+    if pending:
+        lines += [
+            f"next         {pending.get('fingerprint', '?')}",
+            f"next short   {pending.get('short', '?')}",
+            "rotation in progress: connections still use the current identity. Once every "
+            "peer\nruns `mvpctl trust "
+            f"{result.get('agent_id', 'AGENT')} '{pending.get('fingerprint', '')}'` (or pins "
+            "it), run\n`mvpctl id rotate --finish`.",
+        ]
+    return "\n".join(lines)
+
+
+@app.command("id")
+@_handles_errors
+def id_(
+    ctx: typer.Context,
+    action: str | None = typer.Argument(
+        None, help="'rotate': make the next identity (connections keep the current one).",
+        show_default=False,
+    ),
+    finish: bool = typer.Option(
+        False, "--finish", help="With rotate: use the next identity from now on, delete the old."
+    ),
+    as_json: bool = typer.Option(False, "--json", "-j", help="Print the identity as JSON."),
+) -> None:
+    """Show this agent's identity: the SHA-256 fingerprint of its DTLS certificate, which
+    peers pin (peers.ID.fingerprints) or remember, and a short form to read aloud.
+
+    `mvpctl id rotate` makes a new identity without using it yet; tell every peer
+    (`mvpctl trust ID NEW-FINGERPRINT` there), then `mvpctl id rotate --finish` switches
+    new connections to it. Peers that only remembered the old one refuse the new one until then.
+    """
+    if action not in (None, "rotate"):
+        raise typer.BadParameter("the only action is 'rotate'", param_hint="ACTION")
+    if finish and action is None:
+        raise typer.BadParameter("--finish goes with 'rotate'", param_hint="--finish")
+    with _client(ctx) as client:
+        if action == "rotate":
+            result = client.call("id.rotate", finish=finish)
+        else:
+            result = client.call("id")
+    if _want_json(ctx, as_json):
+        _print_json(result)
+    else:
+        typer.echo(format_id(result))
+
+
+def _format_known(result: dict[str, Any]) -> str:
+    entries = result.get("entries") or []
+    if not entries:
+        return f"{result.get('peer')}: nothing in known_peers"
+    return "\n".join(
+        f"{result.get('peer')}: {e.get('fingerprint')} ({e.get('how')})" for e in entries
+    )
+
+
+@app.command()
+@_handles_errors
+def trust(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    fingerprint: str = typer.Argument(
+        ..., help="Its fingerprint as its `mvpctl id` prints it (sha-256 AB:CD:...)."
+    ),
+) -> None:
+    """Accept FINGERPRINT as PEER's identity (added to known_peers, next to what is there).
+
+    Check it with the peer first (its `mvpctl id`, the short form read aloud): this is what
+    stops someone else from answering in its name. Used for new connections.
+    """
+    with _client(ctx) as client:
+        result = client.call("trust", peer=peer, fingerprint=fingerprint)
+    typer.echo(_format_known(result))
+
+
+@app.command()
+@_handles_errors
+def forget(
+    ctx: typer.Context,
+    peer: str = typer.Argument(..., help="The peer's agent id."),
+    fingerprint: str | None = typer.Argument(
+        None, help="Only this fingerprint (default: all of the peer's).", show_default=False
+    ),
+) -> None:
+    """Remove PEER's remembered and trusted fingerprints from known_peers: under trust on
+    first use, its next connection is a first contact again. Pins in the config stay."""
+    params: dict[str, Any] = {"peer": peer}
+    if fingerprint is not None:
+        params["fingerprint"] = fingerprint
+    with _client(ctx) as client:
+        result = client.call("forget", **params)
+    typer.echo(f"{peer}: forgot {result.get('changed', 0)} fingerprint(s)")
 
 
 def main() -> None:

@@ -82,6 +82,13 @@ def signal(
     tokens_file: Path | None = typer.Option(
         None, "--tokens-file", help="File of 'agent-id token' lines: one token per agent id."
     ),
+    redis: str | None = typer.Option(
+        None,
+        "--redis",
+        envvar="MVPD_SIGNALING_SERVER__REDIS",
+        help="redis://HOST:PORT/DB shared by several servers: agents on any of them reach each "
+        "other, and an agent whose server died registers again on another.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run the reference signaling server alone (no root needed)."""
@@ -92,6 +99,8 @@ def signal(
         argv += ["--token", token]
     if tokens_file:
         argv += ["--tokens-file", str(tokens_file)]
+    if redis:
+        argv += ["--redis", redis]
     if verbose:
         argv += ["--verbose"]
     raise typer.Exit(signal_main(argv))
@@ -106,6 +115,23 @@ def check_config(config: Path | None = ConfigOption) -> None:
     typer.echo(json.dumps(data, indent=2))
     for warning in settings.ice_warnings():
         typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def identity(config: Path | None = ConfigOption) -> None:
+    """Print this agent's identity (made now if there is none): the SHA-256 fingerprint of
+    its DTLS certificate, which peers pin in peers.ID.fingerprints, and a short form to read
+    aloud. Works without the daemon (e.g. to pin peers before their first start); the
+    running daemon's `mvpctl id` says the same. Exit 78 if a file in state_dir is unsafe."""
+    from .identity import IdentityStore
+
+    settings = _load(config)
+    try:
+        current = IdentityStore(settings.state_dir).load()
+    except ConfigError as exc:
+        typer.echo(f"mvpd: {exc}", err=True)
+        raise typer.Exit(EX_CONFIG) from None
+    typer.echo(f"fingerprint  {current.fingerprint}\nshort        {current.short}")
 
 
 @app.command("install-units")
@@ -125,8 +151,8 @@ def install_units(
 ) -> None:
     """Install the systemd units, the sysusers.d entry and /etc/mvp-agent.yaml (an existing
     config is kept); with --prefix / also run systemd-sysusers and systemctl daemon-reload."""
-    from .systemd import CONFIG_NAME, TMP_DROPIN, activate_units
-    from .systemd import install_units as do_install
+    from .units import CONFIG_NAME, TMP_DROPIN, activate_units
+    from .units import install_units as do_install
 
     # A given --bin is kept as written (a stable symlink survives upgrades of its target).
     target = bin_path.absolute() if bin_path else Path(sys.argv[0]).resolve()
@@ -156,10 +182,23 @@ def install_units(
     )
 
 
+@app.command("version")
+def version() -> None:
+    """Print the version and which SCTP build is loaded (``sctp: compiled`` or ``pure``;
+    also ``mvpd --version``)."""
+    from . import __version__
+    from .sctp import BUILD, PURE_REASON
+
+    note = f": {PURE_REASON}" if BUILD == "pure" and PURE_REASON else ""
+    typer.echo(f"mvpd {__version__} (sctp: {BUILD}{note})")
+
+
 def with_default_command(argv: list[str]) -> list[str]:
     """``mvpd`` alone, or with options only (``mvpd -v``), is ``mvpd run``; ``mvpd --help``
     stays the overview. Done on the arguments rather than in a typer callback, which would
     have to call ``run`` with typer's parameter objects as its defaults."""
+    if argv and argv[0] == "--version":
+        return ["version", *argv[1:]]
     if not argv or (argv[0].startswith("-") and argv[0] != "--help"):
         return ["run", *argv]
     return argv

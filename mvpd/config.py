@@ -48,11 +48,14 @@ from pydantic_settings import (
 from .proto.errors import ConfigError
 from .proto.modes import Mode
 from .proto.signaling import AGENT_ID_PATTERN
+from .proto.trust import TrustPolicy, normalize_fingerprint
 
 DEFAULT_CONFIG_FILE = Path("/etc/mvp-agent.yaml")
 #: The config file :func:`load_settings` chose, for the sources of the settings it builds.
 _FILE_OVERRIDE: ContextVar[tuple[Path | None] | None] = ContextVar("config_file", default=None)
 DEFAULT_SOCKET = Path("/run/mvpd/mvpd.sock")
+#: Where the identity key and known_peers live (systemd's StateDirectory=mvpd).
+DEFAULT_STATE_DIR = Path("/var/lib/mvpd")
 DEFAULT_SIGNALING_PORT = 8765
 EX_CONFIG = 78
 
@@ -62,7 +65,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 #: The ``peers`` key whose settings apply to every peer without an entry of its own.
 ANY_PEER = "*"
 #: Fields whose values never appear in messages or logs.
-SECRET_KEYS = frozenset({"signaling_token", "ice_credential", "credential", "token"})
+SECRET_KEYS = frozenset({"signaling_token", "ice_credential", "credential", "token", "redis"})
 #: Environment variables that can hold settings: these prefixes (AGENT_ID, AGENT_CONFIG,
 #: SIGNALING_URL, ICE_URL, MVPD_SOCKET, MVPD_TUN__MTU, ...) and names.
 SETTING_ENV_PREFIXES = ("AGENT_", "SIGNALING_", "ICE_", "MVPD_")
@@ -126,6 +129,18 @@ class SignalingServerSettings(BaseModel):
     burst: int = Field(default=200, ge=1)
     #: WebSocket keepalive: ping every ``ping_interval`` seconds (0 disables).
     ping_interval: float = Field(default=20.0, ge=0)
+    #: ``redis://HOST:PORT/DB`` shared by several servers (see README, "Running several
+    #: signaling servers"); unset: this server alone. Secret (it may hold a password).
+    redis: SecretStr | None = None
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(
+            r"^(rediss?://[^\s]+|unix:///[^\s]+)$", value.get_secret_value()
+        ):
+            raise ValueError("must be a redis://HOST:PORT/DB, rediss:// or unix:/// URL")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -143,6 +158,21 @@ class PeerSettings(BaseModel):
     #: TUN mode: the addresses this peer may send from and that are routed to it. Having
     #: them is what lets a peer use TUN mode here; they never default to anything.
     allowed_ips: list[IPNetwork] = Field(default_factory=list)
+    #: The peer's identities (``sha-256 AB:CD:...``, as its ``mvpctl id`` prints them):
+    #: when given, the only ones accepted.
+    fingerprints: list[str] = Field(default_factory=list)
+    #: This peer's trust policy; the global ``trust`` when unset.
+    trust: TrustPolicy | None = None
+
+    @field_validator("fingerprints", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("fingerprints")
+    @classmethod
+    def _canonical(cls, value: list[str]) -> list[str]:
+        return [normalize_fingerprint(item) for item in value]
 
 
 class TunSettings(BaseModel):
@@ -183,6 +213,9 @@ class AgentSettings(BaseSettings):
     agent_id: AgentId = Field(default_factory=lambda: _default_agent_id())
     #: ws:// or wss:// URL of the signaling server. The default is the embedded server's.
     signaling_url: str = f"ws://127.0.0.1:{DEFAULT_SIGNALING_PORT}"
+    #: Several servers of one cluster, tried in turn (``SIGNALING_URLS``, comma-separated);
+    #: replaces ``signaling_url``, which may also be given as a list in the config file.
+    signaling_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     signaling_token: SecretStr | None = None
     mode: Mode = "chat"
     data_channel_label: str = Field(default="mvp", min_length=1, max_length=64)
@@ -268,6 +301,15 @@ class AgentSettings(BaseSettings):
         le=1024,
         validation_alias=AliasChoices("MVPD_MAX_REMOTE_CANDIDATES", "max_remote_candidates"),
     )
+    #: Where this agent's identity key and known_peers are kept (0700, root only).
+    state_dir: Path = Field(
+        default=DEFAULT_STATE_DIR, validation_alias=AliasChoices("MVPD_STATE_DIR", "state_dir")
+    )
+    #: Trust policy for peers without one of their own: tofu, pinned or any. Unset: tofu,
+    #: but pinned for peers in tun mode.
+    trust: TrustPolicy | None = Field(
+        default=None, validation_alias=AliasChoices("MVPD_TRUST", "trust")
+    )
     signaling_server: SignalingServerSettings = Field(
         default_factory=SignalingServerSettings,
         validation_alias=AliasChoices("MVPD_SIGNALING_SERVER", "signaling_server"),
@@ -281,10 +323,20 @@ class AgentSettings(BaseSettings):
 
     _config_file: Path | None = None
 
-    @field_validator("ice_urls", "allowed_peers", "auto_connect", mode="before")
+    @field_validator("ice_urls", "allowed_peers", "auto_connect", "signaling_urls", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         return _csv(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _signaling_url_list(cls, data: Any) -> Any:
+        """``signaling_url: [a, b]`` in a config file means ``signaling_urls``."""
+        if isinstance(data, dict) and isinstance(data.get("signaling_url"), list):
+            data = dict(data)
+            data.setdefault("signaling_urls", data["signaling_url"])
+            data["signaling_url"] = data["signaling_url"][0] if data["signaling_url"] else ""
+        return data
 
     @field_validator("signaling_url")
     @classmethod
@@ -292,6 +344,18 @@ class AgentSettings(BaseSettings):
         if not re.match(r"^wss?://[^\s/]+", value):
             raise ValueError("must be a ws:// or wss:// URL, e.g. ws://127.0.0.1:8765")
         return value
+
+    @field_validator("signaling_urls")
+    @classmethod
+    def _ws_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            cls._ws_url(url)
+        return value
+
+    @property
+    def signaling_url_list(self) -> list[str]:
+        """The signaling servers to try, in order."""
+        return list(self.signaling_urls) or [self.signaling_url]
 
     @field_validator("allowed_peers")
     @classmethod
@@ -562,6 +626,8 @@ ENV_NAMES: dict[str, str] = {
     "max_pending_sessions": "MVPD_MAX_PENDING_SESSIONS",
     "offers_per_minute": "MVPD_OFFERS_PER_MINUTE",
     "max_remote_candidates": "MVPD_MAX_REMOTE_CANDIDATES",
+    "state_dir": "MVPD_STATE_DIR",
+    "trust": "MVPD_TRUST",
     "signaling_server": "MVPD_SIGNALING_SERVER__*",
     "peers": "MVPD_PEERS",
     "tun": "MVPD_TUN__*",

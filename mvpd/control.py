@@ -1,8 +1,12 @@
 """The control socket server: ``mvpctl`` (or any local program) drives ``mvpd`` through it.
 
 A Unix stream socket speaking the frames and messages of :mod:`mvpd.proto.rpc`. The daemon
-supplies a :class:`ControlHandler` (one coroutine per method); this module does everything
-else: the socket file, the hello, authorisation, validation, concurrency limits, streams.
+supplies a :class:`ControlHandler` (one coroutine per method of the method table
+:data:`mvpd.proto.rpc.METHODS`). The conversation itself (hello, framing, the checks of every
+request, the one access rule) is the sans-I/O :class:`mvpd.proto.control.ControlProtocol`;
+this module is its asyncio layer and owns what needs I/O: the socket file, admission at
+``accept``, peer credentials, the per-connection read loop that feeds the protocol and writes
+what it says, concurrency limits, and the streams (``recv``, pipes) it serves.
 
 Authorisation is by the kernel's peer credentials (``SO_PEERCRED``), checked on every call,
 not by the socket's file mode alone: uid 0 and members of the configured group (primary or
@@ -51,32 +55,41 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from .logs import RateLimitedLog, fields
+from .proto.control import (
+    Admission,
+    CallReceived,
+    CallRefused,
+    ConnectionLedger,
+    ConnectionState,
+    ControlEvent,
+    ControlLimits,
+    ControlProtocol,
+    HelloReceived,
+    HelloRefused,
+)
 from .proto.errors import (
     BadRequest,
     Busy,
     ConfigError,
     ConnectionClosed,
-    Forbidden,
-    FrameError,
-    FrameTooLarge,
     InvalidParams,
     MvpError,
     NotFound,
     RpcError,
 )
+from .proto.fsm import StateMachine
+from .proto.pipe_states import PipeEvent, PipeState, eof_sent, pipe_machine
 from .proto.rpc import (
-    MAX_FRAME,
+    METHODS,
     Access,
     ConnectParams,
-    FrameDecoder,
-    Message,
     NoParams,
+    PeerMessage,
     PeerParams,
     PeerStatus,
     PipeWriteParams,
     RecvParams,
     ReloadResult,
-    Request,
     SendParams,
     SendResult,
     StatusResult,
@@ -84,14 +97,8 @@ from .proto.rpc import (
     encode_frame,
     error_message,
     event_message,
-    method_spec,
-    parse_client_hello,
-    parse_request,
-    request_id_of,
     result_message,
-    server_hello,
     to_wire,
-    validate_params,
 )
 from .socket_file import SocketFile
 
@@ -195,7 +202,7 @@ class ControlHandler(Protocol):
         (wire name ``json``) and ``data`` was given. Return the number of bytes sent."""
         ...
 
-    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[Message]:
+    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[PeerMessage]:
         """``recv``: check the request (raise here, e.g. ``NotFound``, to refuse it), then
         return an async iterator of the peer's messages: those queued now, then, if
         ``params.follow``, new ones as they arrive, at most ``params.limit``.
@@ -216,39 +223,6 @@ class ControlHandler(Protocol):
     async def rpc_reload(self, params: NoParams, caller: Caller) -> ReloadResult | dict[str, Any]:
         """``reload``: re-read the configuration; say which changes took effect."""
         ...
-
-
-@dataclass(frozen=True)
-class ControlLimits:
-    """Resource limits of the control server."""
-
-    #: Largest frame from callers with write access.
-    max_frame: int = MAX_FRAME
-    #: Largest frame from read-only callers (they can only ask for status).
-    read_only_max_frame: int = 64 * 1024
-    #: Calls running at once per connection; more requests wait in the socket buffer.
-    max_inflight: int = 16
-    #: Subscriptions (recv streams, pipes) per connection.
-    max_streams: int = 16
-    #: Queued ``pipe.write``/``pipe.eof`` calls per pipe before the server stops reading.
-    pipe_queue: int = 8
-    #: Connections at once, from everyone; the last ``reserved_for_root`` only for root.
-    max_connections: int = 512
-    reserved_for_root: int = 16
-    #: Connections at once from one uid (root excepted), and how many of them may still be
-    #: waiting for their hello.
-    max_connections_per_uid: int = 64
-    max_pre_hello_per_uid: int = 32
-    #: Connections at once from callers without write access (outside root and the group),
-    #: all of them together and per uid; counted from ``accept``, before the hello.
-    max_read_only_connections: int = 32
-    max_read_only_per_uid: int = 8
-    #: Seconds a new connection has to send its hello.
-    hello_timeout: float = 5.0
-    #: The listen backlog; connections are accepted at once, so it only absorbs bursts.
-    backlog: int = 256
-    #: Seconds a resolved access level is trusted before group membership is looked up again.
-    access_ttl: float = 5.0
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int]:
@@ -279,19 +253,6 @@ def resolve_access(
         if user is not None and group_id in os.getgrouplist(user.pw_name, user.pw_gid):
             return "write"
     return "read" if others_access == "read" else None
-
-
-@dataclass(eq=False)
-class _Admission:
-    """What was decided about a connection at ``accept``, and what it counts against."""
-
-    pid: int
-    uid: int
-    gid: int
-    access: Access | None
-    #: Counted in the pool of callers without write access.
-    read_only: bool
-    hello_pending: bool = True
 
 
 #: accept() errors that mean "out of file descriptors or memory", not "that client is gone".
@@ -326,11 +287,19 @@ class ControlServer:
         self.agent_id = agent_id
         self.server_name = f"mvpd {version}".strip()
         self.limits = limits or ControlLimits()
+        #: The method table: each method of :data:`~mvpd.proto.rpc.METHODS` the server does
+        #: not serve itself, and the handler's coroutine for it (missing: "not implemented").
+        self.handlers: dict[str, Callable[[Any, Caller], Awaitable[Any]]] = {
+            name: method
+            for name, spec in METHODS.items()
+            if not spec.builtin
+            and (method := getattr(handler, spec.handler_name(name), None)) is not None
+        }
         self._file: SocketFile | None = None
         self._listener: socket.socket | None = None
         self._resume_accepting: asyncio.TimerHandle | None = None
-        self._connections: set[_Connection] = set()
-        self._admitted: list[_Admission] = []
+        self._connections: set[ControlConnection] = set()
+        self._ledger = ConnectionLedger(self.limits, group)
         self._connection_tasks: set[asyncio.Task[None]] = set()
         # A hostile client must not be able to flood the journal with these.
         self._log_refusal = RateLimitedLog(log)
@@ -339,7 +308,7 @@ class ControlServer:
     @property
     def connections(self) -> int:
         """Connections open now (those waiting for their hello included)."""
-        return len(self._admitted)
+        return len(self._ledger)
 
     async def start(self) -> None:
         """Create the socket and start accepting connections."""
@@ -480,7 +449,7 @@ class ControlServer:
                 self._connection_tasks.add(task)
                 task.add_done_callback(self._connection_tasks.discard)
 
-    def _admit(self, sock: socket.socket) -> _Admission | None:
+    def _admit(self, sock: socket.socket) -> Admission | None:
         """Count the new connection in, or refuse it (a ``busy`` frame, then close)."""
         sock.setblocking(False)
         try:
@@ -490,7 +459,7 @@ class ControlServer:
             sock.close()
             return None
         access = resolve_access(uid, gid, self.group, self.others_access)
-        refusal = self._over_limit(uid, access)
+        refusal = self._ledger.refusal(uid, access)
         if refusal is not None:
             self._log_refusal.warning("control connection refused: uid=%d pid=%d: %s",
                                       uid, pid, refusal)
@@ -499,57 +468,36 @@ class ControlServer:
                 sock.send(encode_frame(error_message(None, Busy(refusal))))
             sock.close()
             return None
-        admission = _Admission(pid, uid, gid, access, read_only=access != "write")
-        self._admitted.append(admission)
+        admission = self._ledger.admit(pid, uid, gid, access)
         return admission
 
-    def _over_limit(self, uid: int, access: Access | None) -> str | None:
-        """Why a new connection from ``uid`` would break a limit, or None."""
-        limits = self.limits
-        total = len(self._admitted)
-        if total >= limits.max_connections:
-            return "too many control connections; try again later"
-        if uid == 0:
-            return None
-        if total >= limits.max_connections - limits.reserved_for_root:
-            return "too many control connections; try again later"
-        mine = [a for a in self._admitted if a.uid == uid]
-        if len(mine) >= limits.max_connections_per_uid:
-            return (f"too many control connections from uid {uid} "
-                    f"({limits.max_connections_per_uid} at most); close some")
-        if sum(a.hello_pending for a in mine) >= limits.max_pre_hello_per_uid:
-            return (f"too many control connections from uid {uid} still without their hello "
-                    f"({limits.max_pre_hello_per_uid} at most)")
-        if access != "write":
-            if sum(a.read_only for a in mine) >= limits.max_read_only_per_uid:
-                return (f"too many read-only control connections from uid {uid} "
-                        f"({limits.max_read_only_per_uid} at most); close some")
-            if sum(a.read_only for a in self._admitted) >= limits.max_read_only_connections:
-                return (f"too many control connections from users outside group "
-                        f"{self.group!r}; try again later")
-        return None
-
-    async def _serve_connection(self, sock: socket.socket, admission: _Admission) -> None:
-        conn: _Connection | None = None
+    async def _serve_connection(self, sock: socket.socket, admission: Admission) -> None:
+        conn: ControlConnection | None = None
         try:
             try:
                 reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_READ_CHUNK)
             except BaseException:
                 sock.close()
                 raise
-            conn = _Connection(self, reader, writer, admission)
+            conn = ControlConnection(self, reader, writer, admission)
             self._connections.add(conn)
             await conn.run()
         except OSError as exc:
             log.debug("control connection uid=%d lost: %s", admission.uid, exc)
         finally:
-            self._admitted.remove(admission)
+            self._ledger.release(admission)
             if conn is not None:
                 self._connections.discard(conn)
 
 
 @dataclass(eq=False)
-class _Subscription:
+class _ServedStream:
+    """One subscription of a control connection: a ``recv`` stream or a pipe.
+
+    A pipe's progress is the table of :mod:`mvpd.proto.pipe_states`, seen from the client:
+    its ``pipe.eof`` ends the local direction, the peer's ``eof`` the remote one; the pipe
+    ends once both did, or when it broke."""
+
     sub: int
     kind: Literal["recv", "pipe"]
     task: asyncio.Task[None] | None = None
@@ -557,39 +505,66 @@ class _Subscription:
     queue: asyncio.Queue[tuple[int, str, Any]] | None = None
     writer_task: asyncio.Task[None] | None = None
     watch_task: asyncio.Task[None] | None = None
-    read_done: bool = False
+    stream: StateMachine[PipeState, PipeEvent] = field(
+        default_factory=lambda: pipe_machine(PipeState.OPEN)
+    )
     #: Why the stream failed (its ``error`` event was sent): said once, and to the
     #: ``pipe.write``/``pipe.eof`` calls still waiting when it ends.
     failure: Exception | None = None
     #: The ``pipe.write``/``pipe.eof`` request being carried out.
     writing: int | None = None
-    write_done: bool = False
     ended: bool = False
 
+    def advance(self, event: PipeEvent) -> None:
+        """Apply ``event`` if the pipe's table takes it (a stream that broke takes no EOF)."""
+        if self.stream.accepts(event):
+            self.stream.handle(event)
 
-@dataclass(eq=False)
-class _Connection:
-    """One client connection: reads frames, authorises and dispatches, writes replies."""
 
-    server: ControlServer
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    admission: _Admission
-    caller: Caller | None = None
-    _access_at: float = 0.0
-    _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _subs: dict[int, _Subscription] = field(default_factory=dict)
-    _next_sub: int = 1
-    _streams_reserved: int = 0
-    _closing: bool = False
-    _main: asyncio.Task[Any] | None = None
-    #: Messages that arrived in the same read as the hello.
-    _leftover: list[dict[str, Any] | FrameError] = field(default_factory=list)
+class ControlConnection:
+    """One client connection: feeds what it reads to a :class:`ControlProtocol` and writes
+    what that says; serves the calls it lets through (handler calls, streams, pipes)."""
 
-    @property
-    def access(self) -> Access | None:
-        return self.caller.access if self.caller is not None else None
+    def __init__(
+        self,
+        server: ControlServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        admission: Admission,
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.admission = admission
+        self.caller: Caller | None = None
+        limits = server.limits
+        group = server.group
+        self.protocol = ControlProtocol(
+            access=admission.access,
+            server_name=server.server_name,
+            agent_id=server.agent_id,
+            forbidden_text=(
+                f"uid {admission.uid} may not use this control socket: only root and members "
+                f"of group {group!r} may (add the user with `usermod -aG {group} USER` and "
+                "log in again)"
+            ),
+            write_hint=f"only root and members of group {group!r} may change things",
+            max_frame=limits.max_frame,
+            read_only_max_frame=limits.read_only_max_frame,
+        )
+        self._access_at = 0.0
+        self._write_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: dict[int, _ServedStream] = {}
+        self._next_sub = 1
+        self._streams_reserved = 0
+        self._closing = False
+        self._main: asyncio.Task[Any] | None = None
+        self._builtins: dict[str, Callable[[CallReceived], Awaitable[None]]] = {
+            "pipe.write": self._enqueue_pipe,
+            "pipe.eof": self._enqueue_pipe,
+            "cancel": self._cancel,
+        }
 
     def abort(self) -> None:
         """End this connection from outside (server shutdown)."""
@@ -618,142 +593,96 @@ class _Connection:
 
     async def _serve(self) -> None:
         limits = self.server.limits
-        pid, uid, gid, access = (self.admission.pid, self.admission.uid, self.admission.gid,
-                                 self.admission.access)
-        decoder = FrameDecoder(
-            limits.max_frame if access == "write" else min(limits.read_only_max_frame, 4096)
-        )
+        protocol = self.protocol
         # The hello: the first frame, within hello_timeout.
         try:
-            first = await asyncio.wait_for(self._read_first(decoder), limits.hello_timeout)
+            async with asyncio.timeout(limits.hello_timeout):
+                while protocol.state == ConnectionState.AWAITING_HELLO:
+                    chunk = await self.reader.read(_READ_CHUNK)
+                    if not chunk:
+                        return
+                    protocol.receive_data(chunk)
         except TimeoutError:
-            await self._send_quietly(error_message(None, BadRequest("no hello received in time")))
-            return
-        if first is None:
-            return
-        try:
-            hello = parse_client_hello(first)
-        except RpcError as exc:
-            await self._send_quietly(error_message(None, exc))
-            return
-        if access is None:
-            log.info(
-                "control connection refused: uid=%d pid=%d is not in group %r",
-                uid,
-                pid,
-                self.server.group,
-            )
-            await self._send_quietly(error_message(None, Forbidden(self._forbidden_text(uid))))
-            return
-        self.admission.hello_pending = False
-        self.caller = Caller(pid=pid, uid=uid, gid=gid, access=access)
-        self._access_at = time.monotonic()
-        decoder.max_frame = limits.max_frame if access == "write" else limits.read_only_max_frame
-        log.debug("control client %r connected: %s access=%s", hello.client, self.caller, access)
-        await self._send(server_hello(self.server.server_name, self.server.agent_id, access))
-
+            protocol.hello_timed_out()
         slots = asyncio.Semaphore(limits.max_inflight)
-        items: list[dict[str, Any] | FrameError] = list(self._leftover)
         while True:
-            for item in items:
-                if isinstance(item, FrameTooLarge):
-                    await self._send_quietly(error_message(None, item))
-                    return
-                if isinstance(item, FrameError):
-                    await self._send(error_message(None, item))
-                    continue
-                await self._dispatch(item, slots)
+            await self._flush(quiet=protocol.closing)
+            for event in protocol.events_received():
+                await self._on_event(event, slots)
+            if protocol.closing:
+                return
             chunk = await self.reader.read(_READ_CHUNK)
             if not chunk:
                 return
-            items = decoder.feed_items(chunk)
+            self._refresh_access()
+            protocol.receive_data(chunk)
 
-    async def _read_first(self, decoder: FrameDecoder) -> dict[str, Any] | None:
-        while True:
-            chunk = await self.reader.read(_READ_CHUNK)
-            if not chunk:
-                return None
-            items = decoder.feed_items(chunk)
-            if items:
-                first = items[0]
-                if isinstance(first, FrameError):
-                    await self._send_quietly(error_message(None, first))
-                    return None
-                self._leftover = items[1:]
-                return first
-
-    def _forbidden_text(self, uid: int) -> str:
-        return (
-            f"uid {uid} may not use this control socket: only root and members of group "
-            f"{self.server.group!r} may (add the user with `usermod -aG {self.server.group} "
-            "USER` and log in again)"
-        )
-
-    def _current_access(self) -> Access | None:
+    def _refresh_access(self) -> None:
+        """Look the caller's access up again once :attr:`ControlLimits.access_ttl` passed
+        (group membership can change); :class:`ConnectionClosed` if it is gone."""
         caller = self.caller
-        assert caller is not None
+        if caller is None:
+            return
         now = time.monotonic()
-        if now - self._access_at >= self.server.limits.access_ttl:
-            access = resolve_access(
-                caller.uid, caller.gid, self.server.group, self.server.others_access
-            )
-            self._access_at = now
-            if access != caller.access:
-                log.info("control caller %s: access changed to %s", caller, access)
-                if access is None:
-                    raise ConnectionClosed("access revoked")
-                self.caller = Caller(caller.pid, caller.uid, caller.gid, access)
-        return self.caller.access if self.caller is not None else None
+        if now - self._access_at < self.server.limits.access_ttl:
+            return
+        access = resolve_access(caller.uid, caller.gid, self.server.group,
+                                self.server.others_access)
+        self._access_at = now
+        if access != caller.access:
+            log.info("control caller %s: access changed to %s", caller, access)
+            if access is None:
+                raise ConnectionClosed("access revoked")
+            self.caller = Caller(caller.pid, caller.uid, caller.gid, access)
+            self.protocol.access = access
 
     # --- dispatch ------------------------------------------------------------------------------
 
-    async def _dispatch(self, message: dict[str, Any], slots: asyncio.Semaphore) -> None:
-        request_id = request_id_of(message)
-        try:
-            req = parse_request(message)
-            spec = method_spec(req.method)
-            access = self._current_access()
-            if spec.access == "write" and access != "write":
-                if self.caller is not None:
-                    log.warning(
-                        "refused control call %s by %s: not root and not in group %r",
-                        req.method, self.caller, self.server.group,
-                        extra=fields(event="rpc-refused", rpc_method=req.method,
-                                     caller_uid=self.caller.uid, caller_pid=self.caller.pid),
-                    )
-                raise Forbidden(
-                    f"{req.method} needs write access: only root and members of group "
-                    f"{self.server.group!r} may change things"
-                )
-            params = validate_params(req.method, req.params)
-        except RpcError as exc:
-            await self._send(error_message(request_id, exc))
+    async def _on_event(self, event: ControlEvent, slots: asyncio.Semaphore) -> None:
+        admission = self.admission
+        if isinstance(event, HelloReceived):
+            admission.hello_pending = False
+            self.caller = Caller(admission.pid, admission.uid, admission.gid, event.access)
+            self._access_at = time.monotonic()
+            log.debug("control client %r connected: %s access=%s", event.client, self.caller,
+                      event.access)
+            return
+        if isinstance(event, HelloRefused):
+            log.info("control connection refused: uid=%d pid=%d is not in group %r",
+                     admission.uid, admission.pid, self.server.group)
             return
         caller = self.caller
         assert caller is not None
-        if spec.access == "write":
-            level = logging.DEBUG if req.method == "pipe.write" else logging.INFO
+        if isinstance(event, CallRefused):
+            log.warning(
+                "refused control call %s by %s: not root and not in group %r",
+                event.method, caller, self.server.group,
+                extra=fields(event="rpc-refused", rpc_method=event.method,
+                             caller_uid=caller.uid, caller_pid=caller.pid),
+            )
+            return
+        if event.spec.access == "write":
             log.log(
-                level,
-                "control call %s by %s",
-                req.method,
-                caller,
-                extra=fields(event="rpc-call", rpc_method=req.method, caller_uid=caller.uid,
+                logging.DEBUG if event.method == "pipe.write" else logging.INFO,
+                "control call %s by %s", event.method, caller,
+                extra=fields(event="rpc-call", rpc_method=event.method, caller_uid=caller.uid,
                              caller_pid=caller.pid),
             )
-        if req.method in ("pipe.write", "pipe.eof"):
-            await self._enqueue_pipe(req, params)
-        elif req.method == "cancel":
-            assert isinstance(params, SubParams)
-            sub = self._subs.get(params.sub)
-            if sub is None:
-                await self._send(error_message(req.id, NotFound(f"no subscription {params.sub}")))
-                return
-            await self._send(result_message(req.id, {}))
-            await self._end(sub, cancel=True)
-        else:
-            await slots.acquire()
-            self._spawn(self._call(req, params, caller, spec.stream), slots.release)
+        builtin = self._builtins.get(event.method)
+        if builtin is not None:
+            await builtin(event)
+            return
+        await slots.acquire()
+        self._spawn(self._call(event, caller), slots.release)
+
+    async def _cancel(self, call: CallReceived) -> None:
+        assert isinstance(call.params, SubParams)
+        sub = self._subs.get(call.params.sub)
+        if sub is None:
+            await self._send(error_message(call.id, NotFound(f"no subscription {call.params.sub}")))
+            return
+        await self._send(result_message(call.id, {}))
+        await self._end(sub, cancel=True)
 
     def _spawn(
         self, coro: Awaitable[None], on_done: Callable[[], None] | None = None
@@ -778,12 +707,12 @@ class _Connection:
         task.add_done_callback(done)
         return task
 
-    async def _call(self, req: Request, params: Any, caller: Caller, stream: bool) -> None:
-        handler_method = getattr(self.server.handler, "rpc_" + req.method.replace(".", "_"), None)
+    async def _call(self, call: CallReceived, caller: Caller) -> None:
+        handler_method = self.server.handlers.get(call.method)
         try:
             if handler_method is None:
-                raise RpcError(f"{req.method} is not implemented by this mvpd")
-            if stream:
+                raise RpcError(f"{call.method} is not implemented by this mvpd")
+            if call.spec.stream:
                 if len(self._subs) + self._streams_reserved >= self.server.limits.max_streams:
                     raise Busy(
                         f"too many streams on this connection "
@@ -791,13 +720,13 @@ class _Connection:
                     )
                 self._streams_reserved += 1
                 try:
-                    value = await handler_method(params, caller)
+                    value = await handler_method(call.params, caller)
                 finally:
                     self._streams_reserved -= 1
-                await self._start_stream(req, value)
+                await self._start_stream(call, value)
                 return
-            result = to_wire(await handler_method(params, caller))
-            frame = result_message(req.id, {} if result is None else result)
+            result = to_wire(await handler_method(call.params, caller))
+            frame = result_message(call.id, {} if result is None else result)
             await self._send(frame)
         except asyncio.CancelledError:
             raise
@@ -805,21 +734,21 @@ class _Connection:
             return
         except Exception as exc:
             if not isinstance(exc, MvpError | TimeoutError):
-                log.exception("control call %s by %s failed", req.method, caller)
+                log.exception("control call %s by %s failed", call.method, caller)
             with contextlib.suppress(ConnectionClosed):
-                await self._send(error_message(req.id, exc))
+                await self._send(error_message(call.id, exc))
 
     # --- streams -------------------------------------------------------------------------------
 
-    async def _start_stream(self, req: Request, value: Any) -> None:
-        sub = _Subscription(self._next_sub, "pipe" if req.method == "pipe.open" else "recv")
+    async def _start_stream(self, call: CallReceived, value: Any) -> None:
+        sub = _ServedStream(self._next_sub, "pipe" if call.method == "pipe.open" else "recv")
         self._next_sub += 1
         if sub.kind == "pipe":
             sub.pipe = value
             sub.queue = asyncio.Queue(self.server.limits.pipe_queue)
         self._subs[sub.sub] = sub
         try:
-            await self._send(result_message(req.id, {"sub": sub.sub}))
+            await self._send(result_message(call.id, {"sub": sub.sub}))
         except BaseException:
             await self._end(sub, cancel=True, notify=False)
             raise
@@ -830,7 +759,9 @@ class _Connection:
             sub.writer_task = self._spawn(self._pipe_writer(sub))
             sub.watch_task = self._spawn(self._watch_pipe(sub))
 
-    async def _pump_messages(self, sub: _Subscription, messages: AsyncIterator[Message]) -> None:
+    async def _pump_messages(
+        self, sub: _ServedStream, messages: AsyncIterator[PeerMessage]
+    ) -> None:
         try:
             async for message in messages:
                 await self._send(event_message(sub.sub, "message", to_wire(message)))
@@ -850,7 +781,7 @@ class _Connection:
     # write to the client itself (ConnectionClosed from _send) means the client is gone. The
     # two are kept apart by never sending from inside the try that calls into the pipe.
 
-    async def _pump_pipe(self, sub: _Subscription) -> None:
+    async def _pump_pipe(self, sub: _ServedStream) -> None:
         assert sub.pipe is not None
         chunks = sub.pipe.read()
         while True:
@@ -865,25 +796,25 @@ class _Connection:
                 return
             await self._send(event_message(sub.sub, "data", {"data": bytes(chunk)}))
         await self._send(event_message(sub.sub, "eof"))
-        sub.read_done = True
+        sub.advance(PipeEvent.EOF_RECEIVED)
         sub.task = None
-        if sub.write_done:
+        if sub.stream.state == PipeState.CLOSED:
             await self._end(sub)
 
-    async def _pipe_writer(self, sub: _Subscription) -> None:
+    async def _pipe_writer(self, sub: _ServedStream) -> None:
         assert sub.pipe is not None and sub.queue is not None
         while True:
             request_id, method, data = await sub.queue.get()
             sub.writing = request_id
             reply: dict[str, Any]
             try:
-                if sub.write_done:
+                if eof_sent(sub.stream.state):
                     raise BadRequest(f"pipe {sub.sub}: the writing side has already ended")
                 if method == "pipe.write":
                     await sub.pipe.write(data)
                 else:
                     await sub.pipe.write_eof()
-                    sub.write_done = True
+                    sub.advance(PipeEvent.EOF_SENT)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -894,12 +825,12 @@ class _Connection:
                 reply = result_message(request_id, {})
             sub.writing = None
             await self._send(reply)
-            if sub.write_done and sub.read_done:
+            if sub.stream.state == PipeState.CLOSED:
                 sub.writer_task = None
                 await self._end(sub)
                 return
 
-    async def _watch_pipe(self, sub: _Subscription) -> None:
+    async def _watch_pipe(self, sub: _ServedStream) -> None:
         assert sub.pipe is not None
         try:
             error: Exception = await sub.pipe.wait_broken()
@@ -910,37 +841,40 @@ class _Connection:
         sub.watch_task = None
         await self._fail_stream(sub, error)
 
-    async def _fail_stream(self, sub: _Subscription, exc: Exception) -> None:
+    async def _fail_stream(self, sub: _ServedStream, exc: Exception) -> None:
         """The stream cannot go on: one ``error`` event, then ``end``."""
         if sub.ended or sub.failure is not None:
             return
         sub.failure = exc
+        sub.advance(PipeEvent.FAILED)
         await self._stream_error(sub, exc)
         await self._end(sub)
 
-    async def _enqueue_pipe(self, req: Request, params: Any) -> None:
+    async def _enqueue_pipe(self, call: CallReceived) -> None:
+        params = call.params
+        assert isinstance(params, PipeWriteParams | SubParams)
         sub = self._subs.get(params.sub)
         if sub is None or sub.ended:
-            await self._send(error_message(req.id, NotFound(f"no subscription {params.sub}")))
+            await self._send(error_message(call.id, NotFound(f"no subscription {params.sub}")))
             return
         if sub.kind != "pipe" or sub.queue is None:
             await self._send(
-                error_message(req.id, InvalidParams(f"subscription {params.sub} is not a pipe"))
+                error_message(call.id, InvalidParams(f"subscription {params.sub} is not a pipe"))
             )
             return
         data = params.data if isinstance(params, PipeWriteParams) else None
         # Awaiting here stops reading this connection while the pipe is backed up.
-        await sub.queue.put((req.id, req.method, data))
+        await sub.queue.put((call.id, call.method, data))
         if sub.ended:  # it ended while we waited for room: nobody will carry this out
             reason = sub.failure or ConnectionClosed(f"pipe {sub.sub} has ended")
-            await self._send(error_message(req.id, reason))
+            await self._send(error_message(call.id, reason))
 
-    async def _stream_error(self, sub: _Subscription, exc: Exception) -> None:
+    async def _stream_error(self, sub: _ServedStream, exc: Exception) -> None:
         if not isinstance(exc, MvpError | TimeoutError):
             log.exception("stream %d failed", sub.sub)
         await self._send(event_message(sub.sub, "error", error_message(None, exc)["error"]))
 
-    async def _end(self, sub: _Subscription, *, cancel: bool = False, notify: bool = True) -> None:
+    async def _end(self, sub: _ServedStream, *, cancel: bool = False, notify: bool = True) -> None:
         """Finish a subscription once: stop its tasks, close its pipe, send ``end``."""
         if sub.ended:
             return
@@ -983,21 +917,29 @@ class _Connection:
     # --- writing -------------------------------------------------------------------------------
 
     async def _send(self, message: dict[str, Any]) -> None:
-        try:
-            frame = encode_frame(message)
-        except FrameTooLarge as exc:
-            if "id" not in message:
-                raise
-            frame = encode_frame(error_message(message["id"], exc))
+        """Write one message (and anything the protocol had queued before it)."""
         async with self._write_lock:
-            if self.writer.is_closing():
-                raise ConnectionClosed("control client went away")
-            try:
-                self.writer.write(frame)
-                await self.writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise ConnectionClosed(f"control client went away: {exc}") from None
+            self.protocol.send(message)
+            await self._write(self.protocol.data_to_send())
 
-    async def _send_quietly(self, message: dict[str, Any]) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await self._send(message)
+    async def _flush(self, *, quiet: bool = False) -> None:
+        """Write what the protocol queued on its own (hello answer, error replies); ``quiet``
+        when the connection ends anyway and a client already gone does not matter."""
+        async with self._write_lock:
+            data = self.protocol.data_to_send()
+            if not data:
+                return
+            try:
+                await self._write(data)
+            except ConnectionClosed:
+                if not quiet:
+                    raise
+
+    async def _write(self, data: bytes) -> None:
+        if self.writer.is_closing():
+            raise ConnectionClosed("control client went away")
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionClosed(f"control client went away: {exc}") from None

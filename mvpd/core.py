@@ -2,10 +2,11 @@
 
 The core reads every signaling message (one task iterating the client), routes it to the
 session for its sender, answers offers only from allowed peers (others get a ``bye`` with a
-reason), and publishes what happens (peer state changes, transport errors) to subscribers:
-one bounded queue each, with a drop counter, so a slow subscriber never slows the data
-plane. Established sessions do not need signaling: losing the signaling server leaves them
-running.
+reason), holds trickled candidates that arrive before their offer (for the session the
+offer creates; :mod:`mvpd.proto.early_candidates`), and publishes what happens (peer state
+changes, transport errors) to subscribers: one bounded queue each, with a drop counter, so a
+slow subscriber never slows the data plane. Established sessions do not need signaling:
+losing the signaling server leaves them running.
 
 Received chat/json/bytes messages do not pass through events: each transport puts them
 straight into its peer's inbox (:mod:`mvpd.inbox`), which :meth:`AgentCore.recv`,
@@ -37,8 +38,10 @@ from typing import Any, Protocol
 from .admission import MODE_NOT_GRANTED, NOT_ALLOWED, PENDING, OfferAdmission
 from .config import AgentSettings
 from .inbox import Inbox, Inboxes, InboxMessage
+from .known_peers import PeerVerifier
 from .logs import RateLimitedLog, fields
 from .peer import PeerSession, PeerState, StateChange
+from .proto.early_candidates import EarlyCandidates
 from .proto.errors import ConnectionClosed, MvpError, PeerError, SignalingRejected
 from .proto.modes import MESSAGE_MODES, MessageKind, encode_message
 from .proto.signaling import (
@@ -53,6 +56,7 @@ from .proto.signaling import (
     RoutedMessage,
     parse_message,
 )
+from .proto.trust import TrustDecision
 from .transports import PipeTransport, Transport, TransportErrorEvent, transport_class
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,9 @@ class CoreEvent:
     * ``transport-error``: ``{"label", "reason", "detail"}``;
     * ``channel``: a channel was attached, ``{"label", "mode"}`` (e.g. a pipe opened);
     * ``offer-refused``: ``{"reason"}`` (and ``"mode"`` when a channel's mode was refused);
-    * ``signaling-error``: the server reported an error, ``{"code", "message"}``.
+    * ``signaling-error``: the server reported an error, ``{"code", "message"}``;
+    * ``identity-refused``: the peer's DTLS fingerprint is not trusted,
+      ``{"reason", "expected", "offered"}``.
     """
 
     kind: str
@@ -95,7 +101,7 @@ class CoreEvent:
     at: float = field(default_factory=time.time)
 
 
-class Subscription:
+class EventSubscription:
     """A bounded event queue for one subscriber. When full, the oldest event is dropped
     and counted in :attr:`dropped`. Iterate it, or ``await get()``; ``close()`` when done."""
 
@@ -147,12 +153,22 @@ class Subscription:
 class AgentCore:
     """All peer sessions of this agent, driven by one signaling client."""
 
-    def __init__(self, settings: AgentSettings, signaling: SignalingLike) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        signaling: SignalingLike,
+        *,
+        verifier: PeerVerifier | None = None,
+    ) -> None:
+        """``verifier`` holds this agent's identity and its trust in peers; by default it
+        is loaded from ``settings.state_dir`` (:class:`ConfigError` if unsafe)."""
         self.settings = settings
+        self.verifier = verifier if verifier is not None else PeerVerifier.load(settings)
+        self.verifier.add_refusal_listener(self._on_identity_refused)
         self.agent_id = settings.agent_id
         self.signaling = signaling
         self._sessions: dict[str, PeerSession] = {}
-        self._subscribers: list[Subscription] = []
+        self._subscribers: list[EventSubscription] = []
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._stopping = False
@@ -161,8 +177,11 @@ class AgentCore:
         self.admission = OfferAdmission(settings.max_pending_sessions, settings.offers_per_minute)
         #: Refused offers: the first is logged, then one summary a minute.
         self._refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
+        #: Trickled candidates that came before their offer, held until it comes.
+        self.early_candidates = EarlyCandidates(ttl=settings.connect_timeout)
         self._transport_hooks: list[TransportHook] = []
         self._connect_checks: list[ConnectCheck] = []
+        self._connect_checks.append(self.verifier.check_connect)
         #: Every peer's received messages (the only receive buffer).
         self.inboxes = Inboxes()
 
@@ -246,10 +265,12 @@ class AgentCore:
 
     def dropped(self) -> dict[str, int]:
         """Drops that belong to no connected peer, by reason: unread messages of peers that
-        left (``inbox-expired``, and their earlier ``inbox-full``), and events no subscriber
-        read in time (``event-queue-full``)."""
+        left (``inbox-expired``, and their earlier ``inbox-full``), events no subscriber
+        read in time (``event-queue-full``), and candidates that came before an offer that
+        never did, or over the caps (``early-candidates``)."""
         drops = collections.Counter(self.inboxes.dropped)
         drops["event-queue-full"] += sum(s.dropped for s in self._subscribers)
+        drops["early-candidates"] += self.early_candidates.dropped
         return {reason: count for reason, count in drops.items() if count}
 
     # --- messages --------------------------------------------------------------------------
@@ -350,6 +371,7 @@ class AgentCore:
             mode=mode,
             on_state=self._on_session_state,
             on_transport=self._on_session_transport,
+            verifier=self.verifier,
         )
         session.add_state_listener(self._note_connected)
         self._sessions[peer] = session
@@ -362,13 +384,13 @@ class AgentCore:
 
     def subscribe(
         self, maxsize: int = DEFAULT_SUBSCRIBER_QUEUE, kinds: set[str] | None = None
-    ) -> Subscription:
+    ) -> EventSubscription:
         """A new event queue (all kinds, or only ``kinds``)."""
-        sub = Subscription(self, maxsize, frozenset(kinds) if kinds is not None else None)
+        sub = EventSubscription(self, maxsize, frozenset(kinds) if kinds is not None else None)
         self._subscribers.append(sub)
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: EventSubscription) -> None:
         with contextlib.suppress(ValueError):
             self._subscribers.remove(sub)
 
@@ -394,6 +416,10 @@ class AgentCore:
         if change.state.is_final and self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
             self.inboxes.peer_left(session.peer_id)
+
+    def _on_identity_refused(self, peer: str, decision: TrustDecision) -> None:
+        self.emit("identity-refused", peer, reason=decision.reason,
+                  expected=list(decision.expected), offered=decision.offered)
 
     def _on_session_transport(self, session: PeerSession, transport: Transport[Any]) -> None:
         for hook in self._transport_hooks:
@@ -483,11 +509,32 @@ class AgentCore:
         if isinstance(message, Offer):
             self._on_offer(peer, message, session)
             return
+        if isinstance(message, Candidate) and session is not None and (
+            session.is_for_another_ice_session(message)
+        ):
+            # The peer started over and trickles for the offer that will replace this session.
+            self._hold_early_candidate(peer, message)
+            return
         if session is None or session.state.is_final:
-            self.ignored_messages += 1
-            log.debug("ignored a %s from %s: no session", message.type, peer)
+            if isinstance(message, Candidate):
+                self._hold_early_candidate(peer, message)
+            elif isinstance(message, Bye):
+                self.early_candidates.discard(peer)
+            else:
+                self.ignored_messages += 1
+                log.debug("ignored a %s from %s: no session", message.type, peer)
             return
         session.deliver(message)
+
+    def _hold_early_candidate(self, peer: str, candidate: Candidate) -> None:
+        """Keep a candidate that came before its offer (browsers trickle at once, and the
+        offer may be behind it): the offer's session gets it right after the offer."""
+        if self._stopping or not self.settings.allows(peer):
+            self.ignored_messages += 1
+            return
+        if not self.early_candidates.hold(peer, candidate, time.monotonic()):
+            self.ignored_messages += 1
+            log.debug("ignored an early candidate from %s: too many held", peer)
 
     def _on_offer(self, peer: str, offer: Offer, session: PeerSession | None) -> None:
         if not self.settings.allows(peer):
@@ -524,6 +571,8 @@ class AgentCore:
         if session is None or session.state.is_final:
             session = self._new_session(peer, None)
         session.deliver(offer)
+        for candidate in self.early_candidates.take(peer, time.monotonic()):
+            session.deliver(candidate)
 
     def _pending_answers(self) -> int:
         """Sessions answering an offer that are not connected yet (our own offers are
@@ -547,6 +596,7 @@ class AgentCore:
 
     def _refuse_offer(self, peer: str, told: str, logged: str) -> None:
         """Say bye with ``told``, count, emit and log (rate-limited) a refused offer."""
+        self.early_candidates.discard(peer)
         self.refused_offers += 1
         self._refusals.warning("refused an offer from %s: %s", peer, logged,
                                extra=fields(peer=peer, event="offer-refused"))

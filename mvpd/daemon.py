@@ -18,7 +18,7 @@ import resource
 import signal
 from typing import Any
 
-from . import __version__, systemd
+from . import __version__, sd_notify
 from .config import EX_CONFIG, AgentSettings, load_settings
 from .control import ControlServer
 from .core import AgentCore
@@ -37,7 +37,7 @@ log = logging.getLogger("mvpd")
 
 #: Settings that SIGHUP applies without a restart.
 RELOADABLE = ("allowed_peers", "ice_servers", "ice_transport_policy", "log_level",
-              "connect_timeout", "peer_timeout", "auto_connect", "peers")
+              "connect_timeout", "peer_timeout", "auto_connect", "peers", "trust")
 #: Seconds between auto-connect attempts for a peer that is not connected (with jitter).
 AUTO_CONNECT_INTERVAL = 10.0
 
@@ -101,10 +101,10 @@ class Daemon:
             raise
         self._tasks.append(asyncio.ensure_future(self._track_peers()))
         self._tasks.append(asyncio.ensure_future(self._auto_connect()))
-        watchdog = systemd.start_watchdog()
+        watchdog = sd_notify.start_watchdog()
         if watchdog is not None:
             self._tasks.append(watchdog)
-        systemd.notify_ready(self.status_line())
+        sd_notify.notify_ready(self.status_line())
         log_event(log, logging.INFO, "ready", "mvpd ready: control socket %s", s.socket)
 
     async def run(self) -> None:
@@ -123,7 +123,10 @@ class Daemon:
         if not self._stop.is_set():
             name = signal.Signals(signum).name if signum else "request"
             log_event(log, logging.INFO, "stopping", "stopping (%s)", name)
-            systemd.notify_stopping("stopping: saying bye to peers")
+            sd_notify.notify_stopping("stopping: saying bye to peers")
+            if self.signaling is not None:
+                # Byes still go out on a connection that is up; nothing connects again.
+                self.signaling.begin_stopping()
             self._stop.set()
 
     async def stop(self) -> None:
@@ -159,9 +162,9 @@ class Daemon:
     # --- reload ----------------------------------------------------------------------------
 
     def _on_sighup(self) -> None:
-        systemd.notify_reloading("reloading configuration")
+        sd_notify.notify_reloading("reloading configuration")
         result = self.reload()
-        systemd.notify_ready(self.status_line())
+        sd_notify.notify_ready(self.status_line())
         applied = ", ".join(result.applied) or "nothing changed"
         not_applied = "; ".join(result.not_applied) or "nothing"
         # APPLIED/NOT_APPLIED as fields: `journalctl -u mvpd EVENT=reloaded -o json`.
@@ -207,9 +210,9 @@ class Daemon:
                 f"{connected} peer(s) connected")
 
     def _on_signaling_state(self, state: str) -> None:
-        log_event(log, logging.INFO, "signaling-" + state, "signaling %s (%s)", state,
-                  self.settings.signaling_url)
-        systemd.notify_status(self.status_line())
+        url = self.signaling.url if self.signaling is not None else self.settings.signaling_url
+        log_event(log, logging.INFO, "signaling-" + state, "signaling %s (%s)", state, url)
+        sd_notify.notify_status(self.status_line())
 
     async def _track_peers(self) -> None:
         """Keep systemd's status line current. (Peer state changes are logged, with their
@@ -218,7 +221,7 @@ class Daemon:
         events = self.core.subscribe(kinds={"peer-state"}, maxsize=256)
         try:
             async for _event in events:
-                systemd.notify_status(self.status_line())
+                sd_notify.notify_status(self.status_line())
         finally:
             events.close()
 

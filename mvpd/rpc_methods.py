@@ -21,24 +21,39 @@ from .control import Caller, PipeStream
 from .core import AgentCore
 from .peer import PeerSession, PeerState
 from .ping import PingService
-from .proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
+from .proto.errors import (
+    ConnectionClosed,
+    InvalidParams,
+    MvpError,
+    NotFound,
+    PeerError,
+    RpcTimeout,
+)
 from .proto.rpc import (
     ConnectParams,
+    ForgetParams,
+    IdentityInfo,
+    IdResult,
     InboxStatus,
-    Message,
+    KnownPeerEntry,
     NoParams,
+    PeerMessage,
     PeerParams,
     PeerStatus,
     PingParams,
     PingResult,
     RecvParams,
     ReloadResult,
+    RotateParams,
     SendParams,
     SendResult,
     SignalingStatus,
     StatsResult,
     StatusResult,
+    TrustParams,
+    TrustResult,
 )
+from .proto.trust import normalize_fingerprint, short_fingerprint
 from .stats import TrafficSampler, peer_stats
 from .transports import PipeTransport, Transport, TunTransport
 
@@ -138,7 +153,9 @@ class RpcMethods:
             version=__version__,
             uptime=time.time() - self.started,
             signaling=SignalingStatus(
-                url=self.settings.signaling_url, state=self._signaling_state()
+                # The server in use, when several are configured (signaling_urls).
+                url=str(getattr(self.core.signaling, "url", self.settings.signaling_url)),
+                state=self._signaling_state(),
             ),
             peers=self._peer_list(),
             refused_offers=dict(self.core.admission.refused),
@@ -184,6 +201,8 @@ class RpcMethods:
             inbox=(
                 {"queued": len(inbox), "queued_bytes": inbox.bytes} if inbox is not None else None
             ),
+            fingerprint=snap["fingerprint"],
+            identity=snap["identity"],
             **totals,
         )
 
@@ -225,7 +244,7 @@ class RpcMethods:
         timeout = params.timeout or self.settings.connect_timeout
         try:
             await asyncio.wait_for(self.core.connect_to(params.peer, params.mode), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.core.disconnect(params.peer, "connect timed out")
             raise RpcTimeout(
                 f"no data channel to {params.peer} opened within {timeout:g} s; is the peer "
@@ -258,19 +277,19 @@ class RpcMethods:
         size = await self.core.send(params.peer, params.kind, value[params.kind])
         return SendResult(bytes=size)
 
-    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[Message]:
+    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[PeerMessage]:
         inbox = self.core.inboxes.get(params.peer)
         if not params.follow and not inbox and self.core.get_session(params.peer) is None:
             raise NotFound(f"not connected to {params.peer} and no messages from it")
         return self._read(params)
 
-    async def _read(self, params: RecvParams) -> AsyncIterator[Message]:
+    async def _read(self, params: RecvParams) -> AsyncIterator[PeerMessage]:
         """Queued messages, then (following) new ones until the daemon stops. A follower
         may wait for a peer that is not connected yet: ``chat`` starts that way."""
         async for message in self.core.inboxes.read(
             params.peer, follow=params.follow, limit=params.limit
         ):
-            yield Message(peer=params.peer, kind=message.kind, data=message.value)
+            yield PeerMessage(peer=params.peer, kind=message.kind, data=message.value)
 
     async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
         session = self._session(params.peer)
@@ -282,6 +301,55 @@ class RpcMethods:
         if self._reload is None:
             return ReloadResult(not_applied=["reload is not supported here"])
         return self._reload()
+
+    # --- identity --------------------------------------------------------------------------
+
+    async def rpc_id(self, params: NoParams, caller: Caller) -> IdResult:
+        verifier = self.core.verifier
+        pending = verifier.store.pending()
+        return IdResult(
+            agent_id=self.settings.agent_id,
+            current=_identity_info(verifier.identity.fingerprint),
+            next=_identity_info(pending.fingerprint) if pending is not None else None,
+            state_dir=str(verifier.store.state_dir),
+        )
+
+    async def rpc_id_rotate(self, params: RotateParams, caller: Caller) -> IdResult:
+        verifier = self.core.verifier
+        if params.finish:
+            old = verifier.identity.fingerprint
+            verifier.identity = verifier.store.finish_rotation()
+            log.warning("identity rotated by %s: new connections use %s (was %s)", caller,
+                        verifier.identity.fingerprint, old)
+        else:
+            pending = verifier.store.begin_rotation()
+            log.info("identity rotation started by %s: next identity %s", caller,
+                     pending.fingerprint)
+        return await self.rpc_id(NoParams(), caller)
+
+    async def rpc_trust(self, params: TrustParams, caller: Caller) -> TrustResult:
+        fingerprint = _fingerprint_param(params.fingerprint)
+        changed = self.core.verifier.known.add(params.peer, fingerprint, "trusted")
+        log.info("%s trusted for %s by %s", fingerprint, params.peer, caller)
+        return self._known(params.peer, int(changed))
+
+    async def rpc_forget(self, params: ForgetParams, caller: Caller) -> TrustResult:
+        fingerprint = None
+        if params.fingerprint is not None:
+            fingerprint = _fingerprint_param(params.fingerprint)
+        removed = self.core.verifier.known.forget(params.peer, fingerprint)
+        if not removed:
+            raise NotFound(f"known_peers holds no {'such ' if fingerprint else ''}fingerprint "
+                           f"for {params.peer}")
+        log.info("%s forgotten (%d fingerprint(s)) by %s", params.peer, removed, caller)
+        return self._known(params.peer, removed)
+
+    def _known(self, peer: str, changed: int) -> TrustResult:
+        entries = [
+            KnownPeerEntry(fingerprint=e.fingerprint, how=e.how, added=e.added)
+            for e in self.core.verifier.known.get(peer)
+        ]
+        return TrustResult(peer=peer, changed=changed, entries=entries)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -295,6 +363,17 @@ class RpcMethods:
 def _tun_status(transport: Transport[Any] | None) -> dict[str, Any] | None:
     """The TUN part of a peer's status (device, addresses, packets, drops), if tun mode."""
     return transport.tun_status() if isinstance(transport, TunTransport) else None
+
+
+def _identity_info(fingerprint: str) -> IdentityInfo:
+    return IdentityInfo(fingerprint=fingerprint, short=short_fingerprint(fingerprint))
+
+
+def _fingerprint_param(text: str) -> str:
+    try:
+        return normalize_fingerprint(text)
+    except ValueError as exc:
+        raise InvalidParams(str(exc)) from None
 
 
 def _log_background_failure(peer: str) -> Callable[[asyncio.Future[Any]], None]:

@@ -13,8 +13,7 @@ What ``mvpctl stats``, the metrics endpoint and ``mvpctl web`` show beyond ``sta
   T3-rtx timeouts, congestion window, flight size, smoothed RTT).
 
 Everything that reaches into the WebRTC stack goes through :func:`peer_connection` and
-:func:`sctp_association`: the session runs on aiortc's ``RTCPeerConnection`` today, and these
-two are what changes when it runs on another stack.
+:func:`sctp_association` (the session runs on :class:`mvpd.rtc.PeerConnection`).
 """
 
 from __future__ import annotations

@@ -34,12 +34,13 @@ wait_socket() {
 }
 
 step "start alice (with the embedded signaling server on $url) and bob"
-AGENT_ID=alice MVPD_SOCKET="$work/alice.sock" SIGNALING_URL="$url" \
+# Each daemon keeps its identity (its DTLS key) in a state directory of its own.
+AGENT_ID=alice MVPD_SOCKET="$work/alice.sock" SIGNALING_URL="$url" MVPD_STATE_DIR="$work/alice" \
     MVPD_SIGNALING_SERVER__ENABLED=true MVPD_SIGNALING_SERVER__LISTEN="127.0.0.1:$port" \
     mvpd run >"$work/alice.log" 2>&1 &
 pids+=($!)
 wait_socket "$work/alice.sock"
-AGENT_ID=bob MVPD_SOCKET="$work/bob.sock" SIGNALING_URL="$url" \
+AGENT_ID=bob MVPD_SOCKET="$work/bob.sock" SIGNALING_URL="$url" MVPD_STATE_DIR="$work/bob" \
     mvpd run >"$work/bob.log" 2>&1 &
 pids+=($!)
 wait_socket "$work/bob.sock"
@@ -96,13 +97,25 @@ else
     ip netns exec "$nsa" mvpd signal --listen 10.203.0.1:8765 >"$work/tun-signal.log" 2>&1 &
     pids+=($!)
     sleep 1
+    # A tunnel is for peers whose key is pinned: each side's identity is made first
+    # (`mvpd identity`), and each config pins the other's fingerprint.
+    fingerprint() {
+        MVPD_STATE_DIR="$work/tun-$1" mvpd identity | awk '/^fingerprint/ {print $2, $3}'
+    }
+    fp_a=$(fingerprint a); fp_b=$(fingerprint b)
+    echo "tun-a is $fp_a"
+    echo "tun-b is $fp_b"
     for side in a b; do
-        # Each side gives the other TUN mode with its one tunnel address (allowed_ips).
-        ns=$nsa; addr=10.0.0.1/24; other=b; other_ip=10.0.0.2/32
-        [ "$side" = b ] && ns=$nsb && addr=10.0.0.2/24 && other=a && other_ip=10.0.0.1/32
-        peers="{\"tun-$other\": {\"mode\": \"tun\", \"allowed_ips\": [\"$other_ip\"]}}"
+        # Each side gives the other TUN mode with its one tunnel address (allowed_ips) and
+        # its fingerprint.
+        ns=$nsa; addr=10.0.0.1/24; other=b; other_ip=10.0.0.2/32; other_fp=$fp_b
+        [ "$side" = b ] && ns=$nsb && addr=10.0.0.2/24 && other=a && other_ip=10.0.0.1/32 \
+            && other_fp=$fp_a
+        peers="{\"tun-$other\": {\"mode\": \"tun\", \"allowed_ips\": [\"$other_ip\"],"
+        peers+=" \"fingerprints\": [\"$other_fp\"]}}"
         ip netns exec "$ns" env AGENT_ID="tun-$side" MVPD_SOCKET="$work/tun-$side.sock" \
-            SIGNALING_URL=ws://10.203.0.1:8765 MVPD_TUN__ADDRESS="$addr" MVPD_PEERS="$peers" \
+            MVPD_STATE_DIR="$work/tun-$side" SIGNALING_URL=ws://10.203.0.1:8765 \
+            MVPD_TUN__ADDRESS="$addr" MVPD_PEERS="$peers" \
             mvpd run >"$work/tun-$side.log" 2>&1 &
         pids+=($!)
     done

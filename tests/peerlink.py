@@ -24,6 +24,7 @@ from mvpd.proto.signaling import (
     dump_message,
     parse_message,
 )
+from mvpd.rtc import aiortc_internals
 
 T = TypeVar("T")
 
@@ -128,3 +129,19 @@ async def connected_pair(
     ta = await sa.wait_open()
     tb = await sb.wait_open()
     return sa, sb, ta, tb
+
+
+def intercept_received(sctp: Any, keep: Callable[[bytes], bool]) -> None:
+    """Show each SCTP packet the driver ``sctp`` (an open :class:`mvpd.rtc.SctpTransport`)
+    receives to ``keep`` first, and drop it when that returns False. Both receive paths,
+    aiortc's coroutine and the synchronous one, end in ``_receive``; the synchronous one
+    bound the original, so it is set up again with the wrapper."""
+    original = sctp._receive
+
+    def receive(data: bytes) -> None:
+        if keep(data):
+            original(data)
+
+    sctp._receive = receive
+    aiortc_internals.stop_receiving_now(sctp.transport)
+    aiortc_internals.receive_data_now(sctp.transport, receive)

@@ -7,14 +7,14 @@ import asyncio
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection
-from peerlink import make_settings, run, wait_for
-from test_core import FAST, agents
 
 from mvpd.admission import PENDING, RATE, OfferAdmission, TokenBuckets
 from mvpd.core import AgentCore
 from mvpd.peer import PeerState
 from mvpd.proto.signaling import Bye, Offer
 from mvpd.signaling.client import SignalingClient
+from tests.peerlink import make_settings, run, wait_for
+from tests.test_core import FAST, agents
 
 
 class Clock:

@@ -25,9 +25,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent / "mvpctl"))
-from control_harness import FakeDaemon, ServerThread
-
 from mvpctl.client import Client
 from mvpd.control import ControlLimits, ControlServer, resolve_access
 from mvpd.proto import rpc
@@ -44,6 +41,7 @@ from mvpd.proto.errors import (
     UnknownMethod,
 )
 from mvpd.socket_file import SocketFile
+from tests.mvpctl.control_harness import FakeDaemon, ServerThread
 from tests.users import public_directory, run_admin, throwaway_user
 
 PYTHON = sys.executable
@@ -827,7 +825,7 @@ FD_STARVED_SERVER = """
 import asyncio, contextlib, resource, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from control_harness import FakeDaemon
+from tests.mvpctl.control_harness import FakeDaemon
 from mvpd.control import ControlServer
 from mvpd.logs import setup_logging
 with contextlib.suppress(ImportError):  # what the daemon runs on when it is installed
@@ -848,7 +846,7 @@ def test_running_out_of_file_descriptors_is_logged_and_serving_goes_on(tmp_path:
     path, log_file = tmp_path / "run" / "mvpd.sock", tmp_path / "server.log"
     with log_file.open("w") as log_out:
         server = subprocess.Popen(
-            [PYTHON, "-c", FD_STARVED_SERVER, str(path), str(ROOT / "tests" / "mvpctl")],
+            [PYTHON, "-c", FD_STARVED_SERVER, str(path), str(ROOT)],
             stdout=subprocess.PIPE, stderr=log_out, text=True, cwd=tmp_path,
         )
     try:

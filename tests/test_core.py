@@ -9,15 +9,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from peerlink import make_settings, run, wait_for
 
 from mvpd.config import SignalingServerSettings
-from mvpd.core import AgentCore, CoreEvent, Subscription
+from mvpd.core import AgentCore, CoreEvent, EventSubscription
 from mvpd.inbox import InboxMessage
 from mvpd.proto.errors import ConnectionClosed, PeerError
 from mvpd.signaling.client import SignalingClient
 from mvpd.signaling.server import SignalingServer
 from mvpd.transports import BytesTransport, ChatTransport, JsonTransport
+from tests.peerlink import make_settings, run, wait_for
 
 FAST: dict[str, Any] = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 5.0}
 
@@ -27,7 +27,7 @@ class Agents:
         self.server = server
         self.cores: dict[str, AgentCore] = {}
         self.clients: dict[str, SignalingClient] = {}
-        self.events: dict[str, Subscription] = {}
+        self.events: dict[str, EventSubscription] = {}
 
     async def add(self, agent_id: str, **settings: Any) -> AgentCore:
         cfg = make_settings(agent_id, signaling_url=self.server.url, **settings)
@@ -59,7 +59,7 @@ async def agents() -> AsyncIterator[Agents]:
         await server.close()
 
 
-async def next_event(sub: Subscription, kind: str, timeout: float = 20) -> CoreEvent:
+async def next_event(sub: EventSubscription, kind: str, timeout: float = 20) -> CoreEvent:
     async with asyncio.timeout(timeout):
         while True:
             event = await sub.get()
@@ -67,7 +67,7 @@ async def next_event(sub: Subscription, kind: str, timeout: float = 20) -> CoreE
                 return event
 
 
-async def state_event(sub: Subscription, peer: str, state: str) -> CoreEvent:
+async def state_event(sub: EventSubscription, peer: str, state: str) -> CoreEvent:
     async with asyncio.timeout(20):
         while True:
             event = await next_event(sub, "peer-state")
@@ -154,7 +154,7 @@ def test_a_tun_channel_from_a_peer_without_allowed_ips_is_refused_with_a_bye() -
     allowed IPs: others get a bye with the reason, and it counts an offer-refused event."""
     async def body() -> None:
         async with agents() as group:
-            alice = await group.add("alice")
+            alice = await group.add("alice", trust="tofu")  # past the identity check
             bob = await group.add("bob", peers={"carol": {"allowed_ips": ["10.9.0.3/32"]}})
             with contextlib.suppress(PeerError):  # the channel may open before the bye
                 await alice.connect_to("bob", "tun")
@@ -333,6 +333,29 @@ def test_inbox_of_a_peer_that_left_is_kept_for_the_grace_then_freed() -> None:
     run(body())
 
 
+def test_refused_identity_is_an_event_naming_peer_expected_and_offered(tmp_path: Any) -> None:
+    """A peer whose key is not the one pinned: refused before any data, with an event."""
+
+    async def body() -> None:
+        from mvpd.identity import AgentIdentity, IdentityStore
+
+        pinned = AgentIdentity.generate().fingerprint
+        async with agents() as group:
+            alice = await group.add("alice", state_dir=tmp_path / "alice",
+                                    peers={"bob": {"fingerprints": [pinned]}})
+            await group.add("bob", state_dir=tmp_path / "bob")
+            with pytest.raises(PeerError, match="identity refused"):
+                await alice.connect_to("bob")
+            event = await next_event(group.events["alice"], "identity-refused")
+            assert event.peer == "bob" and event.data["expected"] == [pinned]
+            offered = IdentityStore(tmp_path / "bob").load().fingerprint
+            assert event.data["offered"] == offered
+            assert "not pinned" in event.data["reason"]
+            assert not any(e.kind == "message" for e in _drain(group.events["alice"]))
+
+    run(body())
+
+
 def test_transport_reader_under_a_core_ends_when_its_channel_closes() -> None:
     async def body() -> None:
         async with agents() as group:
@@ -345,5 +368,49 @@ def test_transport_reader_under_a_core_ends_when_its_channel_closes() -> None:
             ta.close()
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(reader, 5)
+
+    run(body())
+
+
+def test_candidates_before_an_offer_are_held_bounded_and_counted() -> None:
+    async def body() -> None:
+        core = AgentCore(make_settings("alice", allowed_peers=["web", "pal"]),
+                         signaling=None)  # type: ignore[arg-type]
+
+        def candidate(sender: str, n: int) -> dict[str, Any]:
+            return {"type": "candidate", "from": sender, "to": "alice", "candidate": {
+                "candidate": f"candidate:{n} 1 udp 1 10.0.0.1 {5000 + n} typ host",
+                "sdpMid": "0", "sdpMLineIndex": 0}}
+
+        for n in range(70):  # over the per-id cap of 64
+            core.dispatch(candidate("web", n))
+        core.dispatch(candidate("stranger", 1))  # not allowed: not even held
+        core.dispatch(candidate("pal", 1))
+        assert core.early_candidates.peers() == ["web", "pal"]
+        assert len(core.early_candidates) == 65
+        assert core.ignored_messages == 7
+        # pal says bye instead of offering: its candidate goes, counted.
+        core.dispatch({"type": "bye", "from": "pal", "to": "alice"})
+        assert core.early_candidates.peers() == ["web"]
+        assert core.dropped() == {"early-candidates": 7}
+
+    run(body())
+
+
+def _drain(sub: EventSubscription) -> list[CoreEvent]:
+    events = []
+    while (event := sub.get_nowait()) is not None:
+        events.append(event)
+    return events
+
+
+def test_tun_connect_to_an_unpinned_peer_fails_before_any_offer() -> None:
+    async def body() -> None:
+        async with agents() as group:
+            alice = await group.add("alice")
+            await group.add("bob")
+            with pytest.raises(PeerError, match=r"needs its identity pinned.*mvpctl trust bob"):
+                await alice.connect_to("bob", "tun")
+            assert alice.sessions == {}
 
     run(body())

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import pytest
-from peerlink import Forwarder, make_settings, run, split_candidates, trickle, wait_for
 
+import mvpd.peer
 from mvpd.peer import PeerSession, PeerState, ice_configuration, parse_candidate
-from mvpd.proto.errors import ConnectionClosed, PeerError
+from mvpd.proto.errors import ConnectionClosed, IllegalTransition, PeerError
+from mvpd.proto.session_states import SessionEvent
 from mvpd.proto.signaling import Answer, Bye, IceCandidate, Offer, RoutedMessage
 from mvpd.transports import ChatTransport, JsonTransport
-from tests.e2e.harness import free_port, wait_for_stun
+from tests.e2e.harness import TurnServer
+from tests.peerlink import (
+    Forwarder,
+    intercept_received,
+    make_settings,
+    run,
+    split_candidates,
+    trickle,
+    wait_for,
+)
 
 
 async def connect(sa: PeerSession, sb: PeerSession) -> tuple[Any, Any]:
@@ -181,14 +190,11 @@ def test_close_resets_the_channels_and_shuts_sctp_down_before_the_bye() -> None:
             assert session._pc is not None and session._pc.sctp is not None
             driver = session._pc.sctp
 
-            def recorder(original: Any) -> Any:
-                async def record(data: bytes) -> None:
-                    seen.extend(kind for kind, _f, _s, _e in parse_packet(data).chunks)
-                    await original(data)
+            def record(data: bytes) -> bool:
+                seen.extend(kind for kind, _f, _s, _e in parse_packet(data).chunks)
+                return True
 
-                return record
-
-            driver._handle_data = recorder(driver._handle_data)  # type: ignore[method-assign]
+            intercept_received(driver, record)
         bye_at: list[int] = []
         send = fwd.sender("alice")
 
@@ -288,32 +294,15 @@ def test_ice_configuration_is_explicit() -> None:
 def turn_server(tmp_path: Any) -> Any:
     """coturn on 127.0.0.1 with one static user, stopped (by pid) afterwards."""
     import shutil
-    import subprocess
 
     binary = shutil.which("turnserver")
     if binary is None:
         pytest.skip("coturn (turnserver) is not installed")
-    port = free_port(socket.SOCK_DGRAM)
-    base = 40000 + (port % 20000)
-    proc = subprocess.Popen(
-        [binary, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
-         f"--listening-port={port}", f"--min-port={base}", f"--max-port={base + 200}",
-         "--lt-cred-mech", "--user=mvp:relay-secret", "--realm=mvp.test",
-         "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
-         f"--pidfile={tmp_path}/turn.pid", f"--log-file={tmp_path}/turn.log",
-         "--no-software-attribute"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = TurnServer(tmp_path).start(binary)
     try:
-        wait_for_stun(port, proc)
-        yield f"turn:127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str) -> None:
@@ -322,7 +311,8 @@ def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str
         relay = {
             "ice_transport_policy": "relay",
             "ice_servers": [
-                {"urls": [turn_server], "username": "mvp", "credential": "relay-secret"}
+                {"urls": [turn_server], "username": TurnServer.USER,
+                 "credential": TurnServer.PASSWORD}
             ],
         }
         sa, sb = fwd.pair("alice", "bob", **relay)
@@ -337,5 +327,41 @@ def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str
         assert "typ host" not in offer.sdp
         await sa.close()
         await sb.close()
+
+    run(body())
+
+
+def test_state_changes_follow_the_session_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        async def nowhere(message: Any) -> None:
+            pass
+
+        session = PeerSession(make_settings("alice"), "bob", send_signal=nowhere)
+        # Strict (the test suite): a refused event raises and changes nothing.
+        with pytest.raises(IllegalTransition, match="'channel-open' is not allowed in state 'new'"):
+            session._set_state(SessionEvent.CHANNEL_OPEN)
+        assert session.state == PeerState.NEW
+        # Production: logged and ignored; and a close for a reason the table refuses here
+        # still ends the session, as a plain close.
+        monkeypatch.setattr(mvpd.peer.session, "strict_transitions", False)
+        assert not session._set_state(SessionEvent.CHANNEL_OPEN)
+        await session.close("the data channel closed", event=SessionEvent.CHANNEL_CLOSED)
+        assert [c.state for c in session.history] == [PeerState.NEW, PeerState.CLOSED]
+        # Final: nothing moves it any more.
+        assert not session._set_state(SessionEvent.OFFER_RECEIVED)
+        assert session.state == PeerState.CLOSED
+
+    run(body())
+
+
+def test_a_timeout_ends_the_session_failed() -> None:
+    async def body() -> None:
+        async def nowhere(message: Any) -> None:
+            pass
+
+        session = PeerSession(make_settings("alice"), "bob", send_signal=nowhere)
+        await session.close("no channel within 1 s", event=SessionEvent.TIMEOUT)
+        assert session.state == PeerState.FAILED
+        assert session.failure == "no channel within 1 s"
 
     run(body())

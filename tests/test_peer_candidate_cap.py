@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from peerlink import Forwarder, run, trickle
-
 from mvpd.proto.signaling import Offer, RoutedMessage
+from tests.peerlink import Forwarder, run, trickle
 
 FAKES = 1000
 CAP = 64  # the default

@@ -13,10 +13,9 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from peerlink import connected_pair, run, wait_for
-
 from mvpd.sctp.chunks import DATA
 from mvpd.sctp.packet import parse_packet
+from tests.peerlink import connected_pair, intercept_received, run, wait_for
 
 MESSAGES = 400
 MESSAGE_SIZE = 1000  # one DATA chunk per packet
@@ -28,13 +27,15 @@ CHANNEL_ID = 100
 
 
 def drop_data_packets(sctp: Any, stream_id: int) -> list[int]:
-    """Make the SCTP driver ``sctp`` ignore some packets carrying DATA of ``stream_id``;
-    returns the TSNs dropped."""
-    original = sctp._handle_data
+    """Make the SCTP driver ``sctp`` ignore every DROP_EVERY-th of the first DROP_UNTIL
+    packets carrying new DATA of ``stream_id`` (retransmissions are let through and not
+    counted, so the number dropped does not depend on when they come); returns the TSNs
+    dropped."""
     dropped: list[int] = []
+    arrived: set[int] = set()
     seen = 0
 
-    async def handle_data(data: bytes) -> None:
+    def keep(data: bytes) -> bool:
         nonlocal seen
         packet = parse_packet(data)
         tsns = [
@@ -42,14 +43,16 @@ def drop_data_packets(sctp: Any, stream_id: int) -> list[int]:
             for kind, _flags, start, _end in packet.chunks
             if kind == DATA and struct.unpack_from("!H", data, start + 4)[0] == stream_id
         ]
-        if tsns:
-            seen += 1
-            if seen <= DROP_UNTIL and seen % DROP_EVERY == 0 and tsns[0] not in dropped:
-                dropped.extend(tsns)
-                return
-        await original(data)
+        if not tsns or tsns[0] in arrived:
+            return True
+        arrived.update(tsns)
+        seen += 1
+        if seen <= DROP_UNTIL and seen % DROP_EVERY == 0:
+            dropped.extend(tsns)
+            return False
+        return True
 
-    sctp._handle_data = handle_data
+    intercept_received(sctp, keep)
     return dropped
 
 

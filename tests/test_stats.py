@@ -15,7 +15,7 @@ from mvpd.stats import (
     sctp_counters,
 )
 from mvpd.transports import TransportCounters
-from tests.peerlink import Forwarder, run, wait_for
+from tests.peerlink import Forwarder, intercept_received, run, wait_for
 
 
 class FakeTransport:
@@ -123,16 +123,15 @@ def test_a_lost_packet_shows_as_a_retransmission() -> None:
         tb.add_message_listener(received.append)
         # Lose the next packet bob receives (it carries the first message's DATA chunk).
         receiver = sctp_association(sb)
-        handle_data = receiver._handle_data
         lost = []
 
-        async def lossy_receive(data: bytes) -> None:
+        def lossy_receive(data: bytes) -> bool:
             if not lost:
                 lost.append(data)
-                return
-            await handle_data(data)
+                return False
+            return True
 
-        receiver._handle_data = lossy_receive
+        intercept_received(receiver, lossy_receive)
         for i in range(10):
             await ta.send_text_async(f"message {i}")
         await wait_for(lambda: len(received) == 10, 20)

@@ -37,6 +37,9 @@
     id: "",
     peer: "",
     mode: "",
+    // The peer's identity: the sha-256 fingerprint in its offer or answer. The daemon shows
+    // its own with `mvpctl id`; compare them to know the signaling server did not swap it.
+    peerFingerprint: "",
     received: [], // messages from the peer, as shown
     sent: [],
     candidatesSent: 0,
@@ -52,6 +55,10 @@
   let channel = null;
   let pendingCandidates = [];
   let offerRetries = 0;
+  // One certificate for every connection of this page, so that its identity (fingerprint)
+  // stays the same across reconnects: daemons that remember peers (trust on first use)
+  // refuse a changed one. A reloaded page makes a new one.
+  let certificate = null;
   let stopped = false;
 
   // --- output -----------------------------------------------------------------------------
@@ -91,7 +98,8 @@
     if (box) {
       box.textContent =
         "signaling " + state.signaling + " · connection " + state.connection +
-        " · channel " + state.channel + (state.mode ? " (" + state.mode + ")" : "");
+        " · channel " + state.channel + (state.mode ? " (" + state.mode + ")" : "") +
+        (state.peerFingerprint ? " · peer identity " + state.peerFingerprint : "");
     }
     const send = ui("send");
     if (send) send.disabled = state.channel !== "open";
@@ -218,8 +226,13 @@
 
   function newPeerConnection() {
     closePeerConnection();
-    // No ICE servers: direct paths only (the daemon's own STUN/TURN settings still apply).
-    const conn = new RTCPeerConnection({ iceServers: options.iceServers });
+    // No ICE servers unless given: direct paths only (the daemon's own STUN/TURN settings
+    // still apply). `relayOnly` sends everything through the TURN server given.
+    const conn = new RTCPeerConnection({
+      iceServers: options.iceServers,
+      iceTransportPolicy: options.relayOnly ? "relay" : "all",
+      certificates: certificate ? [certificate] : undefined,
+    });
     pc = conn;
     pendingCandidates = [];
     conn.onicecandidate = (event) => {
@@ -274,9 +287,35 @@
     attachChannel(conn.createDataChannel(LABEL, { ordered: true, protocol: state.mode }));
     const offer = await conn.createOffer();
     await conn.setLocalDescription(offer);
+    if (options.candidatesFirst) {
+      // Every candidate is trickled before the offer leaves, and the offer carries none (as
+      // when a signaling path delivers candidates ahead of the offer).
+      await gatheringComplete(conn);
+      if (pc !== conn) return;
+      signal({ type: "offer", to: state.peer, sdp: offer.sdp });
+      log("offered " + state.mode + " to " + state.peer + " after " + state.candidatesSent +
+        " candidates");
+      return;
+    }
     if (pc !== conn) return;
     signal({ type: "offer", to: state.peer, sdp: conn.localDescription.sdp });
     log("offered " + state.mode + " to " + state.peer);
+  }
+
+  function notePeerFingerprint(sdp) {
+    const line = sdp.split(/\r?\n/).find((l) => /^a=fingerprint:sha-256 /i.test(l));
+    state.peerFingerprint = line ? "sha-256 " + line.split(" ")[1].toUpperCase() : "";
+    log("peer identity " + (state.peerFingerprint || "missing from its SDP"));
+    showState();
+  }
+
+  function gatheringComplete(conn) {
+    if (conn.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      conn.addEventListener("icegatheringstatechange", () => {
+        if (conn.iceGatheringState === "complete") resolve();
+      });
+    });
   }
 
   async function onOffer(message) {
@@ -292,6 +331,7 @@
     state.peer = message.from;
     state.role = "answer";
     const conn = newPeerConnection();
+    notePeerFingerprint(message.sdp);
     await conn.setRemoteDescription({ type: "offer", sdp: message.sdp });
     await flushCandidates(conn);
     const answer = await conn.createAnswer();
@@ -308,6 +348,7 @@
       return;
     }
     const conn = pc;
+    notePeerFingerprint(message.sdp);
     await conn.setRemoteDescription({ type: "answer", sdp: message.sdp });
     offerRetries = 0;
     await flushCandidates(conn);
@@ -422,7 +463,9 @@
   // --- start --------------------------------------------------------------------------------
 
   function start(opts) {
-    options = Object.assign({ token: "", send: "", offer: false, iceServers: [] }, opts);
+    options = Object.assign({
+      token: "", send: "", offer: false, iceServers: [], relayOnly: false, candidatesFirst: false,
+    }, opts);
     state.id = options.id;
     state.peer = options.peer || "";
     state.mode = MODES.includes(options.mode) ? options.mode : "chat";
@@ -435,7 +478,10 @@
     log("starting as " + state.id + (state.role === "offer"
       ? ", offering " + state.mode + " to " + state.peer
       : ", waiting for an offer" + (state.peer ? " from " + state.peer : "")));
-    connectSignaling();
+    RTCPeerConnection.generateCertificate({ name: "ECDSA", namedCurve: "P-256" })
+      .then((made) => { certificate = made; })
+      .catch((err) => log("no page certificate (" + err + "); one per connection"))
+      .finally(connectSignaling);
   }
 
   function stop() {

@@ -5,7 +5,10 @@ It runs on :class:`mvpd.rtc.PeerConnection` (aiortc's ICE and DTLS, our SCTP). W
 * Half-trickle: the connection gathers every local candidate before it describes itself,
   so our offer/answer SDP is complete. Browsers trickle theirs, and those may arrive before
   the offer or answer: they are queued here until the remote description is set and never
-  dropped. An empty or null candidate means end-of-candidates.
+  dropped (those that come before the offer, when no session exists yet, the core holds: see
+  :mod:`mvpd.proto.early_candidates`). An empty or null candidate means end-of-candidates.
+* States and what moves them are the table of :mod:`mvpd.proto.session_states`; every
+  change goes through ``_set_state`` with an event, which asks it.
 * The ICE server list is always explicit (empty when none are configured): see
   :func:`mvpd.peer.candidates.ice_configuration`.
 * No rollback and no ICE restart: on glare the agent with the lower id throws its own peer
@@ -27,14 +30,23 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiortc import RTCCertificate, RTCSessionDescription
+from aiortc import RTCSessionDescription
 
 from ..config import AgentSettings
+from ..known_peers import PeerVerifier
 from ..logs import FieldsAdapter, RateLimitedLog, fields
 from ..ping import answer_pings
-from ..proto.errors import ConnectionClosed, MvpError, PeerError, TransportError
+from ..proto.errors import (
+    ConnectionClosed,
+    IllegalTransition,
+    MvpError,
+    PeerError,
+    TransportError,
+)
 from ..proto.ping import PING_LABEL
+from ..proto.session_states import SessionEvent, session_machine
 from ..proto.signaling import Answer, Bye, Candidate, IceCandidate, Offer, RoutedMessage
+from ..proto.trust import TrustDecision
 from ..rtc import DataChannel, PeerConnection
 from ..transports import (
     MAX_MESSAGE_SIZE,
@@ -78,9 +90,9 @@ PC_CLOSE_TIMEOUT = 3.0
 PIPE_END_GRACE = 1.0
 
 SendSignal = Callable[[RoutedMessage], Awaitable[None]]
-#: Gives the DTLS certificate of a new peer connection (``None``: a fresh one each time), so a
-#: long-term identity can be configured without this module knowing where it comes from.
-CertificateProvider = Callable[[AgentSettings], "RTCCertificate | None"]
+#: Whether an event the session table refuses raises (the test suite sets this) or is logged
+#: and ignored (production: a bug there must not take the session down).
+strict_transitions = False
 #: Peer connections still closing in the background (referenced so they are not collected).
 _CLOSING_PCS: set[asyncio.Future[None]] = set()
 
@@ -108,10 +120,14 @@ class PeerSession:
         mode: str | None = None,
         on_state: StateListener | None = None,
         on_transport: TransportListener | None = None,
-        certificate: CertificateProvider | None = None,
+        verifier: PeerVerifier | None = None,
     ) -> None:
         self.settings = settings
-        self._certificate = certificate
+        #: This agent's certificate and the trust check; None: a fresh certificate per
+        #: connection and no check (a bare session, as in aiortc's own examples).
+        self.verifier = verifier
+        #: The verdict on the peer's identity, once its offer or answer came.
+        self.identity: TrustDecision | None = None
         self.peer_id = peer_id
         #: Every line about this peer carries PEER_ID (``journalctl -u mvpd PEER_ID=bob``).
         self._log = FieldsAdapter(log, peer=peer_id)
@@ -178,15 +194,31 @@ class PeerSession:
         """Offer and answer have both been applied."""
         return self._remote_description_set and self._pc is not None
 
+    def is_for_another_ice_session(self, message: Candidate) -> bool:
+        """Whether a trickled candidate names an ICE username fragment other than the one
+        this session negotiated: the peer has started over (a new offer is on its way)."""
+        init = message.candidate
+        return bool(
+            self.negotiated and init is not None and init.usernameFragment
+            and self._remote_ufrag and init.usernameFragment != self._remote_ufrag
+        )
+
     def add_state_listener(self, listener: StateListener) -> None:
         self._state_listeners.append(listener)
 
-    def add_transport_listener(self, listener: TransportListener) -> None:
-        self._transport_listeners.append(listener)
-
-    def _set_state(self, state: PeerState, reason: str = "") -> None:
-        if state == self.state or self.state.is_final:
-            return
+    def _set_state(self, event: SessionEvent, reason: str = "") -> bool:
+        """Apply ``event`` as :mod:`mvpd.proto.session_states` says; record and announce a
+        change of state. False if the table refused the event."""
+        machine = session_machine(self.state)
+        try:
+            state = machine.handle(event)
+        except IllegalTransition as exc:
+            if strict_transitions:
+                raise
+            self._log.warning("peer %s: %s; ignored", self.peer_id, exc)
+            return False
+        if state == self.history[-1].state:
+            return True
         change = StateChange(state, time.time(), reason)
         self.history.append(change)
         self._log.log(
@@ -199,11 +231,13 @@ class PeerSession:
                 listener(self, change)
             except Exception:
                 self._log.exception("state listener for peer %s failed", self.peer_id)
+        return True
 
     # --- starting --------------------------------------------------------------------------
 
     def _new_pc(self) -> PeerConnection:
-        certificate = self._certificate(self.settings) if self._certificate else None
+        certificate = (self.verifier.identity.rtc_certificate()
+                       if self.verifier is not None else None)
         pc = PeerConnection(ice_configuration(self.settings), certificate=certificate)
 
         def on_datachannel(channel: DataChannel) -> None:
@@ -216,9 +250,10 @@ class PeerSession:
             state = pc.connectionState
             self._log.debug("peer %s: connection state %s", self.peer_id, state)
             if state == "failed":
-                self._spawn_close(pc.failure or "ICE or DTLS failed", failed=True)
+                self._spawn_close(pc.failure or "ICE or DTLS failed",
+                                  event=SessionEvent.TRANSPORT_FAILED)
             elif state == "closed":
-                self._spawn_close("the peer connection closed")
+                self._spawn_close("the peer connection closed", event=SessionEvent.CHANNEL_CLOSED)
 
         pc.on("datachannel", on_datachannel)
         pc.on("connectionstatechange", on_connection_state)
@@ -242,7 +277,7 @@ class PeerSession:
             raise PeerError(f"session with {self.peer_id} was already started")
         factory = transport_class(self.mode)  # fails early for unknown modes
         self.role = "offerer"
-        self._set_state(PeerState.CONNECTING, "offering")
+        self._set_state(SessionEvent.OFFER_SENT, "offering")
         self._start_worker()
         pc = self._new_pc()
         transport = factory()
@@ -272,9 +307,9 @@ class PeerSession:
         limit = self.settings.connect_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(asyncio.shield(self._main_open), limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = self._timeout_reason(limit)
-            await self.close(reason, failed=True, send_bye=True)
+            await self.close(reason, send_bye=True, event=SessionEvent.TIMEOUT)
             raise PeerError(reason, code="timeout") from None
 
     def _timeout_reason(self, limit: float) -> str:
@@ -289,8 +324,9 @@ class PeerSession:
         limit = self.settings.connect_timeout
         try:
             await asyncio.wait_for(asyncio.shield(self._main_open), limit)
-        except asyncio.TimeoutError:
-            await self.close(self._timeout_reason(limit), failed=True, send_bye=True)
+        except TimeoutError:
+            await self.close(self._timeout_reason(limit), send_bye=True,
+                             event=SessionEvent.TIMEOUT)
         except (MvpError, asyncio.CancelledError):
             pass
 
@@ -335,7 +371,7 @@ class PeerSession:
             await self.handle_candidate(message)
         elif isinstance(message, Bye):
             reason = f"{self.peer_id} said bye{': ' + message.reason if message.reason else ''}"
-            await self.close(reason)
+            await self.close(reason, event=SessionEvent.BYE)
 
     async def handle_offer(self, offer: Offer) -> None:
         """Answer an offer (resolving glare: the lower agent id yields)."""
@@ -347,6 +383,7 @@ class PeerSession:
                     self._log.info("peer %s: both sides offered; %s < %s, so we answer",
                              self.peer_id, self.local_id, self.peer_id)
                     await self._discard_pc()
+                    self._set_state(SessionEvent.GLARE_YIELD, "both sides offered")
                 else:
                     self._log.info("peer %s: both sides offered; %s > %s, so we keep our offer",
                              self.peer_id, self.local_id, self.peer_id)
@@ -357,10 +394,12 @@ class PeerSession:
                               self.peer_id, self._pc.signalingState)
                 return
         self.role = "answerer"
-        self._set_state(PeerState.CONNECTING, "answering")
+        self._set_state(SessionEvent.OFFER_RECEIVED, "answering")
         if "m=application" not in offer.sdp:
             # aiortc would happily answer an SDP without sections; nothing could ever open.
             raise PeerError("the offer has no data channel (m=application) section")
+        if not await self._identity_accepted(offer.sdp):
+            return
         self._start_worker()
         pc = self._new_pc()
         sdp = self._limit_candidates(offer.sdp)
@@ -379,6 +418,9 @@ class PeerSession:
             self._log.log(self._first_time("answer"),
                           "peer %s: unexpected answer (%s) ignored", self.peer_id, state)
             return
+        if not await self._identity_accepted(answer.sdp):
+            return
+        self._set_state(SessionEvent.ANSWER_RECEIVED)
         sdp = self._limit_candidates(answer.sdp)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         await self._remote_description_applied(sdp)
@@ -397,6 +439,19 @@ class PeerSession:
             self._pending_candidates.append(message.candidate)
             return
         await self._add_candidate(message.candidate)
+
+    async def _identity_accepted(self, sdp: str) -> bool:
+        """Check the DTLS fingerprint the peer's SDP commits it to before the SDP is used
+        (DTLS then fails unless the peer proves it holds that certificate's key). On refusal
+        the session fails with a bye saying why, before any data can flow."""
+        if self.verifier is None:
+            return True
+        self.identity = self.verifier.check(self.peer_id, sdp, self.mode)
+        if self.identity.accepted:
+            return True
+        await self.close(f"identity refused: {self.identity.reason}", failed=True,
+                         send_bye=True)
+        return False
 
     def _first_time(self, what: str) -> int:
         """WARNING the first time ``what`` happens in this session, then DEBUG: a peer that
@@ -511,6 +566,19 @@ class PeerSession:
                         "(see peers.<id> in its config)"
                     ))
                 return
+            if self.verifier is not None and not self.verifier.admits_mode(
+                self.peer_id, mode, self.identity
+            ):
+                # The mode comes only now, and tun mode may want more than the offer got.
+                policy = self.verifier.policy_for(self.peer_id, mode)
+                status = self.identity.status if self.identity is not None else "unknown"
+                reason = (f"identity refused: {mode} mode takes {policy} identities here, and "
+                          f"{self.peer_id}'s is {status}")
+                self._log.warning("peer %s: %s", self.peer_id, reason,
+                                  extra=fields(event="identity-refused", mode=mode))
+                if not self._closing and self._close_task is None:
+                    self._close_task = asyncio.ensure_future(self._refuse(reason))
+                return
             try:
                 transport = create_transport(mode)
             except TransportError as exc:
@@ -538,13 +606,13 @@ class PeerSession:
         pc = self._pc
         if self._liveness_task is None and self.settings.peer_timeout > 0 and pc is not None:
             self._liveness_task = asyncio.ensure_future(self._watch_liveness(pc))
-        self._set_state(PeerState.CONNECTED, f"{self.mode} channel open")
+        self._set_state(SessionEvent.CHANNEL_OPEN, f"{self.mode} channel open")
         if not self._main_open.done():
             self._main_open.set_result(transport)
 
     def _main_channel_closed(self, transport: Transport[Any]) -> None:
         if self.transport is transport and not self._closing:
-            self._spawn_close("the data channel closed")
+            self._spawn_close("the data channel closed", event=SessionEvent.CHANNEL_CLOSED)
 
     async def open_pipe(self) -> PipeTransport:
         """Open a new pipe channel to the peer (our sending direction) and wait until open."""
@@ -556,7 +624,7 @@ class PeerSession:
         self._attach(transport, channel)
         try:
             await asyncio.wait_for(transport.wait_open(), self.settings.connect_timeout)
-        except (asyncio.TimeoutError, ConnectionClosed) as exc:
+        except (TimeoutError, ConnectionClosed) as exc:
             transport.close()
             raise PeerError(f"the pipe to {self.peer_id} did not open: {exc}") from None
         return transport
@@ -573,7 +641,7 @@ class PeerSession:
         self._pipe_waiters.append(waiter)
         try:
             return await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerError(f"{self.peer_id} opened no pipe", code="timeout") from None
         finally:
             with contextlib.suppress(ValueError):
@@ -620,8 +688,8 @@ class PeerSession:
             on_rtt=self.liveness_rtts.append,
         )
         if silent is not None and pc is self._pc and not self._closing:
-            await self.close(f"{self.peer_id} stopped answering: {silent}", failed=True,
-                             send_bye=True)
+            await self.close(f"{self.peer_id} stopped answering: {silent}", send_bye=True,
+                             event=SessionEvent.TIMEOUT)
 
     # --- signaling out ---------------------------------------------------------------------
 
@@ -635,9 +703,13 @@ class PeerSession:
 
     # --- closing ---------------------------------------------------------------------------
 
-    def _spawn_close(self, reason: str, *, failed: bool = False) -> None:
+    def _spawn_close(
+        self, reason: str, *, failed: bool = False, event: SessionEvent | None = None
+    ) -> None:
         if not self._closing and self._close_task is None:
-            self._close_task = asyncio.ensure_future(self.close(reason, failed=failed))
+            self._close_task = asyncio.ensure_future(
+                self.close(reason, failed=failed, event=event)
+            )
 
     async def _refuse(self, reason: str) -> None:
         """Say bye with ``reason``, then end the session. The bye goes first and the peer
@@ -665,15 +737,27 @@ class PeerSession:
             await pc.close()
 
     async def close(
-        self, reason: str = "closed", *, failed: bool = False, send_bye: bool = False
+        self,
+        reason: str = "closed",
+        *,
+        failed: bool = False,
+        send_bye: bool = False,
+        event: SessionEvent | None = None,
     ) -> None:
-        """End the session and release everything (idempotent)."""
+        """End the session and release everything (idempotent). ``event`` says why, for the
+        state table (default: ``error`` if ``failed``, else ``close-requested``); whether the
+        session ends ``failed`` follows from it."""
         if self._closing:
             return
         self._closing = True
-        self.failure = reason if failed else None
-        state = PeerState.FAILED if failed else PeerState.CLOSED
-        self._set_state(state, reason)
+        failure_events = (SessionEvent.ERROR, SessionEvent.TIMEOUT, SessionEvent.TRANSPORT_FAILED)
+        fallback = (SessionEvent.ERROR if failed or event in failure_events
+                    else SessionEvent.CLOSE_REQUESTED)
+        # Whatever the table said about ``event``, a closing session ends in a final state
+        # (the fallbacks are legal in every live state).
+        if not self._set_state(event or fallback, reason):
+            self._set_state(fallback, reason)
+        self.failure = reason if self.state == PeerState.FAILED else None
         self._ended.set()
         if not self._main_open.done():
             self._main_open.set_exception(PeerError(reason))
@@ -706,7 +790,7 @@ class PeerSession:
             closing.add_done_callback(self._pc_closed)
             try:
                 await asyncio.wait_for(asyncio.shield(closing), PC_CLOSE_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._log.info("peer %s: the peer connection is still closing (TURN server "
                          "unreachable?); finishing in the background", self.peer_id)
             except Exception:
@@ -759,4 +843,6 @@ class PeerSession:
             "signaling_dropped": self.inbox_dropped,
             "pending_candidates": len(self._pending_candidates),
             "sctp": pc.sctp.stats() if pc is not None and pc.sctp is not None else None,
+            "fingerprint": self.identity.offered if self.identity is not None else None,
+            "identity": self.identity.status if self.identity is not None else None,
         }

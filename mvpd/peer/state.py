@@ -1,23 +1,12 @@
-"""The life of a peer session: its states and the record of each change."""
+"""The life of a peer session: its states (the table is :mod:`mvpd.proto.session_states`)
+and the record of each change."""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-
-class PeerState(str, enum.Enum):
-    """Life of a session: new -> connecting -> connected -> closed | failed."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (PeerState.CLOSED, PeerState.FAILED)
+# PeerState is re-exported: the rest of the daemon knows it from mvpd.peer.
+from ..proto.session_states import PeerState as PeerState
 
 
 @dataclass(frozen=True)

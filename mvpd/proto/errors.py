@@ -63,6 +63,13 @@ class SignalingRejected(SignalingError):
     code = "rejected"
 
 
+class IllegalTransition(MvpError):
+    """A state machine was given an event its current state does not accept: a bug in the
+    code driving it (see :mod:`mvpd.proto.fsm`)."""
+
+    code = "internal"
+
+
 class ConnectionClosed(MvpError):
     """The other end went away."""
 
@@ -79,6 +86,12 @@ class PeerError(MvpError):
     """A peer connection could not be made or was lost."""
 
     code = "peer"
+
+
+class IdentityRefused(PeerError):
+    """The remote peer's DTLS certificate fingerprint is not one this agent trusts for it."""
+
+    code = "identity-refused"
 
 
 class TransportError(MvpError):

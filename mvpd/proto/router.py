@@ -46,6 +46,21 @@ Who may register an id:
   answer is told ``error replaced``, closed (4009), and the newcomer is registered. That lets
   a restarted daemon come back while its old TCP connection is half dead. One claim per id is
   checked at a time; further claimants meanwhile get ``id-in-use`` at once.
+
+Several servers (``cluster=True``; the I/O layer is :mod:`mvpd.signaling.cluster`, the wire
+format :mod:`mvpd.proto.cluster`): the router still decides everything about its own
+connections, and asks the I/O layer for what only the cluster knows:
+
+* an id nobody holds here needs a cluster-wide claim first (:class:`ClaimId`; the answer
+  comes back through :meth:`SignalingRouter.claim_settled`): the id may be held on another
+  server, whose holder is then checked exactly like a local one;
+* an id that leaves this server (disconnect, replaced, re-registered) is given back
+  (:class:`ReleaseId`);
+* a message for an id not registered here is handed on (:class:`Forward`); when no server
+  holds the target, :meth:`SignalingRouter.forward_failed` answers the sender ``offline``;
+* messages from other servers for our agents come in through
+  :meth:`SignalingRouter.deliver`; another server that found our holder dead takes its id
+  with :meth:`SignalingRouter.evict`.
 """
 
 from __future__ import annotations
@@ -57,7 +72,7 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeAlias, TypeVar
+from typing import Generic, Literal, TypeAlias, TypeVar
 
 from .errors import SignalingError, UnknownMessageType
 from .signaling import (
@@ -85,6 +100,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_BAD_TOKEN = 4003
 CLOSE_REPLACED = 4009
 CLOSE_ID_IN_USE = 4010
+#: The registration could not be decided now (the cluster's Redis is unreachable).
+CLOSE_TRY_AGAIN = 1013
 #: Error codes that say our id is held by another connection (``id-taken`` is an older
 #: spelling some servers use).
 ID_CONFLICT_ERROR_CODES = frozenset({"replaced", "id-in-use", "id-taken"})
@@ -123,7 +140,42 @@ class CheckLiveness(Generic[ConnT]):
     conn: ConnT
 
 
-Action: TypeAlias = Send[ConnT] | Close[ConnT] | CheckLiveness[ConnT]
+@dataclass(frozen=True)
+class ClaimId(Generic[ConnT]):
+    """Cluster mode: claim ``agent_id`` for ``conn`` across all servers, then call
+    :meth:`SignalingRouter.claim_settled`."""
+
+    conn: ConnT
+    agent_id: str
+
+
+@dataclass(frozen=True)
+class ReleaseId:
+    """Cluster mode: ``agent_id`` is no longer held here; give it back."""
+
+    agent_id: str
+
+
+@dataclass(frozen=True)
+class Forward(Generic[ConnT]):
+    """Cluster mode: ``text`` (``from`` already set to ``sender``) is for ``to``, which is not
+    registered here: hand it to the server holding ``to``, or call
+    :meth:`SignalingRouter.forward_failed` when there is none."""
+
+    conn: ConnT
+    sender: str
+    to: str
+    about: str
+    text: str
+
+
+#: How a cluster-wide claim ended: the id is ours, a live holder keeps it, or Redis could
+#: not be asked.
+ClaimOutcome: TypeAlias = Literal["granted", "in-use", "unavailable"]
+
+Action: TypeAlias = (
+    Send[ConnT] | Close[ConnT] | CheckLiveness[ConnT] | ClaimId[ConnT] | Forward[ConnT] | ReleaseId
+)
 
 
 @dataclass
@@ -178,6 +230,9 @@ class RouterStats:
     throttled: int = 0
     messages_in: int = 0
     messages_routed: int = 0
+    #: Cluster mode: messages handed to other servers, and received from them for ours.
+    messages_forwarded: int = 0
+    messages_delivered: int = 0
     routed_by_type: Counter[str] = field(default_factory=Counter)
     errors_by_code: Counter[str] = field(default_factory=Counter)
     rate_limited_dropped: int = 0
@@ -194,6 +249,8 @@ class RouterStats:
             "throttled": self.throttled,
             "messages_in": self.messages_in,
             "messages_routed": self.messages_routed,
+            "messages_forwarded": self.messages_forwarded,
+            "messages_delivered": self.messages_delivered,
             "routed_by_type": dict(self.routed_by_type),
             "errors_by_code": dict(self.errors_by_code),
             "rate_limited_dropped": self.rate_limited_dropped,
@@ -208,7 +265,8 @@ class SignalingRouter(Generic[ConnT]):
     tokens. With neither, registration is open. An id listed in ``tokens`` needs exactly its
     own token (the shared one does not register it); other ids need the shared token.
     ``failures_per_minute`` and ``max_sources`` shape the per-source throttle of bad tokens
-    (see the module documentation).
+    (see the module documentation). ``cluster`` makes registrations and routing
+    cluster-wide (see the module documentation).
     """
 
     def __init__(
@@ -222,6 +280,7 @@ class SignalingRouter(Generic[ConnT]):
         flood_close_after: int | None = None,
         failures_per_minute: int = 5,
         max_sources: int = 10_000,
+        cluster: bool = False,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
@@ -238,6 +297,7 @@ class SignalingRouter(Generic[ConnT]):
         )
         self.failures_per_minute = failures_per_minute
         self.max_sources = max_sources
+        self.cluster = cluster
         self._conns: dict[ConnT, _Connection] = {}
         self._by_id: dict[str, ConnT] = {}
         #: id -> the connection whose claim on it waits for a liveness check of the holder.
@@ -269,6 +329,10 @@ class SignalingRouter(Generic[ConnT]):
         """The id ``conn`` registered, if any."""
         state = self._conns.get(conn)
         return state.agent_id if state is not None else None
+
+    def holder(self, agent_id: str) -> ConnT | None:
+        """The connection that holds ``agent_id`` here, if any."""
+        return self._by_id.get(agent_id)
 
     def set_tokens(self, token: str | None, tokens: Mapping[str, str] | None) -> None:
         """Replace the token configuration (reload); existing registrations stay."""
@@ -304,9 +368,67 @@ class SignalingRouter(Generic[ConnT]):
         claimant = self._claims.pop(agent_id, None)
         claim = self._conns.get(claimant) if claimant is not None else None
         if claimant is None or claim is None or claim.closing:
-            return []
+            return self._released(agent_id)
         claim.claiming = None
         return self._grant(claimant, claim, agent_id)
+
+    def claim_settled(
+        self, conn: ConnT, agent_id: str, outcome: ClaimOutcome, now: float
+    ) -> list[Action[ConnT]]:
+        """The answer to a :class:`ClaimId`. A grant for a connection that left meanwhile
+        gives the id back."""
+        state = self._conns.get(conn)
+        if self._claims.get(agent_id) == conn:
+            del self._claims[agent_id]
+        if state is None or state.closing or state.claiming != agent_id:
+            return self._released(agent_id) if outcome == "granted" else []
+        state.claiming = None
+        if outcome == "granted":
+            return self._grant(conn, state, agent_id)
+        if outcome == "in-use":
+            return self._refuse_in_use(conn, state, agent_id, now)
+        state.closing = True
+        text = "the signaling servers cannot reach their shared store; try again shortly"
+        return [
+            self._error(conn, "unavailable", text, about="register"),
+            Close(conn, CLOSE_TRY_AGAIN, text),
+        ]
+
+    def evict(self, agent_id: str, now: float) -> list[Action[ConnT]]:
+        """Another server took ``agent_id`` over (our holder did not answer its check, or the
+        cluster says another server holds it now): drop our holder, and refuse a local
+        claim waiting for it (the other server's claimant came first)."""
+        holder = self._by_id.get(agent_id)
+        held = self._conns.get(holder) if holder is not None else None
+        if holder is None or held is None:
+            return []
+        actions = self._replace(holder, held, agent_id)
+        claimant = self._claims.pop(agent_id, None)
+        claim = self._conns.get(claimant) if claimant is not None else None
+        if claimant is not None and claim is not None and not claim.closing:
+            claim.claiming = None
+            actions += self._refuse_in_use(claimant, claim, agent_id, now)
+        return actions + self._released(agent_id)
+
+    def deliver(self, agent_id: str, text: str) -> list[Action[ConnT]]:
+        """A message from another server for our ``agent_id``: a :class:`Send`, or nothing
+        when ``agent_id`` is not (any longer) registered here."""
+        target = self._by_id.get(agent_id)
+        if target is None:
+            return []
+        self.stats.messages_delivered += 1
+        return [Send(target, text)]
+
+    def forward_failed(self, sender: str, peer: str, about: str) -> list[Action[ConnT]]:
+        """No server holds ``peer``: tell our agent ``sender`` its ``about`` message was not
+        delivered."""
+        conn = self._by_id.get(sender)
+        state = self._conns.get(conn) if conn is not None else None
+        if conn is None or state is None or state.closing:
+            return []
+        return [
+            self._error(conn, "offline", f"{peer!r} is not connected", peer=peer, about=about)
+        ]
 
     def liveness_checked(self, conn: ConnT, alive: bool, now: float) -> list[Action[ConnT]]:
         """The answer to a :class:`CheckLiveness` of ``conn``: ``alive`` when it answered in
@@ -418,8 +540,16 @@ class SignalingRouter(Generic[ConnT]):
                 Close(conn, CLOSE_BAD_TOKEN, _reason(f"{reason} for {agent_id!r}")),
             ]
         holder = self._by_id.get(agent_id)
-        if holder is None or holder == conn:
+        if holder == conn:
             return self._grant(conn, state, agent_id)
+        if holder is None:
+            if not self.cluster:
+                return self._grant(conn, state, agent_id)
+            if agent_id in self._claims:
+                return self._refuse_in_use(conn, state, agent_id, now)
+            self._claims[agent_id] = conn
+            state.claiming = agent_id
+            return [ClaimId(conn, agent_id)]
         held = self._conns.get(holder)
         if held is None or held.closing:
             # Already on its way out: nothing to check.
@@ -436,16 +566,24 @@ class SignalingRouter(Generic[ConnT]):
         return [CheckLiveness(holder)]
 
     def _grant(self, conn: ConnT, state: _Connection, agent_id: str) -> list[Action[ConnT]]:
+        actions: list[Action[ConnT]] = []
         old_id = state.agent_id
         if old_id is not None and old_id != agent_id and self._by_id.get(old_id) == conn:
             # The same connection changes its id: the old one is free again.
             del self._by_id[old_id]
             logger.info("unregistered %s (re-registered as %s)", old_id, agent_id)
+            actions += self._released(old_id)
         state.agent_id = agent_id
         self._by_id[agent_id] = conn
         self.stats.registrations += 1
         logger.info("registered %s", agent_id)
-        return [Send(conn, Registered(id=agent_id).to_json())]
+        return [*actions, Send(conn, Registered(id=agent_id).to_json())]
+
+    def _released(self, agent_id: str) -> list[Action[ConnT]]:
+        """In cluster mode, give ``agent_id`` back unless it is held or claimed here again."""
+        if not self.cluster or agent_id in self._by_id or agent_id in self._claims:
+            return []
+        return [ReleaseId(agent_id)]
 
     def _replace(self, holder: ConnT, held: _Connection, agent_id: str) -> list[Action[ConnT]]:
         """``holder`` did not answer the liveness check: close it and free ``agent_id``."""
@@ -528,7 +666,7 @@ class SignalingRouter(Generic[ConnT]):
                 )
             ]
         target = self._by_id.get(message.to)
-        if target is None:
+        if target is None and not self.cluster:
             return [
                 self._error(
                     conn,
@@ -543,10 +681,15 @@ class SignalingRouter(Generic[ConnT]):
         # already, so it parses again.
         wire = json.loads(data)
         wire["from"] = state.agent_id
-        self.stats.messages_routed += 1
+        text = json.dumps(wire, separators=(",", ":"))
         self.stats.routed_by_type[message.type] += 1
+        if target is None:
+            # Cluster mode: another server may hold it.
+            self.stats.messages_forwarded += 1
+            return [Forward(conn, state.agent_id, message.to, message.type, text)]
+        self.stats.messages_routed += 1
         logger.debug("routed %s from %s to %s", message.type, state.agent_id, message.to)
-        return [Send(target, json.dumps(wire, separators=(",", ":")))]
+        return [Send(target, text)]
 
     def _token_ok(self, agent_id: str, presented: str | None) -> bool:
         if not self.auth_required:

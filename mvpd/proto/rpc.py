@@ -150,6 +150,11 @@ class PeerStatus(BaseModel):
     #: ``packets_in/out``, ``bytes_in/out`` (IP packets), ``drops`` (this peer's, by reason)
     #: and ``device_drops`` (the shared device's, e.g. ``no-route``).
     tun: dict[str, Any] | None = None
+    #: The peer's DTLS identity (``sha-256 AB:...``) once its offer or answer came.
+    fingerprint: str | None = None
+    #: How that identity is trusted: ``pinned``, ``trusted``, ``remembered``, ``new``
+    #: (first contact, remembered now), ``unverified`` (policy any) or ``refused``.
+    identity: str | None = None
 
 
 class SignalingStatus(BaseModel):
@@ -236,7 +241,7 @@ class PingResult(BaseModel):
     remote_candidate: str | None = None
 
 
-class Message(BaseModel):
+class PeerMessage(BaseModel):
     """One message from a peer, as the ``recv`` stream's ``message`` events carry it.
 
     ``data`` is a str for ``text``, any msgpack-able value for ``json``, bytes for ``bytes``."""
@@ -246,8 +251,41 @@ class Message(BaseModel):
     data: Any
 
 
+class IdentityInfo(BaseModel):
+    """One identity: its fingerprint and the short form to read aloud."""
+
+    fingerprint: str
+    short: str
+
+
+class IdResult(BaseModel):
+    """The ``id`` result: this agent's identity and, during a rotation, the next one."""
+
+    agent_id: str
+    current: IdentityInfo
+    #: Made by ``id.rotate``, used for connections only after ``id.rotate`` with ``finish``.
+    next: IdentityInfo | None = None
+    state_dir: str
+
+
+class KnownPeerEntry(BaseModel):
+    """One fingerprint of a peer in ``known_peers``."""
+
+    fingerprint: str
+    how: Literal["remembered", "trusted"]
+    added: int
+
+
+class TrustResult(BaseModel):
+    """The ``trust`` and ``forget`` results: the peer's entries afterwards."""
+
+    peer: str
+    changed: int
+    entries: list[KnownPeerEntry] = Field(default_factory=list)
+
+
 class Subscribed(BaseModel):
-    """The result of a stream-opening call (``recv``, ``pipe.open``)."""
+    """The result of a stream-opening call (``recv``, ``pipe.open``): the subscription."""
 
     sub: int
 
@@ -328,6 +366,26 @@ class PingParams(_Wire):
     padding: int = Field(default=0, ge=0, le=1008)
 
 
+class RotateParams(_Wire):
+    """``id.rotate``: make the next identity, or (``finish``) switch to it."""
+
+    finish: bool = False
+
+
+class TrustParams(_Wire):
+    """``trust``: accept ``fingerprint`` (``sha-256 AB:CD:...``) for ``peer``."""
+
+    peer: PeerId
+    fingerprint: str = Field(max_length=120)
+
+
+class ForgetParams(_Wire):
+    """``forget``: drop what ``known_peers`` holds for ``peer`` (or just ``fingerprint``)."""
+
+    peer: PeerId
+    fingerprint: str | None = Field(default=None, max_length=120)
+
+
 class SubParams(_Wire):
     """``pipe.eof`` and ``cancel``: name a subscription of this connection."""
 
@@ -342,33 +400,60 @@ class PipeWriteParams(_Wire):
 
 
 class MethodSpec(NamedTuple):
-    """One entry of :data:`METHODS`."""
+    """One entry of :data:`METHODS`: everything the control server needs to serve a method.
+
+    Adding a method takes an entry here and a coroutine on the daemon's handler (see
+    :class:`mvpd.control.ControlHandler`) named :attr:`handler_name`."""
 
     access: Access
     params: type[BaseModel]
     doc: str
+    #: What the handler returns (documentation and clients; None: an empty map).
+    result: type[BaseModel] | None = None
     #: Answers ``{sub}`` and then pushes events.
     stream: bool = False
+    #: Served by the control server itself (the connection's own subscriptions), not by
+    #: the daemon's handler.
+    builtin: bool = False
+
+    def handler_name(self, method: str) -> str:
+        """The handler's coroutine for ``method``: ``rpc_`` + the name, dots as underscores."""
+        return "rpc_" + method.replace(".", "_")
 
 
 METHODS: dict[str, MethodSpec] = {
-    "status": MethodSpec("read", NoParams, "agent id, version, uptime, signaling and peers"),
-    "peers": MethodSpec("read", NoParams, "every known peer's status"),
-    "connect": MethodSpec("write", ConnectParams, "connect to a peer (optionally wait)"),
+    "status": MethodSpec("read", NoParams, "agent id, version, uptime, signaling and peers",
+                         StatusResult),
+    "peers": MethodSpec("read", NoParams, "every known peer's status", PeerStatus),
+    "connect": MethodSpec("write", ConnectParams, "connect to a peer (optionally wait)",
+                          PeerStatus),
     "disconnect": MethodSpec("write", PeerParams, "close the connection to a peer"),
-    "send": MethodSpec("write", SendParams, "send one text, JSON or bytes message"),
+    "send": MethodSpec("write", SendParams, "send one text, JSON or bytes message", SendResult),
     "recv": MethodSpec(
-        "write", RecvParams, "stream a peer's messages: events message, end", stream=True
+        "write", RecvParams, "stream a peer's messages: events message, end", Subscribed,
+        stream=True,
     ),
     "pipe.open": MethodSpec(
-        "write", PeerParams, "byte pipe to a peer: events data, eof, error, end", stream=True
+        "write", PeerParams, "byte pipe to a peer: events data, eof, error, end", Subscribed,
+        stream=True,
     ),
-    "pipe.write": MethodSpec("write", PipeWriteParams, "write bytes to a pipe (backpressure)"),
-    "pipe.eof": MethodSpec("write", SubParams, "end the writing side of a pipe"),
-    "cancel": MethodSpec("read", SubParams, "end one of this connection's subscriptions"),
-    "reload": MethodSpec("write", NoParams, "re-read the configuration"),
-    "stats": MethodSpec("read", PeerParams, "a peer's candidate pair, RTT, rates and SCTP"),
-    "ping": MethodSpec("write", PingParams, "one round trip over a peer's data path"),
+    "pipe.write": MethodSpec("write", PipeWriteParams, "write bytes to a pipe (backpressure)",
+                             builtin=True),
+    "pipe.eof": MethodSpec("write", SubParams, "end the writing side of a pipe", builtin=True),
+    "cancel": MethodSpec("read", SubParams, "end one of this connection's subscriptions",
+                         builtin=True),
+    "reload": MethodSpec("write", NoParams, "re-read the configuration", ReloadResult),
+    "stats": MethodSpec("read", PeerParams, "a peer's candidate pair, RTT, rates and SCTP",
+                        StatsResult),
+    "ping": MethodSpec("write", PingParams, "one round trip over a peer's data path",
+                       PingResult),
+    "id": MethodSpec("read", NoParams, "this agent's identity (DTLS certificate fingerprint)",
+                     IdResult),
+    "id.rotate": MethodSpec("write", RotateParams, "make the next identity; finish: use it",
+                            IdResult),
+    "trust": MethodSpec("write", TrustParams, "add a peer's fingerprint to known_peers",
+                        TrustResult),
+    "forget": MethodSpec("write", ForgetParams, "remove a peer from known_peers", TrustResult),
 }
 
 
@@ -391,12 +476,14 @@ def validate_params(method: str, params: dict[str, Any]) -> BaseModel:
         raise InvalidParams(f"{method}: {_first_error(exc)}") from None
 
 
-def check_access(method: str, access: Access | None) -> None:
-    """Raise :class:`Forbidden` unless a caller with ``access`` may call ``method``."""
+def check_access(method: str, access: Access | None, hint: str = "") -> MethodSpec:
+    """The spec of ``method`` if a caller with ``access`` may call it: the one access rule.
+    :class:`UnknownMethod` if there is no such method, :class:`Forbidden` (with ``hint``, say
+    who may) if the caller may not."""
     spec = method_spec(method)
     if access == "write" or (access == "read" and spec.access == "read"):
-        return
-    raise Forbidden(f"{method} needs write access")
+        return spec
+    raise Forbidden(f"{method} needs write access" + (f": {hint}" if hint else ""))
 
 
 def to_wire(value: Any) -> Any:
@@ -425,16 +512,20 @@ __all__ = [
     "ErrorCode",
     "Event",
     "Forbidden",
+    "ForgetParams",
     "FrameDecoder",
     "FrameError",
     "FrameTooLarge",
+    "IdResult",
+    "IdentityInfo",
     "InboxStatus",
     "InvalidParams",
-    "Message",
+    "KnownPeerEntry",
     "MethodSpec",
     "Mode",
     "NoParams",
     "PeerId",
+    "PeerMessage",
     "PeerParams",
     "PeerStatus",
     "PingParams",
@@ -444,6 +535,7 @@ __all__ = [
     "ReloadResult",
     "Request",
     "Response",
+    "RotateParams",
     "RpcError",
     "SendParams",
     "SendResult",
@@ -453,6 +545,8 @@ __all__ = [
     "StatusResult",
     "SubParams",
     "Subscribed",
+    "TrustParams",
+    "TrustResult",
     "UnknownMethod",
     "VersionMismatch",
     "check_access",

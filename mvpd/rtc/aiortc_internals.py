@@ -6,9 +6,9 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the ICE role, which aiortc sets on its aioice ``Connection`` from RTCPeerConnection;
 * the DTLS role, set with ``RTCDtlsTransport._set_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
-  each decrypted datagram) and ``_send_data``; :func:`send_data_now`, the same without its
-  five coroutine layers per packet, encrypts with ``_ssl`` and writes to the selected pair's
-  UDP transport;
+  each decrypted datagram) and ``_send_data``, or, synchronously, the DTLS ``SSL.Connection``
+  (``_ssl``) and the nominated pair's protocol (:func:`send_data_now`), and the selected
+  pair's ``datagram_received`` (:func:`receive_data_now`);
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aioice.ice import StunProtocol
 from aioice.stun import TransactionError
-from aioice.turn import TurnTransport
 from aiortc import RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
+from aiortc.rtcdtlstransport import State as DtlsState
 from OpenSSL import SSL
 
 from .errors import RtcError, UnsupportedLibrary
@@ -90,7 +91,7 @@ def check_objects(
             (gatherer, ("_connection",)),
             (ice, ("_connection", "_role_set")),
             (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
-                    "_send_data", "_role", "_ssl")),
+                    "_send_data", "_role", "_state", "_ssl")),
             (connection, ("ice_controlling", "_nominated", "build_request",
                           "remote_password")),
         )
@@ -171,6 +172,43 @@ async def probe_selected_pair(ice: RTCIceTransport, *, retransmissions: int) -> 
     return True
 
 
+#: The SCTP packet size of WebRTC stacks when the path is unknown: with IPv6, UDP and DTLS
+#: it fits the 1280-byte minimum MTU of IPv6, so it crosses any path unfragmented.
+DEFAULT_SCTP_PACKET_SIZE = 1200
+#: aiortc reads at most 1500 bytes of each DTLS record's plaintext: no larger SCTP packet.
+MAX_SCTP_PACKET_SIZE = 1500
+#: IPv6 (40) and UDP (8) headers, and a DTLS 1.2 record's worst overhead among aiortc's
+#: cipher suites (AES-CBC with SHA-1: 13 header + 16 IV + 20 MAC + up to 16 padding).
+_PACKET_OVERHEAD = 40 + 8 + 80
+_IP_MTU, _IPV6_MTU = 14, 24  # Linux getsockopt options (not in Python's socket module)
+
+
+def sctp_packet_size(ice: RTCIceTransport) -> int:
+    """The SCTP packet size for the selected pair: the path MTU less IP, UDP and DTLS
+    overhead (at most :data:`MAX_SCTP_PACKET_SIZE`) when both candidates are host
+    candidates, so the route to the peer's address is this host's own (a LAN, loopback,
+    a veth); :data:`DEFAULT_SCTP_PACKET_SIZE` otherwise (NAT, relays, unknown links).
+
+    The path MTU is what the kernel's routing knows for the peer's address (IP_MTU of a
+    UDP socket connected to it: the interface MTU, or a smaller learnt path MTU).
+    """
+    pair = selected_pair(ice)
+    if pair is None or pair.local.type != "host" or pair.remote.type != "host":
+        return DEFAULT_SCTP_PACKET_SIZE
+    if pair.local.protocol.lower() != "udp":
+        return DEFAULT_SCTP_PACKET_SIZE
+    try:
+        family = socket.AF_INET6 if ":" in pair.remote.address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((pair.remote.address, pair.remote.port))  # sends nothing
+            level, option = ((socket.IPPROTO_IPV6, _IPV6_MTU) if family == socket.AF_INET6
+                             else (socket.IPPROTO_IP, _IP_MTU))
+            mtu = sock.getsockopt(level, option)
+    except OSError:
+        return DEFAULT_SCTP_PACKET_SIZE
+    return max(DEFAULT_SCTP_PACKET_SIZE, min(MAX_SCTP_PACKET_SIZE, mtu - _PACKET_OVERHEAD))
+
+
 def set_socket_buffers(ice: RTCIceTransport, size: int) -> int:
     """Set SO_RCVBUF and SO_SNDBUF to ``size`` on the UDP sockets of the local candidates
     (the kernel caps them at net.core.rmem_max/wmem_max); the number of sockets set.
@@ -235,39 +273,90 @@ async def send_data(dtls: RTCDtlsTransport, data: bytes) -> None:
     await dtls._send_data(data)
 
 
-def send_data_now(dtls: RTCDtlsTransport, data: bytes) -> bool:
-    """What :func:`send_data` does, synchronously, when the selected pair is a plain UDP
-    socket (host, server- or peer-reflexive candidates); ``False`` (nothing sent) when it
-    is not (a TURN relay: use :func:`send_data`).
+#: The largest DTLS record read back from OpenSSL: one SCTP packet (at most 64 KiB) plus
+#: the record's header, IV, MAC and padding.
+_MAX_RECORD = 65536 + 256
 
-    Raises ``ConnectionError`` when DTLS or ICE is not connected.
+
+def send_data_now(dtls: RTCDtlsTransport, data: bytes) -> bool:
+    """Encrypt ``data`` as one DTLS record and hand it to the selected pair's socket now,
+    without the four coroutine layers of :func:`send_data`; ``False`` (nothing done) when
+    the pair's protocol is not aioice's plain :class:`~aioice.ice.StunProtocol`: use
+    :func:`send_data` then.
+
+    It is what ``_send_data`` does, step by step: ``_write_ssl`` reads the record from the
+    memory BIO, the ICE connection's ``send`` looks up the nominated pair and its protocol's
+    ``send_data`` calls ``transport.sendto``, all without ever waiting.  A relayed pair's
+    transport is aioice's ``TurnTransport``, whose ``sendto`` wraps the record for the TURN
+    server (ChannelData, binding the channel first) as before.  Raises ``ConnectionError``
+    when DTLS or ICE is not connected.
     """
-    if dtls.state != "connected":
+    ssl = dtls._ssl
+    if dtls._state != DtlsState.CONNECTED or ssl is None:
         raise ConnectionError("Cannot send encrypted data, not connected")
     pair = dtls.transport._connection._nominated.get(1)
     if pair is None:
         raise ConnectionError("Cannot send data, not connected")
     protocol = pair.protocol
-    if type(protocol) is not StunProtocol:
+    if type(protocol) is not StunProtocol or protocol.transport is None:
         return False
-    transport = protocol.transport
-    if isinstance(transport, TurnTransport):
-        return False  # a relayed candidate: aioice may have to bind a channel first
-    if transport is None or transport.is_closing():
-        raise ConnectionError("the candidate's socket is closed")
-    ssl = dtls._ssl
-    if ssl is None:
-        raise ConnectionError("DTLS has no session")
     try:
         ssl.send(data)
     except SSL.Error as exc:  # the session is shutting down
         raise ConnectionError(f"DTLS cannot send: {exc}") from None
     try:
-        record = ssl.bio_read(1500)
+        record = ssl.bio_read(_MAX_RECORD)
     except SSL.Error:
-        return True  # nothing to send, as aiortc's _write_ssl
-    transport.sendto(record, pair.remote_addr)
+        return True  # as _write_ssl: nothing to send
+    protocol.transport.sendto(record, pair.remote_addr)
     return True
+
+
+#: The DTLS content type of application data (RFC 6347 4.1, RFC 5246 6.2.1).
+_APPLICATION_DATA = b"\x17"
+
+
+def receive_data_now(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None]) -> bool:
+    """Decrypt application-data records as the socket delivers them and call
+    ``receiver(plaintext)`` at once, instead of aioice's STUN parse attempt, its queue and
+    aiortc's receive coroutine (four awaits per datagram).  Call it once DTLS is connected;
+    ``False`` (nothing changed) when there is no selected pair on aioice's
+    :class:`~aioice.ice.StunProtocol` then.
+
+    It takes over the selected pair's ``datagram_received`` (a relayed pair's protocol gets
+    its datagrams from aioice's TURN client through the same method): DTLS application
+    data (content type 23) is decrypted here; everything else (STUN consent checks,
+    handshake records, alerts such as close_notify) goes on to aioice and aiortc as before.
+    :func:`stop_receiving_now` undoes it.
+    """
+    pair = dtls.transport._connection._nominated.get(1)
+    if pair is None or type(pair.protocol) is not StunProtocol:
+        return False
+    protocol = pair.protocol
+    to_aioice = StunProtocol.datagram_received.__get__(protocol)
+
+    def datagram_received(data: bytes | str, addr: tuple[Any, ...]) -> None:
+        ssl = dtls._ssl
+        if (type(data) is not bytes or data[:1] != _APPLICATION_DATA
+                or dtls._state != DtlsState.CONNECTED or ssl is None):
+            to_aioice(data, addr)
+            return
+        ssl.bio_write(data)
+        try:
+            plaintext = ssl.recv(_MAX_RECORD)
+        except SSL.Error:
+            return  # not authentic, or a fragment: dropped as aiortc does
+        if plaintext:
+            receiver(plaintext)
+
+    protocol.datagram_received = datagram_received  # type: ignore[method-assign]
+    return True
+
+
+def stop_receiving_now(dtls: RTCDtlsTransport) -> None:
+    """Every datagram takes aioice's and aiortc's path again."""
+    for pair in dtls.transport._connection._nominated.values():
+        vars(pair.protocol).pop("datagram_received", None)
 
 
 def export_keying_material(

@@ -405,6 +405,8 @@ class PeerConnection(EventEmitter):
             if self._ice.state != "completed":
                 self._set_state("failed", "ICE found no working candidate pair")
                 return
+            # Before DTLS: no SCTP packet can have arrived yet.
+            sctp.set_packet_size(internals.sctp_packet_size(self._ice))
             await self._dtls.start(remote.dtls)
             if self._dtls.state != "connected":
                 self._set_state("failed", "the DTLS handshake failed (certificate does not "

@@ -2,9 +2,12 @@
 
 It only feeds and drains :class:`mvpd.sctp.Association`:
 
-* each DTLS application datagram goes to ``receive_packet(data, now)``;
+* each DTLS application datagram goes to ``receive_packet(data, now)``, decrypted as the
+  socket delivers it once DTLS is up (``aiortc_internals.receive_data_now``);
 * whatever ``packets_to_send()`` returns goes out as DTLS application data, in one flush
-  per loop iteration however many channels sent (so the association can bundle);
+  per loop iteration however many channels sent (so the association can bundle); each
+  packet is encrypted and handed to the socket synchronously where aioice's path allows
+  (``aiortc_internals.send_data_now``), else through aiortc's coroutines;
 * one timer, re-armed from ``next_deadline()`` after every step, calls ``handle_timeout``;
 * the association's events drive the channel table (:class:`DataChannelProtocol`, DCEP)
   and the :class:`DataChannel` objects.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -56,8 +60,10 @@ log = logging.getLogger(__name__)
 
 #: Channels (both sides' together) beyond which the peer's new ones are refused.
 MAX_CHANNELS = 1024
-#: How mvpd.sctp's AssociationLost reason starts when the peer sent the ABORT.
-PEER_ABORT_PREFIX = "aborted by peer"
+
+#: The association's congestion response: as many CUBIC flows as a QUIC connection in
+#: Chromium emulates (mvpd.sctp.congestion explains why).
+EMULATED_FLOWS = 2
 
 #: States of the association as the connection sees them.
 SCTP_NEW, SCTP_CONNECTING, SCTP_CONNECTED, SCTP_CLOSED, SCTP_FAILED = (
@@ -96,9 +102,14 @@ class SctpTransport:
             local_port=local_port,
             remote_port=remote_port,
             max_message_size=local_max_message_size,
+            # The peer's a=max-message-size (0: it takes any size, RFC 8841 6.1).
+            peer_max_message_size=remote_max_message_size or sys.maxsize,
             # Losses of maxRetransmits=0 messages (the tunnel) leave the congestion window
             # alone: the flows inside the tunnel run their own congestion control.
             unreliable_losses_reduce_cwnd=False,
+            # CUBIC as two flows, as Chromium's QUIC connections (one association carries
+            # all of a peer's channels); see mvpd.sctp.congestion.
+            emulated_flows=EMULATED_FLOWS,
         )
         self.table = DataChannelProtocol(dtls_role)
         self.state = SCTP_NEW
@@ -118,7 +129,9 @@ class SctpTransport:
         self._reset_requested: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._flush_task: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+        #: Sending through aiortc's coroutines (a path send_data_now cannot take).
+        self._slow_task: asyncio.Task[None] | None = None
         self._dtls_ready = False
         #: Set whenever a channel is forgotten or the state changes (for :meth:`close`).
         self._changed = asyncio.Event()
@@ -137,9 +150,14 @@ class SctpTransport:
         packet right behind the handshake is not lost)."""
         internals.register_data_receiver(self._dtls, self)
 
+    def set_packet_size(self, size: int) -> None:
+        """Build SCTP packets of up to ``size`` bytes (before the association starts)."""
+        self.association.set_mtu(size)
+
     def start(self) -> None:
         """DTLS is connected: the DTLS client starts the association."""
         self._dtls_ready = True
+        internals.receive_data_now(self._dtls, self._receive)
         self._set_state(SCTP_CONNECTING)
         if self.dtls_role == "client":
             self.association.connect(self._now())
@@ -177,6 +195,7 @@ class SctpTransport:
 
     def detach(self) -> None:
         """Stop all I/O and close every channel (the DTLS transport is going away)."""
+        internals.stop_receiving_now(self._dtls)
         internals.unregister_data_receiver(self._dtls, self)
         self._dtls_ready = False
         if self._timer is not None:
@@ -193,7 +212,12 @@ class SctpTransport:
     # --- I/O -------------------------------------------------------------------------------
 
     async def _handle_data(self, data: bytes) -> None:
-        """aiortc's DTLS transport hands us each decrypted datagram here."""
+        """aiortc's DTLS transport hands us decrypted datagrams here (until the
+        synchronous path of :func:`aiortc_internals.receive_data_now` takes over)."""
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        """One decrypted DTLS datagram: an SCTP packet."""
         try:
             self.association.receive_packet(data, self._now())
         except SctpError as exc:  # malformed: dropped, the association is unchanged
@@ -201,7 +225,7 @@ class SctpTransport:
         except Exception:
             log.exception("SCTP failed on a received packet; dropped")
         self._process_events()
-        await self._flush()
+        self._flush()
         self._rearm_timer()
 
     def _step(self) -> None:
@@ -211,32 +235,49 @@ class SctpTransport:
         self._rearm_timer()
 
     def _schedule_flush(self) -> None:
-        if self._flush_task is None and self._dtls_ready:
-            self._flush_task = self._loop.create_task(self._flush_soon())
+        if not self._flush_scheduled and self._dtls_ready:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_soon)
 
-    async def _flush_soon(self) -> None:
-        try:
-            await self._flush()
-        finally:
-            self._flush_task = None
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
         self._rearm_timer()
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        """Send every packet the association has (and what taking them made due)."""
+        if self._slow_task is not None:
+            return  # it takes the association's packets when done with its own
         while self._dtls_ready:
             packets = self.association.packets_to_send()
             # Taking packets drains send queues: buffered-amount-low events follow.
             self._process_events()
             if not packets:
                 return
-            dtls = self._dtls
-            for packet in packets:
+            for index, packet in enumerate(packets):
                 try:
-                    if not internals.send_data_now(dtls, packet):
-                        await internals.send_data(dtls, packet)
+                    if internals.send_data_now(self._dtls, packet):
+                        continue
                 except ConnectionError as exc:
                     # DTLS or ICE is gone; SCTP's own timers notice the silence.
                     log.debug("SCTP packet not sent: %s", exc)
                     return
+                self._slow_task = self._loop.create_task(self._flush_slowly(packets[index:]))
+                return
+
+    async def _flush_slowly(self, packets: list[bytes]) -> None:
+        """Send through aiortc's coroutines, in order, until the association has no more."""
+        try:
+            while packets and self._dtls_ready:
+                for packet in packets:
+                    await internals.send_data(self._dtls, packet)
+                packets = self.association.packets_to_send()
+                self._process_events()
+        except ConnectionError as exc:
+            log.debug("SCTP packet not sent: %s", exc)
+        finally:
+            self._slow_task = None
+        self._rearm_timer()
 
     def _send_last_packets(self) -> None:
         """The association ended: what it still has to say (SHUTDOWN COMPLETE, ABORT) goes
@@ -309,8 +350,7 @@ class SctpTransport:
                 self._close_all_channels()
                 # aiortc and browsers end a connection with an ABORT: the peer is gone by
                 # its own choice, which is a close, not a failure of ours.
-                peer_closed = event.reason.startswith(PEER_ABORT_PREFIX)
-                self._set_state(SCTP_CLOSED if peer_closed else SCTP_FAILED, event.reason)
+                self._set_state(SCTP_CLOSED if event.by_peer else SCTP_FAILED, event.reason)
             elif isinstance(event, AssociationClosed):
                 self._send_last_packets()
                 self._close_all_channels()

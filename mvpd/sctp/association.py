@@ -159,9 +159,9 @@ class Association:
 
     ``unreliable_losses_reduce_cwnd=False`` keeps the congestion window when every chunk
     lost was of a ``max_retransmits=0`` message (the tunnel's channels, whose inner flows
-    run their own congestion control).  ``loss_backoff`` and ``avoidance_step`` tune the
-    congestion control for random loss (see :class:`~mvpd.sctp.congestion.CongestionControl`;
-    the defaults are RFC 9260's).
+    run their own congestion control).  The congestion control is CUBIC (RFC 9438) with
+    RFC 9260's slow start and fast recovery; ``emulated_flows`` makes it respond to loss as
+    that many flows together (see :mod:`mvpd.sctp.congestion`; 1: one flow).
     """
 
     def __init__(
@@ -184,18 +184,16 @@ class Association:
         heartbeat_interval: float = 30.0,
         cookie_lifetime: float = 60.0,
         unreliable_losses_reduce_cwnd: bool = True,
-        loss_backoff: float = 0.5,
-        avoidance_step: int = 1,
+        emulated_flows: int = 1,
         forward_tsn: bool = True,
     ) -> None:
         if mtu < 256:
             raise ValueError("mtu must be at least 256 bytes")
         if receive_window < 4 * mtu:
             raise ValueError("receive_window must be at least 4 * mtu")
-        if not 0.5 <= loss_backoff < 1 or not 1 <= avoidance_step <= 8:
-            raise ValueError("loss_backoff must be in [0.5, 1) and avoidance_step in 1..8")
-        self.loss_backoff = loss_backoff
-        self.avoidance_step = avoidance_step
+        if not 1 <= emulated_flows <= 8:
+            raise ValueError("emulated_flows must be in 1..8")
+        self.emulated_flows = emulated_flows
         #: Offer partial reliability (RFC 3758 FORWARD TSN) to the peer.
         self.forward_tsn = forward_tsn
         self.local_port = local_port
@@ -334,6 +332,20 @@ class Association:
         )
         self.send_queue.add(message)
         return stream.buffered
+
+    def set_mtu(self, mtu: int) -> None:
+        """Change the packet size before the handshake (for example once the path is known).
+
+        Raises :class:`ValueError` once the association is established or ``mtu`` is below
+        256 bytes or too large for the receive window.
+        """
+        if self.retransmissions is not None or self._ended:
+            raise ValueError("the packet size is fixed once the association is established")
+        if mtu < 256 or self.receive_window < 4 * mtu:
+            raise ValueError("mtu must be at least 256 bytes and at most receive_window / 4")
+        self._flush()
+        self.mtu = mtu
+        self._writer = PacketWriter(self.local_port, self.remote_port, mtu)
 
     def buffered_amount(self, stream_id: int) -> int:
         """Bytes queued on ``stream_id`` not yet handed to the network."""
@@ -504,7 +516,9 @@ class Association:
             elif kind == ABORT:
                 causes = AbortChunk.decode(flags, value).causes
                 self._end(now)
-                self._events.append(AssociationLost(f"aborted by peer: {cause_text(causes)}"))
+                self._events.append(AssociationLost(
+                    f"aborted by peer: {cause_text(causes)}", by_peer=True
+                ))
                 return
             elif kind == SHUTDOWN:
                 self._on_shutdown(ShutdownChunk.decode(flags, value), now)
@@ -683,8 +697,8 @@ class Association:
         self.peer_supports_reconfig = bool(peer.features & FEATURE_RECONFIG)
         self.tracker = DataTracker(peer.peer_initial_tsn)
         congestion = CongestionControl(
-            self.mtu - COMMON_HEADER_SIZE, peer.peer_a_rwnd, loss_backoff=self.loss_backoff,
-            avoidance_step=self.avoidance_step,
+            self.mtu - COMMON_HEADER_SIZE, peer.peer_a_rwnd,
+            emulated_flows=self.emulated_flows,
         )
         self.retransmissions = RetransmissionQueue(
             self.local_initial_tsn, congestion, self._rto, peer.peer_a_rwnd,

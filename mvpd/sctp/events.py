@@ -61,9 +61,11 @@ class BufferedAmountLow(Event):
 @dataclass(slots=True)
 class AssociationLost(Event):
     """The association ended abnormally (ABORT sent or received, too many retransmissions,
-    protocol violation); ``reason`` says why."""
+    protocol violation); ``reason`` says why.  ``by_peer``: the peer ended it with an ABORT
+    (WebRTC stacks close connections that way), rather than a failure seen here."""
 
     reason: str
+    by_peer: bool = False
 
 
 @dataclass(slots=True)

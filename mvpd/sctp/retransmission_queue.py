@@ -226,7 +226,9 @@ class RetransmissionQueue:
             exit_tsn = congestion.fast_recovery_exit
             if exit_tsn is not None and ((cumulative_tsn - exit_tsn) & TSN_MASK) < 0x80000000:
                 congestion.fast_recovery_exit = None
-            congestion.on_cumulative_ack(acked_bytes, flight_before)
+            srtt = self.rto.srtt
+            congestion.on_cumulative_ack(acked_bytes, flight_before, now,
+                                         self.rto.rto if srtt is None else srtt)
         # Miss indications for chunks below the highest newly acknowledged TSN (RFC 9260
         # 7.2.4) and sent before the newest transmission acknowledged: a retransmitted chunk
         # is not missed by SACKs for chunks that left before it, but a lost retransmission

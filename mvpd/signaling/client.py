@@ -23,11 +23,19 @@ take the agent off signaling for good): the client closes that connection, its s
   slower backoff (``refused_backoff_initial`` doubling up to ``refused_backoff_max``), so a
   token fixed on the server is picked up without a restart.
 
+Several servers of one cluster (``signaling_urls``, or ``signaling_url`` given as a list):
+the client stays on the one that works; when it is down or its connection is lost, the next
+URL is tried at once (with a little jitter, so the agents of a dead server do not all arrive
+together), and the backoff applies only after every URL failed in a row.
+
 Peer sessions do not depend on the signaling connection and are not touched by any of this.
 
-States (see :attr:`SignalingClient.state` and ``on_state``): ``disconnected`` (not started, or
-between attempts), ``connecting``, ``connected``, ``rejected`` (refused; waiting to try
-again), ``closed``.
+States (see :attr:`SignalingClient.state` and ``on_state``) and what moves them are the
+transition table of :mod:`mvpd.proto.signaling_states`: ``disconnected`` (not started),
+``connecting``, ``connected``, ``backoff`` (waiting after a failure), ``rejected`` (refused;
+waiting to try again), ``stopping`` (:meth:`SignalingClient.begin_stopping`: a connection that
+is up stays usable, nothing connects again) and ``closed``. This module asks the table before
+each step instead of keeping flags of its own.
 """
 
 from __future__ import annotations
@@ -65,10 +73,10 @@ from ..proto.signaling import (
     Registered,
     parse_message,
 )
+from ..proto.signaling_states import SignalingEvent, SignalingState, signaling_machine
 
 logger = logging.getLogger("mvpd.signaling.client")
 
-State: TypeAlias = Literal["disconnected", "connecting", "connected", "rejected", "closed"]
 StateCallback: TypeAlias = Callable[[str], object]
 #: Why a server refused our registration: our id is held elsewhere, our token is wrong, or
 #: our address failed too often.
@@ -79,7 +87,8 @@ _STOP = object()
 
 
 class SignalingClient:
-    """A self-healing signaling session for ``settings.agent_id`` at ``settings.signaling_url``.
+    """A self-healing signaling session for ``settings.agent_id`` at
+    ``settings.signaling_url`` (or any of ``settings.signaling_urls``).
 
     ``on_state`` is called with each new state (a plain function; a coroutine function is
     scheduled as a task). The timing keywords exist for tests and unusual deployments.
@@ -103,7 +112,11 @@ class SignalingClient:
     ) -> None:
         self.settings = settings
         self.agent_id: str = settings.agent_id
-        self.url: str = settings.signaling_url
+        #: The servers to try, in order; :attr:`url` is the one in use or tried next.
+        self.urls: list[str] = settings.signaling_url_list
+        self._url_index = 0
+        #: Other URLs still to try at once before backing off.
+        self._failover_left = len(self.urls) - 1
         self._on_state = on_state
         self.connect_timeout = connect_timeout
         self.send_timeout = send_timeout
@@ -115,12 +128,11 @@ class SignalingClient:
         self.ping_timeout = ping_timeout
         self.max_message_size = max_message_size
         self._ssl = self._ssl_context()
-        self._state: State = "disconnected"
+        self._machine = signaling_machine()
         self._ws: ClientConnection | None = None
         self._connected = asyncio.Event()
         self._inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=inbox_size)
         self._supervisor: asyncio.Task[None] | None = None
-        self._stopping = False
         #: Set when the server refused the registration on the current connection.
         self._refusal: tuple[Refusal, str] | None = None
         self._last_error: str | None = None
@@ -135,14 +147,19 @@ class SignalingClient:
     # --- public API ---------------------------------------------------------------------------
 
     @property
-    def state(self) -> State:
-        """``disconnected``, ``connecting``, ``connected``, ``rejected`` or ``closed``."""
-        return self._state
+    def url(self) -> str:
+        """The signaling server in use (or tried next)."""
+        return self.urls[self._url_index]
+
+    @property
+    def state(self) -> str:
+        """The :class:`~mvpd.proto.signaling_states.SignalingState`, as its value."""
+        return self._machine.state.value
 
     @property
     def connected(self) -> bool:
-        """Whether a connection is up right now."""
-        return self._state == "connected"
+        """Whether we are registered right now (and not stopping)."""
+        return self._machine.state == SignalingState.CONNECTED
 
     @property
     def last_error(self) -> str | None:
@@ -152,9 +169,10 @@ class SignalingClient:
     def start(self) -> None:
         """Start connecting in the background and return at once (the daemon's way: the
         server may come up later). Must be called from a running event loop."""
-        if self._state == "closed":
-            raise ConnectionClosed(f"the signaling client is {self._state}")
+        if self._machine.state in (SignalingState.STOPPING, SignalingState.CLOSED):
+            raise ConnectionClosed(f"the signaling client is {self.state}")
         if self._supervisor is None:
+            self._apply(SignalingEvent.START)
             self._supervisor = asyncio.get_running_loop().create_task(
                 self._run(), name=f"signaling-client-{self.agent_id}"
             )
@@ -184,6 +202,8 @@ class SignalingClient:
         self._raise_if_stopped()
         if self._connected.is_set():
             return
+        if self._machine.state == SignalingState.STOPPING:
+            raise SignalingUnavailable("the signaling client is stopping; not connected")
         if self._supervisor is None:
             raise ConnectionClosed("the signaling client is not started; call connect()")
         waiter = asyncio.ensure_future(self._connected.wait())
@@ -253,9 +273,15 @@ class SignalingClient:
         except ConnectionClosed:
             raise StopAsyncIteration from None
 
+    def begin_stopping(self) -> None:
+        """The agent is shutting down: never connect again, but keep a connection that is up
+        (peers are told ``bye`` through it) until :meth:`close`. Idempotent."""
+        if self._machine.accepts(SignalingEvent.STOP):
+            self._apply(SignalingEvent.STOP)
+
     async def close(self) -> None:
         """Stop reconnecting and close the connection. Idempotent."""
-        self._stopping = True
+        self.begin_stopping()
         supervisor, self._supervisor = self._supervisor, None
         ws = self._ws
         if ws is not None:
@@ -267,7 +293,7 @@ class SignalingClient:
                 await supervisor
         self._ws = None
         self._connected.clear()
-        self._set_state("closed")
+        self._apply(SignalingEvent.CLOSE)
         self._wake_readers()
 
     async def __aenter__(self) -> SignalingClient:
@@ -283,16 +309,17 @@ class SignalingClient:
         attempt = 0
         refused_attempt = 0
         try:
-            while not self._stopping:
-                self._set_state("connecting")
+            while self._machine.state == SignalingState.CONNECTING:
                 self._refusal = None
                 try:
                     ws = await self._open()
-                    if ws is not None:
+                    if ws is None:
+                        self._apply(SignalingEvent.OPEN_FAILED)
+                    else:
                         started = time.monotonic()
                         await self._session(ws)
-                        if self._stopping:
-                            return
+                        self._apply(SignalingEvent.REFUSED if self._refusal is not None
+                                    else SignalingEvent.LOST)
                         # A connection that lasted a while resets the backoff; one dropped at
                         # once (a server that accepts and closes) keeps it growing.
                         if time.monotonic() - started > max(10.0, self.backoff_initial * 4):
@@ -300,27 +327,40 @@ class SignalingClient:
                 except Exception as exc:  # a bug must not end reconnection for good
                     logger.exception("signaling connection failed unexpectedly")
                     self._last_error = _describe(exc)
+                    self._apply(SignalingEvent.OPEN_FAILED
+                                if self._machine.accepts(SignalingEvent.OPEN_FAILED)
+                                else SignalingEvent.LOST)
+                if not self._machine.accepts(SignalingEvent.RETRY):
+                    return  # stopping or closed: nothing connects again
                 if self._refusal is not None and self._refusal[0] != "id-conflict":
                     delay = self._backoff(
                         refused_attempt, self.refused_backoff_initial, self.refused_backoff_max
                     )
                     refused_attempt += 1
+                elif self._refusal is None and self._failover_left > 0:
+                    # Another server of the cluster may be up: try it almost at once.
+                    self._failover_left -= 1
+                    delay = random.uniform(0, self.backoff_initial)
                 else:
+                    if self._refusal is None:
+                        self._failover_left = len(self.urls) - 1
                     delay = self._backoff(attempt)
                     attempt += 1
                 if self._refusal is not None:
-                    self._set_state("rejected")
                     self._log_refusal(*self._refusal, delay)
                 else:
                     refused_attempt = 0
-                    self._set_state("disconnected")
                     logger.info(
                         "signaling server %s unreachable (%s); retrying in %.1f s",
                         self.url,
                         self._last_error,
                         delay,
                     )
+                    self._url_index = (self._url_index + 1) % len(self.urls)
                 await asyncio.sleep(delay)
+                if not self._machine.accepts(SignalingEvent.RETRY):
+                    return  # the agent began stopping during the wait
+                self._apply(SignalingEvent.RETRY)
         finally:
             self._connected.clear()
             self._ws = None
@@ -359,7 +399,7 @@ class SignalingClient:
         try:
             ws = await ws_connect(
                 self.url,
-                ssl=self._ssl,
+                ssl=self._ssl if self.url.startswith("wss://") else None,
                 open_timeout=self.connect_timeout,
                 ping_interval=self.ping_interval,
                 ping_timeout=self.ping_timeout,
@@ -379,10 +419,11 @@ class SignalingClient:
             return None
         self._ws = ws
         self.registered = False
+        self._failover_left = len(self.urls) - 1
         self.connections += 1
         self._last_error = None
         self._connected.set()
-        self._set_state("connected")
+        self._apply(SignalingEvent.OPENED)
         logger.info("connected to %s as %s", self.url, self.agent_id)
         return ws
 
@@ -408,7 +449,7 @@ class SignalingClient:
                 self._refusal = ("bad-token", why)
         if self._refusal is not None:
             self._last_error = f"registration refused: {self._refusal[1]}"
-        elif not self._stopping:
+        elif self._machine.state == SignalingState.CONNECTED:
             self._last_error = (
                 f"connection lost ({rcvd.code} {rcvd.reason})".rstrip()
                 if rcvd is not None
@@ -473,7 +514,7 @@ class SignalingClient:
         return text
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.url.startswith("wss://"):
+        if not any(url.startswith("wss://") for url in self.urls):
             return None
         ca_file = self.settings.signaling_ca_file
         try:
@@ -482,22 +523,24 @@ class SignalingClient:
             raise ConfigError(f"cannot load the signaling CA file {ca_file}: {exc}") from None
 
     def _raise_if_stopped(self) -> None:
-        if self._stopping or self._state == "closed":
+        if self._machine.state == SignalingState.CLOSED:
             raise ConnectionClosed("the signaling client is closed")
 
     def _wake_readers(self) -> None:
         with contextlib.suppress(asyncio.QueueFull):
             self._inbox.put_nowait(_STOP)
 
-    def _set_state(self, state: State) -> None:
-        if state == self._state:
+    def _apply(self, event: SignalingEvent) -> None:
+        """Move the machine (an illegal event is a bug here: it raises) and report a change."""
+        before = self._machine.state
+        state = self._machine.handle(event)
+        if state == before:
             return
-        self._state = state
-        logger.debug("signaling state %s", state)
+        logger.debug("signaling state %s (%s)", state.value, event.value)
         if self._on_state is None:
             return
         try:
-            result = self._on_state(state)
+            result = self._on_state(state.value)
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 self._state_tasks.add(task)

@@ -7,6 +7,10 @@ carries out the sends and closes it returns.
 Runs inside the daemon (:func:`serve`) or alone::
 
     python -m mvpd.signaling.server --listen 127.0.0.1:8765 [--token T] [--tokens-file F]
+        [--redis redis://HOST:PORT/DB]
+
+With a Redis URL (``--redis``, ``signaling_server.redis``) several servers share one set of
+registrations and route to each other's agents (:mod:`mvpd.signaling.cluster`).
 
 Standalone, the first line on stdout is ``listening on ws://HOST:PORT`` (with the real port
 when ``--listen`` asks for port 0); SIGTERM or SIGINT stop it with exit status 0. The shared
@@ -28,7 +32,7 @@ import ssl as ssl_module
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import SecretStr, ValidationError
@@ -43,16 +47,23 @@ from ..proto.router import (
     LIVENESS_TIMEOUT,
     Action,
     CheckLiveness,
+    ClaimId,
     Close,
+    Forward,
+    ReleaseId,
     Send,
     SignalingRouter,
 )
 from ..proto.signaling import AGENT_ID_PATTERN, describe_validation_error
 
+if TYPE_CHECKING:
+    from .cluster import RedisLink
+
 logger = logging.getLogger("mvpd.signaling.server")
 
-#: Environment variable read by :func:`main` for the shared token.
+#: Environment variables read by :func:`main` for the shared token and the Redis URL.
 TOKEN_ENV = "MVPD_SIGNALING_SERVER__TOKEN"
+REDIS_ENV = "MVPD_SIGNALING_SERVER__REDIS"
 
 
 class SignalingServer:
@@ -91,8 +102,26 @@ class SignalingServer:
             burst=self.settings.burst,
             flood_close_after=flood_close_after,
             failures_per_minute=failures_per_minute,
+            cluster=self.settings.redis is not None,
         )
         self.liveness_timeout = liveness_timeout
+        #: The link to the other servers through Redis, when ``settings.redis`` is set.
+        self.cluster: RedisLink[ServerConnection] | None = None
+        if self.settings.redis is not None:
+            try:
+                from .cluster import RedisLink
+            except ImportError:
+                raise ConfigError(
+                    "signaling_server.redis needs the redis package: "
+                    "pip install 'mvp-agent[cluster]'"
+                ) from None
+            self.cluster = RedisLink(
+                self.settings.redis.get_secret_value(),
+                self.router,
+                apply=self._apply_detached,
+                ping=self._ping,
+                liveness_timeout=liveness_timeout,
+            )
         self._host, self._port = split_host_port(self.settings.listen)
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -106,6 +135,8 @@ class SignalingServer:
         """Bind and start accepting connections. Raises ``OSError`` if the address is taken."""
         if self._server is not None:
             return
+        if self.cluster is not None:
+            await self.cluster.start()
         ping = self.settings.ping_interval or None
         self._server = await ws_serve(
             self._handle,
@@ -129,6 +160,7 @@ class SignalingServer:
     async def close(self) -> None:
         """Close every connection (1001 going away) and stop listening."""
         server, self._server = self._server, None
+        held = self.router.registered_ids()
         if server is not None:
             server.close()
             await server.wait_closed()
@@ -136,6 +168,8 @@ class SignalingServer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.close(held)
 
     async def __aenter__(self) -> SignalingServer:
         await self.start()
@@ -166,7 +200,8 @@ class SignalingServer:
         return f"{scheme}://{host}:{self.port}"
 
     def reload_tokens(self) -> None:
-        """Read the tokens file again (SIGHUP). On a :class:`ConfigError` the old tokens stay.
+        """Read the tokens file again (SIGHUP to ``mvpd signal``). On a :class:`ConfigError`
+        the old tokens stay.
         Agents already registered stay registered."""
         token = self.settings.token.get_secret_value() if self.settings.token else None
         tokens = (
@@ -183,6 +218,8 @@ class SignalingServer:
         data["connections"] = self.router.connection_count
         data["registered"] = len(self.router.registered_ids())
         data["slow_consumers_dropped"] = self.slow_consumers_dropped
+        if self.cluster is not None:
+            data["cluster"] = self.cluster.stats()
         return data
 
     # --- connections --------------------------------------------------------------------------
@@ -204,17 +241,25 @@ class SignalingServer:
             if actions:
                 await self._apply(None, actions)
 
-    async def _check_liveness(self, ws: ServerConnection) -> None:
-        """Ping ``ws`` and tell the router whether the pong came within the deadline."""
-        alive = False
+    async def _ping(self, ws: ServerConnection) -> bool:
+        """Whether ``ws`` answers a ping within the liveness deadline."""
         try:
             async with asyncio.timeout(self.liveness_timeout):
                 pong = await ws.ping()
                 await pong
-            alive = True
+            return True
         except (TimeoutError, ConnectionClosed):
-            pass
+            return False
+
+    async def _check_liveness(self, ws: ServerConnection) -> None:
+        """Ping ``ws`` and tell the router whether the pong came within the deadline."""
+        alive = await self._ping(ws)
         actions = self.router.liveness_checked(ws, alive, asyncio.get_running_loop().time())
+        if actions:
+            await self._apply(None, actions)
+
+    async def _apply_detached(self, actions: list[Action[ServerConnection]]) -> None:
+        """:meth:`_apply` for actions that come from no connection's read loop."""
         if actions:
             await self._apply(None, actions)
 
@@ -226,9 +271,14 @@ class SignalingServer:
         never stalls the sender. The router always puts a Close after the sends it follows."""
         mine: list[Action[ServerConnection]] = []
         others: dict[ServerConnection, list[Action[ServerConnection]]] = {}
+        claims: list[ClaimId[ServerConnection]] = []
         for action in actions:
             if isinstance(action, CheckLiveness):
                 self._spawn(self._check_liveness(action.conn))
+            elif isinstance(action, ClaimId):
+                claims.append(action)
+            elif isinstance(action, ReleaseId | Forward):
+                self._to_cluster(action)
             elif action.conn is current:
                 mine.append(action)
             else:
@@ -244,6 +294,26 @@ class SignalingServer:
             # Not awaited here: the read loop must keep draining frames (the router ignores
             # them now), or a flooder's backlog would hide its close reply from websockets.
             self._spawn(self._perform(closes))
+        for claim in claims:
+            await self._settle_claim(claim)
+
+    async def _settle_claim(self, claim: ClaimId[ServerConnection]) -> None:
+        """Claim an id across the cluster. Awaited in the claimant's read loop: what it sends
+        after ``register`` is read only once the registration is decided, as on one server."""
+        assert self.cluster is not None  # the router asks only in cluster mode
+        outcome = await self.cluster.claim(claim.agent_id)
+        now = asyncio.get_running_loop().time()
+        actions = self.router.claim_settled(claim.conn, claim.agent_id, outcome, now)
+        if actions:
+            await self._apply(claim.conn, actions)
+
+    def _to_cluster(self, action: ReleaseId | Forward[ServerConnection]) -> None:
+        cluster = self.cluster
+        assert cluster is not None  # the router asks only in cluster mode
+        if isinstance(action, ReleaseId):
+            cluster.release(action.agent_id)
+        else:
+            cluster.forward(action)
 
     def _is_slow(self, target: ServerConnection) -> bool:
         transport = target.transport
@@ -356,6 +426,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokens-file", type=Path, default=None, help="file of 'agent-id token' lines"
     )
+    parser.add_argument(
+        "--redis",
+        default=None,
+        help=f"redis://HOST:PORT/DB shared with other servers (or ${REDIS_ENV}); "
+        "agents on any of them reach each other",
+    )
     parser.add_argument("--max-message-size", type=int, default=None, help="bytes per frame")
     parser.add_argument("--rate", type=float, default=None, help="messages/s per connection")
     parser.add_argument("--burst", type=int, default=None, help="burst above --rate")
@@ -375,6 +451,9 @@ def settings_from_args(args: argparse.Namespace) -> SignalingServerSettings:
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     if token is not None:
         values["token"] = SecretStr(token)
+    redis_url = args.redis if args.redis is not None else os.environ.get(REDIS_ENV) or None
+    if redis_url is not None:
+        values["redis"] = SecretStr(redis_url)
     for name in ("listen", "tokens_file", "max_message_size", "rate", "burst", "ping_interval"):
         value = getattr(args, name)
         if value is not None:
@@ -411,6 +490,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _reload_tokens(server: SignalingServer) -> None:
+    """SIGHUP: read the tokens file again; a broken file leaves the old tokens in force."""
+    try:
+        server.reload_tokens()
+    except ConfigError as exc:
+        logger.error("tokens not reloaded, the old ones stay in force: %s", exc.message)
+
+
 async def _run(server: SignalingServer) -> int:
     try:
         await server.start()
@@ -424,6 +511,7 @@ async def _run(server: SignalingServer) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_tokens, server)
     print(f"listening on {server.url}", flush=True)
     try:
         await stop.wait()

@@ -17,6 +17,9 @@ Ending: a channel that closes before ``EOF`` is a truncated stream, never a clea
 reader (:class:`ConnectionClosed`). The writer learns that its reader took the whole stream
 from ``EOF-ACK``; a channel that closes before that means the far side went away (its reader
 quit, or the connection to it was lost) and the writer must say so, not report success.
+
+Where the stream stands (open, half closed, closed cleanly, broken) is the transition table of
+:mod:`mvpd.proto.pipe_states`; this module asks it instead of keeping flags.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import struct
 
 from ..proto.errors import ConnectionClosed, TransportError
 from ..proto.modes import PIPE
+from ..proto.pipe_states import PipeEvent, PipeState, eof_received, eof_sent, pipe_machine
 from .base import ChannelOptions, Transport
 
 log = logging.getLogger(__name__)
@@ -80,13 +84,14 @@ class PipeTransport(Transport[bytes]):
         self._buffered = 0
         self._granted = 0  # bytes the peer may still send us
         self._consumed = 0  # bytes read since the last grant
-        self._eof_received = False
-        self._eof_ack_sent = False
         self._data_event = asyncio.Event()
         # Sending.
         self._credit = 0
         self._credit_event = asyncio.Event()
-        self._eof_sent = False
+        self._stream = pipe_machine()
+        # The acknowledgments confirm one direction each; they are facts about a direction,
+        # not states of the stream (see mvpd.proto.pipe_states).
+        self._eof_ack_sent = False
         self._eof_acknowledged = False
         self._write_lock = asyncio.Lock()
         self.payload_in = 0
@@ -95,14 +100,19 @@ class PipeTransport(Transport[bytes]):
     # --- reading ---------------------------------------------------------------------------
 
     @property
+    def stream_state(self) -> PipeState:
+        """Where the stream stands (see :mod:`mvpd.proto.pipe_states`)."""
+        return self._stream.state
+
+    @property
     def at_eof(self) -> bool:
         """The peer sent EOF and every byte has been read."""
-        return self._eof_received and not self._buffer
+        return eof_received(self._stream.state) and not self._buffer
 
     @property
     def eof_sent(self) -> bool:
         """We told the peer that no more data follows."""
-        return self._eof_sent
+        return eof_sent(self._stream.state)
 
     @property
     def eof_acknowledged(self) -> bool:
@@ -117,7 +127,7 @@ class PipeTransport(Transport[bytes]):
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (any amount when ``n < 0``); ``b""`` at EOF."""
         while not self._buffer:
-            if self._eof_received:
+            if eof_received(self._stream.state):
                 self._acknowledge_eof()
                 return b""
             if self.is_closed:
@@ -144,6 +154,7 @@ class PipeTransport(Transport[bytes]):
         # Tells the writer that the stream arrived whole (see the module docstring).
         if self._eof_ack_sent or not self.is_open:
             return
+        self._stream.handle(PipeEvent.EOF_ACK_SENT)
         self._eof_ack_sent = True
         try:
             self._send(bytes([FRAME_EOF_ACK]))
@@ -165,6 +176,8 @@ class PipeTransport(Transport[bytes]):
         self._granted += amount
 
     def on_open(self) -> None:
+        if self._stream.accepts(PipeEvent.OPENED):
+            self._stream.handle(PipeEvent.OPENED)
         self._grant(self.window)
 
     def receive(self, data: str | bytes) -> None:
@@ -174,7 +187,7 @@ class PipeTransport(Transport[bytes]):
         kind = data[0]
         if kind == FRAME_DATA:
             payload = data[1:]
-            if self._eof_received:
+            if eof_received(self._stream.state):
                 self._violation("data after EOF")
                 return
             if len(payload) > self._granted:
@@ -186,14 +199,21 @@ class PipeTransport(Transport[bytes]):
                 self._buffered += len(payload)
                 self.payload_in += len(payload)
             self._data_event.set()
-        elif kind == FRAME_EOF:
-            self._eof_received = True
+        elif kind == FRAME_EOF and len(data) == 1:
+            if not self._stream.accepts(PipeEvent.EOF_RECEIVED):
+                self._violation(f"EOF in state {self._stream.state.value}")
+                return
+            self._stream.handle(PipeEvent.EOF_RECEIVED)
             self._data_event.set()
         elif kind == FRAME_CREDIT and len(data) == _CREDIT.size:
             _, amount = _CREDIT.unpack(data)
             self._credit += amount
             self._credit_event.set()
-        elif kind == FRAME_EOF_ACK and len(data) == 1 and self._eof_sent:
+        elif kind == FRAME_EOF_ACK and len(data) == 1:
+            if not self._stream.accepts(PipeEvent.EOF_ACK_RECEIVED):
+                self._violation(f"EOF-ACK in state {self._stream.state.value}")
+                return
+            self._stream.handle(PipeEvent.EOF_ACK_RECEIVED)
             self._eof_acknowledged = True
             self._credit_event.set()
         else:
@@ -204,6 +224,7 @@ class PipeTransport(Transport[bytes]):
         # unbounded and dropping would lose data, so the stream ends.
         self.report_error("credit-violation", detail)
         log.warning("pipe %r: %s; closing the pipe", self.label, detail)
+        self._stream.handle(PipeEvent.FAILED)
         self.close()
 
     # --- writing ---------------------------------------------------------------------------
@@ -212,7 +233,7 @@ class PipeTransport(Transport[bytes]):
         """Send all of ``data``, waiting for credit from the peer and for buffer room."""
         view = memoryview(bytes(data) if not isinstance(data, bytes) else data)
         async with self._write_lock:
-            if self._eof_sent:
+            if self.eof_sent:
                 raise TransportError("cannot write to the pipe after EOF")
             while view:
                 await self._wait_credit()
@@ -227,11 +248,11 @@ class PipeTransport(Transport[bytes]):
     async def write_eof(self) -> None:
         """Tell the peer no more data follows (after everything written so far)."""
         async with self._write_lock:
-            if self._eof_sent:
+            if self.eof_sent:
                 return
             await self.wait_writable()
             self._send(bytes([FRAME_EOF]))
-            self._eof_sent = True
+            self._stream.handle(PipeEvent.EOF_SENT)
 
     async def wait_eof_acknowledged(self) -> None:
         """Wait until the peer's reader has taken the whole stream (after :meth:`write_eof`);
@@ -251,6 +272,11 @@ class PipeTransport(Transport[bytes]):
             await self._credit_event.wait()
 
     def _on_channel_close(self) -> None:
+        if self._eof_acknowledged and self._stream.accepts(PipeEvent.EOF_RECEIVED):
+            # The reader took our whole stream and closed its channel: its end of stream.
+            self._stream.handle(PipeEvent.EOF_RECEIVED)
+        else:
+            self._stream.handle(PipeEvent.CHANNEL_CLOSED)
         super()._on_channel_close()
         self._data_event.set()
         self._credit_event.set()

@@ -4,13 +4,16 @@ the ``mvp`` data channel, in both roles. The page's state is read over DevTools.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.browser.chromium import Chromium
 from tests.browser.conftest import LAB_ADDRESS, Browser
-from tests.e2e.harness import Daemon, Daemons, SignalServer, wait_until
+from tests.e2e.harness import Daemon, Daemons, SignalServer, TurnServer, wait_until
+from tests.netns import Namespace
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -83,6 +86,9 @@ def test_daemon_offers_to_the_browser(
     alice.ctl_ok("connect", BROWSER_ID, "--mode", "chat", "--timeout", "20")
     state = wait_page(page, "s.channel === 'open'", "the data channel to open")
     assert state["role"] == "answer" and state["peer"] == DAEMON_ID
+    # The page shows the daemon's identity; the daemon remembers the page's (first use).
+    assert state["peerFingerprint"] == alice.call("id")["current"]["fingerprint"]
+    assert alice.peers()[BROWSER_ID]["identity"] == "new"
     chat_both_ways(alice, page)
     # Disconnecting closes the channel first (stream reset, then SCTP SHUTDOWN: tests/
     # test_peer.py checks the chunks), so the page sees its channel close by itself, with no
@@ -92,6 +98,10 @@ def test_daemon_offers_to_the_browser(
                       "the page to close")
     assert state["channelEnd"] == "closed", state["log"]
     assert any(line.endswith("channel closed") for line in state["log"]), state["log"]
+    # The page keeps its certificate across connections: still the one remembered.
+    alice.ctl_ok("connect", BROWSER_ID, "--mode", "chat", "--timeout", "20")
+    wait_page(page, "s.channel === 'open'", "the data channel to open again")
+    assert alice.peers()[BROWSER_ID]["identity"] == "remembered"
 
 
 def test_page_comes_back_after_the_signaling_server_restarts(
@@ -108,3 +118,32 @@ def test_page_comes_back_after_the_signaling_server_restarts(
                what="alice to reconnect")
     alice.ctl_ok("connect", BROWSER_ID, "--timeout", "20")
     wait_page(page, "s.channel === 'open'", "the data channel to open")
+
+
+def test_browser_trickling_before_its_offer_connects_through_a_relay(
+    daemons: Daemons, signal_server: SignalServer, browser: Browser, lab: Namespace,
+    tmp_path: Path,
+) -> None:
+    # Relay only on both sides, and the page sends every candidate before its offer (which
+    # carries none): the daemon must keep them for the session the offer creates, or coturn
+    # has no permission for the browser's relay address and nothing connects.
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
+    turn = TurnServer(tmp_path).start(binary, wrap=lab.argv())
+    try:
+        alice = daemons(DAEMON_ID, env={**turn.daemon_env(), "MVPD_CONNECT_TIMEOUT": "20"})
+        page = browser.open(signal=signal_server.url, id=BROWSER_ID, peer=DAEMON_ID,
+                            mode="chat", offer="1", send="hello from the browser",
+                            turn=turn.url, turnUser=turn.USER, turnPass=turn.PASSWORD,
+                            relay="1", candidatesFirst="1")
+        state = wait_page(page, "s.channel === 'open'", "the data channel to open", timeout=40)
+        offered = next(i for i, line in enumerate(state["log"]) if " offered " in line)
+        trickled = [i for i, line in enumerate(state["log"]) if " candidate " in line]
+        assert trickled and max(trickled) < offered, state["log"]
+        assert all("typ relay" in c for c in state["localCandidates"]), state
+        assert alice.messages(BROWSER_ID, 1) == ["hello from the browser"]
+        peer = alice.peers()[BROWSER_ID]
+        assert peer["state"] == "connected" and peer["path"] == "relayed", peer
+    finally:
+        turn.stop()

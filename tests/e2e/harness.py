@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,39 @@ def wait_until(
         time.sleep(interval)
 
 
-def wait_for_stun(port: int, proc: subprocess.Popen[Any]) -> None:
-    """Until the STUN/TURN server ``proc`` answers a binding request on 127.0.0.1:``port``."""
+#: Seconds coturn has to answer its first binding request (it starts slowly on a busy machine).
+STUN_WAIT = 30
+
+#: wait_for_stun inside a network namespace: the same probe, run there by a child process.
+_STUN_PROBE = """
+import os, socket, struct, sys, time
+STUN_WAIT = float(sys.argv[2])
+request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
+deadline = time.monotonic() + STUN_WAIT
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        sock.sendto(request, ("127.0.0.1", int(sys.argv[1])))
+        try:
+            sock.recv(2048)
+            sys.exit(0)
+        except OSError:
+            continue
+sys.exit(1)
+"""
+
+
+def wait_for_stun(port: int, proc: subprocess.Popen[Any], wrap: Sequence[str] = ()) -> None:
+    """Until the STUN/TURN server ``proc`` answers a binding request on 127.0.0.1:``port``
+    (in the network namespace that ``wrap``, e.g. ``ip netns exec NS``, runs commands in)."""
+    if wrap:
+        probe = subprocess.run([*wrap, sys.executable, "-c", _STUN_PROBE, str(port),
+                                str(STUN_WAIT)], capture_output=True, timeout=STUN_WAIT + 10)
+        if probe.returncode != 0:
+            pytest.fail(f"turnserver did not answer STUN in time (exited: {proc.poll()})")
+        return
     request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + STUN_WAIT
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.2)
         while time.monotonic() < deadline:
@@ -89,6 +118,20 @@ def wait_for_stun(port: int, proc: subprocess.Popen[Any]) -> None:
             except OSError:
                 continue
     pytest.fail("turnserver did not answer STUN in time")
+
+
+def free_udp_tcp_port() -> int:
+    """A port number free for both UDP and TCP on 127.0.0.1 right now (coturn takes both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -123,8 +166,10 @@ def sha256(path: Path) -> str:
 class SignalServer:
     """``mvpd signal`` as a subprocess. ``url`` is known once :meth:`start` returns."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        #: More ``mvpd signal`` options, e.g. ``("--redis", url)``.
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.url = ""
@@ -138,7 +183,7 @@ class SignalServer:
         err = self.workdir / f"signal-{self.starts}.log"
         with out.open("wb") as stdout, err.open("wb") as stderr:
             self.proc = subprocess.Popen(
-                [*MVPD, "signal", "--listen", f"127.0.0.1:{listen_port}"],
+                [*MVPD, "signal", "--listen", f"127.0.0.1:{listen_port}", *self.extra_args],
                 stdout=stdout, stderr=stderr, env=base_env(), cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
             )
@@ -187,6 +232,7 @@ class Daemon:
         self.config.write_text(config)
         self.socket = socket_path or workdir / f"{agent_id}.sock"
         self.log = workdir / f"{agent_id}.log"
+        self.state_dir = workdir / f"{agent_id}.state"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -201,6 +247,8 @@ class Daemon:
             AGENT_CONFIG=str(self.config),
             SIGNALING_URL=self.signaling_url,
             MVPD_SOCKET=str(self.socket),
+            # Each daemon its own identity; kept across restarts of the same daemon.
+            MVPD_STATE_DIR=str(self.state_dir),
         )
         env.update(self.extra_env)
         return env
@@ -362,21 +410,33 @@ class TurnServer:
             "ICE_TRANSPORT_POLICY": "relay",
         }
 
-    def start(self, binary: str) -> TurnServer:
-        self.port = free_port(socket.SOCK_DGRAM)
-        base = 40000 + (self.port % 20000)
-        self.proc = subprocess.Popen(
-            [binary, "-n", f"--listening-port={self.port}", "--listening-ip=127.0.0.1",
-             "--relay-ip=127.0.0.1", f"--min-port={base}", f"--max-port={base + 200}",
-             f"--user={self.USER}:{self.PASSWORD}", "--lt-cred-mech", "--realm=test",
-             "--allowed-peer-ip=127.0.0.1", "--allow-loopback-peers", "--no-cli", "--no-tls",
-             "--no-dtls", "--no-software-attribute", "--verbose", f"--db={self.workdir}/turndb",
-             f"--log-file={self.workdir}/turn.log", f"--pidfile={self.workdir}/turn.pid"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        )
-        wait_for_stun(self.port, self.proc)
-        return self
+    def start(self, binary: str, wrap: Sequence[str] = (), attempts: int = 3) -> TurnServer:
+        """Start coturn (through ``wrap``, e.g. in a network namespace) and wait for it.
 
+        coturn listens on TCP at its UDP port number too; on a busy machine that number is
+        now and then some client's ephemeral port by the time coturn binds it, so a start
+        that does not answer is tried again on another port."""
+        for attempt in range(attempts):
+            self.port = free_udp_tcp_port()
+            base = 40000 + (self.port % 20000)
+            self.proc = subprocess.Popen(
+                [*wrap, binary, "-n", f"--listening-port={self.port}",
+                 "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--min-port={base}",
+                 f"--max-port={base + 200}", f"--user={self.USER}:{self.PASSWORD}",
+                 "--lt-cred-mech", "--realm=test", "--allowed-peer-ip=127.0.0.1",
+                 "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
+                 "--no-software-attribute", "--verbose", f"--db={self.workdir}/turndb",
+                 f"--log-file={self.workdir}/turn.log", f"--pidfile={self.workdir}/turn.pid"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            )
+            try:
+                wait_for_stun(self.port, self.proc, wrap)
+                return self
+            except pytest.fail.Exception:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:

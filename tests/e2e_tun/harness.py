@@ -97,7 +97,8 @@ class Host:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
                 env=_env(AGENT_ID=self.agent_id, AGENT_CONFIG=str(config),
                          SIGNALING_URL=signaling_url, MVPD_SOCKET=str(self.socket),
-                         MVPD_CONNECT_TIMEOUT="20", **env),
+                         MVPD_STATE_DIR=str(self.workdir / f"{self.agent_id}.state"),
+                         MVPD_CONNECT_TIMEOUT="20", **self._trust(env)),
             )
         proc = self.proc
 
@@ -112,6 +113,13 @@ class Host:
 
         wait_until(serving, START_TIMEOUT, what=f"mvpd {self.agent_id} to serve")
         return self
+
+    def _trust(self, env: dict[str, str]) -> dict[str, str]:
+        """Tunnel tests trust peers on first use unless their config says otherwise (tun
+        mode's default is pinned; test_tun_identity_e2e.py tests that)."""
+        if "trust:" in self.config_text or "MVPD_TRUST" in env:
+            return env
+        return {"MVPD_TRUST": "tofu", **env}
 
     def log_tail(self, size: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
@@ -160,10 +168,12 @@ class Lab:
 
     def __init__(
         self, hosts: dict[str, Host], url: str,
-        links: Sequence[VethPair | ImpairedLink] = (),
+        links: Sequence[VethPair | ImpairedLink] = (), urls: Sequence[str] = (),
     ) -> None:
         self.hosts = hosts
         self.url = url
+        #: Every signaling server (several with ``tun_lab(signal_servers=N)``).
+        self.urls = list(urls) or [url]
         #: The hub's links to the other hosts, in host order.
         self.links = list(links)
 
@@ -198,10 +208,12 @@ def ping(ns: Namespace, target: str, count: int = 3) -> subprocess.CompletedProc
 @contextlib.contextmanager
 def tun_lab(
     tmp_path: Path, agent_ids: list[str], configs: dict[str, str], *,
-    mvpd: Sequence[str] = MVPD, impairable: bool = False,
+    mvpd: Sequence[str] = MVPD, impairable: bool = False, signal_servers: int = 1,
 ) -> Iterator[Lab]:
     """Namespaces, veths, a signaling server in the first host, a daemon per host.
-    ``impairable``: links :meth:`Lab.impair` can impair even without netem."""
+    ``impairable``: links :meth:`Lab.impair` can impair even without netem.
+    ``signal_servers`` > 1: that many servers in the first host sharing a redis-server
+    there, and host ``i`` registers with server ``i % signal_servers``."""
     routed = impairable and netem_unavailable_reason() is not None
     with contextlib.ExitStack() as stack:
         spaces = [stack.enter_context(namespace(f"tun{i}")) for i in range(len(agent_ids))]
@@ -225,15 +237,30 @@ def tun_lab(
                                    configs.get(agent_id, ""))
         hosts = {agent_ids[0]: Host(hub, agent_ids[0], tmp_path, "10.201.1.1",
                                     configs.get(agent_ids[0], "")), **hosts}
-        server_out = tmp_path / "signal.out"
-        with server_out.open("wb") as out:
-            server = subprocess.Popen(
-                hub.argv(*MVPD, "signal", "--listen", "10.201.1.1:0"),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                env=_env(),
+        cluster: list[str] = []
+        if signal_servers > 1:
+            # The hub's own loopback: a fixed port is free in a fresh namespace.
+            redis = subprocess.Popen(
+                hub.argv("redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--dir", str(tmp_path)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
             )
+            stack.callback(redis.wait, 5)
+            stack.callback(redis.kill)
+            wait_until(lambda: hub.run("redis-cli", "ping", check=False).stdout.strip()
+                       == "PONG", START_TIMEOUT, what="redis-server in the hub")
+            cluster = ["--redis", "redis://127.0.0.1:6379/0"]
+        servers: list[tuple[subprocess.Popen[bytes], Path]] = []
+        for n in range(signal_servers):
+            server_out = tmp_path / ("signal.out" if n == 0 else f"signal{n}.out")
+            with server_out.open("wb") as out:
+                servers.append((subprocess.Popen(
+                    hub.argv(*MVPD, "signal", "--listen", "10.201.1.1:0", *cluster),
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                    env=_env(),
+                ), server_out))
 
-        def listening() -> str | None:
+        def listening(server: subprocess.Popen[bytes], server_out: Path) -> str | None:
             if server.poll() is not None:
                 pytest.fail(f"mvpd signal exited: {server_out.read_text()}")
             for line in server_out.read_text().splitlines():
@@ -242,20 +269,23 @@ def tun_lab(
             return None
 
         try:
-            url = wait_until(listening, START_TIMEOUT, what="the signaling server")
-            lab = Lab(hosts, url, links)
-            for host in hosts.values():
-                host.start(url, mvpd=mvpd)
+            urls = [wait_until(lambda s=s, o=o: listening(s, o), START_TIMEOUT,
+                               what="the signaling server") for s, o in servers]
+            lab = Lab(hosts, urls[0], links, urls)
+            for i, host in enumerate(hosts.values()):
+                host.start(urls[i % len(urls)], mvpd=mvpd)
             yield lab
         finally:
             for host in hosts.values():
                 host.stop()
-            server.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(10)
-            if server.poll() is None:
-                server.kill()
-                server.wait(5)
+            for server, _ in servers:
+                server.terminate()
+            for server, _ in servers:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(10)
+                if server.poll() is None:
+                    server.kill()
+                    server.wait(5)
 
 
 def dump_logs(lab: Lab) -> str:

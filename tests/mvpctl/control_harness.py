@@ -19,8 +19,8 @@ from mvpd.control import Caller, ControlLimits, ControlServer
 from mvpd.proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
 from mvpd.proto.rpc import (
     ConnectParams,
-    Message,
     NoParams,
+    PeerMessage,
     PeerParams,
     PeerStatus,
     RecvParams,
@@ -75,7 +75,7 @@ class FakeDaemon:
     def __init__(self) -> None:
         self.started = time.time()
         self.peers: dict[str, PeerStatus] = {}
-        self.inbox: dict[str, asyncio.Queue[Message]] = {}
+        self.inbox: dict[str, asyncio.Queue[PeerMessage]] = {}
         self.calls: list[tuple[str, Caller]] = []
         self.pipes_closed = 0
         self.pipes: list[EchoPipe] = []
@@ -129,14 +129,14 @@ class FakeDaemon:
         status = self.peers[params.peer]
         status.messages_out += 1
         status.bytes_out += size
-        await self.inbox[params.peer].put(Message(peer=params.peer, kind=kind, data=data))
+        await self.inbox[params.peer].put(PeerMessage(peer=params.peer, kind=kind, data=data))
         return SendResult(bytes=size)
 
-    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[Message]:
+    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[PeerMessage]:
         self._peer(params.peer)
         queue = self.inbox[params.peer]
 
-        async def messages() -> AsyncIterator[Message]:
+        async def messages() -> AsyncIterator[PeerMessage]:
             count = 0
             try:
                 while params.limit is None or count < params.limit:

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from control_harness import ServerThread
 from typer.testing import CliRunner
 
 from mvpctl.app import EXIT_CODES, app, format_status
 from mvpctl.client import Client
+from tests.mvpctl.control_harness import ServerThread
 
 PYTHON = sys.executable
 runner = CliRunner()

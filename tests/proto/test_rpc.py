@@ -239,7 +239,11 @@ def test_method_table_access() -> None:
         "peers",
         "cancel",
         "stats",  # what status shows, in more detail; ping sends traffic: write
+        "id",
     }
+    for method in ("id.rotate", "trust", "forget"):
+        with pytest.raises(Forbidden):
+            rpc.check_access(method, "read")
     rpc.check_access("status", "read")
     rpc.check_access("connect", "write")
     with pytest.raises(Forbidden):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
 
 from mvpd.rtc import aiortc_internals as internals
@@ -121,15 +121,31 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             pair = internals.selected_pair(ia)
             assert pair is not None and pair.path == "direct"
             assert pair.local.type == "host" and pair.remote.port > 0
+            # Host to host: the packet size follows the interface MTU (1500 or more here).
+            assert internals.sctp_packet_size(ia) >= 1500 - 128
             big = bytes(range(256)) * 4 + b"x" * 176  # 1200 bytes, an SCTP packet's size
             await internals.send_data(da, big)
             await internals.send_data(db, b"back")
             assert await asyncio.wait_for(rb.received.get(), 5) == big
             assert await asyncio.wait_for(ra.received.get(), 5) == b"back"
-            # The synchronous path: on a host pair it sends at once, in order.
-            assert internals.send_data_now(da, big) and internals.send_data_now(da, b"2")
-            assert await asyncio.wait_for(rb.received.get(), 5) == big
-            assert await asyncio.wait_for(rb.received.get(), 5) == b"2"
+            # The synchronous path: same record, same pair, no coroutine.
+            assert internals.send_data_now(da, big[::-1])
+            assert internals.send_data_now(da, b"second")
+            assert await asyncio.wait_for(rb.received.get(), 5) == big[::-1]
+            assert await asyncio.wait_for(rb.received.get(), 5) == b"second"
+            # And received synchronously: straight from the socket to the callback.
+            direct: list[bytes] = []
+            assert internals.receive_data_now(db, direct.append)
+            internals.send_data_now(da, b"direct")
+            await internals.send_data(da, b"also direct")
+            for _ in range(100):
+                if len(direct) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert direct == [b"direct", b"also direct"] and rb.received.empty()
+            internals.stop_receiving_now(db)
+            await internals.send_data(da, b"queued again")
+            assert await asyncio.wait_for(rb.received.get(), 5) == b"queued again"
             key_a = internals.export_keying_material(da, b"EXPORTER-mvp-test", 32)
             assert key_a == internals.export_keying_material(db, b"EXPORTER-mvp-test", 32)
             assert key_a != internals.export_keying_material(da, b"EXPORTER-other", 32)
@@ -145,6 +161,8 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             for _, ice, dtls, _ in sides:
                 await dtls.stop()
                 await ice.stop()
+        with pytest.raises(ConnectionError):
+            internals.send_data_now(da, b"closed")
 
     asyncio.run(asyncio.wait_for(main(), 30))
 

@@ -350,6 +350,12 @@ def test_relay_policy_through_turn_says_relayed(
             near, _, _, far_in = await open_pair(offerer, answerer)
             near.send("via the relay")
             assert await far_in.get() == "via the relay"
+            # Many packets each way through the relay (our stack sends and receives them
+            # on its synchronous paths; the TURN channel binding comes first), in order.
+            sent = [bytes([i]) * 3000 for i in range(64)]
+            for data in sent:
+                near.send(data)
+            assert [await far_in.get() for _ in sent] == sent
             pair = ours.selected_pair()
             assert pair is not None and pair.path == "relayed"
             assert pair.local.type == "relay" and "typ relay" in pair.local.sdp

@@ -173,6 +173,9 @@ def test_abort_tells_the_peer_why() -> None:
     pair.run(lambda: bool(pair.b.of_type(AssociationLost)))
     lost = pair.b.of_type(AssociationLost)[0]
     assert isinstance(lost, AssociationLost) and "going away" in lost.reason
+    assert lost.by_peer
+    local = pair.a.of_type(AssociationLost)[0]
+    assert isinstance(local, AssociationLost) and not local.by_peer
     assert pair.b.association.closed and pair.a.association.closed
     with pytest.raises(AssociationNotOpen):
         pair.a.association.send(0, 53, b"x", now=pair.now)
@@ -401,3 +404,26 @@ def test_without_forward_tsn_partially_reliable_messages_go_reliably() -> None:
         a.send(1, 53, data, max_retransmits=0, lifetime=10.0, now=pair.now)
     pair.run(lambda: len(pair.b.messages()) == 100, timeout=300)
     assert [m.data for m in pair.b.messages()] == sent
+
+
+def test_packet_size_can_change_until_the_association_is_established() -> None:
+    sizes: list[int] = []
+
+    class MeasuredLink(Link):
+        def schedule(self, now: float, packet: bytes) -> list[float]:
+            sizes.append(len(packet))
+            return super().schedule(now, packet)
+
+    pair = Pair(MeasuredLink())
+    pair.a.association.set_mtu(1500)
+    pair.b.association.set_mtu(1500)
+    pair.connect()
+    a = pair.a.association
+    for _ in range(20):
+        a.send(1, 53, b"m" * 6000, now=pair.now)
+    pair.run(lambda: len(pair.b.messages()) == 20)
+    assert max(sizes) == 1500  # full packets of the new size, never larger
+    with pytest.raises(ValueError, match="established"):
+        a.set_mtu(1200)
+    with pytest.raises(ValueError, match="at least 256"):
+        Association().set_mtu(100)

@@ -395,3 +395,50 @@ def test_reload_tokens_keeps_old_ones_on_error(tmp_path: Path) -> None:
             await again.close()
 
     run(main_)
+
+
+def test_standalone_rereads_its_tokens_file_on_sighup(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice old-tok-1\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvpd.signaling.server", "--listen", "127.0.0.1:0",
+         "--tokens-file", str(tokens)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+
+        async def answer(token: str) -> str:
+            async with connect(url) as ws:
+                await ws.send(json.dumps({"type": "register", "id": "alice", "token": token}))
+                reply = await recv_json(ws)
+                return str(reply.get("code") or reply["type"])
+
+        async def main_() -> None:
+            assert await answer("old-tok-1") == "registered"
+            tokens.write_text("alice new-tok-2\n")
+            assert await answer("new-tok-2") == "bad-token"  # not read again by itself
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(50):
+                if await answer("new-tok-2") == "registered":
+                    break
+                await asyncio.sleep(0.1)
+            assert await answer("old-tok-1") == "bad-token"
+            # A broken file leaves the tokens in force and the server up.
+            tokens.write_text("broken line with four\n")
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            assert await answer("new-tok-2") == "registered"
+
+        run(main_)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "tokens reloaded" in err and "old ones stay in force" in err, err
+        assert "old-tok-1" not in err and "new-tok-2" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

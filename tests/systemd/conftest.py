@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from harness import (
+
+from tests.systemd.harness import (
     MVPD_BIN,
     InstalledUnits,
     SystemdContainer,

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import signal
 
-from mvpd import systemd
+from mvpd import sd_notify
 from mvpd.logs import FieldsAdapter, fields, log_event, setup_logging
 
 
@@ -19,14 +19,14 @@ async def main() -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload(log)))
-    watchdog = systemd.start_watchdog()
+    watchdog = sd_notify.start_watchdog()
     log_event(log, logging.INFO, "connected", "peer %s connected", "bob", peer="bob",
               mode="chat", token="hunter2-field")
     FieldsAdapter(log, peer="carol", mode="tun").warning(
         "dropped %d packets, token=hunter2-text", 3, extra=fields(event="drop", count=3))
-    systemd.notify_ready("probe up: 2 peers")
+    sd_notify.notify_ready("probe up: 2 peers")
     await stop.wait()
-    systemd.notify_stopping("probe stopping")
+    sd_notify.notify_stopping("probe stopping")
     log_event(log, logging.INFO, "stopping", "stopping")
     if watchdog is not None:
         watchdog.cancel()
@@ -34,10 +34,10 @@ async def main() -> int:
 
 
 async def reload(log: logging.Logger) -> None:
-    systemd.notify_reloading("reloading")
+    sd_notify.notify_reloading("reloading")
     await asyncio.sleep(0.2)
     log_event(log, logging.INFO, "reloaded", "reloaded")
-    systemd.notify_ready("probe up: reloaded")
+    sd_notify.notify_ready("probe up: reloaded")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import MVPCTL_BIN, MVPD_BIN, InstalledUnits, SystemdContainer
 
-from mvpd.systemd import TMP_DROPIN, paths_under_tmp
+from mvpd.units import TMP_DROPIN, paths_under_tmp
+from tests.systemd.harness import MVPCTL_BIN, MVPD_BIN, InstalledUnits, SystemdContainer
 
 pytestmark = pytest.mark.root
 
@@ -47,6 +47,8 @@ def alice_config(allowed: list[str]) -> str:
         "connect_timeout: 15\n"
         "tun: {address: 10.99.1.1/24}\n"
         "peers: {bob: {allowed_ips: [10.99.2.2/32]}}\n"
+        # tun mode trusts only pinned peers by default; these two meet on first use.
+        "trust: tofu\n"
         "signaling_server:\n"
         "  enabled: true\n"
         f"  listen: 127.0.0.1:{SIGNALING_PORT}\n"
@@ -62,6 +64,9 @@ BOB_CONFIG = (
     # Both daemons share the container's network namespace: distinct names and networks.
     "tun: {name: bob-tun%d, address: 10.99.2.2/24}\n"
     "peers: {alice: {allowed_ips: [10.99.1.1/32]}}\n"
+    "trust: tofu\n"
+    # Its own identity (alice's unit has /var/lib/mvpd).
+    "state_dir: /var/lib/mvpd-bob\n"
 )
 
 

@@ -1,4 +1,4 @@
-"""mvpd.systemd's notify functions against a real AF_UNIX datagram socket (what systemd
+"""mvpd.sd_notify's functions against a real AF_UNIX datagram socket (what systemd
 listens on), and their no-op behaviour outside systemd."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mvpd import systemd
+from mvpd import sd_notify
 
 
 @pytest.fixture
@@ -35,15 +35,15 @@ def received(sock: socket.socket) -> dict[str, str]:
 def test_messages(notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch,
                   stdlib: bool) -> None:
     if stdlib:
-        monkeypatch.setattr(systemd, "_sd_daemon", None)
-    assert systemd.notify_ready("up: 2 peers")
+        monkeypatch.setattr(sd_notify, "_sd_daemon", None)
+    assert sd_notify.notify_ready("up: 2 peers")
     assert received(notify_socket) == {"READY": "1", "STATUS": "up: 2 peers"}
-    assert systemd.notify_status("line one\nline two")
+    assert sd_notify.notify_status("line one\nline two")
     assert received(notify_socket) == {"STATUS": "line one line two"}
-    assert systemd.notify_stopping()
+    assert sd_notify.notify_stopping()
     assert received(notify_socket) == {"STOPPING": "1"}
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    assert systemd.notify_reloading("reloading config")
+    assert sd_notify.notify_reloading("reloading config")
     msg = received(notify_socket)
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert msg["RELOADING"] == "1" and msg["STATUS"] == "reloading config"
@@ -56,28 +56,28 @@ def test_abstract_socket_with_stdlib(monkeypatch: pytest.MonkeyPatch) -> None:
         sock.bind("\0" + name)
         sock.settimeout(5)
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        monkeypatch.setattr(systemd, "_sd_daemon", None)
-        assert systemd.notify_watchdog()
+        monkeypatch.setattr(sd_notify, "_sd_daemon", None)
+        assert sd_notify.notify_watchdog()
         assert sock.recv(100) == b"WATCHDOG=1"
 
 
 def test_long_status_is_cut(notify_socket: socket.socket) -> None:
-    systemd.notify_status("x" * 1000)
+    sd_notify.notify_status("x" * 1000)
     assert len(received(notify_socket)["STATUS"]) == 200
 
 
 def test_no_ops_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
-    assert not systemd.notify_ready()
-    assert not systemd.notify_status("x")
-    assert systemd.watchdog_interval() is None
+    assert not sd_notify.notify_ready()
+    assert not sd_notify.notify_status("x")
+    assert sd_notify.watchdog_interval() is None
 
 
 def test_a_vanished_socket_does_not_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    monkeypatch.setattr(systemd, "_sd_daemon", None)
-    assert systemd.notify_ready() is False
+    monkeypatch.setattr(sd_notify, "_sd_daemon", None)
+    assert sd_notify.notify_ready() is False
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_watchdog_interval(notify_socket: socket.socket, monkeypatch: pytest.Mon
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    assert systemd.watchdog_interval() == expected
+    assert sd_notify.watchdog_interval() == expected
 
 
 def test_watchdog_task_pings_from_the_loop(notify_socket: socket.socket,
@@ -109,7 +109,7 @@ def test_watchdog_task_pings_from_the_loop(notify_socket: socket.socket,
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
 
     async def scenario() -> None:
-        task = systemd.start_watchdog()
+        task = sd_notify.start_watchdog()
         assert task is not None
         await asyncio.sleep(0.12)  # a ping at 0 and at least one more at 0.05
         task.cancel()
@@ -127,4 +127,4 @@ def test_watchdog_task_pings_from_the_loop(notify_socket: socket.socket,
 
 def test_watchdog_rejects_nonsense_interval() -> None:
     with pytest.raises(ValueError):
-        asyncio.run(systemd.run_watchdog(0))
+        asyncio.run(sd_notify.run_watchdog(0))

@@ -1,5 +1,5 @@
 """The booted-systemd harness itself, proven with a tiny Type=notify service that uses
-mvpd.systemd (READY, STATUS, STOPPING, RELOADING, watchdog) and mvpd.logs (journal fields)."""
+mvpd.sd_notify (READY, STATUS, STOPPING, RELOADING, watchdog) and mvpd.logs (journal fields)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from harness import PROJECT, PYTHON, SystemdContainer
 
-from mvpd.systemd import (
+from mvpd.units import (
     TMP_DIRS,
     home_paths_dropin,
     paths_under_home,
     paths_under_tmp,
     tmp_paths_dropin,
 )
+from tests.systemd.harness import PROJECT, PYTHON, SystemdContainer
 
 pytestmark = pytest.mark.root
 

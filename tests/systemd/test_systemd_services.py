@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from harness import MVPD_BIN, InstalledUnits, SystemdContainer
+
+from tests.systemd.harness import MVPD_BIN, InstalledUnits, SystemdContainer
 
 pytestmark = pytest.mark.root
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import mvpd
-import mvpd.systemd as systemd_module
+import mvpd.units as units_module
 from mvpd.proto.errors import MvpError
-from mvpd.systemd import (
+from mvpd.units import (
     HOME_DROPIN,
     SHIPPED_BIN,
     TMP_DROPIN,
@@ -118,7 +118,7 @@ def test_a_wheel_install_carries_the_units_and_the_config(tmp_path: Path) -> Non
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     run(*pip, "--python", python, "install", "--no-deps", "--no-index", wheel)
 
-    where = run(python, "-c", "import mvpd.systemd as s; print(s.units_dir())").strip()
+    where = run(python, "-c", "import mvpd.units as s; print(s.units_dir())").strip()
     assert Path(where) == site / "mvpd" / "data" / "systemd"
     assert "--prefix" in run(venv / "bin" / "mvpd", "install-units", "--help")
     prefix = tmp_path / "root"
@@ -160,6 +160,8 @@ def test_hardening_keeps_what_tun_needs() -> None:
     assert service["WatchdogSec"] == ["30"] and service["Restart"] == ["on-failure"]
     assert service["RuntimeDirectory"] == ["mvpd"]
     assert service["LimitNOFILE"] == ["1024:524288"]  # the daemon raises its soft limit
+    # The identity key lives on across restarts, root only.
+    assert service["StateDirectory"] == ["mvpd"] and service["StateDirectoryMode"] == ["0700"]
     assert "CAP_NET_ADMIN" in service["CapabilityBoundingSet"][0].split()
     assert service["DeviceAllow"] == ["/dev/net/tun rw"]
     assert "AF_NETLINK" in service["RestrictAddressFamilies"][0].split()
@@ -309,7 +311,7 @@ class FakeRunner:
 def test_activate_units_runs_sysusers_then_daemon_reload(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(systemd_module, "SYSTEMD_RUNTIME_DIR", tmp_path)  # systemd runs
+    monkeypatch.setattr(units_module, "SYSTEMD_RUNTIME_DIR", tmp_path)  # systemd runs
     runner = FakeRunner()
     lines = activate_units(run=runner)
     assert runner.calls == [["systemd-sysusers", "/etc/sysusers.d/mvp-agent.conf"],
@@ -330,7 +332,7 @@ def test_activate_units_runs_sysusers_then_daemon_reload(
 def test_activate_units_without_systemd_or_with_a_failing_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(systemd_module, "SYSTEMD_RUNTIME_DIR", tmp_path / "absent")
+    monkeypatch.setattr(units_module, "SYSTEMD_RUNTIME_DIR", tmp_path / "absent")
     runner = FakeRunner()
     lines = activate_units(run=runner)
     # systemd-sysusers works on files alone (image builds); systemctl needs a running systemd.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from peerlink import connected_pair, run
+from tests.peerlink import connected_pair, run
 
 CHUNK = 64 * 1024
 TOTAL = 50 * 1024 * 1024

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from peerlink import connected_pair, run, wait_for
 
 from mvpd.peer import PeerState
 from mvpd.proto.errors import MessageTooLarge, TransportError
@@ -19,6 +18,7 @@ from mvpd.transports import (
     TunTransport,
     create_transport,
 )
+from tests.peerlink import connected_pair, run, wait_for
 
 
 async def inject_raw_text(transport: object, payload: bytes) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from peerlink import connected_pair, run, wait_for
-
+from mvpd.proto.pipe_states import PipeState
 from mvpd.transports import PipeTransport
 from mvpd.transports.pipe import DEFAULT_WINDOW
+from tests.peerlink import connected_pair, run, wait_for
 
 TOTAL = 20 * 1024 * 1024
 
@@ -104,6 +104,7 @@ def test_pipe_closed_before_eof_is_not_a_clean_end() -> None:
             pass
         else:
             raise AssertionError("a truncated stream must not look like EOF")
+        assert pb.stream_state == PipeState.BROKEN
         await sa.close()
         await sb.close()
 
@@ -139,6 +140,31 @@ def test_the_writer_learns_whether_its_reader_took_the_whole_stream() -> None:
         else:
             raise AssertionError("a stream its reader never took must not count as delivered")
         assert not pa2.eof_acknowledged
+        assert pa2.stream_state == PipeState.BROKEN
+        # The first reader closes its channel after taking everything: for the writer that
+        # is the reader's own end of stream, a clean close.
+        assert pb.stream_state == PipeState.HALF_CLOSED_REMOTE
+        pb.close()
+        await wait_for(lambda: pa.is_closed)
+        assert pa.stream_state == PipeState.CLOSED
+        await sa.close()
+        await sb.close()
+
+    run(body())
+
+
+def test_a_second_eof_breaks_the_stream() -> None:
+    async def body() -> None:
+        sa, sb, _, _ = await connected_pair("bytes")
+        pa = await sa.open_pipe()
+        pb = await sb.wait_pipe(timeout=10)
+        await pa.write(b"x")
+        await pa.write_eof()
+        assert pa.stream_state == PipeState.HALF_CLOSED_LOCAL
+        pa._send(bytes([0x01]))  # a broken peer: EOF again
+        await wait_for(lambda: pb.is_closed)
+        assert pb.stream_state == PipeState.BROKEN
+        assert pb.counters.errors == {"credit-violation": 1}
         await sa.close()
         await sb.close()
 

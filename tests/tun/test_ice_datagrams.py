@@ -199,19 +199,7 @@ def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
     binary = shutil.which("turnserver")
     if binary is None:
         pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
-    # TurnServer picks a free UDP port, but coturn listens on TCP at the same number too,
-    # which on this busy machine is now and then some client's ephemeral port: try again.
-    for attempt in range(3):
-        workdir = tmp_path / f"turn{attempt}"
-        workdir.mkdir()
-        server = TurnServer(workdir)
-        try:
-            server.start(binary)
-            break
-        except pytest.fail.Exception:
-            server.stop()
-            if attempt == 2:
-                raise
+    server = TurnServer(tmp_path).start(binary)
     try:
         yield server
     finally:

@@ -1,0 +1,68 @@
+"""Which mvpd.sctp build is loaded: compiled (mypyc, setup.py) or the .py files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mvpd.sctp
+
+SCTP_DIR = Path(mvpd.sctp.__file__).parent
+PROBE = (
+    "import mvpd.sctp as s, mvpd.sctp.association as a, mvpd.sctp.packet as p;"
+    "print(s.BUILD, a.__file__.endswith('.py'), p.__file__.endswith('.py'))"
+)
+
+
+def probe(**env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**os.environ, **env},
+        capture_output=True, text=True, check=True,
+    )
+    return result.stdout.strip()
+
+
+def test_pure_switch_loads_every_module_from_its_source() -> None:
+    assert probe(MVPD_PURE_SCTP="1") == "pure True True"
+
+
+@pytest.mark.skipif(not list(SCTP_DIR.glob("association.*.so")), reason="not compiled")
+@pytest.mark.skipif(mvpd.sctp._compiled_is_stale(), reason="sources changed since the build")
+def test_compiled_modules_are_loaded_when_built_and_current() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MVPD_PURE_SCTP"}
+    result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "compiled False False"
+
+
+def test_build_matches_the_loaded_module() -> None:
+    loaded_pure = mvpd.sctp.association.__file__.endswith(".py")
+    assert ("pure" if loaded_pure else "compiled") == mvpd.sctp.BUILD
+
+
+def test_mvpd_version_names_the_build() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mvpd.cli", "--version"], capture_output=True, text=True,
+        check=True,
+    )
+    assert result.stdout.startswith("mvpd ")
+    assert f"(sctp: {mvpd.sctp.BUILD}" in result.stdout
+
+
+def test_stale_compiled_modules_in_a_checkout_are_not_loaded(tmp_path: Path) -> None:
+    package = tmp_path / "mvpd" / "sctp"
+    package.mkdir(parents=True)
+    source, native = package / "packet.py", package / "packet.cpython-311-x86_64-linux-gnu.so"
+    source.write_text("")
+    native.write_bytes(b"")
+    os.utime(source, (1000, 1000))
+    os.utime(native, (2000, 2000))
+    assert not mvpd.sctp._compiled_is_stale(package)  # no checkout: never stale
+    (tmp_path / ".git").mkdir()
+    assert not mvpd.sctp._compiled_is_stale(package)  # built after the last edit
+    os.utime(source, (3000, 3000))
+    assert mvpd.sctp._compiled_is_stale(package)  # edited since the build

@@ -1,0 +1,430 @@
+"""Several signaling servers on one real Redis (redis-server on a free port): routing across
+servers, cluster-wide id ownership, a server killed with SIGKILL, Redis restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from websockets.asyncio.client import ClientConnection, connect
+
+from mvpd.config import AgentSettings, SignalingServerSettings
+from mvpd.proto.signaling import Bye, Error
+from mvpd.signaling.client import SignalingClient
+from mvpd.signaling.server import SignalingServer
+from tests.signaling.redis_server import RedisServer, need_redis, running_redis
+from tests.signaling.test_signaling_server import closed_with, recv_json, registered, run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+@asynccontextmanager
+async def servers(
+    redis: RedisServer, count: int, liveness_timeout: float = 3.0, **kw: Any
+) -> AsyncIterator[list[SignalingServer]]:
+    started = [
+        SignalingServer(
+            SignalingServerSettings(listen="127.0.0.1:0", redis=SecretStr(redis.url), **kw),
+            liveness_timeout=liveness_timeout,
+        )
+        for _ in range(count)
+    ]
+    for server in started:
+        await server.start()
+    try:
+        yield started
+    finally:
+        for server in started:
+            await server.close()
+
+
+async def drain(ws: ClientConnection, seconds: float = 0.3) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    try:
+        while True:
+            got.append(json.loads(await asyncio.wait_for(ws.recv(), seconds)))
+    except TimeoutError:
+        return got
+
+
+def test_agents_on_three_servers_reach_each_other(redis_server: RedisServer) -> None:
+    async def main_() -> None:
+        async with servers(redis_server, 3) as (a, b, c):
+            alice = await registered(a, "alice")
+            bob = await registered(b, "bob")
+            carol = await registered(c, "carol")
+            await alice.send(json.dumps({"type": "offer", "to": "bob", "sdp": "v=0", "x": 1}))
+            assert await recv_json(bob) == {
+                "type": "offer", "from": "alice", "to": "bob", "sdp": "v=0", "x": 1
+            }
+            # ``from`` is what the sender registered, whatever it claims.
+            await bob.send(json.dumps({"type": "answer", "from": "eve", "to": "carol",
+                                       "sdp": "v=1"}))
+            assert (await recv_json(carol))["from"] == "bob"
+            await carol.send(json.dumps({"type": "candidate", "to": "alice", "candidate": None}))
+            assert await recv_json(alice) == {
+                "type": "candidate", "from": "carol", "to": "alice", "candidate": None
+            }
+            assert a.stats()["messages_forwarded"] == 1
+            assert b.stats()["messages_delivered"] == 1
+            for ws in (alice, bob, carol):
+                await ws.close()
+
+    run(main_)
+
+
+def test_offline_is_immediate_when_no_server_holds_the_target(
+    redis_server: RedisServer,
+) -> None:
+    async def main_() -> None:
+        async with servers(redis_server, 2) as (a, b):
+            alice = await registered(a, "alice")
+            bob = await registered(b, "bob")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await alice.send(json.dumps({"type": "offer", "to": "nobody", "sdp": "v=0"}))
+            err = await recv_json(alice, timeout=2)
+            assert (err["code"], err["peer"], err["about"]) == ("offline", "nobody", "offer")
+            assert loop.time() - started < 0.5
+            # bob leaves: his id is given back at once, and he is offline for alice.
+            await bob.close()
+            await asyncio.sleep(0.3)
+            await alice.send(json.dumps({"type": "bye", "to": "bob"}))
+            err = await recv_json(alice, timeout=2)
+            assert (err["code"], err["peer"]) == ("offline", "bob")
+            await alice.close()
+
+    run(main_)
+
+
+def test_a_live_holder_on_another_server_keeps_its_id(redis_server: RedisServer) -> None:
+    async def main_() -> None:
+        async with servers(redis_server, 2) as (a, b):
+            alice = await registered(a, "alice")
+            thief = await connect(b.url)
+            await thief.send(json.dumps({"type": "register", "id": "alice"}))
+            err = await recv_json(thief, timeout=6)
+            assert (err["code"], err["peer"]) == ("id-in-use", "alice")
+            code, _ = await closed_with(thief)
+            assert code == 4010
+            # alice still gets her messages, on her server.
+            bob = await registered(b, "bob")
+            await bob.send(json.dumps({"type": "bye", "to": "alice"}))
+            assert (await recv_json(alice))["from"] == "bob"
+            assert b.stats()["id_in_use"] == 1
+            await alice.close()
+            await bob.close()
+
+    run(main_)
+
+
+def test_a_silent_holder_on_another_server_is_replaced(redis_server: RedisServer) -> None:
+    async def main_() -> None:
+        async with servers(redis_server, 2, liveness_timeout=0.5) as (a, b):
+            old = await registered(a, "alice")
+            assert old.transport is not None
+            old.transport.pause_reading()  # no pong, as if its host had vanished
+            new = await registered(b, "alice")
+            old.transport.resume_reading()
+            err = await recv_json(old)
+            assert (err["code"], err["peer"]) == ("replaced", "alice")
+            carol = await registered(a, "carol")
+            await carol.send(json.dumps({"type": "bye", "to": "alice"}))
+            assert (await recv_json(new))["from"] == "carol"
+            assert a.stats()["replaced"] == 1
+            await new.close()
+            await carol.close()
+
+    run(main_)
+
+
+def test_a_message_racing_a_departure_gets_offline(redis_server: RedisServer) -> None:
+    """The target's server got the message but the target had just left: the sender hears
+    ``offline`` from that server."""
+
+    async def main_() -> None:
+        async with servers(redis_server, 2) as (a, b):
+            alice = await registered(a, "alice")
+            bob = await registered(b, "bob")
+            assert b.cluster is not None
+            # bob is gone from b's router, but the Redis key still names b (not released yet).
+            b.router.disconnect(b.router.holder("bob"))  # type: ignore[arg-type]
+            await alice.send(json.dumps({"type": "offer", "to": "bob", "sdp": "v=0"}))
+            err = await recv_json(alice, timeout=2)
+            assert (err["code"], err["peer"]) == ("offline", "bob")
+            await alice.close()
+            await bob.close()
+
+    run(main_)
+
+
+def test_routing_resumes_by_itself_after_redis_restarts(redis_server: RedisServer) -> None:
+    async def main_() -> None:
+        async with servers(redis_server, 2) as (a, b):
+            alice = await registered(a, "alice")
+            bob = await registered(b, "bob")
+            await asyncio.to_thread(redis_server.restart, 0.5)  # comes back empty
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                await alice.send(json.dumps({"type": "bye", "to": "bob", "reason": "hi"}))
+                got = await drain(bob, 0.3)
+                if any(m.get("from") == "alice" for m in got):
+                    break
+                assert loop.time() < deadline, "routing did not resume"
+                await drain(alice, 0.05)
+            resumed = loop.time() - (deadline - 10)
+            # ids were re-asserted: a takeover is still refused, new agents still register
+            thief = await connect(a.url)
+            await thief.send(json.dumps({"type": "register", "id": "bob"}))
+            assert (await recv_json(thief, timeout=6))["code"] == "id-in-use"
+            carol = await registered(a, "carol")
+            await bob.send(json.dumps({"type": "bye", "to": "carol"}))
+            assert (await recv_json(carol))["from"] == "bob"
+            print(f"routing resumed {resumed:.2f} s after Redis was back")
+            for ws in (alice, bob, carol, thief):
+                await ws.close()
+
+    run(main_)
+
+
+def test_registration_waits_for_redis_and_is_refused_with_try_again(tmp_path: Path) -> None:
+    """Redis down: a registration is refused with 1013 (the client tries again later);
+    agents of one server keep reaching each other."""
+    need_redis()
+    redis = RedisServer(tmp_path / "redis")  # not started yet: its port is closed
+
+    async def main_() -> None:
+        async with servers(redis, 1) as (a,):
+            ws = await connect(a.url)
+            await ws.send(json.dumps({"type": "register", "id": "alice"}))
+            err = await recv_json(ws, timeout=10)
+            assert err["code"] == "unavailable"
+            code, _ = await closed_with(ws)
+            assert code == 1013
+            await asyncio.to_thread(redis.start)
+            try:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while True:
+                    ws = await connect(a.url)
+                    await ws.send(json.dumps({"type": "register", "id": "alice"}))
+                    if (await recv_json(ws, timeout=10))["type"] == "registered":
+                        break
+                    assert loop.time() < deadline
+                    await asyncio.sleep(0.3)
+                await ws.close()
+            finally:
+                redis.stop()
+
+    run(main_, timeout=60)
+
+
+# --- a server killed, agents fail over -----------------------------------------------------------
+
+
+def start_server_process(redis_url: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvpd.signaling.server", "--listen", "127.0.0.1:0",
+         "--redis", redis_url],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.fullmatch(r"listening on (ws://127\.0\.0\.1:\d+)\n", line)
+    if not match:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the server did not start: {line!r}")
+    return proc, match[1]
+
+
+def fast_client(agent_id: str, urls: list[str]) -> SignalingClient:
+    settings = AgentSettings(agent_id=agent_id, signaling_urls=urls)
+    return SignalingClient(settings, backoff_initial=0.5, backoff_max=2.0, ping_interval=1.0,
+                           ping_timeout=1.0, connect_timeout=3.0)
+
+
+async def exchange(sender: SignalingClient, receiver: SignalingClient, reason: str) -> None:
+    """Send until ``receiver`` gets it (its registration may be on its way)."""
+    for _ in range(100):
+        await sender.send({"type": "bye", "to": receiver.agent_id, "reason": reason})
+        try:
+            while True:
+                got = await asyncio.wait_for(receiver.recv(), 0.1)
+                if isinstance(got, Bye) and got.reason == reason:
+                    return
+        except TimeoutError:
+            continue
+    raise AssertionError(f"{reason!r} never reached {receiver.agent_id}")
+
+
+def test_agents_of_a_killed_server_fail_over_and_others_are_untouched(
+    redis_server: RedisServer,
+) -> None:
+    procs: list[subprocess.Popen[str]] = []
+
+    async def main_() -> None:
+        urls: list[str] = []
+        for _ in range(3):
+            proc, url = await asyncio.to_thread(start_server_process, redis_server.url)
+            procs.append(proc)
+            urls.append(url)
+        # alice and bob start on server 0 (their lists begin there), carol on server 1,
+        # dave on server 2.
+        alice = fast_client("alice", urls)
+        bob = fast_client("bob", urls)
+        carol = fast_client("carol", urls[1:] + urls[:1])
+        dave = fast_client("dave", urls[2:] + urls[:2])
+        everyone = [alice, bob, carol, dave]
+        for c in everyone:
+            await c.connect()
+        assert alice.url == urls[0] and carol.url == urls[1]
+        await exchange(alice, carol, "before")
+        await exchange(carol, dave, "before")
+        carol_connections, dave_connections = carol.connections, dave.connections
+
+        procs[0].kill()
+        await asyncio.to_thread(procs[0].wait)
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        await exchange(carol, alice, "after")
+        await exchange(carol, bob, "after")
+        routable = loop.time() - killed
+        assert alice.url != urls[0] and bob.url != urls[0]
+        assert routable < 5 + 2.0, f"routable again only after {routable:.1f} s"
+        await exchange(alice, bob, "after")
+        await exchange(dave, carol, "after")
+        # carol's and dave's sessions were not touched.
+        assert (carol.connections, dave.connections) == (carol_connections, dave_connections)
+        print(f"the killed server's agents were routable again {routable:.2f} s later")
+        for c in everyone:
+            await c.close()
+
+    try:
+        run(main_, timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
+
+
+def test_error_messages_reach_the_client_as_errors(redis_server: RedisServer) -> None:
+    async def main_() -> None:
+        async with servers(redis_server, 2) as (a, _b):
+            alice = fast_client("alice", [a.url])
+            await alice.connect()
+            await alice.send({"type": "offer", "to": "nobody", "sdp": "v=0"})
+            err = await asyncio.wait_for(alice.recv(), 3)
+            assert isinstance(err, Error) and err.code == "offline" and err.peer == "nobody"
+            await alice.close()
+
+    run(main_)
+
+
+def test_a_heartbeat_that_finds_its_id_held_elsewhere_drops_its_holder(
+    redis_server: RedisServer,
+) -> None:
+    """After a partition longer than the TTL another server may have granted our id: the
+    cluster's word wins, our holder is told ``replaced``."""
+    import redis.asyncio as aioredis
+
+    async def main_() -> None:
+        async with servers(redis_server, 1) as (a,):
+            alice = await registered(a, "alice")
+            assert a.cluster is not None
+            client = aioredis.Redis.from_url(redis_server.url)
+            key = a.cluster.keys.id_key("alice")
+            assert (await client.get(key)).decode() == a.cluster.server_id
+            assert 0 < await client.ttl(key) <= 15
+            await client.set(key, "otherserver")
+            a.cluster._refresh_now.set()
+            err = await recv_json(alice)
+            assert (err["code"], err["peer"]) == ("replaced", "alice")
+            assert a.router.holder("alice") is None
+            assert (await client.get(key)).decode() == "otherserver"  # not released by us
+            await client.aclose()
+
+    run(main_)
+
+
+# --- the agent's list of servers ---------------------------------------------------------------
+
+
+def test_signaling_urls_from_the_environment_and_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mvpd.config import load_settings
+    from mvpd.proto.errors import ConfigError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    monkeypatch.setenv("SIGNALING_URLS", "ws://a:1, wss://b:2")
+    assert load_settings(agent_id="x", config_file=empty).signaling_url_list == [
+        "ws://a:1", "wss://b:2"
+    ]
+    monkeypatch.delenv("SIGNALING_URLS")
+    config = tmp_path / "c.yaml"
+    config.write_text("signaling_url: [ws://a:1, ws://b:2]\n")
+    settings = load_settings(agent_id="x", config_file=config)
+    assert settings.signaling_url_list == ["ws://a:1", "ws://b:2"]
+    assert settings.signaling_url == "ws://a:1"
+    assert load_settings(agent_id="x", config_file=empty).signaling_url_list == [
+        "ws://127.0.0.1:8765"
+    ]
+    config.write_text("signaling_urls: [ws://a:1, 'http://b']\n")
+    with pytest.raises(ConfigError, match="ws://"):
+        load_settings(agent_id="x", config_file=config)
+
+
+def test_the_redis_url_setting_is_secret_and_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mvpd.config import load_settings
+    from mvpd.proto.errors import ConfigError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    monkeypatch.setenv("MVPD_SIGNALING_SERVER__REDIS", "redis://:hunter2@10.0.0.5:6379/0")
+    settings = load_settings(agent_id="x", config_file=empty)
+    assert settings.signaling_server.redis is not None
+    assert settings.signaling_server.redis.get_secret_value().endswith("@10.0.0.5:6379/0")
+    assert "hunter2" not in json.dumps(settings.redacted())
+    monkeypatch.setenv("MVPD_SIGNALING_SERVER__REDIS", "http://10.0.0.5")
+    with pytest.raises(ConfigError, match="redis://") as refused:
+        load_settings(agent_id="x", config_file=empty)
+    assert "10.0.0.5" not in str(refused.value)
+
+
+def test_the_client_skips_a_dead_url_at_once() -> None:
+    from tests.signaling.redis_server import free_port
+
+    async def main_() -> None:
+        async with SignalingServer(SignalingServerSettings(listen="127.0.0.1:0")) as server:
+            dead = f"ws://127.0.0.1:{free_port()}"
+            settings = AgentSettings(agent_id="alice", signaling_urls=[dead, server.url])
+            client = SignalingClient(settings, backoff_initial=0.2, backoff_max=30.0)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await client.connect(timeout=5)
+            assert client.url == server.url
+            assert loop.time() - started < 1.0
+            await client.close()
+
+    run(main_)
