@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from mvpd.control import ControlLimits, ControlServer
+from mvpd.control import ControlServer
 from mvpd.control_handler import Caller
+from mvpd.proto.control import ControlLimits
 from mvpd.proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
 from mvpd.proto.rpc import (
     ConnectParams,
