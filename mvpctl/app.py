@@ -142,6 +142,8 @@ def _want_json(ctx: typer.Context, flag: bool) -> bool:
     return flag or options.json
 
 
+# --- status ------------------------------------------------------------------------------------
+
 
 @app.command()
 @_handles_errors
@@ -349,8 +351,6 @@ def pipe(
         if connect_first:
             client.call("connect", reply_timeout=None, peer=peer, wait=True)
         run_pipe(client, client.open_pipe(peer))
-
-
 
 
 # --- stats, ping, web --------------------------------------------------------------------------

@@ -111,6 +111,7 @@ class ConnectionStreams:
             await self._end(sub, notify=False)
 
     async def cancel(self, call: CallReceived) -> None:
+        """``cancel``: answer it, then end the subscription (its ``end`` event follows)."""
         assert isinstance(call.params, SubParams)
         sub = self._subs.get(call.params.sub)
         if sub is None:
@@ -230,6 +231,8 @@ class ConnectionStreams:
         await self._end(sub)
 
     async def enqueue_pipe(self, call: CallReceived) -> None:
+        """``pipe.write`` or ``pipe.eof``: queued for the pipe's writer, which carries them
+        out in order and answers each; while the queue is full this connection is not read."""
         params = call.params
         assert isinstance(params, PipeWriteParams | SubParams)
         sub = self._subs.get(params.sub)
