@@ -1,7 +1,7 @@
 """IP packets in TUN mode, sans-I/O: header parsing, per-peer allowed IPs, batch framing, and
 the drop counters of the data plane.
 
-Nothing here touches a device or a socket. The TUN device (``mvpd.netdev``) hands raw packets
+Nothing here touches a device or a socket. The TUN device (``mvpd.tun.device``) hands raw packets
 in, the data channel hands messages in, and the functions below say where a packet goes and
 why one was dropped.
 

@@ -1,7 +1,7 @@
 """TUN mode: one peer's IP packets over an unreliable, unordered data channel.
 
 The channel is unordered with ``maxRetransmits=0`` (IP above it does its own recovery; no
-TCP-over-TCP). The transport is the per-peer end of a shared tunnel (``mvpd.tunnel``): the
+TCP-over-TCP). The transport is the per-peer end of a shared tunnel (``mvpd.tun.tunnel``): the
 tunnel owns the TUN device and the allowed-IPs table, reads packets from the device, routes
 each by destination and hands a peer's packets to :meth:`TunTransport.send_packets`; what
 the peer sends comes back through :meth:`PacketSink.from_peer`, which checks the source

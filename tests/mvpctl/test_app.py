@@ -48,7 +48,7 @@ def test_importing_the_cli_loads_no_daemon_machinery_and_no_pydantic() -> None:
         "import sys, mvpctl.app, mvpctl.client\n"
         "heavy = ('aiortc', 'aioice', 'pyroute2', 'systemd', 'websockets', 'asyncio',\n"
         "         'mvpd.control', 'mvpd.peer', 'mvpd.daemon', 'mvpd.config', 'mvpd.signaling',\n"
-        "         'mvpd.transports', 'mvpd.netdev', 'pydantic_settings', 'yaml',\n"
+        "         'mvpd.transports', 'mvpd.tun.device', 'pydantic_settings', 'yaml',\n"
         "         'pydantic', 'pydantic_core', 'mvpd.proto.rpc', 'mvpd.proto.signaling')\n"
         "print([m for m in sys.modules if m.split('.')[0] in heavy or m in heavy\n"
         "       or any(m.startswith(h + '.') for h in heavy)])\n"

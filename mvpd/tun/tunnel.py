@@ -12,7 +12,7 @@ tun peer's channel appears, gets a route for each peer's allowed IPs, loses a pe
 when that peer goes, and is deleted with the last peer and at shutdown. mvpd's devices are
 not persistent, so the kernel deletes one with its routes even when the daemon is killed
 with SIGKILL; :meth:`Tunnel.start` still removes persistent leftovers with our name prefix
-(``mvpd.netdev.cleanup_stale``).
+(``mvpd.tun.device.cleanup_stale``).
 
 Who may join, and with which addresses
 --------------------------------------
@@ -47,13 +47,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import AgentSettings
-from .netdev import TunDevice, cleanup_stale, name_prefix
-from .proto.errors import MvpError, TunError
-from .proto.ippacket import AllowedIPs, DropReason, IPNetwork, PacketFilter
-from .transports.base import Transport
-from .transports.tun import TunTransport
-from .tun.writer import DeviceWriter
+from ..config import AgentSettings
+from ..proto.errors import MvpError, TunError
+from ..proto.ippacket import AllowedIPs, DropReason, IPNetwork, PacketFilter
+from ..transports.base import Transport
+from ..transports.tun import TunTransport
+from .device import TunDevice, cleanup_stale, name_prefix
+from .writer import DeviceWriter
 
 log = logging.getLogger(__name__)
 
