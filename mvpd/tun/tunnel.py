@@ -338,13 +338,8 @@ class Tunnel:
     def _from_device(self, packets: list[bytes]) -> None:
         if self.settings.peers is not self._peers_config:
             self._peers_reloaded()
-        route = self.filter.route_outgoing  # counts malformed, too-big and no-route
-        by_peer: dict[str, list[bytes]] = {}
-        for packet in packets:
-            peer = route(packet)
-            if peer is not None:
-                by_peer.setdefault(peer, []).append(packet)
-        for peer, ours in by_peer.items():
+        # Counts malformed, too-big and no-route.
+        for peer, ours in self.filter.route_batch(packets).items():
             entry = self._peers.get(peer)
             if entry is None:  # our own address: the kernel never sends it here
                 self.filter.drops.add(DropReason.NO_ROUTE, len(ours))

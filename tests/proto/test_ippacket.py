@@ -337,6 +337,29 @@ def make_filter() -> PacketFilter:
     return PacketFilter(table, max_packet_size=1500)
 
 
+def test_route_batch_groups_by_peer_in_order_with_the_same_checks_as_one_by_one() -> None:
+    a1, a2 = ipv4("10.0.0.1", "192.168.50.7", b"1"), ipv4("10.0.0.1", "192.168.50.7", b"2")
+    a3 = ipv4("10.0.0.1", "10.0.0.2", b"3")
+    b1, b6 = ipv4("10.0.0.1", "10.0.0.3", b"4"), ipv6("fd00::1", "fd00::3")
+    with_options = ipv4("10.0.0.1", "192.168.50.7", b"5", options=b"\x01" * 4)
+    nowhere = ipv4("10.0.0.1", "10.0.0.99")
+    too_big = ipv4("10.0.0.1", "192.168.50.7", b"x" * 1500)
+    # Same destination as the packet before, but broken: the checks still apply.
+    truncated = a1[:-1]
+    longer = a1 + b"\0"
+    batch = [a1, a2, truncated, longer, too_big, b1, a3, with_options, nowhere, b6, a1, a2]
+    flt, one_by_one = make_filter(), make_filter()
+    expected: dict[str, list[bytes]] = {}
+    for packet in batch:
+        peer = one_by_one.route_outgoing(packet)
+        if peer is not None:
+            expected.setdefault(peer, []).append(packet)
+    assert flt.route_batch(batch) == expected == {
+        "alice": [a1, a2, a3, with_options, a1, a2], "bob": [b1, b6]}
+    assert flt.drops.as_dict() == one_by_one.drops.as_dict()
+    assert flt.drops.as_dict()["malformed"] == 2 and flt.drops.as_dict()["too-big"] == 1
+
+
 def test_route_outgoing_by_destination() -> None:
     flt = make_filter()
     assert flt.route_outgoing(ipv4("10.0.0.1", "192.168.50.7")) == "alice"
