@@ -417,19 +417,27 @@ class PacketFilter:
 
     def accept_incoming(self, peer_id: str, packet: Bytes) -> bool:
         """Whether a packet received from ``peer_id`` may go to the device (counted if not)."""
-        try:
-            header = parse_header(packet)
-        except MalformedPacket:
-            self.drops.add(DropReason.MALFORMED)
-            return False
-        if header.total_length > self.max_packet_size:
-            self.drops.add(DropReason.TOO_BIG)
-            return False
-        if self.allowed_ips.lookup_int(header.version, header.src) != peer_id:
+        size = len(packet)
+        if 20 <= size <= self.max_packet_size and packet[0] == 0x45 \
+                and (packet[2] << 8 | packet[3]) == size:
+            # Plain, whole IPv4 (most packets): what parse_header would find, without it.
+            version, src = 4, int.from_bytes(packet[12:16], "big")
+            dst = int.from_bytes(packet[16:20], "big")
+        else:
+            try:
+                header = parse_header(packet)
+            except MalformedPacket:
+                self.drops.add(DropReason.MALFORMED)
+                return False
+            if header.total_length > self.max_packet_size:
+                self.drops.add(DropReason.TOO_BIG)
+                return False
+            version, src, dst = header.version, header.src, header.dst
+        if self.allowed_ips.lookup_int(version, src) != peer_id:
             self.drops.add(DropReason.SOURCE_NOT_ALLOWED)
             return False
         if self.destinations is not None and \
-                self.destinations.lookup_int(header.version, header.dst) is None:
+                self.destinations.lookup_int(version, dst) is None:
             self.drops.add(DropReason.DESTINATION_NOT_ALLOWED)
             return False
         return True

@@ -54,6 +54,9 @@ class PacketSink(Protocol):
     def from_peer(self, transport: TunTransport, message: bytes) -> None:
         """One message from the peer (a packet or a batch)."""
 
+    def from_peer_packet(self, transport: TunTransport, packet: bytes) -> None:
+        """One IP packet from the peer's datagram path."""
+
     def pause_for(self, transport: TunTransport) -> None:
         """The peer's send buffer is full: stop reading the device for now."""
 
@@ -209,7 +212,7 @@ class TunTransport(Transport[bytes]):
         if self.sink is None:
             self.drops.add(DropReason.NOT_CONNECTED)
             return
-        self.sink.from_peer(self, packet)
+        self.sink.from_peer_packet(self, packet)
 
     def decode(self, data: str | bytes) -> bytes:
         return data.encode() if isinstance(data, str) else data

@@ -92,18 +92,18 @@ class IceDatagramSocket:
         self._senders: dict[int, tuple[Any, UdpBatchSender | None]] = {}
         self.closed = False
         self._hooked: list[tuple[Any, Callable[..., None]]] = []
+        #: Called with each received datagram of ours (may be replaced, e.g. by the link).
+        self.on_datagram = on_datagram
         for protocol in connection._protocols:
-            hook = self._hook(protocol.datagram_received, on_datagram)
+            hook = self._hook(protocol.datagram_received)
             protocol.datagram_received = hook
             self._hooked.append((protocol, hook))
 
-    def _hook(
-        self, original: Callable[[bytes, Any], None], on_datagram: Callable[[bytes], None]
-    ) -> Callable[[bytes, Any], None]:
+    def _hook(self, original: Callable[[bytes, Any], None]) -> Callable[[bytes, Any], None]:
         def datagram_received(data: bytes, addr: Any) -> None:
             if data and data[0] == PACKET_TYPE and not self.closed:
                 try:
-                    on_datagram(data)
+                    self.on_datagram(data)
                 except Exception:  # never let it reach aioice's protocol
                     log.exception("TUN datagram handler failed")
                 return

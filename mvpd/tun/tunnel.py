@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -352,8 +352,18 @@ class Tunnel:
         if self.settings.peers is not self._peers_config:
             self._peers_reloaded()
         packets = transport.filter.incoming_message(transport.peer_id, message)
-        if not packets:
-            return
+        if packets:
+            self._write(transport, packets)
+
+    def from_peer_packet(self, transport: TunTransport, packet: bytes) -> None:
+        """Write one IP packet from a peer's datagram path to the device, if acceptable."""
+        assert transport.filter is not None and transport.peer_id is not None
+        if self.settings.peers is not self._peers_config:
+            self._peers_reloaded()
+        if transport.filter.accept_incoming(transport.peer_id, packet):
+            self._write(transport, (packet,))
+
+    def _write(self, transport: TunTransport, packets: Sequence[bytes]) -> None:
         writer = self.writer
         if writer is None:
             transport.drops.add(DropReason.NOT_CONNECTED, len(packets))

@@ -360,6 +360,26 @@ def test_route_batch_groups_by_peer_in_order_with_the_same_checks_as_one_by_one(
     assert flt.drops.as_dict()["malformed"] == 2 and flt.drops.as_dict()["too-big"] == 1
 
 
+def test_accept_incoming_decides_plain_ipv4_as_the_full_parser_does() -> None:
+    """Plain IPv4 skips parse_header; broken or unusual packets still get its checks."""
+    flt = make_filter()
+    flt.destinations = AllowedIPs()
+    flt.destinations.insert("10.0.0.1/32", "local")
+    good = ipv4("10.0.0.2", "10.0.0.1", b"p")
+    cases = {
+        "accepted": [good, ipv4("10.0.0.2", "10.0.0.1", b"o", options=b"\x01" * 4)],
+        "malformed": [good[:-1], good + b"\0", good[:19], b"\x45"],
+        "too-big": [ipv4("10.0.0.2", "10.0.0.1", b"x" * 1500)],
+        "source-not-allowed": [ipv4("10.0.0.3", "10.0.0.1"), ipv4("10.0.0.9", "10.0.0.1")],
+        "destination-not-allowed": [ipv4("10.0.0.2", "10.0.0.7")],
+    }
+    for outcome, packets in cases.items():
+        for packet in packets:
+            assert flt.accept_incoming("alice", packet) == (outcome == "accepted"), packet
+    drops = flt.drops.as_dict()
+    assert all(drops[k] == len(v) for k, v in cases.items() if k != "accepted"), drops
+
+
 def test_route_outgoing_by_destination() -> None:
     flt = make_filter()
     assert flt.route_outgoing(ipv4("10.0.0.1", "192.168.50.7")) == "alice"
