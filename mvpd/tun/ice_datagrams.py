@@ -156,7 +156,7 @@ class IceDatagramSocket:
 
     def send(self, datagrams: list[bytes]) -> int:
         """Send each datagram on the nominated pair; return how many were not sent (no pair,
-        transport closing, or the event loop's buffer full)."""
+        transport closing, the event loop's buffer full, or a send error)."""
         pair = self._pair()
         if pair is None:
             return len(datagrams)
@@ -177,8 +177,7 @@ class IceDatagramSocket:
             return len(datagrams)
         sender = known[1]
         if sender is not None and not waiting:
-            sender.send(datagrams, addr)
-            return 0
+            return sender.send(datagrams, addr)
         sendto = transport.sendto
         for datagram in datagrams:
             sendto(datagram, addr)

@@ -87,8 +87,14 @@ class UdpBatchSender:
         self.overflowed = 0
         self.failed = 0
 
-    def send(self, datagrams: Sequence[bytes], addr: Address) -> None:
-        """Send ``datagrams`` to ``addr`` in order (see the class docstring)."""
+    def send(self, datagrams: Sequence[bytes], addr: Address) -> int:
+        """Send ``datagrams`` to ``addr`` in order (see the class docstring); return how many
+        were lost to send errors (not those handed to ``overflow``)."""
+        failed = self.failed
+        self._send(datagrams, addr)
+        return self.failed - failed
+
+    def _send(self, datagrams: Sequence[bytes], addr: Address) -> None:
         if not self.gso:
             self._send_each(datagrams, addr, 0)
             return

@@ -141,7 +141,8 @@ def test_other_send_errors_lose_that_run_only() -> None:
     batch = UdpBatchSender(
         sock, lambda d, a: pytest.fail("nothing overflows"))  # type: ignore[arg-type]
     datagrams = mixed_batch()
-    batch.send(datagrams, ("192.0.2.1", 9))
     first_run = next(iter(gso_runs(datagrams)))
+    assert batch.send(datagrams, ("192.0.2.1", 9)) == len(first_run)
     assert batch.failed == len(first_run) and batch.gso
-    assert sock.sent == datagrams[len(first_run):]
+    assert batch.send(datagrams, ("192.0.2.1", 9)) == 0
+    assert sock.sent == datagrams[len(first_run):] + datagrams
