@@ -33,8 +33,9 @@ SOL_UDP = 17
 UDP_SEGMENT = 103
 #: Datagrams per ``sendmsg`` (the kernel's UDP_MAX_SEGMENTS was 64 before Linux 5.18).
 MAX_SEGMENTS = 64
-#: Bytes per ``sendmsg``: one IPv6 UDP payload at most (65535 minus the 8-byte UDP header).
-MAX_RUN_BYTES = 65527
+#: Bytes per ``sendmsg``: one UDP payload at most, IPv4's (65535 minus the 20-byte IPv4 and
+#: 8-byte UDP headers; IPv6 would allow 20 more). Beyond it the kernel says EMSGSIZE.
+MAX_RUN_BYTES = 65507
 #: Errors that mean "no segmentation on this socket" (see the module docstring).
 REFUSALS = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 

@@ -79,6 +79,19 @@ def test_every_datagram_arrives_in_order_with_fewer_calls(family: socket.Address
         assert batch.calls < len(datagrams) // 4
 
 
+@pytest.mark.parametrize("size", [1394, 1456, 1040])
+def test_a_full_run_fits_an_ipv4_datagram(size: int) -> None:
+    """Runs as long as the segment count allows must fit IPv4's 65507-byte UDP payload: at
+    these sizes a run sized for IPv6's 65527 was refused with EMSGSIZE and lost."""
+    sender, receiver, addr = pair(socket.AF_INET)
+    with sender, receiver:
+        batch = UdpBatchSender(sender, lambda d, a: pytest.fail("nothing overflows"))
+        datagrams = [bytes([i]) * size for i in range(100)]
+        assert batch.send(datagrams, addr) == 0
+        assert receive(receiver, 100) == datagrams
+        assert batch.failed == 0 and batch.calls < 10
+
+
 def test_refused_segmentation_falls_back_to_one_datagram_per_call() -> None:
     sender, receiver, addr = pair(socket.AF_INET)
     with sender, receiver:
