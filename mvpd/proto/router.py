@@ -100,6 +100,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_BAD_TOKEN = 4003
 CLOSE_REPLACED = 4009
 CLOSE_ID_IN_USE = 4010
+#: The connection did not read the messages sent to it fast enough and was closed; what was
+#: queued before is still written first, and senders meanwhile get ``offline``.
+CLOSE_SLOW_RECEIVER = 4008
 #: The registration could not be decided now (the cluster's Redis is unreachable).
 CLOSE_TRY_AGAIN = 1013
 #: Error codes that say our id is held by another connection (``id-taken`` is an older
@@ -117,10 +120,17 @@ _MAX_REASON_BYTES = 123
 
 @dataclass(frozen=True)
 class Send(Generic[ConnT]):
-    """Send ``text`` as one text frame on ``conn``."""
+    """Send ``text`` as one text frame on ``conn``.
+
+    A message routed from one of our connections names it (``origin``), with the target id
+    and the message type (``to``, ``about``): if it cannot be written after all, the I/O
+    layer reports it with :meth:`SignalingRouter.undelivered` so the sender hears of it."""
 
     conn: ConnT
     text: str
+    origin: ConnT | None = field(default=None, compare=False)
+    to: str = field(default="", compare=False)
+    about: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -237,6 +247,8 @@ class RouterStats:
     errors_by_code: Counter[str] = field(default_factory=Counter)
     rate_limited_dropped: int = 0
     closed_for_flooding: int = 0
+    #: Connections closed because they did not read what was sent to them.
+    closed_slow_receivers: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """Plain data (for JSON or msgpack)."""
@@ -255,6 +267,7 @@ class RouterStats:
             "errors_by_code": dict(self.errors_by_code),
             "rate_limited_dropped": self.rate_limited_dropped,
             "closed_for_flooding": self.closed_for_flooding,
+            "closed_slow_receivers": self.closed_slow_receivers,
         }
 
 
@@ -418,6 +431,40 @@ class SignalingRouter(Generic[ConnT]):
             return []
         self.stats.messages_delivered += 1
         return [Send(target, text)]
+
+    def slow_receiver(self, conn: ConnT) -> list[Action[ConnT]]:
+        """The I/O layer cannot queue more for ``conn`` (it does not read): unregister it at
+        once, so that later messages for its id are answered ``offline``, and close it
+        (4008). Nothing for a connection already closing."""
+        state = self._conns.get(conn)
+        if state is None or state.closing:
+            return []
+        state.closing = True
+        self.stats.closed_slow_receivers += 1
+        actions: list[Action[ConnT]] = []
+        agent_id = state.agent_id
+        if agent_id is not None and self._by_id.get(agent_id) == conn:
+            del self._by_id[agent_id]
+            state.agent_id = None
+            logger.info("unregistered %s (not reading its messages)", agent_id)
+            actions += self._released(agent_id)
+        return [
+            *actions,
+            Close(conn, CLOSE_SLOW_RECEIVER, "too slow: messages for it were not read"),
+        ]
+
+    def undelivered(self, sender: ConnT, peer: str, about: str) -> list[Action[ConnT]]:
+        """A message ``sender`` routed to ``peer`` could not be written (the target closed
+        meanwhile): answer ``offline`` as if it had been gone already."""
+        state = self._conns.get(sender)
+        if state is None or state.closing:
+            return []
+        return [
+            self._error(
+                sender, "offline", f"{peer!r} disconnected before the message reached it",
+                peer=peer, about=about,
+            )
+        ]
 
     def forward_failed(self, sender: str, peer: str, about: str) -> list[Action[ConnT]]:
         """No server holds ``peer``: tell our agent ``sender`` its ``about`` message was not
@@ -689,7 +736,7 @@ class SignalingRouter(Generic[ConnT]):
             return [Forward(conn, state.agent_id, message.to, message.type, text)]
         self.stats.messages_routed += 1
         logger.debug("routed %s from %s to %s", message.type, state.agent_id, message.to)
-        return [Send(target, text)]
+        return [Send(target, text, origin=conn, to=message.to, about=message.type)]
 
     def _token_ok(self, agent_id: str, presented: str | None) -> bool:
         if not self.auth_required:
