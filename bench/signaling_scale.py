@@ -193,7 +193,8 @@ class Worker:
         if self.conns.get(agent) is ws:
             code: int | None = getattr(ws, "close_code", None)
             self.closes[code if code is not None else 1006] += 1
-            # Our server died (or closed us): the next one on the list, at once (with a little jitter).
+            # Our server died (or closed us): the next one on the list, at once (with a
+            # little jitter).
             del self.conns[agent]
             self.lost.add(agent)
             await asyncio.sleep(random.uniform(0, 0.5))

@@ -466,13 +466,20 @@ class SignalingRouter(Generic[ConnT]):
             )
         ]
 
-    def forward_failed(self, sender: str, peer: str, about: str) -> list[Action[ConnT]]:
+    def forward_failed(
+        self, sender: str, peer: str, about: str, *, unavailable: bool = False
+    ) -> list[Action[ConnT]]:
         """No server holds ``peer``: tell our agent ``sender`` its ``about`` message was not
-        delivered."""
+        delivered (``offline``). With ``unavailable`` the cluster could not find out where
+        ``peer`` is (Redis failed): ``unavailable``, which says nothing about the peer."""
         conn = self._by_id.get(sender)
         state = self._conns.get(conn) if conn is not None else None
         if conn is None or state is None or state.closing:
             return []
+        if unavailable:
+            text = (f"message for {peer!r} not delivered: the signaling servers cannot reach "
+                    "their shared store; try again shortly")
+            return [self._error(conn, "unavailable", text, peer=peer, about=about)]
         return [
             self._error(conn, "offline", f"{peer!r} is not connected", peer=peer, about=about)
         ]

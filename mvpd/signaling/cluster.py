@@ -18,8 +18,9 @@ and one message costs one round trip when idle.
 
 When Redis is unreachable, registrations that need it are refused with ``unavailable``
 (close 1013, the client tries again, possibly on another server), messages for other servers
-get ``offline``, and messages between agents of the same server still flow. When Redis is
-back (restarted, even empty) the link subscribes again and re-asserts all its ids at once.
+get ``unavailable`` (after a few quick retries), and messages between agents of the same
+server still flow. When Redis is back (restarted, even empty) the link subscribes again and
+re-asserts all its ids at once.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ ConnT = TypeVar("ConnT", bound=Hashable)
 _MAX_CONNECTIONS = 32
 #: Forwarded messages sent to Redis in one pipeline at most.
 _MAX_BATCH = 256
+#: A batch of forwards whose pipeline failed (Redis busy or reconnecting) is tried this many
+#: times, :data:`_FORWARD_RETRY` s apart, before its senders are told ``unavailable``.
+_FORWARD_ATTEMPTS = 3
+_FORWARD_RETRY = 0.2
 #: Claims of ids held elsewhere tried this many times (a race with a third server).
 _CLAIM_ATTEMPTS = 3
 #: Seconds after subscribing again during which a target missing from Redis is looked up again
@@ -114,19 +119,27 @@ class RedisLink(Generic[ConnT]):
         # one of a few connections instead of opening thousands. A pooled connection Redis
         # closed (a restart) is replaced at once; a Redis that is down fails fast (the caller
         # answers unavailable/offline) instead of hanging.
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            # Generous: a busy server's event loop reads late.
+            "socket_timeout": 10,
+            "socket_connect_timeout": 3,
+            "health_check_interval": 10,
+            "retry": Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2),
+        }
         pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=_MAX_CONNECTIONS,
-            timeout=10,
-            decode_responses=True,
-            # Generous: a timed-out pipeline of forwards can only be answered "offline" (it
-            # may have been delivered), and a busy server's event loop reads late.
-            socket_timeout=10,
-            socket_connect_timeout=3,
-            health_check_interval=10,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2),
+            url, max_connections=_MAX_CONNECTIONS, timeout=10, **options
         )
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        # Forwards have a connection of their own: under a flood of registrations (a server
+        # died) the claims queue for the shared pool, and a forward that waited its turn
+        # there for too long could only be answered with an error although its target is
+        # connected. The forward loop sends one pipeline at a time: one connection.
+        self._forwarder: aioredis.Redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=1, timeout=None, **options
+            )
+        )
         self._claim = self._redis.register_script(CLAIM_SCRIPT)
         self._takeover = self._redis.register_script(TAKEOVER_SCRIPT)
         self._release = self._redis.register_script(RELEASE_SCRIPT)
@@ -172,9 +185,10 @@ class RedisLink(Generic[ConnT]):
                             keys=[self.keys.id_key(agent_id)], args=[self.server_id], client=pipe
                         )
                     await pipe.execute()
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
-            await self._redis.connection_pool.disconnect()
+        for client in (self._redis, self._forwarder):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+                await client.connection_pool.disconnect()
 
     def stats(self) -> dict[str, Any]:
         """The cluster part of the server's status."""
@@ -263,9 +277,31 @@ class RedisLink(Generic[ConnT]):
             batch = [await self._forward_queue.get()]
             while len(batch) < _MAX_BATCH and not self._forward_queue.empty():
                 batch.append(self._forward_queue.get_nowait())
-            results: list[Any]
+            results = await self._forward_batch(batch)
+            actions: list[Action[ConnT]] = []
+            loop = asyncio.get_running_loop()
+            regrouping = loop.time() < self._resubscribed_at + _REASSERT_GRACE
+            for item, result in zip(batch, results, strict=True):
+                if result == -1 and regrouping:
+                    loop.call_later(_REASSERT_RETRY, self._forward_queue.put_nowait, item)
+                elif not isinstance(result, int):
+                    # Redis did not say where the target is: not "offline", it may well be
+                    # connected; the sender may try again.
+                    actions += self.router.forward_failed(
+                        item.sender, item.to, item.about, unavailable=True
+                    )
+                elif result <= 0:
+                    actions += self.router.forward_failed(item.sender, item.to, item.about)
+            if actions:
+                await self._apply(actions)
+
+    async def _forward_batch(self, batch: list[Forward[ConnT]]) -> list[Any]:
+        """Route ``batch`` through Redis in one pipeline: per message, how many servers got
+        it (0: its holder's server is gone; -1: nobody holds the target), or an exception.
+        A pipeline that fails as a whole is tried again a few times first."""
+        for attempt in range(_FORWARD_ATTEMPTS):
             try:
-                pipe = self._redis.pipeline(transaction=False)
+                pipe = self._forwarder.pipeline(transaction=False)
                 for item in batch:
                     deliver = Deliver(to=item.to, text=item.text, origin=self.server_id,
                                       sender=item.sender, about=item.about)
@@ -274,21 +310,16 @@ class RedisLink(Generic[ConnT]):
                         args=[self.keys.channel_prefix, encode(deliver)],
                         client=pipe,
                     )
-                results = await pipe.execute(raise_on_error=False)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
                 self.connected = True
+                return results
             except (RedisError, OSError) as exc:
                 self._lost(exc)
-                results = [0] * len(batch)
-            actions: list[Action[ConnT]] = []
-            loop = asyncio.get_running_loop()
-            regrouping = loop.time() < self._resubscribed_at + _REASSERT_GRACE
-            for item, result in zip(batch, results, strict=True):
-                if result == -1 and regrouping:
-                    loop.call_later(_REASSERT_RETRY, self._forward_queue.put_nowait, item)
-                elif not isinstance(result, int) or result <= 0:
-                    actions += self.router.forward_failed(item.sender, item.to, item.about)
-            if actions:
-                await self._apply(actions)
+                if attempt + 1 < _FORWARD_ATTEMPTS:
+                    await asyncio.sleep(_FORWARD_RETRY)
+                else:
+                    return [exc] * len(batch)
+        raise AssertionError("unreachable")
 
     # --- our channel --------------------------------------------------------------------------
 

@@ -495,3 +495,13 @@ def test_a_slow_receiver_is_unregistered_and_closed_and_its_senders_hear_offline
     assert r.disconnect("b") == []
     # bob may come back on a new connection.
     assert sends(reg(r, "b2", "bob")) == [{"type": "registered", "id": "bob"}]
+
+
+def test_a_forward_redis_could_not_route_is_unavailable_not_offline() -> None:
+    r = Router(cluster=True)
+    reg(r, "a", "alice")
+    r.claim_settled("a", "alice", "granted", 0.0)
+    [error] = sends(r.forward_failed("alice", "bob", "offer", unavailable=True))
+    assert (error["code"], error["peer"], error["about"]) == ("unavailable", "bob", "offer")
+    [error] = sends(r.forward_failed("alice", "bob", "offer"))
+    assert error["code"] == "offline"
