@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -155,6 +156,9 @@ class RedisLink(Generic[ConnT]):
         self._refresh_now = asyncio.Event()
         #: Whether the last exchange with Redis worked (for status and logs).
         self.connected = False
+        #: Why forwards were not delivered: no server holds the id (-1), its server has no
+        #: subscriber (0), Redis failed, or the target had left the receiving server.
+        self.undeliverable: Counter[str] = Counter()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -192,7 +196,8 @@ class RedisLink(Generic[ConnT]):
 
     def stats(self) -> dict[str, Any]:
         """The cluster part of the server's status."""
-        return {"server_id": self.server_id, "redis_connected": self.connected}
+        return {"server_id": self.server_id, "redis_connected": self.connected,
+                "undeliverable": dict(self.undeliverable)}
 
     # --- router actions -----------------------------------------------------------------------
 
@@ -285,12 +290,14 @@ class RedisLink(Generic[ConnT]):
                 if result == -1 and regrouping:
                     loop.call_later(_REASSERT_RETRY, self._forward_queue.put_nowait, item)
                 elif not isinstance(result, int):
+                    self.undeliverable["redis-failed"] += 1
                     # Redis did not say where the target is: not "offline", it may well be
                     # connected; the sender may try again.
                     actions += self.router.forward_failed(
                         item.sender, item.to, item.about, unavailable=True
                     )
                 elif result <= 0:
+                    self.undeliverable["no-holder" if result == -1 else "no-subscriber"] += 1
                     actions += self.router.forward_failed(item.sender, item.to, item.about)
             if actions:
                 await self._apply(actions)
@@ -362,6 +369,7 @@ class RedisLink(Generic[ConnT]):
                 await self._apply(actions)
                 return
             # Gone meanwhile: the sender should hear ``offline`` as on one server.
+            self.undeliverable["left"] += 1
             notice = Undeliverable(to=message.sender, peer=message.to, about=message.about)
             self._spawn(self._publish(message.origin, encode(notice)))
         elif isinstance(message, Undeliverable):
