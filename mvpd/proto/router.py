@@ -122,15 +122,19 @@ _MAX_REASON_BYTES = 123
 class Send(Generic[ConnT]):
     """Send ``text`` as one text frame on ``conn``.
 
-    A message routed from one of our connections names it (``origin``), with the target id
-    and the message type (``to``, ``about``): if it cannot be written after all, the I/O
-    layer reports it with :meth:`SignalingRouter.undelivered` so the sender hears of it."""
+    A routed message names its sender, the target id and the message type (``to``,
+    ``about``) so that the sender hears of it if it cannot be written after all: the sender
+    is one of our connections (``origin``; the I/O layer calls
+    :meth:`SignalingRouter.undelivered`), or an agent ``sender`` on the server ``via`` of a
+    cluster (the I/O layer tells that server)."""
 
     conn: ConnT
     text: str
     origin: ConnT | None = field(default=None, compare=False)
     to: str = field(default="", compare=False)
     about: str = field(default="", compare=False)
+    sender: str = field(default="", compare=False)
+    via: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -423,14 +427,16 @@ class SignalingRouter(Generic[ConnT]):
             actions += self._refuse_in_use(claimant, claim, agent_id, now)
         return actions + self._released(agent_id)
 
-    def deliver(self, agent_id: str, text: str) -> list[Action[ConnT]]:
-        """A message from another server for our ``agent_id``: a :class:`Send`, or nothing
-        when ``agent_id`` is not (any longer) registered here."""
+    def deliver(
+        self, agent_id: str, text: str, *, sender: str = "", via: str = "", about: str = ""
+    ) -> list[Action[ConnT]]:
+        """A message from agent ``sender`` on server ``via`` for our ``agent_id``: a
+        :class:`Send`, or nothing when ``agent_id`` is not (any longer) registered here."""
         target = self._by_id.get(agent_id)
         if target is None:
             return []
         self.stats.messages_delivered += 1
-        return [Send(target, text)]
+        return [Send(target, text, to=agent_id, about=about, sender=sender, via=via)]
 
     def slow_receiver(self, conn: ConnT) -> list[Action[ConnT]]:
         """The I/O layer cannot queue more for ``conn`` (it does not read): unregister it at

@@ -364,14 +364,15 @@ class RedisLink(Generic[ConnT]):
             logger.warning("ignoring a message on our cluster channel: %s", exc.message)
             return
         if isinstance(message, Deliver):
-            actions = self.router.deliver(message.to, message.text)
+            actions = self.router.deliver(
+                message.to, message.text, sender=message.sender, via=message.origin,
+                about=message.about,
+            )
             if actions:
                 await self._apply(actions)
                 return
             # Gone meanwhile: the sender should hear ``offline`` as on one server.
-            self.undeliverable["left"] += 1
-            notice = Undeliverable(to=message.sender, peer=message.to, about=message.about)
-            self._spawn(self._publish(message.origin, encode(notice)))
+            self.undelivered(message.origin, message.sender, message.to, message.about)
         elif isinstance(message, Undeliverable):
             await self._apply(self.router.forward_failed(message.to, message.peer, message.about))
         elif isinstance(message, CheckHolder):
@@ -380,6 +381,13 @@ class RedisLink(Generic[ConnT]):
             waiting = self._checks.get(message.nonce)
             if waiting is not None and waiting[0] == message.id and not waiting[1].done():
                 waiting[1].set_result(message.alive)
+
+    def undelivered(self, server: str, sender: str, peer: str, about: str) -> None:
+        """A message from ``sender`` on ``server`` could not be written to our ``peer``
+        (it closed meanwhile): that server answers its sender ``offline``."""
+        self.undeliverable["left"] += 1
+        notice = Undeliverable(to=sender, peer=peer, about=about)
+        self._spawn(self._publish(server, encode(notice)))
 
     async def _publish(self, server: str, text: str) -> None:
         with contextlib.suppress(RedisError, OSError):

@@ -391,10 +391,14 @@ class SignalingServer:
                 self._undelivered(action)
 
     def _undelivered(self, action: Send[ServerConnection]) -> None:
-        """A routed message could not be written: its sender (if ours) hears ``offline``."""
+        """A routed message could not be written: its sender hears ``offline`` (through
+        its own server when it is on another)."""
         self.undelivered += 1
+        if action.via and self.cluster is not None:
+            self.cluster.undelivered(action.via, action.sender, action.to, action.about)
+            return
         if action.origin is None or not action.about:
-            return  # a reply of ours, or a message from another server: nobody to tell here
+            return  # a reply of ours: nobody to tell
         actions = self.router.undelivered(action.origin, action.to, action.about)
         for reply in actions:
             if isinstance(reply, Send | Close):

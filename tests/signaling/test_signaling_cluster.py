@@ -508,3 +508,48 @@ def test_forwards_do_not_wait_behind_a_busy_redis_pool(redis_server: RedisServer
             await bob.close()
 
     run(main_, timeout=60)
+
+
+def test_a_slow_receiver_on_another_server_is_closed_and_its_senders_hear_offline(
+    redis_server: RedisServer,
+) -> None:
+    """The sender is on server A, the receiver that stops reading on B: B closes it with
+    4008 and every message is delivered or answered ``offline`` on A."""
+
+    async def main_() -> None:
+        async with servers(redis_server, 2, rate=10_000.0, burst=10_000) as (a, b):
+            sender = await registered(a, "sender")
+            sleeper = await connect(b.url, max_queue=1)
+            await sleeper.send(json.dumps({"type": "register", "id": "sleeper"}))
+            assert await recv_json(sleeper) == {"type": "registered", "id": "sleeper"}
+            refused: list[dict[str, Any]] = []
+
+            async def read_sender() -> None:
+                with contextlib.suppress(Exception):
+                    while True:
+                        refused.append(json.loads(await sender.recv()))
+
+            reader = asyncio.ensure_future(read_sender())
+            payload = "x" * 40_000
+            sent = 600
+            for n in range(sent):
+                await sender.send(
+                    json.dumps({"type": "offer", "to": "sleeper", "sdp": f"{n}:{payload}"})
+                )
+            delivered = 0
+            with contextlib.suppress(Exception):
+                while True:
+                    await asyncio.wait_for(sleeper.recv(), 10)
+                    delivered += 1
+            assert sleeper.close_code == 4008
+            for _ in range(50):
+                if delivered + len(refused) >= sent:
+                    break
+                await asyncio.sleep(0.2)
+            assert {m.get("code") for m in refused} <= {"offline"}
+            assert delivered + len(refused) == sent, (delivered, len(refused))
+            assert 0 < delivered < sent
+            await sender.close()
+            await reader
+
+    run(main_, timeout=90)
