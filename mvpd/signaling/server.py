@@ -365,6 +365,7 @@ class SignalingServer:
     def _close_slow(self, target: ServerConnection, box: _Outbox) -> None:
         """``target`` does not read: fail what is queued for it, unregister and close it."""
         self._fail_queued(box)
+        agent_id = self.router.agent_id(target)
         actions = self.router.slow_receiver(target)
         if not actions:
             return  # already closing
@@ -373,7 +374,7 @@ class SignalingServer:
         if now - self._slow_logged_at >= _SLOW_LOG_INTERVAL:
             logger.warning(
                 "closing %s (4008): it does not read its messages (%d such closes so far)",
-                self.router.agent_id(target) or "a client", self.slow_consumers_dropped,
+                agent_id or "a client", self.slow_consumers_dropped,
             )
             self._slow_logged_at = now
         for action in actions:
