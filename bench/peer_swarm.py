@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +30,9 @@ from mvpd.core import AgentCore
 from mvpd.signaling.client import SignalingClient
 
 
-async def swarm(url: str, count: int, prefix: str, config: Path, timeout: float) -> None:
+async def swarm(
+    url: str, count: int, prefix: str, config: Path, timeout: float, state_root: Path
+) -> None:
     clients: list[SignalingClient] = []
     cores: list[AgentCore] = []
     loop = asyncio.get_running_loop()
@@ -44,6 +47,9 @@ async def swarm(url: str, count: int, prefix: str, config: Path, timeout: float)
                 config_file=config,
                 env_file=None,
                 agent_id=f"{prefix}{index}",
+                # Each peer has an identity and known_peers of its own, made for this run
+                # (the daemons it meets are new each run too).
+                state_dir=state_root / f"{prefix}{index}",
                 signaling_url=url,
                 ice_servers=[],
                 mode="bytes",
@@ -85,15 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="swarm-")
     parser.add_argument("--config", type=Path, required=True, help="config file to read")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where the peers keep their identities (default: a new "
+                        "temporary directory, removed at the end)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="peer_swarm %(levelname)s %(message)s")
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(
-        swarm(args.url, max(1, min(args.count, 500)), args.prefix, args.config, args.timeout)
-    )
+    count = max(1, min(args.count, 500))
+    with contextlib.ExitStack() as cleanup:
+        state_root = args.state_dir or Path(
+            cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mvp-swarm."))
+        )
+        asyncio.run(swarm(args.url, count, args.prefix, args.config, args.timeout, state_root))
     return 0
 
 

@@ -146,6 +146,8 @@ class Worker:
         self.rtt_waiting: dict[str, tuple[float, asyncio.Future[float]]] = {}
         self.received = 0
         self.errors: Counter[str] = Counter()
+        #: Close codes of the connections the server closed (4008: did not read fast enough).
+        self.closes: Counter[int] = Counter()
         self.last_received = 0.0
         self.registered_at: dict[int, float] = {}
         self.lost: set[int] = set()
@@ -189,7 +191,10 @@ class Worker:
         except ConnectionClosed:
             pass
         if self.conns.get(agent) is ws:
-            # Our server died: the next one on the list, at once (with a little jitter).
+            code: int | None = getattr(ws, "close_code", None)
+            self.closes[code if code is not None else 1006] += 1
+            # Our server died (or closed us): the next one on the list, at once (with a
+            # little jitter).
             del self.conns[agent]
             self.lost.add(agent)
             await asyncio.sleep(random.uniform(0, 0.5))
@@ -253,17 +258,19 @@ class Worker:
             await asyncio.sleep(0.002)
         return sent
 
-    async def errors_seen(self) -> dict[str, int]:
+    async def errors_seen(self) -> tuple[dict[str, int], dict[int, int]]:
+        """Error replies by code and server closes by code since the last call."""
         errors, self.errors = dict(self.errors), Counter()
-        return errors
+        closes, self.closes = dict(self.closes), Counter()
+        return errors, closes
 
     async def reconnected(self) -> int:
         """Agents that lost their connection and opened another."""
         return len(self.lost)
 
     async def count(self, reset: bool) -> tuple[int, float]:
-        """What arrived so far and when the last one did."""
-        counted = self.received, self.last_received
+        """What arrived (or was answered with an error) so far and when the last one did."""
+        counted = self.received + sum(self.errors.values()), self.last_received
         if reset:
             self.received = 0
         return counted
@@ -361,21 +368,27 @@ def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Nam
         rtts = sorted(x for part in clients.call("rtt", args.rtt // args.workers,
                                                   args.rtt_rate / args.workers) for x in part)
         clients.call("count", True)
+        clients.call("errors_seen")  # the flood's own refusals only
         flood_started = time.monotonic()
         sent = sum(clients.call("flood", args.flood))
-        # Until everything in flight has arrived, or nothing more did for 10 s.
-        received, progress = 0, time.monotonic()
-        while received < sent and time.monotonic() - progress < 10:
+        # Until every message is accounted for (arrived or refused), or nothing more came
+        # for 10 s.
+        answered, progress = 0, time.monotonic()
+        while answered < sent and time.monotonic() - progress < 10:
             time.sleep(0.5)
             counts = clients.call("count", False)
-            if sum(n for n, _ in counts) > received:
-                received, progress = sum(n for n, _ in counts), time.monotonic()
+            if sum(n for n, _ in counts) > answered:
+                answered, progress = sum(n for n, _ in counts), time.monotonic()
         counts = clients.call("count", True)
-        received = sum(n for n, _ in counts)
         elapsed = max(t for _, t in counts) - flood_started
         errors: Counter[str] = Counter()
-        for part in clients.call("errors_seen"):
-            errors.update(part)
+        closes: Counter[int] = Counter()
+        for part_errors, part_closes in clients.call("errors_seen"):
+            errors.update(part_errors)
+            closes.update(part_closes)
+        # Every flooded message is delivered, refused with a reason (an error reply), or lost.
+        refused = sum(errors.values())
+        received = sum(n for n, _ in counts) - refused
         result: dict[str, Any] = {
             "setup": name, "servers": servers, "agents": args.agents,
             "connect_s": round(connect_s, 2),
@@ -386,8 +399,10 @@ def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Nam
             "rtt_p99_ms": round(1000 * rtts[int(len(rtts) * 0.99)], 2) if rtts else None,
             "sent": sent, "received": received,
             "routed_per_s": round(received / elapsed),
-            "loss": round(1 - received / sent, 4) if sent else None,
+            "refused": refused,
+            "lost": sent - received - refused,
             "errors": dict(errors),
+            "closed_by_server": {str(code): n for code, n in closes.items()},
             "reconnected": sum(clients.call("reconnected")),
         }
         if failover:
@@ -498,11 +513,12 @@ def main() -> int:
     single = next((r for r in results if r["setup"] == "single"), None)
     print(f"\n{args.agents} agents, {args.workers} client processes, {os.cpu_count()} CPUs")
     print(f"{'setup':<10} {'KiB/agent':>9} {'p50 ms':>7} {'p99 ms':>7} {'routed/s':>9} "
-          f"{'x single':>8} {'load':>5}")
+          f"{'x single':>8} {'sent':>7} {'refused':>7} {'lost':>5} {'load':>5}")
     for r in results:
         ratio = r["routed_per_s"] / single["routed_per_s"] if single else float("nan")
         print(f"{r['setup']:<10} {r['kib_per_agent']:>9} {r['rtt_p50_ms']!s:>7} "
-              f"{r['rtt_p99_ms']!s:>7} {r['routed_per_s']:>9} {ratio:>8.2f} {r['load']:>5.1f}")
+              f"{r['rtt_p99_ms']!s:>7} {r['routed_per_s']:>9} {ratio:>8.2f} {r['sent']:>7} "
+              f"{r['refused']:>7} {r['lost']:>5} {r['load']:>5.1f}")
     for r in results:
         if "failover" in r:
             f = r["failover"]

@@ -2,7 +2,7 @@
 
 Two network namespaces made for the run (removed afterwards) are joined by a veth pair
 (10.201.0.1 <-> 10.201.0.2). In each, a relay process owns a TUN device (10.202.0.1/24 and
-10.202.0.2/24) built with mvpd.netdev and forwards every packet it reads to the other relay
+10.202.0.2/24) built with mvpd.tun.device and forwards every packet it reads to the other relay
 over UDP on the veth, and every datagram it receives into its device. iperf3 and ping then
 run over the bare veth and over the tunnel, and the results are printed side by side.
 
@@ -39,7 +39,7 @@ BATCH = 64
 
 async def relay(tun_address: str, local: str, remote: str, mtu: int, seconds: float) -> None:
     """Forward packets between a fresh TUN device and UDP ``local`` <-> ``remote``."""
-    from mvpd.netdev import TunDevice
+    from mvpd.tun.device import TunDevice
 
     dev = TunDevice.create("bench%d")
     await dev.configure(tun_address, mtu=mtu)

@@ -30,7 +30,7 @@ import signal
 import sys
 
 from mvpd import AgentCore, SignalingClient, load_settings
-from mvpd.tunnel import Tunnel
+from mvpd.tun.tunnel import Tunnel
 
 DEFAULT_ADDRESS = {"answer": "10.0.0.1/24", "offer": "10.0.0.2/24"}
 #: The other side's tunnel address: its allowed IPs here.

@@ -1,19 +1,19 @@
 """``mvpctl``: drive the mvpd daemon from the command line.
 
 Only a client: every command is one or a few calls over the control socket (see
-:mod:`mvpctl.client`); the daemon decides and authorises everything.
+:mod:`mvpctl.client`); the daemon decides and authorises everything. This module owns the
+typer app: the global options, the commands (their options and help texts), and how errors
+become a message and a documented exit code (:data:`EXIT_CODES`). What the commands print
+is :mod:`mvpctl.render`; the loops of ``recv``, ``chat``, ``pipe``, ``stats --watch`` and
+``ping`` are :mod:`mvpctl.interactive`; ``mvpctl web`` is :mod:`mvpctl.web` (imported only
+by that command).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
-import os
-import selectors
 import sys
-import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +25,10 @@ from mvpd.proto.errors import DaemonNotRunning, Forbidden, MvpError, RpcTimeout
 from mvpd.proto.modes import is_mode, mode_list
 from mvpd.proto.text import neutralise
 
-from .client import DEFAULT_SOCKET, Client, Subscription
+from .client import DEFAULT_SOCKET, Client
+from .interactive import print_messages, run_chat, run_pings, run_pipe, show_stats
 from .plain_params import PlainParamsGroup
+from .render import format_id, format_known, format_peers, format_status, print_json
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -45,9 +47,6 @@ EXIT_CODES: dict[int, str] = {
 }
 
 _EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
-#: Bytes per pipe.write, and pipe.writes in flight at once.
-PIPE_CHUNK = 64 * 1024
-PIPE_WINDOW = 4
 
 app = typer.Typer(
     name="mvpctl",
@@ -143,157 +142,7 @@ def _want_json(ctx: typer.Context, flag: bool) -> bool:
     return flag or options.json
 
 
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=True, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray):
-        return {"base64": base64.b64encode(value).decode("ascii")}
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 # --- status ------------------------------------------------------------------------------------
-
-
-def _size(n: Any) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def _since(value: Any) -> str:
-    if not isinstance(value, int | float):
-        return "-"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-    return f"{stamp} ({_duration(time.time() - value)} ago)"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
-    )
-
-
-def format_peers(peers: list[dict[str, Any]]) -> str:
-    """The peers as a human table."""
-    if not peers:
-        return "no peers"
-    rows = [["PEER", "STATE", "MODE", "PATH", "SINCE", "IN", "OUT", "MSGS IN/OUT", "DROPPED"]]
-    for p in peers:
-        dropped = sum(int(v) for v in (p.get("dropped") or {}).values())
-        rows.append(
-            [
-                str(p.get("peer", "?")),
-                str(p.get("state", "?")),
-                str(p.get("mode") or "-"),
-                str(p.get("path") or "unknown"),
-                _since(p.get("since")),
-                _size(p.get("bytes_in")),
-                _size(p.get("bytes_out")),
-                f"{p.get('messages_in', 0)}/{p.get('messages_out', 0)}",
-                str(dropped),
-            ]
-        )
-    lines = [_table(rows)]
-    for p in peers:
-        if p.get("fingerprint"):
-            lines.append(f"{p.get('peer')}: identity {p['fingerprint']} ({p.get('identity')})")
-        if p.get("error"):
-            lines.append(f"{p.get('peer')}: {neutralise(str(p['error']))}")
-        if p.get("dropped"):
-            lines.append(f"{p.get('peer')}: dropped: {_counts(p['dropped'])}")
-        inbox = p.get("inbox")
-        if inbox and inbox.get("queued"):
-            lines.append(
-                f"{p.get('peer')}: inbox {inbox['queued']} messages unread "
-                f"({_size(inbox.get('queued_bytes'))})"
-            )
-        if p.get("tun"):
-            lines.append(format_tun(str(p.get("peer", "?")), p["tun"]))
-    return "\n".join(lines)
-
-
-def format_tun(peer: str, tun: dict[str, Any]) -> str:
-    """One tun peer's device, addresses, packets and drops by reason, on two lines."""
-    addresses = ", ".join(tun.get("addresses") or []) or "no address"
-    allowed = ", ".join(tun.get("allowed_ips") or []) or "none"
-    drops = {**(tun.get("drops") or {})}
-    for reason, count in (tun.get("device_drops") or {}).items():
-        drops[f"device {reason}"] = count
-    dropped = _counts(drops)
-    return (
-        f"{peer}: tun {tun.get('device') or '-'} ({addresses}, mtu {tun.get('mtu') or '-'}), "
-        f"allowed IPs {allowed}\n"
-        f"{peer}: packets in {tun.get('packets_in', 0)} ({_size(tun.get('bytes_in'))}), "
-        f"out {tun.get('packets_out', 0)} ({_size(tun.get('bytes_out'))}); drops: {dropped}"
-        + _format_tun_path(peer, tun)
-    )
-
-
-def _format_tun_path(peer: str, tun: dict[str, Any]) -> str:
-    """The path tun packets take: datagrams on the ICE pair, or the data channel and why."""
-    path = tun.get("path")
-    dgram = tun.get("datagram") or {}
-    if path is None:
-        return ""
-    if path != "datagram":
-        return f"\n{peer}: path data channel ({dgram.get('unavailable') or 'no datagram path'})"
-    return (
-        f"\n{peer}: path datagrams on {dgram.get('ice_pair', '?')}, session "
-        f"{dgram.get('session_id', '?')}, epoch {dgram.get('send_epoch', 0)}/"
-        f"{dgram.get('receive_epoch', 0)}: in {dgram.get('packets_in', 0)}, out "
-        f"{dgram.get('packets_out', 0)}, replayed {dgram.get('replayed', 0)}, undecryptable "
-        f"{dgram.get('undecryptable', 0)}, dropped {dgram.get('dropped', 0)}"
-    )
-
-
-def _counts(counts: dict[str, Any]) -> str:
-    """``{"inbox-full": 3, "invalid-json": 1}`` as ``inbox-full 3, invalid-json 1``."""
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """The ``status`` result as text for humans."""
-    signaling = status.get("signaling") or {}
-    inboxes = status.get("inboxes") or {}
-    lines = [
-        f"agent      {status.get('agent_id', '?')}",
-        f"version    {status.get('version', '?')}",
-        f"uptime     {_duration(float(status.get('uptime') or 0))}",
-        f"signaling  {signaling.get('state', '?')} ({signaling.get('url', '?')})",
-        f"inboxes    {inboxes.get('inboxes', 0)} peers, {inboxes.get('queued', 0)} messages "
-        f"unread ({_size(inboxes.get('queued_bytes'))}), "
-        f"{inboxes.get('waiting_followers', 0)} followers waiting for absent peers",
-        f"dropped    {_counts(status.get('dropped') or {})} (peers not listed below)",
-    ]
-    refused = status.get("refused_offers") or {}
-    if refused:
-        detail = ", ".join(f"{reason} {count}" for reason, count in sorted(refused.items()))
-        lines.append(f"refused    {sum(refused.values())} offers ({detail})")
-    lines += [
-        "",
-        format_peers(list(status.get("peers") or [])),
-    ]
-    return "\n".join(lines)
 
 
 @app.command()
@@ -310,7 +159,7 @@ def status(
     with _client(ctx) as client:
         result = client.call("status")
     if _want_json(ctx, as_json):
-        _print_json(result)
+        print_json(result)
     else:
         typer.echo(format_status(result))
 
@@ -325,7 +174,7 @@ def peers(
     with _client(ctx) as client:
         result = client.call("peers")
     if _want_json(ctx, as_json):
-        _print_json(result)
+        print_json(result)
     else:
         typer.echo(format_peers(list(result)))
 
@@ -364,7 +213,7 @@ def connect(
     with _client(ctx, timeout=None) as client:
         result = client.call("connect", reply_timeout=None, **params)
     if _want_json(ctx, False):
-        _print_json(result)
+        print_json(result)
     else:
         typer.echo(f"{result.get('peer', peer)}: {result.get('state', '?')}")
 
@@ -389,7 +238,7 @@ def reload(ctx: typer.Context) -> None:
     with _client(ctx) as client:
         result = client.call("reload")
     if _want_json(ctx, False):
-        _print_json(result)
+        print_json(result)
         return
     applied, not_applied = result.get("applied") or [], result.get("not_applied") or []
     typer.echo("applied: " + (", ".join(applied) or "nothing changed"))
@@ -437,31 +286,7 @@ def send(
     with _client(ctx) as client:
         result = client.call("send", **params)
     if _want_json(ctx, False):
-        _print_json(result)
-
-
-def _print_message(
-    message: dict[str, Any], as_json: bool, prefix: str = "", *, one_line: bool = False
-) -> None:
-    """One received message on stdout. A peer's text reaches a terminal without its control
-    characters (escape sequences could drive the terminal); ``one_line`` (chat) escapes line
-    breaks too, so a message cannot fake lines of the conversation. Into a pipe or a file,
-    text goes as it came."""
-    kind, data = message.get("kind"), message.get("data")
-    if as_json:
-        typer.echo(json.dumps(message, sort_keys=True, default=_json_default))
-    elif kind == "bytes" and isinstance(data, bytes | bytearray):
-        sys.stdout.buffer.write(data)
-    elif kind == "text":
-        text = str(data)
-        if sys.stdout.isatty():
-            text = neutralise(text, keep="" if one_line else "\n\t")
-        # Not typer.echo: click strips ANSI sequences from what goes to a pipe, and a
-        # message written to a file must arrive as the peer sent it.
-        sys.stdout.write(f"{prefix}{text}\n")
-    else:
-        sys.stdout.write(f"{prefix}{json.dumps(data, default=_json_default)}\n")
-    sys.stdout.flush()
+        print_json(result)
 
 
 @app.command()
@@ -484,17 +309,8 @@ def recv(
         params["limit"] = limit
     use_json = _want_json(ctx, as_json)
     with _client(ctx) as client:
-        stream = client.subscribe("recv", **params)
-        for event in _events_forever(client, stream):
-            if event.event == "message":
-                _print_message(event.data, use_json)
+        print_messages(client, client.subscribe("recv", **params), use_json)
 
-
-def _events_forever(client: Client, stream: Subscription) -> Iterator[Any]:
-    while not stream.ended:
-        event = client.next_event(stream.sub, timeout=None)
-        if stream.check(event):
-            yield event
 
 
 @app.command()
@@ -512,36 +328,8 @@ def chat(
     arrive. Ends at end of input (Ctrl-D) or when the peer goes away.
     """
     options: _Options = ctx.ensure_object(_Options)
-    prefix = f"{peer}> " if sys.stdout.isatty() else ""
     with _client(ctx) as commands, _client(ctx, timeout=None) as events:
-        if connect_first:
-            commands.call("connect", reply_timeout=None, peer=peer, wait=True)
-        stream = events.subscribe("recv", peer=peer, follow=True)
-        selector = selectors.PollSelector()  # poll also takes regular files as stdin
-        stdin = sys.stdin.fileno()
-        selector.register(stdin, selectors.EVENT_READ)
-        selector.register(events, selectors.EVENT_READ)
-        pending = b""
-        while True:
-            while (event := events.take_event(stream.sub)) is not None:
-                if stream.check(event) and event.event == "message":
-                    _print_message(event.data, options.json, prefix, one_line=True)
-            if stream.ended:
-                typer.echo(f"mvpctl: {peer} is gone", err=True)
-                return
-            for key, _ in selector.select():
-                if key.fd == stdin:
-                    data = os.read(stdin, 65536)
-                    pending += data
-                    *lines, pending = pending.split(b"\n")
-                    if not data and pending:
-                        lines, pending = [*lines, pending], b""
-                    for line in lines:
-                        commands.call("send", peer=peer, text=line.decode("utf-8", "replace"))
-                    if not data:
-                        return
-                else:
-                    events.poll()
+        run_chat(commands, events, peer, connect_first=connect_first, as_json=options.json)
 
 
 @app.command()
@@ -562,111 +350,11 @@ def pipe(
     with _client(ctx, timeout=None) as client:
         if connect_first:
             client.call("connect", reply_timeout=None, peer=peer, wait=True)
-        stream = client.open_pipe(peer)
-        _run_pipe(client, stream)
-
-
-def _run_pipe(client: Client, stream: Subscription) -> None:
-    stdin = sys.stdin.fileno()
-    out = sys.stdout.buffer
-    selector = selectors.PollSelector()
-    selector.register(client, selectors.EVENT_READ)
-    reading_stdin = False
-    stdin_open = True
-    in_flight: deque[int] = deque()
-    while True:
-        while (event := client.take_event(stream.sub)) is not None:
-            if not stream.check(event):
-                continue
-            if event.event == "data":
-                out.write(event.data["data"])
-                out.flush()
-            elif event.event == "eof":
-                out.flush()
-        while in_flight and client.done(in_flight[0]):
-            client.wait(in_flight.popleft())
-        if stream.ended:
-            return
-        want_stdin = stdin_open and len(in_flight) < PIPE_WINDOW
-        if want_stdin != reading_stdin:
-            if want_stdin:
-                selector.register(stdin, selectors.EVENT_READ)
-            else:
-                selector.unregister(stdin)
-            reading_stdin = want_stdin
-        for key, _ in selector.select():
-            if key.fd == stdin:
-                data = os.read(stdin, PIPE_CHUNK)
-                if data:
-                    in_flight.append(client.pipe_write(stream.sub, data))
-                else:
-                    in_flight.append(client.pipe_eof(stream.sub))
-                    stdin_open = False
-            else:
-                client.poll()
+        run_pipe(client, client.open_pipe(peer))
 
 
 # --- stats, ping, web --------------------------------------------------------------------------
 
-
-def _rate(per_second: Any) -> str:
-    return f"{_size(per_second)}/s"
-
-
-def _endpoint(candidate: dict[str, Any] | None) -> str:
-    if not candidate:
-        return "?"
-    address = str(candidate.get("address", "?"))
-    if ":" in address:
-        address = f"[{address}]"
-    return f"{address}:{candidate.get('port', '?')} {candidate.get('type', '?')}"
-
-
-def format_stats(stats: dict[str, Any]) -> str:
-    """The ``stats`` result as text for humans."""
-    status = stats.get("status") or {}
-    peer = status.get("peer", "?")
-    lines = [f"{peer}: {status.get('state', '?')}, {status.get('mode') or '-'} mode, "
-             f"path {status.get('path', 'unknown')}, connected {_since(status.get('since'))}"]
-    pair = stats.get("pair")
-    if pair:
-        local, remote = pair.get("local") or {}, pair.get("remote") or {}
-        lines.append(f"  pair      {local.get('protocol', '?')} {_endpoint(local)} -> "
-                     f"{_endpoint(remote)}")
-    rtt = stats.get("ice_rtt")
-    if rtt:
-        lines.append(f"  ice rtt   {rtt['last_ms']:.2f} ms (min {rtt['min_ms']:.2f}, avg "
-                     f"{rtt['avg_ms']:.2f}, max {rtt['max_ms']:.2f} ms over "
-                     f"{rtt['samples']} checks)")
-    else:
-        lines.append("  ice rtt   - (no liveness check answered yet)")
-    rates = stats.get("rates")
-    if rates:
-        lines.append(
-            f"  rate      in {_rate(rates['bytes_in_per_s'])} "
-            f"({rates['messages_in_per_s']:.1f} msg/s), out {_rate(rates['bytes_out_per_s'])} "
-            f"({rates['messages_out_per_s']:.1f} msg/s) over {rates['window_s']:.0f} s")
-    for label, channel in sorted((stats.get("channels") or {}).items()):
-        state = "open" if channel.get("open") else "closed"
-        lines.append(
-            f"  channel   {label} ({channel.get('mode')}, {state}): in "
-            f"{_size(channel.get('bytes_in'))} / {channel.get('messages_in', 0)} msgs, out "
-            f"{_size(channel.get('bytes_out'))} / {channel.get('messages_out', 0)} msgs")
-    sctp = stats.get("sctp")
-    if sctp:
-        srtt = sctp.get("srtt_ms")
-        lines.append(
-            f"  sctp      cwnd {_size(sctp.get('cwnd'))}, in flight "
-            f"{_size(sctp.get('flight_size'))}, srtt "
-            f"{'-' if srtt is None else f'{srtt:.1f} ms'}, retransmissions "
-            f"{sctp.get('retransmissions', 0)}, abandoned {sctp.get('abandoned', 0)}, "
-            f"T3 timeouts {sctp.get('t3_expirations', 0)}")
-    dropped = status.get("dropped") or {}
-    lines.append("  drops     " + (", ".join(f"{reason} {count}" for reason, count
-                                            in sorted(dropped.items())) or "none"))
-    if status.get("tun"):
-        lines.append(format_tun(str(peer), status["tun"]))
-    return "\n".join(lines)
 
 
 @app.command()
@@ -688,19 +376,7 @@ def stats(
     """
     use_json = _want_json(ctx, as_json)
     with _client(ctx) as client:
-        while True:
-            result = client.call("stats", peer=peer)
-            if use_json:
-                typer.echo(json.dumps(result, sort_keys=True, default=_json_default,
-                                      indent=None if watch else 2))
-            else:
-                if watch and sys.stdout.isatty():
-                    typer.echo("\x1b[H\x1b[2J", nl=False)
-                typer.echo(format_stats(result))
-            if not watch:
-                return
-            sys.stdout.flush()
-            time.sleep(1.0)
+        show_stats(client, peer, as_json=use_json, watch=watch)
 
 
 @app.command()
@@ -726,34 +402,9 @@ def ping(
     echoes it. Each reply shows its time and the path (direct or relayed). Exits 0 when at
     least one reply came, 1 otherwise (also when PEER does not answer data-path pings).
     """
-    as_json = _want_json(ctx, False)
-    rtts: list[float] = []
-    sent = 0
     with _client(ctx, timeout=None) as client:
-        for index in range(count):
-            if index:
-                time.sleep(interval)
-            result = client.call("ping", reply_timeout=timeout + 10, peer=peer,
-                                 timeout=timeout, padding=size)
-            sent += 1
-            if as_json:
-                typer.echo(json.dumps(result, sort_keys=True))
-            elif result.get("rtt_ms") is None:
-                typer.echo(f"no reply from {peer}: seq={result.get('sequence')} "
-                           f"(timeout {timeout:g} s)")
-            else:
-                typer.echo(f"reply from {peer}: seq={result.get('sequence')} "
-                           f"time={result['rtt_ms']:.3f} ms path={result.get('path')}")
-            if result.get("rtt_ms") is not None:
-                rtts.append(float(result["rtt_ms"]))
-            sys.stdout.flush()
-    if not as_json:
-        lost = 100 * (sent - len(rtts)) / max(sent, 1)
-        summary = f"--- {peer}: {sent} probes, {len(rtts)} replies, {lost:.0f}% lost"
-        if rtts:
-            summary += (f"; rtt min/avg/max {min(rtts):.3f}/{sum(rtts) / len(rtts):.3f}/"
-                        f"{max(rtts):.3f} ms")
-        typer.echo(summary)
+        rtts = run_pings(client, peer, count=count, interval=interval, timeout=timeout,
+                         padding=size, as_json=_want_json(ctx, False))
     if not rtts:
         raise typer.Exit(EXIT_ERROR)
 
@@ -786,26 +437,6 @@ def web(
 # --- identity and trust ----------------------------------------------------------------------
 
 
-def format_id(result: dict[str, Any]) -> str:
-    """The ``id`` result for humans."""
-    current = result.get("current") or {}
-    lines = [
-        f"agent        {result.get('agent_id', '?')}",
-        f"fingerprint  {current.get('fingerprint', '?')}",
-        f"short        {current.get('short', '?')}",
-    ]
-    pending = result.get("next")
-    if pending:
-        lines += [
-            f"next         {pending.get('fingerprint', '?')}",
-            f"next short   {pending.get('short', '?')}",
-            "rotation in progress: connections still use the current identity. Once every "
-            "peer\nruns `mvpctl trust "
-            f"{result.get('agent_id', 'AGENT')} '{pending.get('fingerprint', '')}'` (or pins "
-            "it), run\n`mvpctl id rotate --finish`.",
-        ]
-    return "\n".join(lines)
-
 
 @app.command("id")
 @_handles_errors
@@ -837,18 +468,10 @@ def id_(
         else:
             result = client.call("id")
     if _want_json(ctx, as_json):
-        _print_json(result)
+        print_json(result)
     else:
         typer.echo(format_id(result))
 
-
-def _format_known(result: dict[str, Any]) -> str:
-    entries = result.get("entries") or []
-    if not entries:
-        return f"{result.get('peer')}: nothing in known_peers"
-    return "\n".join(
-        f"{result.get('peer')}: {e.get('fingerprint')} ({e.get('how')})" for e in entries
-    )
 
 
 @app.command()
@@ -867,7 +490,7 @@ def trust(
     """
     with _client(ctx) as client:
         result = client.call("trust", peer=peer, fingerprint=fingerprint)
-    typer.echo(_format_known(result))
+    typer.echo(format_known(result))
 
 
 @app.command()
@@ -894,4 +517,4 @@ def main() -> None:
     app()
 
 
-__all__ = ["EXIT_CODES", "app", "exit_code_for", "format_stats", "format_status", "main"]
+__all__ = ["EXIT_CODES", "app", "exit_code_for", "main"]

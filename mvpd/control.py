@@ -1,12 +1,14 @@
 """The control socket server: ``mvpctl`` (or any local program) drives ``mvpd`` through it.
 
 A Unix stream socket speaking the frames and messages of :mod:`mvpd.proto.rpc`. The daemon
-supplies a :class:`ControlHandler` (one coroutine per method of the method table
-:data:`mvpd.proto.rpc.METHODS`). The conversation itself (hello, framing, the checks of every
-request, the one access rule) is the sans-I/O :class:`mvpd.proto.control.ControlProtocol`;
-this module is its asyncio layer and owns what needs I/O: the socket file, admission at
-``accept``, peer credentials, the per-connection read loop that feeds the protocol and writes
-what it says, concurrency limits, and the streams (``recv``, pipes) it serves.
+supplies a :class:`~mvpd.control_handler.ControlHandler` (one coroutine per method of the
+method table :data:`mvpd.proto.rpc.METHODS`). The conversation itself (hello, framing, the
+checks of every request, the one access rule) is the sans-I/O
+:class:`mvpd.proto.control.ControlProtocol`; this module is its asyncio layer and owns what
+needs I/O: the socket file, admission at ``accept``, peer credentials, the per-connection
+read loop that feeds the protocol, writes what it says and calls the handler, and
+concurrency limits. The streams it serves (``recv``, pipes) are
+:mod:`mvpd.control_streams`.
 
 Authorisation is by the kernel's peer credentials (``SO_PEERCRED``), checked on every call,
 not by the socket's file mode alone: uid 0 and members of the configured group (primary or
@@ -49,11 +51,12 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
+from .control_handler import Caller, ControlHandler
+from .control_streams import ConnectionStreams
 from .logs import RateLimitedLog, fields
 from .proto.control import (
     Admission,
@@ -67,36 +70,12 @@ from .proto.control import (
     HelloReceived,
     HelloRefused,
 )
-from .proto.errors import (
-    BadRequest,
-    Busy,
-    ConfigError,
-    ConnectionClosed,
-    InvalidParams,
-    MvpError,
-    NotFound,
-    RpcError,
-)
-from .proto.fsm import StateMachine
-from .proto.pipe_states import PipeEvent, PipeState, eof_sent, pipe_machine
+from .proto.errors import Busy, ConfigError, ConnectionClosed, MvpError, RpcError
 from .proto.rpc import (
     METHODS,
     Access,
-    ConnectParams,
-    NoParams,
-    PeerMessage,
-    PeerParams,
-    PeerStatus,
-    PipeWriteParams,
-    RecvParams,
-    ReloadResult,
-    SendParams,
-    SendResult,
-    StatusResult,
-    SubParams,
     encode_frame,
     error_message,
-    event_message,
     result_message,
     to_wire,
 )
@@ -106,123 +85,6 @@ log = logging.getLogger("mvpd.control")
 
 _UCRED = struct.Struct("3i")
 _READ_CHUNK = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling, from the kernel (``SO_PEERCRED`` at connect time), and what they may do.
-
-    ``access`` is re-resolved (group membership can change) at most every
-    :attr:`ControlLimits.access_ttl` seconds while a connection lives."""
-
-    pid: int
-    uid: int
-    gid: int
-    access: Access
-
-    def __str__(self) -> str:
-        return f"uid={self.uid} pid={self.pid}"
-
-
-class PipeStream(Protocol):
-    """A byte pipe to one peer, returned by :meth:`ControlHandler.rpc_pipe_open`.
-
-    The control server owns it until it calls :meth:`close` (exactly once, always: when both
-    directions are done, on ``cancel``, or when the client goes away)."""
-
-    def read(self) -> AsyncIterator[bytes]:
-        """Bytes from the peer, chunk by chunk; the iterator ends at the peer's EOF. Raise an
-        :class:`MvpError` if the pipe breaks (it reaches the client as an ``error`` event).
-        The server reads only as fast as the client takes the data (backpressure)."""
-        ...
-
-    async def write(self, data: bytes) -> None:
-        """Send ``data`` to the peer; return once the daemon has accepted it (e.g. the data
-        channel's buffer is below its threshold). This await is the client's backpressure.
-        Calls are never concurrent for one pipe and come in the client's order."""
-        ...
-
-    async def write_eof(self) -> None:
-        """The client has no more data: tell the peer (end of stream). May return only once
-        the peer has taken everything; raise an :class:`MvpError` if it cannot."""
-        ...
-
-    async def wait_broken(self) -> MvpError:
-        """Return, with the error to report, as soon as the client's data can no longer reach
-        the peer (its end closed, the connection to it was lost), even while the client
-        writes nothing. Never returns for a pipe that works or ended cleanly; the server
-        cancels it when the stream ends."""
-        ...
-
-    async def close(self) -> None:
-        """Release everything (unsubscribe, stop reading). Must not raise."""
-        ...
-
-
-class ControlHandler(Protocol):
-    """What the daemon implements: one coroutine per RPC method.
-
-    Each receives the validated parameter model (see :data:`mvpd.proto.rpc.METHODS`) and the
-    :class:`Caller` (already authorised for the method: the handler need not check access
-    again). Results may be the pydantic models named below or equivalent plain dicts.
-
-    Errors: raise an :class:`MvpError` with a message for the user; it becomes the error
-    reply. Use :class:`~mvpd.proto.errors.NotFound` for an unknown peer,
-    :class:`~mvpd.proto.errors.RpcTimeout` (or ``TimeoutError``) when a wait ran out, and
-    :class:`~mvpd.proto.errors.PeerError` / ``TransportError`` (sent as ``peer-error``) when
-    a peer connection failed. Any other exception is logged with its traceback here and
-    the client sees only ``internal``. Cancellation (client gone) is delivered as
-    ``asyncio.CancelledError``; let it propagate.
-    """
-
-    async def rpc_status(self, params: NoParams, caller: Caller) -> StatusResult | dict[str, Any]:
-        """``status``: agent id, version, uptime, signaling state and every peer."""
-        ...
-
-    async def rpc_peers(
-        self, params: NoParams, caller: Caller
-    ) -> list[PeerStatus] | list[dict[str, Any]]:
-        """``peers``: every known peer."""
-        ...
-
-    async def rpc_connect(
-        self, params: ConnectParams, caller: Caller
-    ) -> PeerStatus | dict[str, Any]:
-        """``connect``: connect to ``params.peer`` (reuse an open connection); with
-        ``params.wait`` return only once the channel is open, raising ``RpcTimeout`` after
-        ``params.timeout`` (or the configured connect timeout)."""
-        ...
-
-    async def rpc_disconnect(self, params: PeerParams, caller: Caller) -> None:
-        """``disconnect``: close the connection to ``params.peer`` (``NotFound`` if none)."""
-        ...
-
-    async def rpc_send(self, params: SendParams, caller: Caller) -> SendResult | dict[str, Any]:
-        """``send``: one message; ``params.kind`` says which of ``text``, ``json_value``
-        (wire name ``json``) and ``data`` was given. Return the number of bytes sent."""
-        ...
-
-    async def rpc_recv(self, params: RecvParams, caller: Caller) -> AsyncIterator[PeerMessage]:
-        """``recv``: check the request (raise here, e.g. ``NotFound``, to refuse it), then
-        return an async iterator of the peer's messages: those queued now, then, if
-        ``params.follow``, new ones as they arrive, at most ``params.limit``.
-
-        Return an async *generator* so its ``finally`` runs: the server calls ``aclose()``
-        when the client cancels or goes away. End the iterator when the stream is over (not
-        following and the queue is drained, or the peer is gone for good); the server then
-        sends ``end``. An :class:`MvpError` raised while iterating becomes an ``error`` event.
-        The server pulls the next message only after the previous one was written to the
-        client's socket, so the daemon's own bounded queue is where a slow reader shows."""
-        ...
-
-    async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
-        """``pipe.open``: a byte pipe to ``params.peer`` (raise to refuse). See
-        :class:`PipeStream`; ``pipe.write`` and ``pipe.eof`` are routed to it by the server."""
-        ...
-
-    async def rpc_reload(self, params: NoParams, caller: Caller) -> ReloadResult | dict[str, Any]:
-        """``reload``: re-read the configuration; say which changes took effect."""
-        ...
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int]:
@@ -490,40 +352,10 @@ class ControlServer:
                 self._connections.discard(conn)
 
 
-@dataclass(eq=False)
-class _ServedStream:
-    """One subscription of a control connection: a ``recv`` stream or a pipe.
-
-    A pipe's progress is the table of :mod:`mvpd.proto.pipe_states`, seen from the client:
-    its ``pipe.eof`` ends the local direction, the peer's ``eof`` the remote one; the pipe
-    ends once both did, or when it broke."""
-
-    sub: int
-    kind: Literal["recv", "pipe"]
-    task: asyncio.Task[None] | None = None
-    pipe: PipeStream | None = None
-    queue: asyncio.Queue[tuple[int, str, Any]] | None = None
-    writer_task: asyncio.Task[None] | None = None
-    watch_task: asyncio.Task[None] | None = None
-    stream: StateMachine[PipeState, PipeEvent] = field(
-        default_factory=lambda: pipe_machine(PipeState.OPEN)
-    )
-    #: Why the stream failed (its ``error`` event was sent): said once, and to the
-    #: ``pipe.write``/``pipe.eof`` calls still waiting when it ends.
-    failure: Exception | None = None
-    #: The ``pipe.write``/``pipe.eof`` request being carried out.
-    writing: int | None = None
-    ended: bool = False
-
-    def advance(self, event: PipeEvent) -> None:
-        """Apply ``event`` if the pipe's table takes it (a stream that broke takes no EOF)."""
-        if self.stream.accepts(event):
-            self.stream.handle(event)
-
-
 class ControlConnection:
     """One client connection: feeds what it reads to a :class:`ControlProtocol` and writes
-    what that says; serves the calls it lets through (handler calls, streams, pipes)."""
+    what that says; serves the calls it lets through (handler calls here, streams and pipes
+    through its :class:`~mvpd.control_streams.ConnectionStreams`)."""
 
     def __init__(
         self,
@@ -555,20 +387,17 @@ class ControlConnection:
         self._access_at = 0.0
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._subs: dict[int, _ServedStream] = {}
-        self._next_sub = 1
-        self._streams_reserved = 0
-        self._closing = False
+        self._streams = ConnectionStreams(limits, self._send, self._spawn)
         self._main: asyncio.Task[Any] | None = None
         self._builtins: dict[str, Callable[[CallReceived], Awaitable[None]]] = {
-            "pipe.write": self._enqueue_pipe,
-            "pipe.eof": self._enqueue_pipe,
-            "cancel": self._cancel,
+            "pipe.write": self._streams.enqueue_pipe,
+            "pipe.eof": self._streams.enqueue_pipe,
+            "cancel": self._streams.cancel,
         }
 
     def abort(self) -> None:
         """End this connection from outside (server shutdown)."""
-        self._closing = True
+        self._streams.closing = True
         if self._main is not None:
             self._main.cancel()
 
@@ -585,7 +414,7 @@ class ControlConnection:
         except Exception:  # a bug here must cost one connection, never the daemon
             log.exception("control connection uid=%d pid=%d failed", uid, pid)
         finally:
-            self._closing = True
+            self._streams.closing = True
             await self._teardown()
             self.writer.close()
             with contextlib.suppress(Exception):
@@ -675,15 +504,6 @@ class ControlConnection:
         await slots.acquire()
         self._spawn(self._call(event, caller), slots.release)
 
-    async def _cancel(self, call: CallReceived) -> None:
-        assert isinstance(call.params, SubParams)
-        sub = self._subs.get(call.params.sub)
-        if sub is None:
-            await self._send(error_message(call.id, NotFound(f"no subscription {call.params.sub}")))
-            return
-        await self._send(result_message(call.id, {}))
-        await self._end(sub, cancel=True)
-
     def _spawn(
         self, coro: Awaitable[None], on_done: Callable[[], None] | None = None
     ) -> asyncio.Task[None]:
@@ -713,17 +533,7 @@ class ControlConnection:
             if handler_method is None:
                 raise RpcError(f"{call.method} is not implemented by this mvpd")
             if call.spec.stream:
-                if len(self._subs) + self._streams_reserved >= self.server.limits.max_streams:
-                    raise Busy(
-                        f"too many streams on this connection "
-                        f"({self.server.limits.max_streams} at most)"
-                    )
-                self._streams_reserved += 1
-                try:
-                    value = await handler_method(call.params, caller)
-                finally:
-                    self._streams_reserved -= 1
-                await self._start_stream(call, value)
+                await self._streams.open(call, lambda: handler_method(call.params, caller))
                 return
             result = to_wire(await handler_method(call.params, caller))
             frame = result_message(call.id, {} if result is None else result)
@@ -738,175 +548,8 @@ class ControlConnection:
             with contextlib.suppress(ConnectionClosed):
                 await self._send(error_message(call.id, exc))
 
-    # --- streams -------------------------------------------------------------------------------
-
-    async def _start_stream(self, call: CallReceived, value: Any) -> None:
-        sub = _ServedStream(self._next_sub, "pipe" if call.method == "pipe.open" else "recv")
-        self._next_sub += 1
-        if sub.kind == "pipe":
-            sub.pipe = value
-            sub.queue = asyncio.Queue(self.server.limits.pipe_queue)
-        self._subs[sub.sub] = sub
-        try:
-            await self._send(result_message(call.id, {"sub": sub.sub}))
-        except BaseException:
-            await self._end(sub, cancel=True, notify=False)
-            raise
-        if sub.kind == "recv":
-            sub.task = self._spawn(self._pump_messages(sub, value))
-        else:
-            sub.task = self._spawn(self._pump_pipe(sub))
-            sub.writer_task = self._spawn(self._pipe_writer(sub))
-            sub.watch_task = self._spawn(self._watch_pipe(sub))
-
-    async def _pump_messages(
-        self, sub: _ServedStream, messages: AsyncIterator[PeerMessage]
-    ) -> None:
-        try:
-            async for message in messages:
-                await self._send(event_message(sub.sub, "message", to_wire(message)))
-        except (asyncio.CancelledError, ConnectionClosed):
-            raise
-        except Exception as exc:
-            await self._stream_error(sub, exc)
-        finally:
-            aclose = getattr(messages, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
-        sub.task = None
-        await self._end(sub)
-
-    # A pipe's own failures (the peer went away) are told to the client; only a failure to
-    # write to the client itself (ConnectionClosed from _send) means the client is gone. The
-    # two are kept apart by never sending from inside the try that calls into the pipe.
-
-    async def _pump_pipe(self, sub: _ServedStream) -> None:
-        assert sub.pipe is not None
-        chunks = sub.pipe.read()
-        while True:
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self._fail_stream(sub, exc)
-                return
-            await self._send(event_message(sub.sub, "data", {"data": bytes(chunk)}))
-        await self._send(event_message(sub.sub, "eof"))
-        sub.advance(PipeEvent.EOF_RECEIVED)
-        sub.task = None
-        if sub.stream.state == PipeState.CLOSED:
-            await self._end(sub)
-
-    async def _pipe_writer(self, sub: _ServedStream) -> None:
-        assert sub.pipe is not None and sub.queue is not None
-        while True:
-            request_id, method, data = await sub.queue.get()
-            sub.writing = request_id
-            reply: dict[str, Any]
-            try:
-                if eof_sent(sub.stream.state):
-                    raise BadRequest(f"pipe {sub.sub}: the writing side has already ended")
-                if method == "pipe.write":
-                    await sub.pipe.write(data)
-                else:
-                    await sub.pipe.write_eof()
-                    sub.advance(PipeEvent.EOF_SENT)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not isinstance(exc, MvpError | TimeoutError):
-                    log.exception("pipe %s failed", method)
-                reply = error_message(request_id, exc)
-            else:
-                reply = result_message(request_id, {})
-            sub.writing = None
-            await self._send(reply)
-            if sub.stream.state == PipeState.CLOSED:
-                sub.writer_task = None
-                await self._end(sub)
-                return
-
-    async def _watch_pipe(self, sub: _ServedStream) -> None:
-        assert sub.pipe is not None
-        try:
-            error: Exception = await sub.pipe.wait_broken()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = exc
-        sub.watch_task = None
-        await self._fail_stream(sub, error)
-
-    async def _fail_stream(self, sub: _ServedStream, exc: Exception) -> None:
-        """The stream cannot go on: one ``error`` event, then ``end``."""
-        if sub.ended or sub.failure is not None:
-            return
-        sub.failure = exc
-        sub.advance(PipeEvent.FAILED)
-        await self._stream_error(sub, exc)
-        await self._end(sub)
-
-    async def _enqueue_pipe(self, call: CallReceived) -> None:
-        params = call.params
-        assert isinstance(params, PipeWriteParams | SubParams)
-        sub = self._subs.get(params.sub)
-        if sub is None or sub.ended:
-            await self._send(error_message(call.id, NotFound(f"no subscription {params.sub}")))
-            return
-        if sub.kind != "pipe" or sub.queue is None:
-            await self._send(
-                error_message(call.id, InvalidParams(f"subscription {params.sub} is not a pipe"))
-            )
-            return
-        data = params.data if isinstance(params, PipeWriteParams) else None
-        # Awaiting here stops reading this connection while the pipe is backed up.
-        await sub.queue.put((call.id, call.method, data))
-        if sub.ended:  # it ended while we waited for room: nobody will carry this out
-            reason = sub.failure or ConnectionClosed(f"pipe {sub.sub} has ended")
-            await self._send(error_message(call.id, reason))
-
-    async def _stream_error(self, sub: _ServedStream, exc: Exception) -> None:
-        if not isinstance(exc, MvpError | TimeoutError):
-            log.exception("stream %d failed", sub.sub)
-        await self._send(event_message(sub.sub, "error", error_message(None, exc)["error"]))
-
-    async def _end(self, sub: _ServedStream, *, cancel: bool = False, notify: bool = True) -> None:
-        """Finish a subscription once: stop its tasks, close its pipe, send ``end``."""
-        if sub.ended:
-            return
-        sub.ended = True
-        current = asyncio.current_task()
-        for task in (sub.task, sub.writer_task, sub.watch_task):
-            if task is not None and task is not current and not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        if sub.pipe is not None:
-            try:
-                await sub.pipe.close()
-            except Exception:
-                log.exception("closing pipe %d failed", sub.sub)
-        self._subs.pop(sub.sub, None)
-        if sub.queue is not None and not self._closing:
-            # Writes that were waiting get an answer too (clients may wait for each one).
-            unanswered = [sub.writing] if sub.writing is not None else []
-            while not sub.queue.empty():
-                unanswered.append(sub.queue.get_nowait()[0])
-            reason = sub.failure or ConnectionClosed(f"pipe {sub.sub} has ended")
-            for request_id in unanswered:
-                with contextlib.suppress(ConnectionClosed):
-                    await self._send(error_message(request_id, reason))
-        if notify and not self._closing:
-            with contextlib.suppress(ConnectionClosed):
-                await self._send(event_message(sub.sub, "end"))
-
     async def _teardown(self) -> None:
-        for sub in list(self._subs.values()):
-            await self._end(sub, cancel=True, notify=False)
+        await self._streams.close()
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()

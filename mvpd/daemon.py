@@ -31,7 +31,7 @@ from .rpc_methods import RpcMethods
 from .signaling.client import SignalingClient
 from .signaling.server import SignalingServer
 from .socket_file import check_socket_path
-from .tunnel import Tunnel
+from .tun.tunnel import Tunnel
 
 log = logging.getLogger("mvpd")
 

@@ -8,7 +8,7 @@ import logging
 from typing import Any, cast
 
 from .config import AgentSettings, split_host_port
-from .control import ControlHandler
+from .control_handler import ControlHandler
 from .core import AgentCore
 from .logs import log_event
 from .metrics import DaemonCollector, MetricsServer, RpcCallCounter, metrics_registry

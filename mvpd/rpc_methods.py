@@ -1,29 +1,31 @@
-"""What each control RPC does: the daemon's side of :class:`mvpd.control.ControlHandler`.
+"""What each control RPC does: the daemon's side of
+:class:`mvpd.control_handler.ControlHandler`.
 
 The control server has already authorised the caller and validated the parameters; these
 methods turn a call into work on the :class:`~mvpd.core.AgentCore` and shape the answer.
+:class:`RpcMethods` is the handler: this module holds the methods on peers and their
+messages (``connect``, ``disconnect``, ``send``, ``recv``, ``pipe.open``) and ``reload``;
 ``recv`` reads the core's inbox of the peer (:mod:`mvpd.inbox`), the one place received
-messages wait; ``send`` hands the message to :meth:`AgentCore.send`.
+messages wait; ``send`` hands the message to :meth:`AgentCore.send`; :class:`CorePipe` is
+the pipe ``pipe.open`` returns. What shows the daemon (``status``, ``peers``, ``stats``,
+``ping``) is :mod:`mvpd.rpc_observe`; identity and trust are :mod:`mvpd.rpc_identity`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from . import __version__
 from .config import AgentSettings
-from .control import Caller, PipeStream
+from .control_handler import Caller, PipeStream
 from .core import AgentCore
-from .peer import PeerSession, PeerState
+from .peer import PeerSession
 from .ping import PingService
 from .proto.errors import (
     ConnectionClosed,
-    InvalidParams,
     MvpError,
     NotFound,
     PeerError,
@@ -31,31 +33,19 @@ from .proto.errors import (
 )
 from .proto.rpc import (
     ConnectParams,
-    ForgetParams,
-    IdentityInfo,
-    IdResult,
-    InboxStatus,
-    KnownPeerEntry,
     NoParams,
     PeerMessage,
     PeerParams,
     PeerStatus,
-    PingParams,
-    PingResult,
     RecvParams,
     ReloadResult,
-    RotateParams,
     SendParams,
     SendResult,
-    SignalingStatus,
-    StatsResult,
-    StatusResult,
-    TrustParams,
-    TrustResult,
 )
-from .proto.trust import normalize_fingerprint, short_fingerprint
-from .stats import TrafficSampler, peer_stats
-from .transports import PipeTransport, Transport, TunTransport
+from .rpc_identity import IdentityMethods
+from .rpc_observe import ObserveMethods
+from .stats import TrafficSampler
+from .transports import PipeTransport
 
 log = logging.getLogger("mvpd.rpc")
 
@@ -120,8 +110,10 @@ class CorePipe:
             self.incoming.close()
 
 
-class RpcMethods:
-    """The control handler of a running daemon."""
+class RpcMethods(ObserveMethods, IdentityMethods):
+    """The control handler of a running daemon: the methods on peers and their messages
+    here, ``status``, ``peers``, ``stats`` and ``ping`` from :class:`ObserveMethods`,
+    ``id``, ``id.rotate``, ``trust`` and ``forget`` from :class:`IdentityMethods`."""
 
     def __init__(
         self,
@@ -144,88 +136,6 @@ class RpcMethods:
         """End every ``recv --follow`` (the daemon stops) and every ping."""
         self.pings.close()
         self.core.inboxes.close()
-
-    # --- read methods ----------------------------------------------------------------------
-
-    async def rpc_status(self, params: NoParams, caller: Caller) -> StatusResult:
-        return StatusResult(
-            agent_id=self.settings.agent_id,
-            version=__version__,
-            uptime=time.time() - self.started,
-            signaling=SignalingStatus(
-                # The server in use, when several are configured (signaling_urls).
-                url=str(getattr(self.core.signaling, "url", self.settings.signaling_url)),
-                state=self._signaling_state(),
-            ),
-            peers=self._peer_list(),
-            refused_offers=dict(self.core.admission.refused),
-            dropped=self.core.dropped(),
-            inboxes=InboxStatus(**self.core.inboxes.stats()),
-        )
-
-    async def rpc_peers(self, params: NoParams, caller: Caller) -> list[PeerStatus]:
-        return self._peer_list()
-
-    def _peer_list(self) -> list[PeerStatus]:
-        return [self.peer_status(s) for _, s in sorted(self.core.sessions.items())]
-
-    def peer_status(self, session: PeerSession) -> PeerStatus:
-        """One peer as ``mvpctl status`` shows it."""
-        snap = session.snapshot()
-        totals = collections.Counter[str]()
-        dropped = collections.Counter[str]()
-        for counters in snap["transports"].values():
-            for key in ("bytes_in", "bytes_out", "messages_in", "messages_out"):
-                totals[key] += counters[key]
-            dropped.update(counters["errors"])
-        if snap["signaling_dropped"]:
-            dropped["signaling-backlog"] += snap["signaling_dropped"]
-        inbox = self.core.inboxes.get(session.peer_id)
-        if inbox is not None:
-            dropped.update(inbox.dropped)
-        tun = _tun_status(session.transport)
-        if tun is not None:
-            dropped.update(tun["drops"])
-        ice = snap["ice"]
-        return PeerStatus(
-            peer=session.peer_id,
-            state=snap["state"],
-            mode=snap["mode"],
-            since=snap["since"] if session.state == PeerState.CONNECTED else None,
-            path=ice["path"] or "unknown",
-            local_candidate=ice["local_candidate"],
-            remote_candidate=ice["remote_candidate"],
-            dropped=dict(dropped),
-            error=snap["failure"],
-            tun=tun,
-            inbox=(
-                {"queued": len(inbox), "queued_bytes": inbox.bytes} if inbox is not None else None
-            ),
-            fingerprint=snap["fingerprint"],
-            identity=snap["identity"],
-            **totals,
-        )
-
-    async def rpc_stats(self, params: PeerParams, caller: Caller) -> StatsResult:
-        session = self._session(params.peer)
-        return StatsResult(status=self.peer_status(session),
-                           **peer_stats(session, self.sampler))
-
-    async def rpc_ping(self, params: PingParams, caller: Caller) -> PingResult:
-        session = self._session(params.peer)
-        if session.state != PeerState.CONNECTED:
-            raise PeerError(f"the connection to {params.peer} is {session.state.value}, "
-                            "not open yet")
-        pinger = self.pings.pinger(session)
-        sequence, rtt = await pinger.ping(params.timeout, params.padding)
-        ice = session.ice_path()
-        return PingResult(peer=params.peer, sequence=sequence,
-                          rtt_ms=None if rtt is None else rtt * 1000,
-                          path=ice["path"] or "unknown",
-                          local_candidate=ice["local_candidate"],
-                          remote_candidate=ice["remote_candidate"])
-
-    # --- write methods ---------------------------------------------------------------------
 
     async def rpc_connect(self, params: ConnectParams, caller: Caller) -> PeerStatus:
         log.info("connect to %s requested by %s", params.peer, caller)
@@ -302,78 +212,6 @@ class RpcMethods:
             return ReloadResult(not_applied=["reload is not supported here"])
         return self._reload()
 
-    # --- identity --------------------------------------------------------------------------
-
-    async def rpc_id(self, params: NoParams, caller: Caller) -> IdResult:
-        verifier = self.core.verifier
-        pending = verifier.store.pending()
-        return IdResult(
-            agent_id=self.settings.agent_id,
-            current=_identity_info(verifier.identity.fingerprint),
-            next=_identity_info(pending.fingerprint) if pending is not None else None,
-            state_dir=str(verifier.store.state_dir),
-        )
-
-    async def rpc_id_rotate(self, params: RotateParams, caller: Caller) -> IdResult:
-        verifier = self.core.verifier
-        if params.finish:
-            old = verifier.identity.fingerprint
-            verifier.identity = verifier.store.finish_rotation()
-            log.warning("identity rotated by %s: new connections use %s (was %s)", caller,
-                        verifier.identity.fingerprint, old)
-        else:
-            pending = verifier.store.begin_rotation()
-            log.info("identity rotation started by %s: next identity %s", caller,
-                     pending.fingerprint)
-        return await self.rpc_id(NoParams(), caller)
-
-    async def rpc_trust(self, params: TrustParams, caller: Caller) -> TrustResult:
-        fingerprint = _fingerprint_param(params.fingerprint)
-        changed = self.core.verifier.known.add(params.peer, fingerprint, "trusted")
-        log.info("%s trusted for %s by %s", fingerprint, params.peer, caller)
-        return self._known(params.peer, int(changed))
-
-    async def rpc_forget(self, params: ForgetParams, caller: Caller) -> TrustResult:
-        fingerprint = None
-        if params.fingerprint is not None:
-            fingerprint = _fingerprint_param(params.fingerprint)
-        removed = self.core.verifier.known.forget(params.peer, fingerprint)
-        if not removed:
-            raise NotFound(f"known_peers holds no {'such ' if fingerprint else ''}fingerprint "
-                           f"for {params.peer}")
-        log.info("%s forgotten (%d fingerprint(s)) by %s", params.peer, removed, caller)
-        return self._known(params.peer, removed)
-
-    def _known(self, peer: str, changed: int) -> TrustResult:
-        entries = [
-            KnownPeerEntry(fingerprint=e.fingerprint, how=e.how, added=e.added)
-            for e in self.core.verifier.known.get(peer)
-        ]
-        return TrustResult(peer=peer, changed=changed, entries=entries)
-
-    # --- helpers ---------------------------------------------------------------------------
-
-    def _session(self, peer: str) -> PeerSession:
-        session = self.core.get_session(peer)
-        if session is None or session.state.is_final:
-            raise NotFound(f"not connected to {peer}; run `mvpctl connect {peer}` first")
-        return session
-
-
-def _tun_status(transport: Transport[Any] | None) -> dict[str, Any] | None:
-    """The TUN part of a peer's status (device, addresses, packets, drops), if tun mode."""
-    return transport.tun_status() if isinstance(transport, TunTransport) else None
-
-
-def _identity_info(fingerprint: str) -> IdentityInfo:
-    return IdentityInfo(fingerprint=fingerprint, short=short_fingerprint(fingerprint))
-
-
-def _fingerprint_param(text: str) -> str:
-    try:
-        return normalize_fingerprint(text)
-    except ValueError as exc:
-        raise InvalidParams(str(exc)) from None
 
 
 def _log_background_failure(peer: str) -> Callable[[asyncio.Future[Any]], None]:

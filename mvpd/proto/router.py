@@ -100,6 +100,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_BAD_TOKEN = 4003
 CLOSE_REPLACED = 4009
 CLOSE_ID_IN_USE = 4010
+#: The connection did not read the messages sent to it fast enough and was closed; what was
+#: queued before is still written first, and senders meanwhile get ``offline``.
+CLOSE_SLOW_RECEIVER = 4008
 #: The registration could not be decided now (the cluster's Redis is unreachable).
 CLOSE_TRY_AGAIN = 1013
 #: Error codes that say our id is held by another connection (``id-taken`` is an older
@@ -117,10 +120,21 @@ _MAX_REASON_BYTES = 123
 
 @dataclass(frozen=True)
 class Send(Generic[ConnT]):
-    """Send ``text`` as one text frame on ``conn``."""
+    """Send ``text`` as one text frame on ``conn``.
+
+    A routed message names its sender, the target id and the message type (``to``,
+    ``about``) so that the sender hears of it if it cannot be written after all: the sender
+    is one of our connections (``origin``; the I/O layer calls
+    :meth:`SignalingRouter.undelivered`), or an agent ``sender`` on the server ``via`` of a
+    cluster (the I/O layer tells that server)."""
 
     conn: ConnT
     text: str
+    origin: ConnT | None = field(default=None, compare=False)
+    to: str = field(default="", compare=False)
+    about: str = field(default="", compare=False)
+    sender: str = field(default="", compare=False)
+    via: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -237,6 +251,8 @@ class RouterStats:
     errors_by_code: Counter[str] = field(default_factory=Counter)
     rate_limited_dropped: int = 0
     closed_for_flooding: int = 0
+    #: Connections closed because they did not read what was sent to them.
+    closed_slow_receivers: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """Plain data (for JSON or msgpack)."""
@@ -255,6 +271,7 @@ class RouterStats:
             "errors_by_code": dict(self.errors_by_code),
             "rate_limited_dropped": self.rate_limited_dropped,
             "closed_for_flooding": self.closed_for_flooding,
+            "closed_slow_receivers": self.closed_slow_receivers,
         }
 
 
@@ -410,22 +427,65 @@ class SignalingRouter(Generic[ConnT]):
             actions += self._refuse_in_use(claimant, claim, agent_id, now)
         return actions + self._released(agent_id)
 
-    def deliver(self, agent_id: str, text: str) -> list[Action[ConnT]]:
-        """A message from another server for our ``agent_id``: a :class:`Send`, or nothing
-        when ``agent_id`` is not (any longer) registered here."""
+    def deliver(
+        self, agent_id: str, text: str, *, sender: str = "", via: str = "", about: str = ""
+    ) -> list[Action[ConnT]]:
+        """A message from agent ``sender`` on server ``via`` for our ``agent_id``: a
+        :class:`Send`, or nothing when ``agent_id`` is not (any longer) registered here."""
         target = self._by_id.get(agent_id)
         if target is None:
             return []
         self.stats.messages_delivered += 1
-        return [Send(target, text)]
+        return [Send(target, text, to=agent_id, about=about, sender=sender, via=via)]
 
-    def forward_failed(self, sender: str, peer: str, about: str) -> list[Action[ConnT]]:
+    def slow_receiver(self, conn: ConnT) -> list[Action[ConnT]]:
+        """The I/O layer cannot queue more for ``conn`` (it does not read): unregister it at
+        once, so that later messages for its id are answered ``offline``, and close it
+        (4008). Nothing for a connection already closing."""
+        state = self._conns.get(conn)
+        if state is None or state.closing:
+            return []
+        state.closing = True
+        self.stats.closed_slow_receivers += 1
+        actions: list[Action[ConnT]] = []
+        agent_id = state.agent_id
+        if agent_id is not None and self._by_id.get(agent_id) == conn:
+            del self._by_id[agent_id]
+            state.agent_id = None
+            logger.info("unregistered %s (not reading its messages)", agent_id)
+            actions += self._released(agent_id)
+        return [
+            *actions,
+            Close(conn, CLOSE_SLOW_RECEIVER, "too slow: messages for it were not read"),
+        ]
+
+    def undelivered(self, sender: ConnT, peer: str, about: str) -> list[Action[ConnT]]:
+        """A message ``sender`` routed to ``peer`` could not be written (the target closed
+        meanwhile): answer ``offline`` as if it had been gone already."""
+        state = self._conns.get(sender)
+        if state is None or state.closing:
+            return []
+        return [
+            self._error(
+                sender, "offline", f"{peer!r} disconnected before the message reached it",
+                peer=peer, about=about,
+            )
+        ]
+
+    def forward_failed(
+        self, sender: str, peer: str, about: str, *, unavailable: bool = False
+    ) -> list[Action[ConnT]]:
         """No server holds ``peer``: tell our agent ``sender`` its ``about`` message was not
-        delivered."""
+        delivered (``offline``). With ``unavailable`` the cluster could not find out where
+        ``peer`` is (Redis failed): ``unavailable``, which says nothing about the peer."""
         conn = self._by_id.get(sender)
         state = self._conns.get(conn) if conn is not None else None
         if conn is None or state is None or state.closing:
             return []
+        if unavailable:
+            text = (f"message for {peer!r} not delivered: the signaling servers cannot reach "
+                    "their shared store; try again shortly")
+            return [self._error(conn, "unavailable", text, peer=peer, about=about)]
         return [
             self._error(conn, "offline", f"{peer!r} is not connected", peer=peer, about=about)
         ]
@@ -689,7 +749,7 @@ class SignalingRouter(Generic[ConnT]):
             return [Forward(conn, state.agent_id, message.to, message.type, text)]
         self.stats.messages_routed += 1
         logger.debug("routed %s from %s to %s", message.type, state.agent_id, message.to)
-        return [Send(target, text)]
+        return [Send(target, text, origin=conn, to=message.to, about=message.type)]
 
     def _token_ok(self, agent_id: str, presented: str | None) -> bool:
         if not self.auth_required:

@@ -403,7 +403,7 @@ class MethodSpec(NamedTuple):
     """One entry of :data:`METHODS`: everything the control server needs to serve a method.
 
     Adding a method takes an entry here and a coroutine on the daemon's handler (see
-    :class:`mvpd.control.ControlHandler`) named :attr:`handler_name`."""
+    :class:`mvpd.control_handler.ControlHandler`) named :attr:`handler_name`."""
 
     access: Access
     params: type[BaseModel]

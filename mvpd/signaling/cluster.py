@@ -18,8 +18,9 @@ and one message costs one round trip when idle.
 
 When Redis is unreachable, registrations that need it are refused with ``unavailable``
 (close 1013, the client tries again, possibly on another server), messages for other servers
-get ``offline``, and messages between agents of the same server still flow. When Redis is
-back (restarted, even empty) the link subscribes again and re-asserts all its ids at once.
+get ``unavailable`` (after a few quick retries), and messages between agents of the same
+server still flow. When Redis is back (restarted, even empty) the link subscribes again and
+re-asserts all its ids at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -66,6 +68,10 @@ ConnT = TypeVar("ConnT", bound=Hashable)
 _MAX_CONNECTIONS = 32
 #: Forwarded messages sent to Redis in one pipeline at most.
 _MAX_BATCH = 256
+#: A batch of forwards whose pipeline failed (Redis busy or reconnecting) is tried this many
+#: times, :data:`_FORWARD_RETRY` s apart, before its senders are told ``unavailable``.
+_FORWARD_ATTEMPTS = 3
+_FORWARD_RETRY = 0.2
 #: Claims of ids held elsewhere tried this many times (a race with a third server).
 _CLAIM_ATTEMPTS = 3
 #: Seconds after subscribing again during which a target missing from Redis is looked up again
@@ -114,19 +120,27 @@ class RedisLink(Generic[ConnT]):
         # one of a few connections instead of opening thousands. A pooled connection Redis
         # closed (a restart) is replaced at once; a Redis that is down fails fast (the caller
         # answers unavailable/offline) instead of hanging.
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            # Generous: a busy server's event loop reads late.
+            "socket_timeout": 10,
+            "socket_connect_timeout": 3,
+            "health_check_interval": 10,
+            "retry": Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2),
+        }
         pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=_MAX_CONNECTIONS,
-            timeout=10,
-            decode_responses=True,
-            # Generous: a timed-out pipeline of forwards can only be answered "offline" (it
-            # may have been delivered), and a busy server's event loop reads late.
-            socket_timeout=10,
-            socket_connect_timeout=3,
-            health_check_interval=10,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2),
+            url, max_connections=_MAX_CONNECTIONS, timeout=10, **options
         )
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        # Forwards have a connection of their own: under a flood of registrations (a server
+        # died) the claims queue for the shared pool, and a forward that waited its turn
+        # there for too long could only be answered with an error although its target is
+        # connected. The forward loop sends one pipeline at a time: one connection.
+        self._forwarder: aioredis.Redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=1, timeout=None, **options
+            )
+        )
         self._claim = self._redis.register_script(CLAIM_SCRIPT)
         self._takeover = self._redis.register_script(TAKEOVER_SCRIPT)
         self._release = self._redis.register_script(RELEASE_SCRIPT)
@@ -142,6 +156,9 @@ class RedisLink(Generic[ConnT]):
         self._refresh_now = asyncio.Event()
         #: Whether the last exchange with Redis worked (for status and logs).
         self.connected = False
+        #: Why forwards were not delivered: no server holds the id (-1), its server has no
+        #: subscriber (0), Redis failed, or the target had left the receiving server.
+        self.undeliverable: Counter[str] = Counter()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -172,13 +189,15 @@ class RedisLink(Generic[ConnT]):
                             keys=[self.keys.id_key(agent_id)], args=[self.server_id], client=pipe
                         )
                     await pipe.execute()
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
-            await self._redis.connection_pool.disconnect()
+        for client in (self._redis, self._forwarder):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+                await client.connection_pool.disconnect()
 
     def stats(self) -> dict[str, Any]:
         """The cluster part of the server's status."""
-        return {"server_id": self.server_id, "redis_connected": self.connected}
+        return {"server_id": self.server_id, "redis_connected": self.connected,
+                "undeliverable": dict(self.undeliverable)}
 
     # --- router actions -----------------------------------------------------------------------
 
@@ -263,9 +282,33 @@ class RedisLink(Generic[ConnT]):
             batch = [await self._forward_queue.get()]
             while len(batch) < _MAX_BATCH and not self._forward_queue.empty():
                 batch.append(self._forward_queue.get_nowait())
-            results: list[Any]
+            results = await self._forward_batch(batch)
+            actions: list[Action[ConnT]] = []
+            loop = asyncio.get_running_loop()
+            regrouping = loop.time() < self._resubscribed_at + _REASSERT_GRACE
+            for item, result in zip(batch, results, strict=True):
+                if result == -1 and regrouping:
+                    loop.call_later(_REASSERT_RETRY, self._forward_queue.put_nowait, item)
+                elif not isinstance(result, int):
+                    self.undeliverable["redis-failed"] += 1
+                    # Redis did not say where the target is: not "offline", it may well be
+                    # connected; the sender may try again.
+                    actions += self.router.forward_failed(
+                        item.sender, item.to, item.about, unavailable=True
+                    )
+                elif result <= 0:
+                    self.undeliverable["no-holder" if result == -1 else "no-subscriber"] += 1
+                    actions += self.router.forward_failed(item.sender, item.to, item.about)
+            if actions:
+                await self._apply(actions)
+
+    async def _forward_batch(self, batch: list[Forward[ConnT]]) -> list[Any]:
+        """Route ``batch`` through Redis in one pipeline: per message, how many servers got
+        it (0: its holder's server is gone; -1: nobody holds the target), or an exception.
+        A pipeline that fails as a whole is tried again a few times first."""
+        for attempt in range(_FORWARD_ATTEMPTS):
             try:
-                pipe = self._redis.pipeline(transaction=False)
+                pipe = self._forwarder.pipeline(transaction=False)
                 for item in batch:
                     deliver = Deliver(to=item.to, text=item.text, origin=self.server_id,
                                       sender=item.sender, about=item.about)
@@ -274,21 +317,16 @@ class RedisLink(Generic[ConnT]):
                         args=[self.keys.channel_prefix, encode(deliver)],
                         client=pipe,
                     )
-                results = await pipe.execute(raise_on_error=False)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
                 self.connected = True
+                return results
             except (RedisError, OSError) as exc:
                 self._lost(exc)
-                results = [0] * len(batch)
-            actions: list[Action[ConnT]] = []
-            loop = asyncio.get_running_loop()
-            regrouping = loop.time() < self._resubscribed_at + _REASSERT_GRACE
-            for item, result in zip(batch, results, strict=True):
-                if result == -1 and regrouping:
-                    loop.call_later(_REASSERT_RETRY, self._forward_queue.put_nowait, item)
-                elif not isinstance(result, int) or result <= 0:
-                    actions += self.router.forward_failed(item.sender, item.to, item.about)
-            if actions:
-                await self._apply(actions)
+                if attempt + 1 < _FORWARD_ATTEMPTS:
+                    await asyncio.sleep(_FORWARD_RETRY)
+                else:
+                    return [exc] * len(batch)
+        raise AssertionError("unreachable")
 
     # --- our channel --------------------------------------------------------------------------
 
@@ -326,13 +364,15 @@ class RedisLink(Generic[ConnT]):
             logger.warning("ignoring a message on our cluster channel: %s", exc.message)
             return
         if isinstance(message, Deliver):
-            actions = self.router.deliver(message.to, message.text)
+            actions = self.router.deliver(
+                message.to, message.text, sender=message.sender, via=message.origin,
+                about=message.about,
+            )
             if actions:
                 await self._apply(actions)
                 return
             # Gone meanwhile: the sender should hear ``offline`` as on one server.
-            notice = Undeliverable(to=message.sender, peer=message.to, about=message.about)
-            self._spawn(self._publish(message.origin, encode(notice)))
+            self.undelivered(message.origin, message.sender, message.to, message.about)
         elif isinstance(message, Undeliverable):
             await self._apply(self.router.forward_failed(message.to, message.peer, message.about))
         elif isinstance(message, CheckHolder):
@@ -341,6 +381,13 @@ class RedisLink(Generic[ConnT]):
             waiting = self._checks.get(message.nonce)
             if waiting is not None and waiting[0] == message.id and not waiting[1].done():
                 waiting[1].set_result(message.alive)
+
+    def undelivered(self, server: str, sender: str, peer: str, about: str) -> None:
+        """A message from ``sender`` on ``server`` could not be written to our ``peer``
+        (it closed meanwhile): that server answers its sender ``offline``."""
+        self.undeliverable["left"] += 1
+        notice = Undeliverable(to=sender, peer=peer, about=about)
+        self._spawn(self._publish(server, encode(notice)))
 
     async def _publish(self, server: str, text: str) -> None:
         with contextlib.suppress(RedisError, OSError):

@@ -30,6 +30,7 @@ import resource
 import signal
 import ssl as ssl_module
 import sys
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,21 @@ logger = logging.getLogger("mvpd.signaling.server")
 #: Environment variables read by :func:`main` for the shared token and the Redis URL.
 TOKEN_ENV = "MVPD_SIGNALING_SERVER__TOKEN"
 REDIS_ENV = "MVPD_SIGNALING_SERVER__REDIS"
+
+
+#: Seconds between two warnings about closing slow receivers (the count goes in each).
+_SLOW_LOG_INTERVAL = 10.0
+
+
+class _Outbox:
+    """What waits to be written to one connection, and the task writing it."""
+
+    __slots__ = ("queue", "queued_bytes", "writer")
+
+    def __init__(self) -> None:
+        self.queue: deque[Send[ServerConnection] | Close[ServerConnection]] = deque()
+        self.queued_bytes = 0
+        self.writer: asyncio.Task[None] | None = None
 
 
 class SignalingServer:
@@ -125,9 +141,13 @@ class SignalingServer:
         self._host, self._port = split_host_port(self.settings.listen)
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        #: A peer that does not read its messages is dropped once this much is queued for it.
+        #: A peer that does not read its messages is closed once this much is queued for it.
         self._slow_consumer_limit = max(1 << 20, 8 * self.settings.max_message_size)
+        self._outboxes: dict[ServerConnection, _Outbox] = {}
         self.slow_consumers_dropped = 0
+        self._slow_logged_at = float("-inf")
+        #: Routed messages that could not be written (their senders were answered offline).
+        self.undelivered = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -218,6 +238,7 @@ class SignalingServer:
         data["connections"] = self.router.connection_count
         data["registered"] = len(self.router.registered_ids())
         data["slow_consumers_dropped"] = self.slow_consumers_dropped
+        data["undelivered"] = self.undelivered
         if self.cluster is not None:
             data["cluster"] = self.cluster.stats()
         return data
@@ -238,6 +259,8 @@ class SignalingServer:
         finally:
             # A claim waiting for this connection's id may be granted now.
             actions = self.router.disconnect(ws)
+            # Its writer (if any) still holds the outbox and answers for what it cannot write.
+            self._outboxes.pop(ws, None)
             if actions:
                 await self._apply(None, actions)
 
@@ -267,10 +290,10 @@ class SignalingServer:
         self, current: ServerConnection | None, actions: list[Action[ServerConnection]]
     ) -> None:
         """Carry out ``actions`` in order. Sends to the connection being read are awaited
-        (its own backpressure); actions for others run in a task per target, so one slow peer
-        never stalls the sender. The router always puts a Close after the sends it follows."""
+        (its own backpressure); actions for others go to the target's outbox, written by a
+        task per target, so one slow peer never stalls the sender. The router always puts a
+        Close after the sends it follows."""
         mine: list[Action[ServerConnection]] = []
-        others: dict[ServerConnection, list[Action[ServerConnection]]] = {}
         claims: list[ClaimId[ServerConnection]] = []
         for action in actions:
             if isinstance(action, CheckLiveness):
@@ -282,11 +305,7 @@ class SignalingServer:
             elif action.conn is current:
                 mine.append(action)
             else:
-                others.setdefault(action.conn, []).append(action)
-        for target, batch in others.items():
-            if isinstance(batch[0], Send) and self._is_slow(target):
-                continue
-            self._spawn(self._perform(batch))
+                self._enqueue(action)
         sends = [a for a in mine if isinstance(a, Send)]
         closes = [a for a in mine if isinstance(a, Close)]
         await self._perform(sends)
@@ -296,6 +315,95 @@ class SignalingServer:
             self._spawn(self._perform(closes))
         for claim in claims:
             await self._settle_claim(claim)
+
+    def _enqueue(self, action: Send[ServerConnection] | Close[ServerConnection]) -> None:
+        """Queue ``action`` for its connection. A connection with more than
+        ``_slow_consumer_limit`` bytes waiting for it (queued here or in its socket buffer)
+        does not read: it is closed (4008) instead, and the senders of what it would have
+        got are answered ``offline``."""
+        target = action.conn
+        box = self._outboxes.get(target)
+        if box is None:
+            box = self._outboxes[target] = _Outbox()
+        if isinstance(action, Send):
+            transport = target.transport
+            buffered = box.queued_bytes + (
+                transport.get_write_buffer_size() if transport is not None else 0
+            )
+            if buffered + len(action.text) > self._slow_consumer_limit:
+                self._undelivered(action)
+                self._close_slow(target, box)
+                return
+            box.queued_bytes += len(action.text)
+        box.queue.append(action)
+        if box.writer is None:
+            box.writer = asyncio.get_running_loop().create_task(self._write(target, box))
+            self._tasks.add(box.writer)
+            box.writer.add_done_callback(self._tasks.discard)
+
+    async def _write(self, target: ServerConnection, box: _Outbox) -> None:
+        """Write ``target``'s outbox in order until it is empty."""
+        try:
+            while box.queue:
+                action = box.queue.popleft()
+                try:
+                    if isinstance(action, Send):
+                        box.queued_bytes -= len(action.text)
+                        await target.send(action.text)
+                    else:
+                        await target.close(action.code, action.reason)
+                except ConnectionClosed:
+                    if isinstance(action, Send):
+                        self._undelivered(action)
+                    self._fail_queued(box)
+                    if self._outboxes.get(target) is box:
+                        del self._outboxes[target]
+                    return
+        finally:
+            box.writer = None
+
+    def _close_slow(self, target: ServerConnection, box: _Outbox) -> None:
+        """``target`` does not read: fail what is queued for it, unregister and close it."""
+        self._fail_queued(box)
+        agent_id = self.router.agent_id(target)
+        actions = self.router.slow_receiver(target)
+        if not actions:
+            return  # already closing
+        self.slow_consumers_dropped += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._slow_logged_at >= _SLOW_LOG_INTERVAL:
+            logger.warning(
+                "closing %s (4008): it does not read its messages (%d such closes so far)",
+                agent_id or "a client", self.slow_consumers_dropped,
+            )
+            self._slow_logged_at = now
+        for action in actions:
+            if isinstance(action, ReleaseId):
+                self._to_cluster(action)
+            elif isinstance(action, Close):
+                # Not through the outbox, whose writer waits for this very reader.
+                self._spawn(self._perform([action]))
+
+    def _fail_queued(self, box: _Outbox) -> None:
+        while box.queue:
+            action = box.queue.popleft()
+            if isinstance(action, Send):
+                box.queued_bytes -= len(action.text)
+                self._undelivered(action)
+
+    def _undelivered(self, action: Send[ServerConnection]) -> None:
+        """A routed message could not be written: its sender hears ``offline`` (through
+        its own server when it is on another)."""
+        self.undelivered += 1
+        if action.via and self.cluster is not None:
+            self.cluster.undelivered(action.via, action.sender, action.to, action.about)
+            return
+        if action.origin is None or not action.about:
+            return  # a reply of ours: nobody to tell
+        actions = self.router.undelivered(action.origin, action.to, action.about)
+        for reply in actions:
+            if isinstance(reply, Send | Close):
+                self._enqueue(reply)
 
     async def _settle_claim(self, claim: ClaimId[ServerConnection]) -> None:
         """Claim an id across the cluster. Awaited in the claimant's read loop: what it sends
@@ -314,17 +422,6 @@ class SignalingServer:
             cluster.release(action.agent_id)
         else:
             cluster.forward(action)
-
-    def _is_slow(self, target: ServerConnection) -> bool:
-        transport = target.transport
-        if transport is None or transport.get_write_buffer_size() <= self._slow_consumer_limit:
-            return False
-        self.slow_consumers_dropped += 1
-        logger.warning(
-            "dropping %s: it does not read its messages", self.router.agent_id(target) or "a client"
-        )
-        transport.abort()
-        return True
 
     @staticmethod
     async def _perform(actions: Sequence[Action[ServerConnection]]) -> None:

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: Mode name -> transport factory. A tun transport moves packets once the daemon's tunnel
-#: (``mvpd.tunnel``) binds it to the shared TUN device.
+#: (``mvpd.tun.tunnel``) binds it to the shared TUN device.
 TRANSPORTS: dict[str, Callable[..., Transport[Any]]] = {
     "chat": ChatTransport,
     "json": JsonTransport,

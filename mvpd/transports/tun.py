@@ -1,7 +1,7 @@
 """TUN mode: one peer's IP packets over an unreliable, unordered data channel.
 
 The channel is unordered with ``maxRetransmits=0`` (IP above it does its own recovery; no
-TCP-over-TCP). The transport is the per-peer end of a shared tunnel (``mvpd.tunnel``): the
+TCP-over-TCP). The transport is the per-peer end of a shared tunnel (``mvpd.tun.tunnel``): the
 tunnel owns the TUN device and the allowed-IPs table, reads packets from the device, routes
 each by destination and hands a peer's packets to :meth:`TunTransport.send_packets`; what
 the peer sends comes back through :meth:`PacketSink.from_peer`, which checks the source
@@ -53,6 +53,9 @@ class PacketSink(Protocol):
 
     def from_peer(self, transport: TunTransport, message: bytes) -> None:
         """One message from the peer (a packet or a batch)."""
+
+    def from_peer_packet(self, transport: TunTransport, packet: bytes) -> None:
+        """One IP packet from the peer's datagram path."""
 
     def pause_for(self, transport: TunTransport) -> None:
         """The peer's send buffer is full: stop reading the device for now."""
@@ -209,7 +212,7 @@ class TunTransport(Transport[bytes]):
         if self.sink is None:
             self.drops.add(DropReason.NOT_CONNECTED)
             return
-        self.sink.from_peer(self, packet)
+        self.sink.from_peer_packet(self, packet)
 
     def decode(self, data: str | bytes) -> bytes:
         return data.encode() if isinstance(data, str) else data

@@ -21,20 +21,25 @@ and passes everything else on unchanged. That is the RFC 7983 demultiplexer RTCD
 runs on the same stream later (it ignores our byte), moved in front of aioice's STUN parser
 (which would raise on each of ours) and its receive queue (a queue hop and a task switch per
 datagram). Datagrams are taken from any source address, as aioice does: the AEAD tag, not the
-address, decides what is ours. Sending: ``sendto`` on the nominated pair's transport,
-synchronous (aioice's TURN transport wraps it in ChannelData itself). Nothing here changes
-what DTLS, SCTP or STUN see.
+address, decides what is ours. Sending: on a host or server-reflexive pair, straight on the
+UDP socket under the pair's transport (``get_extra_info("socket")``, a duplicate descriptor),
+a batch at a time with UDP segmentation offload (:mod:`mvpd.tun.udp_batch`), while the event
+loop's transport has nothing buffered (else behind it, to keep the order); through a TURN
+relay, ``sendto`` on aioice's TURN transport, which wraps each datagram in ChannelData.
+Nothing here changes what DTLS, SCTP or STUN see.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .datagram import PACKET_TYPE
+from .udp_batch import UdpBatchSender
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 #: Datagrams wait in the event loop's buffer beyond the socket's only up to this much; more
 #: are dropped (a full interface queue), so the buffer never grows without bound.
 MAX_WRITE_BUFFER = 256 * 1024
+#: Off: one ``sendto`` per datagram on the event loop's transport (benchmarks, tests).
+BATCH_SEND = True
 
 _ICE_COMPONENT = 1
 
@@ -80,21 +87,23 @@ class IceDatagramSocket:
     def __init__(self, dtls: Any, connection: Any, on_datagram: Callable[[bytes], None]) -> None:
         self._dtls = dtls
         self._connection = connection
-        self._tuned: set[int] = set()
+        #: Per pair transport (by id): the transport, and a batch sender on its UDP socket or
+        #: None (a TURN relay, no socket).
+        self._senders: dict[int, tuple[Any, UdpBatchSender | None]] = {}
         self.closed = False
         self._hooked: list[tuple[Any, Callable[..., None]]] = []
+        #: Called with each received datagram of ours (may be replaced, e.g. by the link).
+        self.on_datagram = on_datagram
         for protocol in connection._protocols:
-            hook = self._hook(protocol.datagram_received, on_datagram)
+            hook = self._hook(protocol.datagram_received)
             protocol.datagram_received = hook
             self._hooked.append((protocol, hook))
 
-    def _hook(
-        self, original: Callable[[bytes, Any], None], on_datagram: Callable[[bytes], None]
-    ) -> Callable[[bytes, Any], None]:
+    def _hook(self, original: Callable[[bytes, Any], None]) -> Callable[[bytes, Any], None]:
         def datagram_received(data: bytes, addr: Any) -> None:
             if data and data[0] == PACKET_TYPE and not self.closed:
                 try:
-                    on_datagram(data)
+                    self.on_datagram(data)
                 except Exception:  # never let it reach aioice's protocol
                     log.exception("TUN datagram handler failed")
                 return
@@ -147,21 +156,28 @@ class IceDatagramSocket:
 
     def send(self, datagrams: list[bytes]) -> int:
         """Send each datagram on the nominated pair; return how many were not sent (no pair,
-        transport closing, or the event loop's buffer full)."""
+        transport closing, the event loop's buffer full, or a send error)."""
         pair = self._pair()
         if pair is None:
             return len(datagrams)
         transport = pair.protocol.transport
         addr = pair.remote_addr
-        if id(transport) not in self._tuned:
-            self._tune(transport)
+        known = self._senders.get(id(transport))
+        if known is None or known[0] is not transport:
+            if known is not None and known[1] is not None:  # an earlier, closed transport's
+                known[1].close()
+            known = self._senders[id(transport)] = (transport, self._tune(transport))
         # aioice's TURN transport has neither (it sends each datagram in a task of its own).
         is_closing = getattr(transport, "is_closing", None)
         buffered = getattr(transport, "get_write_buffer_size", None)
         if is_closing is not None and is_closing():
             return len(datagrams)
-        if buffered is not None and buffered() > MAX_WRITE_BUFFER:  # once per batch
+        waiting = buffered() if buffered is not None else 0
+        if waiting > MAX_WRITE_BUFFER:  # once per batch
             return len(datagrams)
+        sender = known[1]
+        if sender is not None and not waiting:
+            return sender.send(datagrams, addr)
         sendto = transport.sendto
         for datagram in datagrams:
             sendto(datagram, addr)
@@ -191,12 +207,12 @@ class IceDatagramSocket:
         return (f"{local.type} {local.host}:{local.port} -> "
                 f"{pair.remote_candidate.type} {pair.remote_addr[0]}:{pair.remote_addr[1]}")
 
-    def _tune(self, transport: Any) -> None:
-        """Larger socket buffers for the socket that now carries a tunnel's packets."""
-        self._tuned.add(id(transport))
+    def _tune(self, transport: Any) -> UdpBatchSender | None:
+        """Larger socket buffers for the socket that now carries a tunnel's packets, and a
+        batch sender on it when it is a UDP socket (not a TURN relay's transport)."""
         sock = transport.get_extra_info("socket")
         if sock is None:
-            return
+            return None
         for option, forced in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
                                (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None))):
             for opt in (forced, option):
@@ -207,12 +223,28 @@ class IceDatagramSocket:
                     break
                 except OSError:  # FORCE needs CAP_NET_ADMIN
                     continue
+        if not BATCH_SEND or sock.type != socket.SOCK_DGRAM:
+            return None
+        try:  # our own descriptor: the event loop may close its own at any time
+            own = socket.socket(fileno=os.dup(sock.fileno()))
+            own.setblocking(False)
+        except OSError as exc:
+            log.debug("no batch sending on %s: %s", sock, exc)
+            return None
+        return UdpBatchSender(own, transport.sendto)
+
+    def batch_senders(self) -> list[UdpBatchSender]:
+        """The batch senders made so far (one per pair transport with a UDP socket)."""
+        return [sender for _, sender in self._senders.values() if sender is not None]
 
     def close(self) -> None:
         """Give aioice's protocols their own ``datagram_received`` back."""
         if self.closed:
             return
         self.closed = True
+        for sender in self.batch_senders():
+            sender.close()
+        self._senders.clear()
         for protocol, hook in self._hooked:
             if protocol.__dict__.get("datagram_received") is hook:
                 del protocol.datagram_received

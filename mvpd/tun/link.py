@@ -47,13 +47,7 @@ class DatagramLink:
     def open(cls, channel: Any, deliver: Callable[[bytes], None]) -> DatagramLink:
         """Hook the connection under ``channel`` (open) and start advertising; raises
         :class:`LookupError` saying why when there is no datagram path."""
-        link: DatagramLink | None = None
-
-        def on_datagram(datagram: bytes) -> None:
-            if link is not None:
-                link._received(datagram)
-
-        sock = IceDatagramSocket.for_channel(channel, on_datagram)
+        sock = IceDatagramSocket.for_channel(channel, lambda datagram: None)
         try:
             material = sock.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH)
             protection = DatagramProtection(material, dtls_client=sock.dtls_client)
@@ -61,6 +55,7 @@ class DatagramLink:
             sock.close()
             raise LookupError(f"no DTLS keying material: {exc}") from exc
         link = cls(sock, protection, deliver)
+        sock.on_datagram = link._received
         link._advertise()
         return link
 

@@ -143,7 +143,7 @@ def test_spoofed_sources_and_malformed_packets_are_dropped_and_counted(tmp_path:
         # is alice's own tunnel address.
         code = textwrap.dedent("""
             import socket
-            from tests.test_netdev import PRELUDE
+            from tests.tun.test_device import PRELUDE
             exec(PRELUDE)
             s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             for src in ["10.99.0.5"] * 4 + ["10.77.0.1"] * 3:

@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from mvpd.control import Caller, ControlLimits, ControlServer
+from mvpd.control import ControlServer
+from mvpd.control_handler import Caller
+from mvpd.proto.control import ControlLimits
 from mvpd.proto.errors import ConnectionClosed, MvpError, NotFound, PeerError, RpcTimeout
 from mvpd.proto.rpc import (
     ConnectParams,
@@ -70,7 +72,7 @@ class EchoPipe:
 
 
 class FakeDaemon:
-    """Implements :class:`mvpd.control.ControlHandler` in memory."""
+    """Implements :class:`mvpd.control_handler.ControlHandler` in memory."""
 
     def __init__(self) -> None:
         self.started = time.time()

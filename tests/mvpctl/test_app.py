@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mvpctl.app import EXIT_CODES, app, format_status
+from mvpctl.app import EXIT_CODES, _fail, app
 from mvpctl.client import Client
 from tests.mvpctl.control_harness import ServerThread
 
@@ -48,7 +48,7 @@ def test_importing_the_cli_loads_no_daemon_machinery_and_no_pydantic() -> None:
         "import sys, mvpctl.app, mvpctl.client\n"
         "heavy = ('aiortc', 'aioice', 'pyroute2', 'systemd', 'websockets', 'asyncio',\n"
         "         'mvpd.control', 'mvpd.peer', 'mvpd.daemon', 'mvpd.config', 'mvpd.signaling',\n"
-        "         'mvpd.transports', 'mvpd.netdev', 'pydantic_settings', 'yaml',\n"
+        "         'mvpd.transports', 'mvpd.tun.device', 'pydantic_settings', 'yaml',\n"
         "         'pydantic', 'pydantic_core', 'mvpd.proto.rpc', 'mvpd.proto.signaling')\n"
         "print([m for m in sys.modules if m.split('.')[0] in heavy or m in heavy\n"
         "       or any(m.startswith(h + '.') for h in heavy)])\n"
@@ -99,55 +99,6 @@ def test_connect_status_peers_disconnect(server: ServerThread) -> None:
     assert mvpctl(server, "disconnect", "bob")[0] == 0
     code, _, err = mvpctl(server, "disconnect", "bob")
     assert (code, err) == (1, "mvpctl: no peer 'bob'\n")
-
-
-def test_format_status_shows_bytes_and_messages() -> None:
-    text = format_status(
-        {
-            "agent_id": "alice",
-            "version": "1",
-            "uptime": 3700,
-            "signaling": {"url": "ws://x", "state": "reconnecting"},
-            "peers": [
-                {
-                    "peer": "bob",
-                    "state": "connected",
-                    "mode": "tun",
-                    "path": "relayed",
-                    "since": None,
-                    "bytes_in": 2048,
-                    "bytes_out": 10,
-                    "messages_in": 3,
-                    "messages_out": 4,
-                    "dropped": {"bad-source": 2},
-                    "error": None,
-                }
-            ],
-        }
-    )
-    assert "uptime     1h01m" in text and "reconnecting" in text
-    assert "relayed" in text and "2.0 KiB" in text and "10 B" in text and "3/4" in text
-
-
-def test_format_status_shows_every_drop_counter_and_the_inboxes() -> None:
-    peer = {"peer": "bob", "state": "connected", "mode": "chat", "path": "direct",
-            "dropped": {"inbox-full": 500, "message-too-large": 3},
-            "inbox": {"queued": 1000, "queued_bytes": 70000}}
-    text = format_status({
-        "agent_id": "alice", "version": "1", "uptime": 1, "signaling": {},
-        "inboxes": {"inboxes": 1, "queued": 1000, "queued_bytes": 70000,
-                    "waiting_followers": 2},
-        "dropped": {"inbox-expired": 7},
-        "peers": [peer],
-    })
-    assert "inboxes    1 peers, 1000 messages unread (68.4 KiB), 2 followers" in text
-    assert "dropped    inbox-expired 7 (peers not listed below)" in text
-    assert "bob: dropped: inbox-full 500, message-too-large 3" in text
-    assert "bob: inbox 1000 messages unread (68.4 KiB)" in text
-    # The table's DROPPED column is the sum.
-    assert "503" in text
-    quiet = format_status({"agent_id": "a", "version": "1", "uptime": 1, "signaling": {}})
-    assert "dropped    none" in quiet and "0 messages unread" in quiet
 
 
 def test_send_and_recv(server: ServerThread, tmp_path: Path) -> None:
@@ -277,13 +228,6 @@ def test_a_peers_text_cannot_drive_the_terminal(server: ServerThread) -> None:
     assert mvpctl(server, "recv", "bob", "--limit", "1")[1] == hostile + "\n"
 
 
-def test_chat_lines_and_errors_stay_one_line(monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from mvpctl import app as app_module
-
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    app_module._print_message({"kind": "text", "data": "hi\nalice> fake"}, False, "bob> ",
-                              one_line=True)
-    assert capsys.readouterr().out == "bob> hi\\nalice> fake\n"
-    app_module._fail("bob said bye: x\nmvpctl: forged\x1b[2J", 1)
+def test_errors_stay_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    _fail("bob said bye: x\nmvpctl: forged\x1b[2J", 1)
     assert capsys.readouterr().err == "mvpctl: bob said bye: x\\nmvpctl: forged\\x1b[2J\n"

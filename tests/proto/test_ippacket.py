@@ -337,6 +337,49 @@ def make_filter() -> PacketFilter:
     return PacketFilter(table, max_packet_size=1500)
 
 
+def test_route_batch_groups_by_peer_in_order_with_the_same_checks_as_one_by_one() -> None:
+    a1, a2 = ipv4("10.0.0.1", "192.168.50.7", b"1"), ipv4("10.0.0.1", "192.168.50.7", b"2")
+    a3 = ipv4("10.0.0.1", "10.0.0.2", b"3")
+    b1, b6 = ipv4("10.0.0.1", "10.0.0.3", b"4"), ipv6("fd00::1", "fd00::3")
+    with_options = ipv4("10.0.0.1", "192.168.50.7", b"5", options=b"\x01" * 4)
+    nowhere = ipv4("10.0.0.1", "10.0.0.99")
+    too_big = ipv4("10.0.0.1", "192.168.50.7", b"x" * 1500)
+    # Same destination as the packet before, but broken: the checks still apply.
+    truncated = a1[:-1]
+    longer = a1 + b"\0"
+    batch = [a1, a2, truncated, longer, too_big, b1, a3, with_options, nowhere, b6, a1, a2]
+    flt, one_by_one = make_filter(), make_filter()
+    expected: dict[str, list[bytes]] = {}
+    for packet in batch:
+        peer = one_by_one.route_outgoing(packet)
+        if peer is not None:
+            expected.setdefault(peer, []).append(packet)
+    assert flt.route_batch(batch) == expected == {
+        "alice": [a1, a2, a3, with_options, a1, a2], "bob": [b1, b6]}
+    assert flt.drops.as_dict() == one_by_one.drops.as_dict()
+    assert flt.drops.as_dict()["malformed"] == 2 and flt.drops.as_dict()["too-big"] == 1
+
+
+def test_accept_incoming_decides_plain_ipv4_as_the_full_parser_does() -> None:
+    """Plain IPv4 skips parse_header; broken or unusual packets still get its checks."""
+    flt = make_filter()
+    flt.destinations = AllowedIPs()
+    flt.destinations.insert("10.0.0.1/32", "local")
+    good = ipv4("10.0.0.2", "10.0.0.1", b"p")
+    cases = {
+        "accepted": [good, ipv4("10.0.0.2", "10.0.0.1", b"o", options=b"\x01" * 4)],
+        "malformed": [good[:-1], good + b"\0", good[:19], b"\x45"],
+        "too-big": [ipv4("10.0.0.2", "10.0.0.1", b"x" * 1500)],
+        "source-not-allowed": [ipv4("10.0.0.3", "10.0.0.1"), ipv4("10.0.0.9", "10.0.0.1")],
+        "destination-not-allowed": [ipv4("10.0.0.2", "10.0.0.7")],
+    }
+    for outcome, packets in cases.items():
+        for packet in packets:
+            assert flt.accept_incoming("alice", packet) == (outcome == "accepted"), packet
+    drops = flt.drops.as_dict()
+    assert all(drops[k] == len(v) for k, v in cases.items() if k != "accepted"), drops
+
+
 def test_route_outgoing_by_destination() -> None:
     flt = make_filter()
     assert flt.route_outgoing(ipv4("10.0.0.1", "192.168.50.7")) == "alice"

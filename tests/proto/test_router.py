@@ -15,6 +15,7 @@ from mvpd.proto.router import (
     CLOSE_ID_IN_USE,
     CLOSE_POLICY,
     CLOSE_REPLACED,
+    CLOSE_SLOW_RECEIVER,
     CLOSE_TOO_BIG,
     CheckLiveness,
     Close,
@@ -473,3 +474,34 @@ def test_any_sequence_of_frames_never_raises(events: list[tuple[str, str | bytes
     for conn in ("c1", "c2", "c3"):
         r.disconnect(conn)
     assert r.registered_ids() == []
+
+
+def test_a_slow_receiver_is_unregistered_and_closed_and_its_senders_hear_offline() -> None:
+    r = Router()
+    reg(r, "a", "alice")
+    reg(r, "b", "bob")
+    routed = r.receive("a", '{"type":"offer","to":"bob","sdp":"v=0"}', 0.0)
+    [send] = [x for x in routed if isinstance(x, Send)]
+    assert (send.conn, send.origin, send.to, send.about) == ("b", "a", "bob", "offer")
+    actions = r.slow_receiver("b")
+    assert [(c.conn, c.code) for c in closes(actions)] == [("b", CLOSE_SLOW_RECEIVER)]
+    assert r.slow_receiver("b") == []  # once
+    assert r.holder("bob") is None and r.stats.closed_slow_receivers == 1
+    # What was routed to it but not written, and whatever comes next, is answered offline.
+    [late] = sends(r.undelivered("a", "bob", "offer"))
+    assert (late["code"], late["peer"], late["about"]) == ("offline", "bob", "offer")
+    [now] = sends(r.receive("a", '{"type":"bye","to":"bob"}', 0.0))
+    assert (now["code"], now["peer"]) == ("offline", "bob")
+    assert r.disconnect("b") == []
+    # bob may come back on a new connection.
+    assert sends(reg(r, "b2", "bob")) == [{"type": "registered", "id": "bob"}]
+
+
+def test_a_forward_redis_could_not_route_is_unavailable_not_offline() -> None:
+    r = Router(cluster=True)
+    reg(r, "a", "alice")
+    r.claim_settled("a", "alice", "granted", 0.0)
+    [error] = sends(r.forward_failed("alice", "bob", "offer", unavailable=True))
+    assert (error["code"], error["peer"], error["about"]) == ("unavailable", "bob", "offer")
+    [error] = sends(r.forward_failed("alice", "bob", "offer"))
+    assert error["code"] == "offline"

@@ -4,6 +4,7 @@ servers, cluster-wide id ownership, a server killed with SIGKILL, Redis restarte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -428,3 +429,127 @@ def test_the_client_skips_a_dead_url_at_once() -> None:
             await client.close()
 
     run(main_)
+
+
+def test_a_flood_across_servers_is_delivered_without_spurious_offline(
+    redis_server: RedisServer,
+) -> None:
+    """Hundreds of agents on two servers flood each other: every message arrives, none is
+    answered ``offline`` (all targets are connected) and nothing is lost."""
+    agents, per_agent = 150, 40
+
+    async def main_() -> None:
+        async with servers(redis_server, 2, rate=10_000.0, burst=10_000) as (a, b):
+            left = [await registered(a, f"l{n}") for n in range(agents)]
+            right = [await registered(b, f"r{n}") for n in range(agents)]
+            received = 0
+            errors: list[dict[str, Any]] = []
+            done = asyncio.Event()
+            total = 2 * agents * per_agent
+
+            async def read(ws: ClientConnection) -> None:
+                nonlocal received
+                async for raw in ws:
+                    message = json.loads(raw)
+                    if message["type"] == "candidate":
+                        received += 1
+                    else:
+                        errors.append(message)
+                    if received + len(errors) == total:
+                        done.set()
+
+            readers = [asyncio.ensure_future(read(ws)) for ws in left + right]
+
+            async def flood(ws: ClientConnection, n: int, peers: str) -> None:
+                for k in range(per_agent):
+                    target = f"{peers}{(n + k) % agents}"
+                    await ws.send(json.dumps({"type": "candidate", "to": target,
+                                              "candidate": {"n": k}}))
+
+            await asyncio.gather(
+                *(flood(ws, n, "r") for n, ws in enumerate(left)),
+                *(flood(ws, n, "l") for n, ws in enumerate(right)),
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 60)
+            assert errors == []
+            assert received == total
+            for ws in left + right:
+                await ws.close()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    run(main_, timeout=120)
+
+
+def test_forwards_do_not_wait_behind_a_busy_redis_pool(redis_server: RedisServer) -> None:
+    """Every shared Redis connection of server A is busy (as under a storm of registrations
+    after a server died): a message from A to B is still delivered, not answered
+    ``offline`` (its target is connected)."""
+
+    async def main_() -> None:
+        async with servers(redis_server, 2) as (a, b):
+            alice = await registered(a, "alice")
+            bob = await registered(b, "bob")
+            assert a.cluster is not None
+            shared = a.cluster._redis
+            shared.connection_pool.timeout = 0.3  # type: ignore[attr-defined]
+            busy = [
+                asyncio.ensure_future(shared.blpop([f"busy{n}"], timeout=3))
+                for n in range(40)  # more than the pool holds
+            ]
+            await asyncio.sleep(0.5)
+            await alice.send(json.dumps({"type": "offer", "to": "bob", "sdp": "v=0"}))
+            assert await recv_json(bob, timeout=5) == {
+                "type": "offer", "from": "alice", "to": "bob", "sdp": "v=0"
+            }
+            assert await drain(alice) == []
+            await asyncio.gather(*busy, return_exceptions=True)
+            await alice.close()
+            await bob.close()
+
+    run(main_, timeout=60)
+
+
+def test_a_slow_receiver_on_another_server_is_closed_and_its_senders_hear_offline(
+    redis_server: RedisServer,
+) -> None:
+    """The sender is on server A, the receiver that stops reading on B: B closes it with
+    4008 and every message is delivered or answered ``offline`` on A."""
+
+    async def main_() -> None:
+        async with servers(redis_server, 2, rate=10_000.0, burst=10_000) as (a, b):
+            sender = await registered(a, "sender")
+            sleeper = await connect(b.url, max_queue=1)
+            await sleeper.send(json.dumps({"type": "register", "id": "sleeper"}))
+            assert await recv_json(sleeper) == {"type": "registered", "id": "sleeper"}
+            refused: list[dict[str, Any]] = []
+
+            async def read_sender() -> None:
+                with contextlib.suppress(Exception):
+                    while True:
+                        refused.append(json.loads(await sender.recv()))
+
+            reader = asyncio.ensure_future(read_sender())
+            payload = "x" * 40_000
+            sent = 600
+            for n in range(sent):
+                await sender.send(
+                    json.dumps({"type": "offer", "to": "sleeper", "sdp": f"{n}:{payload}"})
+                )
+            delivered = 0
+            with contextlib.suppress(Exception):
+                while True:
+                    await asyncio.wait_for(sleeper.recv(), 10)
+                    delivered += 1
+            assert sleeper.close_code == 4008
+            for _ in range(50):
+                if delivered + len(refused) >= sent:
+                    break
+                await asyncio.sleep(0.2)
+            assert {m.get("code") for m in refused} <= {"offline"}
+            assert delivered + len(refused) == sent, (delivered, len(refused))
+            assert 0 < delivered < sent
+            await sender.close()
+            await reader
+
+    run(main_, timeout=90)

@@ -442,3 +442,51 @@ def test_standalone_rereads_its_tokens_file_on_sighup(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_receiver_that_does_not_read_is_closed_4008_and_nothing_vanishes() -> None:
+    """A target that stops reading is closed with 4008 once about 1 MiB waits for it; every
+    message sent to it is either delivered (before the close) or answered ``offline``."""
+
+    async def main_() -> None:
+        s = settings(rate=10_000.0, burst=10_000)
+        async with SignalingServer(s) as server:
+            sender = await registered(server, "sender")
+            # max_queue=1: the client stops reading the socket while nobody calls recv().
+            sleeper = await connect(server.url, max_queue=1)
+            await sleeper.send(json.dumps({"type": "register", "id": "sleeper"}))
+            assert await recv_json(sleeper) == {"type": "registered", "id": "sleeper"}
+            refused: list[dict[str, Any]] = []
+
+            async def read_sender() -> None:
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        refused.append(json.loads(await sender.recv()))
+
+            reader = asyncio.get_running_loop().create_task(read_sender())
+            payload = "x" * 40_000
+            sent = 600  # 24 MB: more than loopback socket buffers hold
+            for n in range(sent):
+                await sender.send(
+                    json.dumps({"type": "offer", "to": "sleeper", "sdp": f"{n}:{payload}"})
+                )
+            # Now read everything the sleeper was given, up to its close.
+            delivered = 0
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    try:
+                        await asyncio.wait_for(sleeper.recv(), 10)
+                    except TimeoutError:
+                        raise AssertionError((delivered, len(refused), server.stats())) from None
+                    delivered += 1
+            assert sleeper.close_code == 4008
+            await asyncio.sleep(0.5)
+            offline = [m for m in refused if m.get("code") == "offline"]
+            assert all(m["peer"] == "sleeper" and m["about"] == "offer" for m in offline)
+            assert delivered + len(offline) == sent, (delivered, len(offline))
+            assert 0 < delivered < sent
+            assert server.stats()["closed_slow_receivers"] == 1
+            await sender.close()
+            await reader
+
+    run(main_, timeout=60)

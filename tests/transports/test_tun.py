@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from mvpd.config import AgentSettings, PeerSettings
-from mvpd.netdev import TunDevice
 from mvpd.proto.errors import TunError, TunUnavailable
 from mvpd.proto.ippacket import decode_message
 from mvpd.transports.tun import TunTransport
-from mvpd.tunnel import LOCAL_OWNER, Tunnel
+from mvpd.tun.device import TunDevice
+from mvpd.tun.tunnel import LOCAL_OWNER, Tunnel
 from tests.netns import namespace, require_tun
-from tests.test_netdev import run_child
+from tests.tun.test_device import run_child
 
 
 def settings(**tun: object) -> AgentSettings:
@@ -89,7 +89,7 @@ def test_two_peers_share_one_device_routed_by_destination_and_checked_by_source(
 from mvpd.config import AgentSettings
 from mvpd.proto.ippacket import decode_message, encode_batch
 from mvpd.transports.tun import TunTransport
-from mvpd.tunnel import Tunnel
+from mvpd.tun.tunnel import Tunnel
 
 
 class Channel:

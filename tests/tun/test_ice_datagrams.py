@@ -107,6 +107,9 @@ def test_links_confirm_each_other_and_carry_packets_both_ways() -> None:
             assert lb.send_packets([PACKET] * 50) == []
             await wait_for(lambda: len(got_b) == 1 and len(got_a) == 50)
             assert got_b == [PACKET]
+            # A host pair: straight on the UDP socket, the 50 in one segmented send.
+            [sender] = lb.sock.batch_senders()
+            assert sender.gso and sender.sent >= 50 and sender.calls < sender.sent
             assert la.status()["packets_out"] == 1 and lb.status()["packets_in"] == 1
             await channel_works(ch_a, ch_b)
             la.close()
@@ -171,7 +174,10 @@ def test_close_restores_aioice_and_refuses_a_second_hook() -> None:
             assert all("datagram_received" in vars(p) for p in protocols)
             with pytest.raises(LookupError, match="already hooked"):
                 IceDatagramSocket.for_channel(ch_a, lambda d: None)
+            assert sock.send([bytes([PACKET_TYPE]) * 40]) == 0
+            [sender] = sock.batch_senders()
             sock.close()
+            assert sender._sock.fileno() == -1  # its duplicate of aioice's socket is closed
             assert not any("datagram_received" in vars(p) for p in protocols)
             assert sock.send([b"x"]) == 1  # closed: nothing is sent
             await channel_works(ch_a, ch_b)
@@ -226,6 +232,7 @@ def test_through_a_turn_relay(turn_server: TurnServer) -> None:
             assert la.max_packet_size == 1500 - 20 - 8 - 4 - OVERHEAD >= 1420
             la.send_packets([PACKET] * 5)
             await wait_for(lambda: len(got_b) == 5)
+            assert la.sock.batch_senders() == []  # aioice's TURN transport: one at a time
             assert "relay" in la.status()["ice_pair"]
             await channel_works(ch_b, ch_a)
             la.close()

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .proto.errors import TunError, TunUnavailable
+from ..proto.errors import TunError, TunUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from mvpd.netdev import TunDevice, check_name_template, name_prefix
 from mvpd.proto.errors import MvpError, TunError, TunUnavailable
+from mvpd.tun.device import TunDevice, check_name_template, name_prefix
 from tests.netns import ROOT, Namespace, namespace, require_tun
 
 pytestmark = pytest.mark.root
 
 PRELUDE = r'''
 import asyncio, json, os, subprocess, sys
-from mvpd.netdev import TunDevice, cleanup_stale, find_stale
+from mvpd.tun.device import TunDevice, cleanup_stale, find_stale
 from mvpd.proto.errors import TunError
 from mvpd.proto.ippacket import parse_header
 
@@ -373,7 +373,7 @@ def test_no_permission_is_a_clear_error() -> None:
     """Without CAP_NET_ADMIN (a user namespace as nobody), creation fails naming the cause."""
     require_tun()
     code = (
-        "from mvpd.netdev import TunDevice\n"
+        "from mvpd.tun.device import TunDevice\n"
         "from mvpd.proto.errors import TunUnavailable\n"
         "try:\n"
         "    TunDevice.create()\n"

@@ -12,7 +12,7 @@ tun peer's channel appears, gets a route for each peer's allowed IPs, loses a pe
 when that peer goes, and is deleted with the last peer and at shutdown. mvpd's devices are
 not persistent, so the kernel deletes one with its routes even when the daemon is killed
 with SIGKILL; :meth:`Tunnel.start` still removes persistent leftovers with our name prefix
-(``mvpd.netdev.cleanup_stale``).
+(``mvpd.tun.device.cleanup_stale``).
 
 Who may join, and with which addresses
 --------------------------------------
@@ -43,17 +43,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import AgentSettings
-from .netdev import TunDevice, cleanup_stale, name_prefix
-from .proto.errors import MvpError, TunError
-from .proto.ippacket import AllowedIPs, DropReason, IPNetwork, PacketFilter
-from .transports.base import Transport
-from .transports.tun import TunTransport
-from .tun.writer import DeviceWriter
+from ..config import AgentSettings
+from ..proto.errors import MvpError, TunError
+from ..proto.ippacket import AllowedIPs, DropReason, IPNetwork, PacketFilter
+from ..transports.base import Transport
+from ..transports.tun import TunTransport
+from .device import TunDevice, cleanup_stale, name_prefix
+from .writer import DeviceWriter
 
 log = logging.getLogger(__name__)
 
@@ -338,13 +338,8 @@ class Tunnel:
     def _from_device(self, packets: list[bytes]) -> None:
         if self.settings.peers is not self._peers_config:
             self._peers_reloaded()
-        route = self.filter.route_outgoing  # counts malformed, too-big and no-route
-        by_peer: dict[str, list[bytes]] = {}
-        for packet in packets:
-            peer = route(packet)
-            if peer is not None:
-                by_peer.setdefault(peer, []).append(packet)
-        for peer, ours in by_peer.items():
+        # Counts malformed, too-big and no-route.
+        for peer, ours in self.filter.route_batch(packets).items():
             entry = self._peers.get(peer)
             if entry is None:  # our own address: the kernel never sends it here
                 self.filter.drops.add(DropReason.NO_ROUTE, len(ours))
@@ -357,8 +352,18 @@ class Tunnel:
         if self.settings.peers is not self._peers_config:
             self._peers_reloaded()
         packets = transport.filter.incoming_message(transport.peer_id, message)
-        if not packets:
-            return
+        if packets:
+            self._write(transport, packets)
+
+    def from_peer_packet(self, transport: TunTransport, packet: bytes) -> None:
+        """Write one IP packet from a peer's datagram path to the device, if acceptable."""
+        assert transport.filter is not None and transport.peer_id is not None
+        if self.settings.peers is not self._peers_config:
+            self._peers_reloaded()
+        if transport.filter.accept_incoming(transport.peer_id, packet):
+            self._write(transport, (packet,))
+
+    def _write(self, transport: TunTransport, packets: Sequence[bytes]) -> None:
         writer = self.writer
         if writer is None:
             transport.drops.add(DropReason.NOT_CONNECTED, len(packets))
