@@ -41,11 +41,17 @@ class TricklingPeer:
     """An aiortc peer, relay only, that sends every candidate (then end-of-candidates) to
     ``target`` before an offer that carries none, as a browser may."""
 
-    def __init__(self, turn: TurnServer) -> None:
+    def __init__(self, turn: TurnServer, same_key_as: TricklingPeer | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(
             iceServers=[RTCIceServer(turn.url, turn.USER, turn.PASSWORD)],
             iceTransportPolicy=RTCIceTransportPolicy.RELAY,
         ))
+        if same_key_as is not None:
+            # aiortc has no parameter for it: its private list, read when the first channel
+            # makes the DTLS transport.
+            self.pc._RTCPeerConnection__certificates = (
+                same_key_as.pc._RTCPeerConnection__certificates
+            )
         self.channel = self.pc.createDataChannel("mvp", protocol="chat")
         self.opened = asyncio.Event()
         self.received: asyncio.Queue[str] = asyncio.Queue()
@@ -122,7 +128,10 @@ def test_a_peer_that_starts_over_trickling_first_replaces_its_session(
     bob = relay_only_daemon(daemons, turn_server, MVPD_TRUST="any")
 
     async def body() -> None:
-        first, second = TricklingPeer(turn_server), TricklingPeer(turn_server)
+        # The same peer starting over keeps its key (bob remembered it on first contact),
+        # as a restarted agent does.
+        first = TricklingPeer(turn_server)
+        second = TricklingPeer(turn_server, same_key_as=first)
         try:
             await first.connect(bob.signaling_url, "bob")
             await chat(first, bob, "first")
