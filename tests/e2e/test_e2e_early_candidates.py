@@ -94,9 +94,9 @@ async def chat(peer: TricklingPeer, daemon: Daemon, line: str) -> None:
     assert await asyncio.wait_for(peer.received.get(), 20) == "back: " + line
 
 
-def relay_only_daemon(daemons: Daemons, turn: TurnServer, **env: str) -> Daemon:
+def relay_only_daemon(daemons: Daemons, turn: TurnServer) -> Daemon:
     return daemons("bob", env={**turn.daemon_env(), "MVPD_ALLOWED_PEERS": "*",
-                               "MVPD_CONNECT_TIMEOUT": "20", **env})
+                               "MVPD_CONNECT_TIMEOUT": "20"})
 
 
 def test_candidates_before_the_offer_connect_through_a_relay(
@@ -121,11 +121,8 @@ def test_a_peer_that_starts_over_trickling_first_replaces_its_session(
 ) -> None:
     # The peer's first connection is still up (no bye) when it starts over, as after a page
     # reload: its new candidates name a new ICE ufrag, so they wait for the new offer
-    # instead of going to the session that offer replaces. The second peer has a certificate
-    # of its own (a stock aiortc peer makes one per connection), which the default trust
-    # policy (tofu: the first one is remembered) would refuse: this test is about the
-    # candidates, so any identity is accepted.
-    bob = relay_only_daemon(daemons, turn_server, MVPD_TRUST="any")
+    # instead of going to the session that offer replaces.
+    bob = relay_only_daemon(daemons, turn_server)
 
     async def body() -> None:
         # The same peer starting over keeps its key (bob remembered it on first contact),
