@@ -94,6 +94,9 @@ mount -t tmpfs -o mode=0755 mvpd-test "$D"
 mkdir "$D/upper" "$D/work" "$D/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$D/upper,workdir=$D/work" "$D/root"
 R="$D/root"
+# The daemon's state (its identity and known_peers) starts empty, whatever the host keeps
+# in /var/lib/mvpd (removed in the overlay only; the host's copy is untouched).
+rm -rf "$R/var/lib/mvpd"
 shift
 for P in "$@"; do  # code on other file systems than /, which the overlay does not show
     mkdir -p "$R$P"
