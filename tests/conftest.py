@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 import mvpd.peer
+from tests.e2e.harness import TurnServer
 
 # A peer session event that its state table refuses is a bug: make it raise in tests (in
 # production it is logged and ignored).
@@ -18,3 +23,16 @@ def _own_state_dir(
     """Settings made in a test keep their identity and known_peers in a temporary state
     directory, never in the machine's /var/lib/mvpd."""
     monkeypatch.setenv("MVPD_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture
+def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
+    """Debian's coturn on 127.0.0.1 (one static user), stopped by PID after the test."""
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
+    server = TurnServer(tmp_path)
+    try:
+        yield server.start(binary)
+    finally:
+        server.stop()

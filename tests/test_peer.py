@@ -290,28 +290,15 @@ def test_ice_configuration_is_explicit() -> None:
     assert cfg.servers[0].credential == "s3" and cfg.servers[0].username == "u"
 
 
-@pytest.fixture
-def turn_server(tmp_path: Any) -> Any:
-    """coturn on 127.0.0.1 with one static user, stopped (by pid) afterwards."""
-    import shutil
-
-    binary = shutil.which("turnserver")
-    if binary is None:
-        pytest.skip("coturn (turnserver) is not installed")
-    server = TurnServer(tmp_path).start(binary)
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def test_relay_policy_goes_through_turn_and_status_says_relayed(turn_server: str) -> None:
+def test_relay_policy_goes_through_turn_and_status_says_relayed(
+    turn_server: TurnServer,
+) -> None:
     async def body() -> None:
         fwd = Forwarder()
         relay = {
             "ice_transport_policy": "relay",
             "ice_servers": [
-                {"urls": [turn_server], "username": TurnServer.USER,
+                {"urls": [turn_server.url], "username": TurnServer.USER,
                  "credential": TurnServer.PASSWORD}
             ],
         }

@@ -3,7 +3,6 @@ all stopped by PID afterwards. The helpers live in :mod:`tests.e2e.harness`."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from tests.e2e.harness import (
     Daemon,
     Daemons,
     SignalServer,
-    TurnServer,
     running_daemons,
     running_signal_server,
 )
@@ -37,16 +35,3 @@ def pair(daemons: Daemons) -> tuple[Daemon, Daemon]:
     """Two daemons, alice and bob, on one signaling server (not yet connected)."""
     alice, bob = daemons.many("alice", "bob")
     return alice, bob
-
-
-
-@pytest.fixture
-def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
-    binary = shutil.which("turnserver")
-    if binary is None:
-        pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
-    server = TurnServer(tmp_path)
-    try:
-        yield server.start(binary)
-    finally:
-        server.stop()

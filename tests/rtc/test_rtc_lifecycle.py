@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -311,18 +309,6 @@ def test_a_flood_of_channels_from_the_peer_is_refused_past_the_limit() -> None:
             await close_all(a, b)
 
     run(body)
-
-
-@pytest.fixture
-def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
-    binary = shutil.which("turnserver")
-    if binary is None:
-        pytest.skip("coturn (turnserver) is not installed")
-    server = TurnServer(tmp_path)
-    try:
-        yield server.start(binary)
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("ours_offers", [True, False])

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -198,18 +196,6 @@ def test_version_gate_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
                 DatagramLink.open(ch_a, lambda p: None)
 
     run(body())
-
-
-@pytest.fixture
-def turn_server(tmp_path: Path) -> Iterator[TurnServer]:
-    binary = shutil.which("turnserver")
-    if binary is None:
-        pytest.skip("coturn (turnserver) is not installed; scripts/setup.sh installs it")
-    server = TurnServer(tmp_path).start(binary)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_through_a_turn_relay(turn_server: TurnServer) -> None:
