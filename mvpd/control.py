@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import errno
 import grp
+import inspect
 import logging
 import os
 import pwd
@@ -521,6 +522,9 @@ class ControlConnection:
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
+            if t.cancelled() and inspect.iscoroutine(coro):
+                # Cancelled (by teardown) before it ever ran: nothing else will await it.
+                coro.close()
             if on_done is not None:
                 on_done()
 
