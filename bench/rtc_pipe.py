@@ -53,6 +53,7 @@ from bare_aiortc import (
     install_uvloop,
     stop_child,
 )
+from bare_aiortc import Answerer as BareAnswerer
 
 from mvpd.rtc.connection import IceConfiguration, PeerConnection
 
@@ -87,7 +88,8 @@ class Answerer:
                 request = json.loads(line)
                 await self.close()
                 pc = self.pc = new_peer(request["stack"])
-                pc.on("datachannel", serve_channel)
+                # The same echo/bulk server as the bare baseline, so both stacks answer alike.
+                pc.on("datachannel", BareAnswerer.serve_channel)
                 await pc.setRemoteDescription(
                     RTCSessionDescription(sdp=request["sdp"], type="offer")
                 )
@@ -102,34 +104,6 @@ class Answerer:
         if pc is not None:
             with contextlib.suppress(Exception):
                 await pc.close()
-
-
-def serve_channel(channel: Any) -> None:
-    expected = received = 0
-    first = cpu_first = 0.0
-
-    def on_message(message: str | bytes) -> None:
-        nonlocal expected, received, first, cpu_first
-        if isinstance(message, str):
-            if message.startswith("bulk:"):
-                expected, received = int(message[5:]), 0
-                cpu_first = time.process_time()
-            return
-        if expected <= 0:
-            channel.send(message)  # echo
-            return
-        now = time.perf_counter()
-        if received == 0:
-            first = now
-        received += len(message)
-        if received >= expected:
-            expected = 0
-            channel.send(json.dumps({
-                "bytes": received, "seconds": now - first,
-                "receiver_cpu": time.process_time() - cpu_first,
-            }))
-
-    channel.on("message", on_message)
 
 
 # --- the offerer -----------------------------------------------------------------------------
@@ -228,7 +202,7 @@ async def offer_side(args: argparse.Namespace, child: subprocess.Popen[bytes]) -
                 samples[stack]["mb_s"].append(megabytes / result["seconds"])
                 samples[stack]["sender_cpu_s_per_mb"].append(result["sender_cpu"] / megabytes)
                 samples[stack]["receiver_cpu_s_per_mb"].append(
-                    result["receiver_cpu"] / megabytes
+                    result["receiver_cpu_seconds"] / megabytes
                 )
                 print(f"round {round_no + 1} {stack}: {megabytes / result['seconds']:.1f} MB/s",
                       file=sys.stderr)
