@@ -5,9 +5,11 @@ It only feeds and drains :class:`mvpd.sctp.Association`:
 * each DTLS application datagram goes to ``receive_packet(data, now)``, decrypted as the
   socket delivers it once DTLS is up (``aiortc_internals.receive_data_now``);
 * whatever ``packets_to_send()`` returns goes out as DTLS application data, in one flush
-  per loop iteration however many channels sent (so the association can bundle); each
-  packet is encrypted and handed to the socket synchronously where aioice's path allows
-  (``aiortc_internals.send_data_now``), else through aiortc's coroutines;
+  per loop iteration however many channels sent or datagrams arrived (so the association
+  can bundle, and acknowledges a burst of received packets with one SACK); the packets
+  are encrypted and handed to the socket synchronously where aioice's path allows, a
+  flush's worth in few system calls (``aiortc_internals.send_data_now`` with UDP
+  segmentation offload), else through aiortc's coroutines;
 * one timer, re-armed from ``next_deadline()`` after every step, calls ``handle_timeout``;
 * the association's events drive the channel table (:class:`DataChannelProtocol`, DCEP)
   and the :class:`DataChannel` objects.
@@ -52,6 +54,7 @@ from ..sctp.events import (
     OutgoingStreamsReset,
     StreamsReset,
 )
+from ..udp_batch import TransportBatchSenders
 from . import aiortc_internals as internals
 from .datachannel import DataChannel
 from .errors import InvalidStateError
@@ -130,6 +133,8 @@ class SctpTransport:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
+        #: Batch senders on the selected pair's socket (one per transport it had).
+        self._senders = TransportBatchSenders()
         #: Sending through aiortc's coroutines (a path send_data_now cannot take).
         self._slow_task: asyncio.Task[None] | None = None
         self._dtls_ready = False
@@ -197,6 +202,7 @@ class SctpTransport:
         """Stop all I/O and close every channel (the DTLS transport is going away)."""
         internals.stop_receiving_now(self._dtls)
         internals.unregister_data_receiver(self._dtls, self)
+        self._senders.close()
         self._dtls_ready = False
         if self._timer is not None:
             self._timer.cancel()
@@ -217,16 +223,19 @@ class SctpTransport:
         self._receive(data)
 
     def _receive(self, data: bytes) -> None:
-        """One decrypted DTLS datagram: an SCTP packet."""
+        """One decrypted DTLS datagram: an SCTP packet.
+
+        What it makes due (a SACK, data the peer's SACK let through) goes out in the flush
+        after the socket's current burst of datagrams, not after each one: one SACK then
+        acknowledges the burst, and the packets its SACKs release leave as one batch. The
+        delay is the rest of this loop iteration."""
         try:
             self.association.receive_packet(data, self._now())
         except SctpError as exc:  # malformed: dropped, the association is unchanged
             log.debug("SCTP packet dropped: %s", exc)
         except Exception:
             log.exception("SCTP failed on a received packet; dropped")
-        self._process_events()
-        self._flush()
-        self._rearm_timer()
+        self._step()
 
     def _step(self) -> None:
         """After any call into the association: events, a flush soon, the timer."""
@@ -254,16 +263,15 @@ class SctpTransport:
             self._process_events()
             if not packets:
                 return
-            for index, packet in enumerate(packets):
-                try:
-                    if internals.send_data_now(self._dtls, packet):
-                        continue
-                except ConnectionError as exc:
-                    # DTLS or ICE is gone; SCTP's own timers notice the silence.
-                    log.debug("SCTP packet not sent: %s", exc)
-                    return
-                self._slow_task = self._loop.create_task(self._flush_slowly(packets[index:]))
+            try:
+                if internals.send_data_now(self._dtls, packets, self._senders):
+                    continue
+            except ConnectionError as exc:
+                # DTLS or ICE is gone; SCTP's own timers notice the silence.
+                log.debug("SCTP packets not sent: %s", exc)
                 return
+            self._slow_task = self._loop.create_task(self._flush_slowly(packets))
+            return
 
     async def _flush_slowly(self, packets: list[bytes]) -> None:
         """Send through aiortc's coroutines, in order, until the association has no more."""
@@ -284,15 +292,17 @@ class SctpTransport:
         out now, before the state change stops all I/O."""
         if not self._dtls_ready:
             return
-        for packet in self.association.packets_to_send():
-            try:
-                if not internals.send_data_now(self._dtls, packet):
-                    task = self._loop.create_task(internals.send_data(self._dtls, packet))
-                    self._last_sends.add(task)
-                    task.add_done_callback(self._last_sent)
-            except ConnectionError as exc:
-                log.debug("last SCTP packet not sent: %s", exc)
+        packets = self.association.packets_to_send()
+        try:
+            if internals.send_data_now(self._dtls, packets, self._senders):
                 return
+        except ConnectionError as exc:
+            log.debug("last SCTP packets not sent: %s", exc)
+            return
+        for packet in packets:
+            task = self._loop.create_task(internals.send_data(self._dtls, packet))
+            self._last_sends.add(task)
+            task.add_done_callback(self._last_sent)
 
     def _last_sent(self, task: asyncio.Task[None]) -> None:
         self._last_sends.discard(task)

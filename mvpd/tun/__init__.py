@@ -7,6 +7,6 @@ ICE path: :mod:`mvpd.tun.datagram` is the sans-I/O protection (header, AEAD, rep
 rekeying, the hello exchange both ends use to advertise the feature);
 :mod:`mvpd.tun.ice_datagrams` is the only module that reaches into aiortc and aioice
 (keying material from the DTLS connection, raw datagrams on the nominated candidate pair);
-:mod:`mvpd.tun.udp_batch` sends a batch of datagrams on a UDP socket with segmentation
-offload; :mod:`mvpd.tun.link` joins them for one peer's tun transport.
+:mod:`mvpd.udp_batch` sends a batch of datagrams on a UDP socket with segmentation
+offload (SCTP's records use it too); :mod:`mvpd.tun.link` joins them for one peer's tun transport.
 """

@@ -23,7 +23,7 @@ runs on the same stream later (it ignores our byte), moved in front of aioice's 
 datagram). Datagrams are taken from any source address, as aioice does: the AEAD tag, not the
 address, decides what is ours. Sending: on a host or server-reflexive pair, straight on the
 UDP socket under the pair's transport (``get_extra_info("socket")``, a duplicate descriptor),
-a batch at a time with UDP segmentation offload (:mod:`mvpd.tun.udp_batch`), while the event
+a batch at a time with UDP segmentation offload (:mod:`mvpd.udp_batch`), while the event
 loop's transport has nothing buffered (else behind it, to keep the order); through a TURN
 relay, ``sendto`` on aioice's TURN transport, which wraps each datagram in ChannelData.
 Nothing here changes what DTLS, SCTP or STUN see.
@@ -32,14 +32,13 @@ Nothing here changes what DTLS, SCTP or STUN see.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from ..udp_batch import TransportBatchSenders, UdpBatchSender
 from .datagram import PACKET_TYPE
-from .udp_batch import UdpBatchSender
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +86,8 @@ class IceDatagramSocket:
     def __init__(self, dtls: Any, connection: Any, on_datagram: Callable[[bytes], None]) -> None:
         self._dtls = dtls
         self._connection = connection
-        #: Per pair transport (by id): the transport, and a batch sender on its UDP socket or
-        #: None (a TURN relay, no socket).
-        self._senders: dict[int, tuple[Any, UdpBatchSender | None]] = {}
+        #: A batch sender per pair transport with a UDP socket (not a TURN relay's).
+        self._senders = TransportBatchSenders(on_new=_enlarge_buffers)
         self.closed = False
         self._hooked: list[tuple[Any, Callable[..., None]]] = []
         #: Called with each received datagram of ours (may be replaced, e.g. by the link).
@@ -162,11 +160,6 @@ class IceDatagramSocket:
             return len(datagrams)
         transport = pair.protocol.transport
         addr = pair.remote_addr
-        known = self._senders.get(id(transport))
-        if known is None or known[0] is not transport:
-            if known is not None and known[1] is not None:  # an earlier, closed transport's
-                known[1].close()
-            known = self._senders[id(transport)] = (transport, self._tune(transport))
         # aioice's TURN transport has neither (it sends each datagram in a task of its own).
         is_closing = getattr(transport, "is_closing", None)
         buffered = getattr(transport, "get_write_buffer_size", None)
@@ -175,8 +168,8 @@ class IceDatagramSocket:
         waiting = buffered() if buffered is not None else 0
         if waiting > MAX_WRITE_BUFFER:  # once per batch
             return len(datagrams)
-        sender = known[1]
-        if sender is not None and not waiting:
+        sender = self._senders.get(transport)  # made (and its socket tuned) on first use
+        if sender is not None and BATCH_SEND and not waiting:
             return sender.send(datagrams, addr)
         sendto = transport.sendto
         for datagram in datagrams:
@@ -207,45 +200,32 @@ class IceDatagramSocket:
         return (f"{local.type} {local.host}:{local.port} -> "
                 f"{pair.remote_candidate.type} {pair.remote_addr[0]}:{pair.remote_addr[1]}")
 
-    def _tune(self, transport: Any) -> UdpBatchSender | None:
-        """Larger socket buffers for the socket that now carries a tunnel's packets, and a
-        batch sender on it when it is a UDP socket (not a TURN relay's transport)."""
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return None
-        for option, forced in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
-                               (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None))):
-            for opt in (forced, option):
-                if opt is None:
-                    continue
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-                    break
-                except OSError:  # FORCE needs CAP_NET_ADMIN
-                    continue
-        if not BATCH_SEND or sock.type != socket.SOCK_DGRAM:
-            return None
-        try:  # our own descriptor: the event loop may close its own at any time
-            own = socket.socket(fileno=os.dup(sock.fileno()))
-            own.setblocking(False)
-        except OSError as exc:
-            log.debug("no batch sending on %s: %s", sock, exc)
-            return None
-        return UdpBatchSender(own, transport.sendto)
-
     def batch_senders(self) -> list[UdpBatchSender]:
         """The batch senders made so far (one per pair transport with a UDP socket)."""
-        return [sender for _, sender in self._senders.values() if sender is not None]
+        return self._senders.senders()
 
     def close(self) -> None:
         """Give aioice's protocols their own ``datagram_received`` back."""
         if self.closed:
             return
         self.closed = True
-        for sender in self.batch_senders():
-            sender.close()
-        self._senders.clear()
+        self._senders.close()
         for protocol, hook in self._hooked:
             if protocol.__dict__.get("datagram_received") is hook:
                 del protocol.datagram_received
         self._hooked = []
+
+
+def _enlarge_buffers(sock: socket.socket) -> None:
+    """Larger buffers for the socket that now carries a tunnel's packets (beyond
+    net.core.rmem_max/wmem_max where the daemon may: CAP_NET_ADMIN)."""
+    for option, forced in ((socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
+                           (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None))):
+        for opt in (forced, option):
+            if opt is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                break
+            except OSError:  # FORCE needs CAP_NET_ADMIN
+                continue

@@ -12,6 +12,7 @@ from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTrans
 
 from mvpd.rtc import aiortc_internals as internals
 from mvpd.rtc.errors import RtcError, UnsupportedLibrary
+from mvpd.udp_batch import TransportBatchSenders
 
 
 def test_installed_versions_are_supported() -> None:
@@ -46,6 +47,8 @@ def test_pyproject_pins_the_supported_minor_versions() -> None:
     deps = project["project"]["dependencies"]
     for name, (major, minor) in internals.SUPPORTED.items():
         assert f"{name}>={major}.{minor},<{major}.{minor + 1}" in deps
+    major, minor = internals.RAW_RECORDS_PYOPENSSL
+    assert f"pyOpenSSL>={major}.{minor},<{major}.{minor + 1}" in deps
     # typer: mvpctl/plain_params.py reads its private attributes.
     typer = importlib.metadata.version("typer")
     major, minor = internals.parse_version(typer)
@@ -91,9 +94,18 @@ class Collector:
         self.received.put_nowait(data)
 
 
-def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
+@pytest.mark.parametrize("records", ["raw", "public"])
+def test_dtls_application_data_both_ways_and_shared_keying_material(
+    records: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """aiortc's ICE and DTLS objects composed through the internals, no SCTP: datagrams of
-    SCTP size cross in both directions and both ends export the same RFC 5705 keys."""
+    SCTP size cross in both directions and both ends export the same RFC 5705 keys. The
+    synchronous paths seal and open records straight through OpenSSL (``raw``, the pinned
+    pyOpenSSL) or through pyOpenSSL's public methods (any other version)."""
+    if records == "raw":
+        assert internals.raw_openssl is not None, "pyOpenSSL is not the pinned version"
+    else:
+        monkeypatch.setattr(internals, "raw_openssl", None)
 
     async def main() -> None:
         sides = []
@@ -129,14 +141,26 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             assert await asyncio.wait_for(rb.received.get(), 5) == big
             assert await asyncio.wait_for(ra.received.get(), 5) == b"back"
             # The synchronous path: same record, same pair, no coroutine.
-            assert internals.send_data_now(da, big[::-1])
-            assert internals.send_data_now(da, b"second")
+            assert internals.send_data_now(da, [big[::-1]])
+            assert internals.send_data_now(da, [b"second"])
             assert await asyncio.wait_for(rb.received.get(), 5) == big[::-1]
             assert await asyncio.wait_for(rb.received.get(), 5) == b"second"
+            if internals.raw_openssl is not None:  # the insides the raw record path uses
+                for ssl in (da._ssl, db._ssl):
+                    assert all(hasattr(ssl, name) for name in ("_ssl", "_from_ssl", "_into_ssl"))
+            # A batch: records of one size leave in few sendmsg calls, one datagram each.
+            senders = TransportBatchSenders()
+            batch = [bytes([n]) * 1200 for n in range(40)] + [b"short last"]
+            assert internals.send_data_now(da, batch, senders)
+            for packet in batch:
+                assert await asyncio.wait_for(rb.received.get(), 5) == packet
+            [sender] = senders.senders()
+            assert sender.sent == len(batch) and sender.calls == 1 and sender.gso
+            senders.close()
             # And received synchronously: straight from the socket to the callback.
             direct: list[bytes] = []
             assert internals.receive_data_now(db, direct.append)
-            internals.send_data_now(da, b"direct")
+            internals.send_data_now(da, [b"direct"])
             await internals.send_data(da, b"also direct")
             for _ in range(100):
                 if len(direct) == 2:
@@ -156,13 +180,13 @@ def test_dtls_application_data_both_ways_and_shared_keying_material() -> None:
             assert rb.received.empty()
             await db.stop()
             with pytest.raises(ConnectionError):
-                internals.send_data_now(db, b"after close")
+                internals.send_data_now(db, [b"after close"])
         finally:
             for _, ice, dtls, _ in sides:
                 await dtls.stop()
                 await ice.stop()
         with pytest.raises(ConnectionError):
-            internals.send_data_now(da, b"closed")
+            internals.send_data_now(da, [b"closed"])
 
     asyncio.run(asyncio.wait_for(main(), 30))
 

@@ -14,13 +14,17 @@ turned off or a datagram larger than the route's MTU, ``ENOPROTOOPT``/``EOPNOTSU
 kernels). When the socket's buffer is full (``EAGAIN``) the rest of the batch goes to the
 ``overflow`` callable, in order (the event loop's transport, which buffers it).
 
-No asyncio and no aioice here: the caller (:mod:`mvpd.tun.ice_datagrams`) finds the socket.
+:class:`TransportBatchSenders` keeps one sender per event-loop datagram transport, on a
+duplicate of its socket (the loop may close its own descriptor at any time). No aioice here:
+the callers (:mod:`mvpd.rtc.aiortc_internals` for SCTP's DTLS records,
+:mod:`mvpd.tun.ice_datagrams` for the tunnel's datagrams) find the transport.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -151,3 +155,58 @@ class UdpBatchSender:
     def close(self) -> None:
         """Close the socket."""
         self._sock.close()
+
+
+class TransportBatchSenders:
+    """One :class:`UdpBatchSender` per event-loop datagram transport, made on first use.
+
+    The sender works on a duplicate of the transport's socket and spills into the
+    transport's own ``sendto``; a transport without a UDP socket (aioice's TURN transport)
+    gets ``None``. ``on_new(sock)`` may tune a new socket (buffer sizes). ``gso=False`` makes
+    every sender send one datagram per call (benchmarks, tests).
+    """
+
+    def __init__(
+        self, *, gso: bool = True, on_new: Callable[[socket.socket], None] | None = None
+    ) -> None:
+        self._gso = gso
+        self._on_new = on_new
+        self._senders: dict[int, tuple[Any, UdpBatchSender | None]] = {}
+
+    def get(self, transport: Any) -> UdpBatchSender | None:
+        """The sender for ``transport`` (``None``: use ``transport.sendto``)."""
+        known = self._senders.get(id(transport))
+        if known is not None and known[0] is transport:
+            return known[1]
+        if known is not None and known[1] is not None:  # an earlier, closed transport's
+            known[1].close()
+        sender = self._make(transport)
+        self._senders[id(transport)] = (transport, sender)
+        return sender
+
+    def _make(self, transport: Any) -> UdpBatchSender | None:
+        try:
+            sock = transport.get_extra_info("socket")
+        except Exception:  # a transport that is closing
+            return None
+        if sock is None or sock.type != socket.SOCK_DGRAM:
+            return None
+        if self._on_new is not None:
+            self._on_new(sock)
+        try:
+            own = socket.socket(fileno=os.dup(sock.fileno()))
+            own.setblocking(False)
+        except OSError as exc:
+            log.debug("no batch sending on %s: %s", sock, exc)
+            return None
+        return UdpBatchSender(own, transport.sendto, gso=self._gso)
+
+    def senders(self) -> list[UdpBatchSender]:
+        """The senders made so far."""
+        return [sender for _, sender in self._senders.values() if sender is not None]
+
+    def close(self) -> None:
+        """Close every sender's socket."""
+        for sender in self.senders():
+            sender.close()
+        self._senders.clear()

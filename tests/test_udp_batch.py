@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mvpd.tun.udp_batch import MAX_RUN_BYTES, MAX_SEGMENTS, UdpBatchSender, gso_runs
+from mvpd.udp_batch import MAX_RUN_BYTES, MAX_SEGMENTS, UdpBatchSender, gso_runs
 
 SO_NO_CHECK = 11  # asm-generic/socket.h: no UDP checksum on IPv4, which rules out GSO
 
