@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.metadata
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -417,6 +418,52 @@ def send_data_now(
 _APPLICATION_DATA = b"\x17"
 
 
+class _FastReceiver:
+    """The selected pair's ``datagram_received`` while :func:`receive_data_now` is on.
+
+    It decrypts DTLS application data for ``receiver`` and hands everything else to the
+    method it replaced: aioice's own, or a hook that was there first (the TUN datagram
+    path's). Once stopped it passes everything on, so a hook installed over it later keeps
+    working."""
+
+    def __init__(
+        self, dtls: RTCDtlsTransport, protocol: Any, receiver: Callable[[bytes], None]
+    ) -> None:
+        self.dtls = dtls
+        self.protocol = protocol
+        self.receiver = receiver
+        #: The instance attribute this replaced (None: aioice's class method).
+        self.replaced: Callable[..., None] | None = vars(protocol).get("datagram_received")
+        self.next = protocol.datagram_received
+        self.active = True
+
+    def __call__(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        dtls = self.dtls
+        ssl = dtls._ssl
+        if (not self.active or type(data) is not bytes or data[:1] != _APPLICATION_DATA
+                or dtls._state != DtlsState.CONNECTED or ssl is None):
+            self.next(data, addr)
+            return
+        plaintext = open_record(ssl, data)  # None: dropped, as aiortc does
+        if plaintext:
+            self.receiver(plaintext)
+
+    def stop(self) -> None:
+        self.active = False
+        if vars(self.protocol).get("datagram_received") is not self:
+            return  # hooked over since: stays in that chain, passing everything on
+        if self.replaced is None:
+            del self.protocol.datagram_received
+        else:
+            self.protocol.datagram_received = self.replaced
+
+
+#: The fast receivers on, per DTLS transport.
+_fast_receivers: weakref.WeakKeyDictionary[RTCDtlsTransport, _FastReceiver] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def receive_data_now(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None]) -> bool:
     """Decrypt application-data records as the socket delivers them and call
     ``receiver(plaintext)`` at once, instead of aioice's STUN parse attempt, its queue and
@@ -427,33 +474,24 @@ def receive_data_now(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None]) 
     It takes over the selected pair's ``datagram_received`` (a relayed pair's protocol gets
     its datagrams from aioice's TURN client through the same method): DTLS application
     data (content type 23) is decrypted here; everything else (STUN consent checks,
-    handshake records, alerts such as close_notify) goes on to aioice and aiortc as before.
-    :func:`stop_receiving_now` undoes it.
+    handshake records, alerts such as close_notify) goes on to what was there before
+    (aioice, and aiortc behind it).  :func:`stop_receiving_now` undoes it.
     """
     pair = dtls.transport._connection._nominated.get(1)
     if pair is None or type(pair.protocol) is not StunProtocol:
         return False
-    protocol = pair.protocol
-    to_aioice = StunProtocol.datagram_received.__get__(protocol)
-
-    def datagram_received(data: bytes | str, addr: tuple[Any, ...]) -> None:
-        ssl = dtls._ssl
-        if (type(data) is not bytes or data[:1] != _APPLICATION_DATA
-                or dtls._state != DtlsState.CONNECTED or ssl is None):
-            to_aioice(data, addr)
-            return
-        plaintext = open_record(ssl, data)  # None: dropped, as aiortc does
-        if plaintext:
-            receiver(plaintext)
-
-    protocol.datagram_received = datagram_received  # type: ignore[method-assign]
+    stop_receiving_now(dtls)
+    hook = _fast_receivers[dtls] = _FastReceiver(dtls, pair.protocol, receiver)
+    pair.protocol.datagram_received = hook  # type: ignore[method-assign]
     return True
 
 
 def stop_receiving_now(dtls: RTCDtlsTransport) -> None:
-    """Every datagram takes aioice's and aiortc's path again."""
-    for pair in dtls.transport._connection._nominated.values():
-        vars(pair.protocol).pop("datagram_received", None)
+    """Every datagram takes the path it took before :func:`receive_data_now` again (hooks
+    installed over it since stay)."""
+    hook = _fast_receivers.pop(dtls, None)
+    if hook is not None:
+        hook.stop()
 
 
 def export_keying_material(

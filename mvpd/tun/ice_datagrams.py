@@ -89,13 +89,18 @@ class IceDatagramSocket:
         #: A batch sender per pair transport with a UDP socket (not a TURN relay's).
         self._senders = TransportBatchSenders(on_new=_enlarge_buffers)
         self.closed = False
-        self._hooked: list[tuple[Any, Callable[..., None]]] = []
+        #: (protocol, our hook, the instance attribute it replaced or None).
+        self._hooked: list[tuple[Any, Callable[..., None], Callable[..., None] | None]] = []
         #: Called with each received datagram of ours (may be replaced, e.g. by the link).
         self.on_datagram = on_datagram
         for protocol in connection._protocols:
+            # SCTP's synchronous receive path may have hooked the selected pair already
+            # (mvpd.rtc.aiortc_internals.receive_data_now): it gets our leftovers, and is
+            # put back when we unhook.
+            replaced = vars(protocol).get("datagram_received")
             hook = self._hook(protocol.datagram_received)
             protocol.datagram_received = hook
-            self._hooked.append((protocol, hook))
+            self._hooked.append((protocol, hook, replaced))
 
     def _hook(self, original: Callable[[bytes, Any], None]) -> Callable[[bytes, Any], None]:
         def datagram_received(data: bytes, addr: Any) -> None:
@@ -210,9 +215,15 @@ class IceDatagramSocket:
             return
         self.closed = True
         self._senders.close()
-        for protocol, hook in self._hooked:
-            if protocol.__dict__.get("datagram_received") is hook:
+        for protocol, hook, replaced in self._hooked:
+            # Hooked over since (the SCTP path started later): ours stays in that chain,
+            # passing everything on now that it is closed.
+            if vars(protocol).get("datagram_received") is not hook:
+                continue
+            if replaced is None:
                 del protocol.datagram_received
+            else:
+                protocol.datagram_received = replaced
         self._hooked = []
 
 

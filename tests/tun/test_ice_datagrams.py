@@ -225,3 +225,53 @@ def test_through_a_turn_relay(turn_server: TurnServer) -> None:
             lb.close()
 
     run(body())
+
+
+def test_sctp_keeps_its_synchronous_receive_path_when_the_datagram_socket_closes() -> None:
+    """On mvpd's own stack the SCTP driver decrypts records in the selected pair's
+    ``datagram_received``; the tunnel's hook goes over it. Unhooking the tunnel puts that
+    receiver back (not aioice's method, which would send every SCTP packet through aioice's
+    queue and aiortc's coroutines for the rest of the session), and stopping SCTP's
+    receiver first leaves the tunnel's hook working."""
+    from mvpd.rtc import aiortc_internals as internals
+    from tests.rtc.stackpair import close_all, open_pair, our_peer
+
+    async def body() -> None:
+        a, b = our_peer(), our_peer()
+        try:
+            ch_a, ch_b, _, inbox_b = await open_pair(a, b)
+            sctp_b = b.sctp
+            assert sctp_b is not None
+            slow: list[bytes] = []
+            ours = bytes([PACKET_TYPE]) + os.urandom(40)
+            original = sctp_b._handle_data
+
+            async def counting(data: bytes) -> None:
+                slow.append(data)
+                await original(data)
+
+            sctp_b._handle_data = counting  # type: ignore[method-assign]
+            got: list[bytes] = []
+            sock_b = IceDatagramSocket.for_channel(ch_b, got.append)
+            sock_a = IceDatagramSocket.for_channel(ch_a, lambda d: None)
+            assert sock_a.send([ours]) == 0
+            await wait_for(lambda: got == [ours])
+            ch_a.send(b"with the tunnel hooked")
+            assert await inbox_b.get() == b"with the tunnel hooked"
+            sock_b.close()
+            for n in range(20):
+                ch_a.send(b"after the tunnel closed %d" % n)
+            for n in range(20):
+                assert await inbox_b.get() == b"after the tunnel closed %d" % n
+            assert slow == [], "SCTP fell back to aioice's queue and aiortc's coroutines"
+            # The other order: SCTP stops its receiver while the tunnel's hook is on top.
+            sock_b = IceDatagramSocket.for_channel(ch_b, got.append)
+            internals.stop_receiving_now(sctp_b.transport)
+            assert sock_a.send([ours]) == 0
+            await wait_for(lambda: got == [ours, ours])
+            sock_a.close()
+            sock_b.close()
+        finally:
+            await close_all(a, b)
+
+    run(body())
