@@ -283,6 +283,7 @@ def peer_stats(session: PeerSession, sampler: TrafficSampler | None) -> dict[str
     history = sampler.history(session.peer_id) if sampler is not None else []
     return {
         "pair": candidate_pair(session),
+        "candidates": session.candidates(),
         "ice_rtt": rtt_summary(ice_rtts(session)),
         "channels": channels,
         "rates": sampler.rates(session.peer_id) if sampler is not None else None,

@@ -10,7 +10,8 @@ It runs on :class:`mvpd.rtc.PeerConnection` (aiortc's ICE and DTLS, our SCTP). W
 * States and what moves them are the table of :mod:`mvpd.proto.session_states`; every
   change goes through ``_set_state`` with an event, which asks it.
 * The ICE server list is always explicit (empty when none are configured): see
-  :func:`mvpd.peer.candidates.ice_configuration`.
+  :func:`mvpd.peer.candidates.ice_configuration`. No candidate, ours or the peer's, may lie
+  in a network our TUN tunnels carry (:mod:`mvpd.tun.tunnel_networks`).
 * No rollback and no ICE restart: on glare the agent with the lower id throws its own peer
   connection away and answers; recovery from failure is a new session.
 * The mode travels in-band: the offerer opens the main channel with ``label`` =
@@ -30,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiortc import RTCSessionDescription
+from aiortc import RTCIceCandidate, RTCSessionDescription
 
 from ..config import AgentSettings
 from ..known_peers import PeerVerifier
@@ -57,6 +58,7 @@ from ..transports import (
     create_transport,
     transport_class,
 )
+from ..tun.tunnel_networks import tunnel_networks
 from .candidates import (
     count_candidate_lines,
     ice_configuration,
@@ -238,7 +240,9 @@ class PeerSession:
     def _new_pc(self) -> PeerConnection:
         certificate = (self.verifier.identity.rtc_certificate()
                        if self.verifier is not None else None)
-        pc = PeerConnection(ice_configuration(self.settings), certificate=certificate)
+        settings = self.settings
+        pc = PeerConnection(ice_configuration(settings), certificate=certificate,
+                            excluded_networks=lambda: tunnel_networks(settings))
 
         def on_datachannel(channel: DataChannel) -> None:
             if pc is self._pc:
@@ -815,6 +819,20 @@ class PeerSession:
             "remote_candidate": pair.remote.sdp,
         }
 
+    def candidates(self) -> dict[str, Any]:
+        """Our candidates as offered and the peer's as ICE took them (``{address, port,
+        type, protocol}`` each), and how many of each were left out for lying in a network
+        our tunnels carry."""
+        pc = self._pc
+        if pc is None:
+            return {"local": [], "remote": [], "local_excluded": 0, "remote_excluded": 0}
+        return {
+            "local": [_candidate(c) for c in pc.local_candidates()],
+            "remote": [_candidate(c) for c in pc.remote_candidates()],
+            "local_excluded": pc.local_candidates_excluded,
+            "remote_excluded": pc.remote_candidates_excluded,
+        }
+
     def snapshot(self) -> dict[str, Any]:
         """Plain-data status of the session (for ``mvpctl status``)."""
         pc = self._pc
@@ -846,3 +864,8 @@ class PeerSession:
             "fingerprint": self.identity.offered if self.identity is not None else None,
             "identity": self.identity.status if self.identity is not None else None,
         }
+
+
+def _candidate(candidate: RTCIceCandidate) -> dict[str, Any]:
+    return {"address": candidate.ip, "port": candidate.port, "type": candidate.type,
+            "protocol": candidate.protocol.lower()}

@@ -212,6 +212,9 @@ class StatsResult(BaseModel):
     """The ``stats`` result: the peer's status plus what :mod:`mvpd.stats` measures.
 
     ``pair`` is ``{path, local, remote}`` with ``{address, port, type, protocol}`` each;
+    ``candidates`` ``{local, remote}``: every candidate of ours and of the peer's, as those,
+    and ``{local_excluded, remote_excluded}``: how many were left out for lying in a network
+    a TUN tunnel of this host carries;
     ``ice_rtt`` ``{last_ms, min_ms, avg_ms, max_ms, samples}`` of the timed liveness checks;
     ``channels`` bytes and messages by channel label; ``rates`` per second over the last
     ``window_s`` seconds; ``history`` ``[unix time, bytes in, bytes out, messages in,
@@ -222,6 +225,7 @@ class StatsResult(BaseModel):
 
     status: PeerStatus
     pair: dict[str, Any] | None = None
+    candidates: dict[str, Any] | None = None
     ice_rtt: dict[str, Any] | None = None
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     rates: dict[str, float] | None = None

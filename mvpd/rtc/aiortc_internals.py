@@ -14,7 +14,13 @@ composing them with an SCTP stack of our own needs a few of their insides:
 * the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
   it for liveness;
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
-* the candidates' UDP sockets (``Connection._protocols``), for their buffer sizes.
+* the candidates' UDP sockets (``Connection._protocols``), for their buffer sizes;
+* the gathered local candidates (``Connection._local_candidates``) and their sockets, to
+  drop those ICE must not use (:func:`drop_local_candidates`): aioice 0.13 gathers on every
+  interface address and has no filter of its own;
+* the connection's handler of incoming STUN checks (``Connection.request_received``), to
+  refuse checks from addresses ICE must not use (:func:`refuse_checks_from`), which aioice
+  would otherwise learn as peer-reflexive candidates.
 
 They are only valid for the aiortc and aioice versions in :data:`SUPPORTED`, the ones the
 tests ran with (pyproject.toml pins the same ranges). :func:`check_versions` refuses others,
@@ -98,7 +104,8 @@ def check_objects(
             (dtls, ("_set_role", "_register_data_receiver", "_unregister_data_receiver",
                     "_send_data", "_role", "_state", "_ssl")),
             (connection, ("ice_controlling", "_nominated", "build_request",
-                          "remote_password")),
+                          "remote_password", "_local_candidates", "_protocols",
+                          "request_received")),
         )
         for name in names
         if not hasattr(obj, name)
@@ -234,6 +241,56 @@ def set_socket_buffers(ice: RTCIceTransport, size: int) -> int:
             continue
         count += 1
     return count
+
+
+def drop_local_candidates(
+    gatherer: RTCIceGatherer, excluded: Callable[[str], bool]
+) -> list[CandidateInfo]:
+    """Forget the gathered local candidates whose address, or base (the related address
+    of a server-reflexive or relayed one), ``excluded`` says ICE must not use, and close
+    the sockets of those that had one of their own; the candidates dropped.
+
+    Call it after gathering and before the description is made: nothing has been paired
+    with these candidates yet (aioice pairs every socket in ``_protocols`` with each remote
+    candidate), and the peer never hears of them.
+    """
+    connection = gatherer._connection
+
+    def unusable(candidate: Any) -> bool:
+        related = getattr(candidate, "related_address", None)
+        return excluded(str(candidate.host)) or (related is not None and excluded(str(related)))
+
+    dropped = [c for c in connection._local_candidates if unusable(c)]
+    if not dropped:
+        return []
+    connection._local_candidates = [
+        c for c in connection._local_candidates if not unusable(c)
+    ]
+    kept_protocols = []
+    for protocol in connection._protocols:
+        candidate = getattr(protocol, "local_candidate", None)
+        if candidate is not None and unusable(candidate):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.close()
+        else:
+            kept_protocols.append(protocol)
+    connection._protocols = kept_protocols
+    return [_candidate_info(c) for c in dropped]
+
+
+def refuse_checks_from(ice: RTCIceTransport, excluded: Callable[[str], bool]) -> None:
+    """Ignore incoming STUN checks whose source address ``excluded`` says ICE must not use:
+    no answer, and no peer-reflexive candidate learnt from them."""
+    connection = ice._connection
+    handle = connection.request_received
+
+    def request_received(message: Any, addr: tuple[Any, ...], protocol: Any) -> None:
+        if excluded(str(addr[0])):
+            return
+        handle(message, addr, protocol)
+
+    connection.request_received = request_received  # type: ignore[method-assign]
 
 
 def _candidate_info(candidate: Any) -> CandidateInfo:

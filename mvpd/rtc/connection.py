@@ -4,10 +4,12 @@ The parts, in the order they come to life:
 
 * :class:`aiortc.RTCIceGatherer` with the ICE servers given (an explicit list, maybe empty:
   aiortc would otherwise ask a public STUN server) and the transport policy; it gathers
-  every local candidate before the description is made (half trickle, like aiortc);
+  every local candidate before the description is made (half trickle, like aiortc), less
+  those inside the networks ICE must not use (``excluded_networks``: the host's tunnels);
 * :class:`aiortc.RTCIceTransport`: controlling on the offerer's side (RFC 8445 section 6.1.1,
   unless the peer is ICE lite); remote candidates from the description and from
-  :meth:`PeerConnection.addIceCandidate` (queued until the remote description is set);
+  :meth:`PeerConnection.addIceCandidate` (queued until the remote description is set), less
+  those inside the excluded networks;
 * :class:`aiortc.RTCDtlsTransport` with an :class:`aiortc.RTCCertificate` (pass one in to
   keep a long-term identity); the role comes from a=setup (RFC 8842), the peer's
   certificate must match its a=fingerprint;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,7 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
+from ..proto.ippacket import IPNetwork
 from ..sctp.dcep import ChannelParameters, ChannelState, DcepError
 from . import aiortc_internals as internals
 from .datachannel import DataChannel
@@ -54,6 +58,7 @@ from .description import (
 )
 from .errors import InvalidStateError
 from .events import EventEmitter
+from .excluded_networks import ExcludedNetworks
 from .sctp_transport import (
     MAX_CHANNELS,
     SCTP_CLOSED,
@@ -112,7 +117,11 @@ class PeerConnection(EventEmitter):
         max_message_size: int = MAX_MESSAGE_SIZE,
         socket_buffer_size: int = SOCKET_BUFFER_SIZE,
         max_channels: int = MAX_CHANNELS,
+        excluded_networks: Callable[[], Iterable[IPNetwork]] | None = None,
     ) -> None:
+        """``excluded_networks`` returns the networks no candidate may be in, local or
+        remote (called once, when first needed): a path through them would run through a
+        tunnel of this host."""
         super().__init__()
         self.socket_buffer_size = socket_buffer_size
         self.max_channels = max_channels
@@ -138,6 +147,14 @@ class PeerConnection(EventEmitter):
         self._failure = ""
         self._closed = False
         self.candidates_dropped = 0
+        self._excluded: ExcludedNetworks | None = None
+        #: Candidates dropped for lying in an excluded network: ours, and the peer's
+        #: (signaled, or the source of a check that would have made a peer-reflexive one).
+        self.local_candidates_excluded = 0
+        self.remote_candidates_excluded = 0
+        if excluded_networks is not None:
+            self._excluded = ExcludedNetworks(excluded_networks)
+            internals.refuse_checks_from(self._ice, self._excluded_remote)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -245,6 +262,7 @@ class PeerConnection(EventEmitter):
     async def _describe(self, kind: str, setup: str) -> RTCSessionDescription:
         await self._gatherer.gather()
         self._check_open()
+        self._drop_excluded_local_candidates()
         if self.socket_buffer_size:
             internals.set_socket_buffers(self._ice, self.socket_buffer_size)
         local = LocalParameters(
@@ -296,7 +314,8 @@ class PeerConnection(EventEmitter):
         controlling = description.type == "answer" or remote.ice.iceLite
         internals.set_ice_controlling(self._ice, controlling)
         for candidate in remote.candidates:
-            await self._ice.addRemoteCandidate(candidate)
+            if not self._excluded_remote(candidate.ip):
+                await self._ice.addRemoteCandidate(candidate)
         pending, self._pending_candidates = self._pending_candidates, []
         for queued in pending:
             await self._add_candidate(queued)
@@ -323,6 +342,8 @@ class PeerConnection(EventEmitter):
         if candidate is not None and candidate.component != 1:
             self.candidates_dropped += 1
             return
+        if candidate is not None and self._excluded_remote(candidate.ip):
+            return
         try:
             await self._ice.addRemoteCandidate(candidate)
         except ValueError as exc:  # aioice: a candidate after end-of-candidates
@@ -332,6 +353,40 @@ class PeerConnection(EventEmitter):
     @property
     def pending_candidates(self) -> int:
         return len(self._pending_candidates)
+
+    def _drop_excluded_local_candidates(self) -> None:
+        excluded = self._excluded
+        if excluded is None:
+            return
+        dropped = internals.drop_local_candidates(
+            self._gatherer, lambda address: excluded.holding(address) is not None
+        )
+        if dropped:
+            self.local_candidates_excluded += len(dropped)
+            log.debug("local candidates not offered (on a tunnel of this host): %s",
+                      ", ".join(sorted({c.address for c in dropped})))
+
+    def _excluded_remote(self, address: str) -> bool:
+        """Whether a remote candidate's ``address`` (signaled, or the source of a check)
+        lies in an excluded network, counted (the first of the connection is logged):
+        reaching the peer there would go through a tunnel of this host."""
+        network = self._excluded.holding(address) if self._excluded is not None else None
+        if network is None:
+            return False
+        self.remote_candidates_excluded += 1
+        if self.remote_candidates_excluded == 1:
+            log.info("remote candidate %s ignored: it is inside %s, a network routed "
+                     "through a tunnel of this host (further ones are only counted)",
+                     address, network)
+        return True
+
+    def local_candidates(self) -> list[RTCIceCandidate]:
+        """Our candidates, as offered to the peer (none before gathering)."""
+        return self._gatherer.getLocalCandidates()
+
+    def remote_candidates(self) -> list[RTCIceCandidate]:
+        """The peer's candidates ICE has taken."""
+        return self._ice.getRemoteCandidates()
 
     # --- channels --------------------------------------------------------------------------
 
@@ -500,6 +555,8 @@ class PeerConnection(EventEmitter):
             "sctp": self._sctp.stats() if self._sctp is not None else None,
             "path": pair.path if pair is not None else None,
             "candidates_dropped": self.candidates_dropped,
+            "local_candidates_excluded": self.local_candidates_excluded,
+            "remote_candidates_excluded": self.remote_candidates_excluded,
         }
 
 

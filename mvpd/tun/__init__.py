@@ -9,4 +9,6 @@ rekeying, the hello exchange both ends use to advertise the feature);
 (keying material from the DTLS connection, raw datagrams on the nominated candidate pair);
 :mod:`mvpd.udp_batch` sends a batch of datagrams on a UDP socket with segmentation
 offload (SCTP's records use it too); :mod:`mvpd.tun.link` joins them for one peer's tun transport.
+:mod:`mvpd.tun.tunnel_networks` says which networks the tunnels carry, so that no peer
+connection's ICE candidates lie inside them.
 """
