@@ -66,6 +66,8 @@ KEY_SIZE = 32
 SESSION_ID_SIZE = 8
 EXPORTER_LENGTH = 2 * KEY_SIZE + SESSION_ID_SIZE
 #: Packets sealed under one key before the next epoch: AES-GCM's confidentiality limit.
+#: Read when a connection's protection is made, so a test can lower it for a whole daemon
+#: (tests/e2e_tun/test_tun_datagram.py starts mvpd with it at a few thousand packets).
 REKEY_AFTER = 1 << 23
 #: Control messages (plaintexts that cannot be IP packets: version nibble 0).
 HELLO = b"\x00\x01"
@@ -175,12 +177,15 @@ class DatagramProtection:
 
     ``material`` is :data:`EXPORTER_LENGTH` bytes from the DTLS exporter with
     :data:`EXPORTER_LABEL`; ``dtls_client`` says which DTLS role this end has, which picks the
-    sending half. ``rekey_after`` is for tests.
+    sending half. ``rekey_after`` (packets per key, :data:`REKEY_AFTER` unless given) is for
+    tests.
     """
 
     def __init__(
-        self, material: bytes, *, dtls_client: bool, rekey_after: int = REKEY_AFTER
+        self, material: bytes, *, dtls_client: bool, rekey_after: int | None = None
     ) -> None:
+        if rekey_after is None:
+            rekey_after = REKEY_AFTER
         if len(material) != EXPORTER_LENGTH:
             raise ValueError(f"need {EXPORTER_LENGTH} bytes of keying material")
         if rekey_after < 1:

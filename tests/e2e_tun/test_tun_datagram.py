@@ -1,6 +1,6 @@
 """The TUN datagram path end to end: real daemons in namespaces, packets as protected datagrams
 on the ICE pair; a replayed and a tampered datagram on the wire; a peer without the feature;
-keys per connection."""
+keys per connection; many rekeys under TCP load."""
 
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ MVPD_WITHOUT_DATAGRAMS = (
     sys.executable, "-c",
     "import mvpd.tun.ice_datagrams as d; d.ENABLED = False\nfrom mvpd.cli import main; main()",
 )
+#: A new datagram key every this many packets instead of every 2^23, in both daemons of
+#: :func:`test_many_rekeys_under_tcp_load` (``mvpd.tun.datagram.REKEY_AFTER``).
+FAST_REKEY_PACKETS = 128
+MVPD_FAST_REKEY = (
+    sys.executable, "-c",
+    f"import mvpd.tun.datagram as d; d.REKEY_AFTER = {FAST_REKEY_PACKETS}\n"
+    "from mvpd.cli import main; main()",
+)
+#: ~49,000 full-size packets one way (~380 epochs: the header's epoch byte wraps), and the
+#: ACKs the other way (2,500-4,000: TCP acknowledges many segments at once here; 20-30).
+REKEY_TRANSFER = 64 * 1024 * 1024
+#: Replayed or undecryptable datagrams tolerated per end while epochs change: none should be
+#: (a veth does not reorder), but a stray one must not fail the test.
+REKEY_DROPS_BOUND = 2
 
 
 def datagram_status(host: Host, peer: str) -> dict[str, Any]:
@@ -152,3 +166,26 @@ def test_each_connection_has_its_own_keys(tmp_path: Path) -> None:
             wait_until(lambda: alice.peer("bob") is None and bob.peer("alice") is None, 15,
                        what="both sessions to end")
         assert sessions[0] != sessions[1]
+
+
+def test_many_rekeys_under_tcp_load(tmp_path: Path) -> None:
+    """Both ends change datagram keys every 128 packets while 64 MiB of TCP run through the
+    tunnel: the data goes through intact, each receiver follows its sender's epochs, and
+    nothing is dropped as replayed or undecryptable."""
+    require_tun()
+    with tun_lab(tmp_path, ["alice", "bob"], TWO, mvpd=MVPD_FAST_REKEY) as lab:
+        alice, bob = lab["alice"], lab["bob"]
+        lab.connect("alice", "bob")
+        wait_for_datagrams(lab, "alice", "bob")
+        transfer(lab, "alice", "bob", "10.77.0.2", REKEY_TRANSFER, timeout=240)
+        ours, theirs = datagram_status(alice, "bob"), datagram_status(bob, "alice")
+        assert theirs["packets_in"] > REKEY_TRANSFER // 1500  # as datagrams, not the channel
+        assert ours["send_epoch"] > 256  # past the epoch byte's wrap
+        for sender, receiver in ((ours, theirs), (theirs, ours)):
+            # The data one way, the ACKs the other: several epochs each.
+            assert sender["send_epoch"] >= 10, sender
+            assert sender["send_epoch"] >= sender["packets_out"] // FAST_REKEY_PACKETS - 1
+            assert sender["rekeys"] == sender["send_epoch"]
+            assert receiver["receive_epoch"] == sender["send_epoch"], (sender, receiver)
+            assert receiver["replayed"] + receiver["undecryptable"] <= REKEY_DROPS_BOUND, receiver
+        ping(alice.ns, "10.77.0.2", count=1)  # and the path still works in the last epoch
