@@ -49,6 +49,7 @@ from ..sctp.events import (
     AssociationEstablished,
     AssociationLost,
     BufferedAmountLow,
+    Event,
     MessageReceived,
     MessageRefused,
     OutgoingStreamsReset,
@@ -133,6 +134,8 @@ class SctpTransport:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
+        #: Inside the association's event handlers (they may send): no flush from there.
+        self._dispatching = 0
         #: Batch senders on the selected pair's socket (one per transport it had).
         self._senders = TransportBatchSenders()
         #: Sending through aiortc's coroutines (a path send_data_now cannot take).
@@ -334,7 +337,14 @@ class SctpTransport:
     # --- association events ----------------------------------------------------------------
 
     def _process_events(self) -> None:
-        for event in self.association.events():
+        self._dispatching += 1
+        try:
+            self._dispatch(self.association.events())
+        finally:
+            self._dispatching -= 1
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
             if isinstance(event, MessageReceived):
                 self._on_message(event.stream_id, event.ppid, event.data)
             elif isinstance(event, MessageRefused):
@@ -531,7 +541,18 @@ class SctpTransport:
             lifetime=out.lifetime / 1000 if out.lifetime is not None else None,
             now=self._now(),
         )
+        if self._flush_scheduled or self._dispatching or not self._dtls_ready:
+            # It goes with this iteration's flush (inside event dispatch, where a flush now
+            # would run the handlers it is called from again, always).
+            self._schedule_flush()
+            return
+        # The first message since the last flush leaves at once, as WebRTC's SCTP stacks
+        # send (no Nagle delay): a request/response exchange does not wait for the rest of
+        # the loop iteration. Messages sent after it in the same iteration are bundled by
+        # the flush scheduled here.
         self._schedule_flush()
+        self._flush()
+        self._rearm_timer()
 
     # ChannelTransport, called by DataChannel.
 
