@@ -91,7 +91,7 @@ class Plan:
 FULL = Plan(
     connects=5,
     echoes=500,
-    bulk_bytes=32 * MiB,
+    bulk_bytes=128 * MiB,  # seconds per round at either rate: start-up does not count
     bulk_rounds=3,
     starts=10,
     rpc_calls=300,
