@@ -492,12 +492,13 @@ class ControlConnection:
             )
             return
         if event.spec.access == "write":
-            log.log(
-                logging.DEBUG if event.method == "pipe.write" else logging.INFO,
-                "control call %s by %s", event.method, caller,
-                extra=fields(event="rpc-call", rpc_method=event.method, caller_uid=caller.uid,
-                             caller_pid=caller.pid),
-            )
+            # Every changing call is logged with its caller (README, security model), except
+            # a pipe's writes: a line per 64 KiB would drown the journal.
+            level = logging.DEBUG if event.method == "pipe.write" else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "control call %s by %s", event.method, caller,
+                        extra=fields(event="rpc-call", rpc_method=event.method,
+                                     caller_uid=caller.uid, caller_pid=caller.pid))
         builtin = self._builtins.get(event.method)
         if builtin is not None:
             await builtin(event)
