@@ -2,8 +2,9 @@
 # Set up (scripts/setup.sh) and run every check: ruff, mypy (strict), then the test suite.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k signaling -x
 # Without arguments, the tests of the WebRTC data plane (tests/sctp, tests/rtc, the pipe
-# end-to-end test) run a second time against the pure-Python mvpd.sctp (MVPD_PURE_SCTP=1)
-# when setup.sh compiled it, so both builds are tested.
+# end-to-end tests) run a second time against the pure-Python mvpd.sctp (MVPD_PURE_SCTP=1,
+# which the daemons those tests start inherit) when setup.sh compiled it, so both builds are
+# tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh

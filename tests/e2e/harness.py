@@ -47,7 +47,8 @@ MVPCTL = _command("mvpctl")
 
 
 def base_env() -> dict[str, str]:
-    """A minimal environment: nothing of the test runner's MVPD_* or ICE_* settings."""
+    """A minimal environment: nothing of the test runner's MVPD_* or ICE_* settings (but
+    its choice of the mvpd.sctp build, ``MVPD_PURE_SCTP``)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "C.UTF-8",
@@ -56,6 +57,10 @@ def base_env() -> dict[str, str]:
     }
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    # Which build of mvpd.sctp to load is not a setting but what the run tests: the
+    # pure-Python pass (scripts/test.sh) must reach the daemons too.
+    if "MVPD_PURE_SCTP" in os.environ:
+        env["MVPD_PURE_SCTP"] = os.environ["MVPD_PURE_SCTP"]
     return env
 
 
