@@ -17,18 +17,23 @@ from pathlib import Path
 
 from setuptools import setup
 
-#: The modules compiled, by profile: packet building and parsing, DATA/SACK bookkeeping,
-#: congestion control.  (The package's __init__ chooses between them and the .py files.)
+#: The modules compiled, by profile: the association and its parts, packet building and
+#: parsing, DATA/SACK bookkeeping, congestion control.  (The package's __init__ chooses
+#: between them and the .py files.)
 NATIVE_MODULES = [
     "mvpd/sctp/association.py",
     "mvpd/sctp/chunks.py",
     "mvpd/sctp/congestion.py",
     "mvpd/sctp/data_tracker.py",
     "mvpd/sctp/events.py",
+    "mvpd/sctp/handshake.py",
     "mvpd/sctp/packet.py",
     "mvpd/sctp/reassembly.py",
+    "mvpd/sctp/receiver.py",
     "mvpd/sctp/retransmission_queue.py",
     "mvpd/sctp/send_queue.py",
+    "mvpd/sctp/sender.py",
+    "mvpd/sctp/shutdown.py",
     "mvpd/sctp/stream_reset.py",
     "mvpd/sctp/timers.py",
     "mvpd/sctp/tsn.py",

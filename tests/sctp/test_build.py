@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -30,6 +31,18 @@ def test_pure_switch_loads_every_module_from_its_source() -> None:
     assert probe(MVPD_PURE_SCTP="1") == "pure True True"
 
 
+#: The modules of mvpd.sctp that ``import mvpd.sctp`` loads as Python on purpose in the
+#: compiled build (not on the per-packet path, or a C extension does their work).
+PURE_ON_PURPOSE = {
+    "mvpd.sctp", "mvpd.sctp.cookie", "mvpd.sctp.crc32c", "mvpd.sctp.errors",
+    "mvpd.sctp.parameters", "mvpd.sctp.state",
+}
+PURE_MODULES_PROBE = (
+    "import sys, mvpd.sctp; print(sorted(n for n, m in sys.modules.items()"
+    " if n.startswith('mvpd.sctp') and (getattr(m, '__file__', '') or '').endswith('.py')))"
+)
+
+
 @pytest.mark.skipif(not list(SCTP_DIR.glob("association.*.so")), reason="not compiled")
 @pytest.mark.skipif(mvpd.sctp._compiled_is_stale(), reason="sources changed since the build")
 def test_compiled_modules_are_loaded_when_built_and_current() -> None:
@@ -37,6 +50,11 @@ def test_compiled_modules_are_loaded_when_built_and_current() -> None:
     result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == "compiled False False"
+    # A module the association imports but setup.py does not compile (a new part, say)
+    # would run as Python under the compiled association: add it to NATIVE_MODULES.
+    result = subprocess.run([sys.executable, "-c", PURE_MODULES_PROBE], env=env,
+                            capture_output=True, text=True, check=True)
+    assert set(ast.literal_eval(result.stdout)) == PURE_ON_PURPOSE
 
 
 def test_build_matches_the_loaded_module() -> None:
