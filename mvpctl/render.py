@@ -255,6 +255,12 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{'-' if srtt is None else f'{srtt:.1f} ms'}, retransmissions "
             f"{sctp.get('retransmissions', 0)}, abandoned {sctp.get('abandoned', 0)}, "
             f"T3 timeouts {sctp.get('t3_expirations', 0)}")
+        if "packets_sent" in sctp:
+            lines.append(
+                f"            packets out {sctp['packets_sent']} / in "
+                f"{sctp.get('packets_received', 0)}, SACKs out {sctp.get('sacks_sent', 0)} / "
+                f"in {sctp.get('sacks_received', 0)}, rwnd ours {_size(sctp.get('our_rwnd'))}"
+                f" / peer's {_size(sctp.get('peer_rwnd'))}")
     dropped = status.get("dropped") or {}
     lines.append("  drops     " + (", ".join(f"{reason} {count}" for reason, count
                                             in sorted(dropped.items())) or "none"))

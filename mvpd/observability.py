@@ -1,6 +1,7 @@
-"""What the daemon starts so that it can be watched: the traffic sampler, SCTP counters on
-every association, the RPC call counter and (when ``metrics_listen`` is set) the Prometheus
-endpoint. One object, so the daemon wires it with a few lines."""
+"""What the daemon starts so that it can be watched: the traffic sampler, the RPC call
+counter and (when ``metrics_listen`` is set) the Prometheus endpoint. One object, so the
+daemon wires it with a few lines. (SCTP counters need nothing started: each association
+keeps its own, see :func:`mvpd.stats.sctp_counters`.)"""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from .control_handler import ControlHandler
 from .core import AgentCore
 from .logs import log_event
 from .metrics import DaemonCollector, MetricsServer, RpcCallCounter, metrics_registry
-from .peer import PeerSession
 from .rpc_methods import RpcMethods
-from .stats import TrafficSampler, instrument_sctp, sctp_association
-from .transports import Transport
+from .stats import TrafficSampler
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +29,6 @@ class Observability:
         self.sampler = TrafficSampler(lambda: core.sessions)
         self.calls = RpcCallCounter()
         self.metrics: MetricsServer | None = None
-        core.add_transport_hook(self._count_sctp)
-
-    @staticmethod
-    def _count_sctp(session: PeerSession, transport: Transport[Any]) -> None:
-        # The association exists once the session has a channel (ours or the peer's).
-        instrument_sctp(sctp_association(session))
 
     def count_calls(self, methods: RpcMethods) -> ControlHandler:
         """``methods`` with every control call counted by method and outcome."""

@@ -9,11 +9,13 @@ What ``mvpctl stats``, the metrics endpoint and ``mvpctl web`` show beyond ``sta
 * rates: :class:`TrafficSampler` reads every session's byte and message totals once a second
   into a short ring, so rates over the last seconds and a minute of history for plots cost
   nothing per packet;
-* SCTP counters of the association under the session (retransmitted and abandoned chunks,
-  T3-rtx timeouts, congestion window, flight size, smoothed RTT).
+* SCTP counters of the association under the session, which counts them itself
+  (:meth:`mvpd.sctp.Association.stats`: packets and SACKs, retransmitted and abandoned
+  chunks, T3-rtx timeouts, congestion window, flight size, receive windows, smoothed RTT).
 
 Everything that reaches into the WebRTC stack goes through :func:`peer_connection` and
-:func:`sctp_association` (the session runs on :class:`mvpd.rtc.PeerConnection`).
+:func:`sctp_association` (the session runs on :class:`mvpd.rtc.PeerConnection` and its
+SCTP on :mod:`mvpd.sctp`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .transports import TransportCounters
 
 if TYPE_CHECKING:
     from .peer import PeerSession
+    from .sctp import Association
 
 log = logging.getLogger(__name__)
 
@@ -52,74 +55,18 @@ def peer_connection(session: PeerSession) -> Any:
     return getattr(session, "_pc", None)
 
 
-def sctp_association(session: PeerSession) -> Any:
+def sctp_association(session: PeerSession) -> Association | None:
     """The SCTP association carrying the session's channels, or ``None`` before it exists."""
     pc = peer_connection(session)
-    return getattr(pc, "sctp", None) if pc is not None else None
-
-
-def instrument_sctp(sctp: Any) -> None:
-    """Count what aiortc's SCTP association does not: retransmitted DATA chunks, abandoned
-    chunks (partial reliability) and T3-rtx timeouts. Wraps three of its methods on this
-    instance only; a no-op for an association that lacks them or is counted already."""
-    if sctp is None or hasattr(sctp, "_mvpd_counters"):
-        return
-    if not all(hasattr(sctp, name) for name in ("_send_chunk", "_maybe_abandon", "_t3_expired")):
-        return
-    counters = collections.Counter[str]()
-    send_chunk, maybe_abandon, t3_expired = (
-        sctp._send_chunk, sctp._maybe_abandon, sctp._t3_expired
-    )
-
-    async def counting_send_chunk(chunk: Any) -> None:
-        if getattr(chunk, "_sent_count", 0) > 1:
-            counters["retransmissions"] += 1
-        await send_chunk(chunk)
-
-    def counting_maybe_abandon(chunk: Any) -> bool:
-        before = getattr(chunk, "_abandoned", False)
-        abandoned: bool = maybe_abandon(chunk)
-        if abandoned and not before:
-            counters["abandoned"] += 1
-        return abandoned
-
-    def counting_t3_expired() -> None:
-        counters["t3_expirations"] += 1
-        t3_expired()
-
-    sctp._send_chunk = counting_send_chunk
-    sctp._maybe_abandon = counting_maybe_abandon
-    sctp._t3_expired = counting_t3_expired
-    sctp._mvpd_counters = counters
+    transport = getattr(pc, "sctp", None) if pc is not None else None
+    association: Association | None = getattr(transport, "association", None)
+    return association
 
 
 def sctp_counters(session: PeerSession) -> dict[str, Any] | None:
     """The SCTP association's state and counters, or ``None`` when there is none yet."""
-    sctp = sctp_association(session)
-    if sctp is None:
-        return None
-    if hasattr(sctp, "association_stats"):  # mvpd.rtc's driver: the association counts
-        stats: dict[str, Any] = sctp.association_stats()
-        return stats
-    counted: collections.Counter[str] = getattr(sctp, "_mvpd_counters", None) or (
-        collections.Counter()
-    )
-    srtt = getattr(sctp, "_srtt", None)
-    rto = getattr(sctp, "_rto", None)
-    return {
-        "state": str(getattr(getattr(sctp, "_association_state", None), "name", "")).lower()
-        or None,
-        "cwnd": getattr(sctp, "_cwnd", None),
-        "ssthresh": getattr(sctp, "_ssthresh", None),
-        "flight_size": getattr(sctp, "_flight_size", None),
-        "srtt_ms": srtt * 1000 if isinstance(srtt, int | float) else None,
-        "rto_ms": rto * 1000 if isinstance(rto, int | float) else None,
-        "outbound_queue": len(getattr(sctp, "_outbound_queue", ()) or ()),
-        "retransmissions": counted["retransmissions"],
-        "abandoned": counted["abandoned"],
-        "t3_expirations": counted["t3_expirations"],
-        "unreliable_losses_ignored": getattr(sctp, "_mvpd_unreliable_losses_ignored", 0),
-    }
+    association = sctp_association(session)
+    return association.stats() if association is not None else None
 
 
 # --- candidates and the ICE round trip ------------------------------------------------------
@@ -306,7 +253,6 @@ __all__ = [
     "TrafficSampler",
     "candidate_pair",
     "ice_rtts",
-    "instrument_sctp",
     "parse_candidate_sdp",
     "peer_connection",
     "peer_stats",

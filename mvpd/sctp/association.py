@@ -180,10 +180,13 @@ class Association:
         self._timers = (self._handshake.t1, self._shutdown_sequence.t2, self._t3,
                         self._delayed_ack, self._heartbeat, self._reconfig_timer)
 
-        #: Statistics: packets and SACKs sent, DATA packets received.
+        #: Statistics (see :meth:`stats`): packets and SACKs sent; packets that belonged
+        #: to the association, those of them with DATA, and SACKs received.
         self.packets_sent = 0
         self.sacks_sent = 0
+        self.packets_received = 0
         self.data_packets_received = 0
+        self.sacks_received = 0
 
     # -- user API ---------------------------------------------------------------------------
 
@@ -347,6 +350,43 @@ class Association:
     @property
     def srtt(self) -> float | None:
         return self._rto.srtt
+
+    def stats(self) -> dict[str, int | float | str | None]:
+        """The association's counters and congestion state, as plain data.
+
+        Packets and SACKs each way; ``retransmissions``: DATA chunks sent again, after
+        ``fast_retransmits`` and ``t3_expirations`` (loss events); ``abandoned``: chunks of
+        partially reliable messages given up; ``unreliable_losses_ignored``: losses that left
+        the congestion window alone (see ``unreliable_losses_reduce_cwnd``).  Counters only
+        grow.  ``cwnd``, ``ssthresh``, ``flight_size`` and ``peer_rwnd`` (bytes) are
+        ``None`` until the association is established; ``our_rwnd`` is the window we
+        advertise, ``outbound_bytes`` what is queued and not yet sent.
+        """
+        rtx = self.retransmissions
+        srtt = self._rto.srtt
+        return {
+            "state": self.state.value,
+            "packets_sent": self.packets_sent,
+            "packets_received": self.packets_received,
+            "data_packets_received": self.data_packets_received,
+            "sacks_sent": self.sacks_sent,
+            "sacks_received": self.sacks_received,
+            "cwnd": rtx.congestion.cwnd if rtx is not None else None,
+            "ssthresh": rtx.congestion.ssthresh if rtx is not None else None,
+            "flight_size": rtx.flight if rtx is not None else None,
+            "peer_rwnd": rtx.peer_rwnd if rtx is not None else None,
+            "our_rwnd": self._a_rwnd(),
+            "outbound_bytes": self.send_queue.total_buffered,
+            "srtt_ms": srtt * 1000 if srtt is not None else None,
+            "rto_ms": self._rto.rto * 1000,
+            "retransmissions": rtx.chunks_retransmitted if rtx is not None else 0,
+            "fast_retransmits": rtx.fast_retransmits if rtx is not None else 0,
+            "t3_expirations": rtx.timeouts if rtx is not None else 0,
+            "abandoned": rtx.chunks_abandoned if rtx is not None else 0,
+            "unreliable_losses_ignored": (
+                rtx.ignored_unreliable_losses if rtx is not None else 0
+            ),
+        }
 
     def _set_state(self, state: State) -> None:
         """Enter ``state`` (always one :func:`next_state` allowed)."""

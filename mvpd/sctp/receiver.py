@@ -107,6 +107,7 @@ class Receiver:
                 return
         elif vtag != a.local_tag:
             return
+        a.packets_received += 1
         data = packet.data
         data_seen = False
         for kind, flags, start, end in chunks:
@@ -222,6 +223,7 @@ class Receiver:
         rtx = a.retransmissions
         if rtx is None or not a._receives_sack:
             return
+        a.sacks_received += 1
         advanced, abandon = rtx.on_sack(cumulative_tsn, a_rwnd, gaps, now)
         self.after_ack(advanced, abandon, now)
 

@@ -73,10 +73,13 @@ class RetransmissionQueue:
         self.unreliable_losses_reduce_cwnd = unreliable_losses_reduce_cwnd
         #: The peer understands FORWARD TSN; without it nothing sent is ever abandoned.
         self.partial_reliability = partial_reliability
-        #: Counters for tests and statistics.
+        #: Counters for tests and statistics: loss events (fast retransmits, T3-rtx
+        #: timeouts), DATA chunks sent again and chunks given up, each in total.
         self.fast_retransmits = 0
         self.timeouts = 0
         self.ignored_unreliable_losses = 0
+        self.chunks_retransmitted = 0
+        self.chunks_abandoned = 0
 
     # -- queries --------------------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class RetransmissionQueue:
         chunk.state = IN_FLIGHT
         chunk.nsent += 1
         chunk.misses = 0
+        self.chunks_retransmitted += 1
         self._send_seq = chunk.sent_seq = self._send_seq + 1
         self.flight += chunk.length
         self.peer_rwnd = max(0, self.peer_rwnd - chunk.length)
@@ -254,6 +258,7 @@ class RetransmissionQueue:
                         lost_reliable = True
                     chunk.state = ABANDONED
                     self._abandoned += 1
+                    self.chunks_abandoned += 1
                 else:
                     lost_reliable = True
                     chunk.state = TO_RETRANSMIT
@@ -298,6 +303,7 @@ class RetransmissionQueue:
             if self._exhausted(message, chunk, now):
                 chunk.state = ABANDONED
                 self._abandoned += 1
+                self.chunks_abandoned += 1
                 abandon.append(message)
                 if message.max_retransmits != 0:
                     lost_reliable = True
@@ -337,6 +343,7 @@ class RetransmissionQueue:
                 self.flight -= chunk.length
             chunk.state = ABANDONED
             self._abandoned += 1
+            self.chunks_abandoned += 1
         if self._abandoned:
             self.forward_tsn_due = True
 

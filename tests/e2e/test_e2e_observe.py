@@ -4,6 +4,7 @@ the metrics endpoint scraped by a real Prometheus server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -17,7 +18,16 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import Daemon, Daemons, TurnServer, free_port, wait_until
+from mvpd.rtc.aiortc_internals import MAX_SCTP_PACKET_SIZE
+from tests.e2e.harness import (
+    MVPCTL,
+    Daemon,
+    Daemons,
+    TurnServer,
+    base_env,
+    free_port,
+    wait_until,
+)
 
 #: A liveness check every 0.4 s, so the ICE round trip is known quickly.
 FAST_CHECKS = {"MVPD_PEER_TIMEOUT": "2"}
@@ -52,6 +62,7 @@ def check_stats_and_ping(alice: Daemon, bob: Daemon, path: str, candidate_type: 
     assert f"path {path}" in human
     assert re.search(rf"pair\s+udp \S+ {candidate_type} -> ", human), human
     assert "ice rtt" in human and "sctp      cwnd" in human and "drops     none" in human
+    assert re.search(r"packets out [1-9]\d* / in [1-9]\d*, SACKs out \d+ / in [1-9]", human), human
 
     out = alice.ctl_ok("ping", "bob", "-c", "3", "-i", "0.2")
     replies = re.findall(r"reply from bob: seq=(\d+) time=([\d.]+) ms path=(\w+)", out)
@@ -76,6 +87,43 @@ def test_stats_and_ping_through_coturn_say_relayed(
     alice, bob = daemons.many("alice", "bob", env={**turn_server.daemon_env(), **FAST_CHECKS})
     connect(alice, bob)
     check_stats_and_ping(alice, bob, "relayed", "relay")
+
+
+def test_sctp_counters_move_with_the_traffic(daemons: Daemons, tmp_path: Path) -> None:
+    """`mvpctl stats` shows the association's own counters, and a megabyte through a pipe
+    moves them on both sides."""
+    alice, bob = daemons.many("alice", "bob")
+    connect(alice, bob)
+    before = {"alice": stats(alice, "bob")["sctp"], "bob": stats(bob, "alice")["sctp"]}
+    size = 1 << 20
+    source, copy = tmp_path / "megabyte.bin", tmp_path / "copy.bin"
+    source.write_bytes(os.urandom(size))
+    with copy.open("wb") as out, subprocess.Popen(
+        [*MVPCTL, "--socket", str(bob.socket), "pipe", "alice"], stdin=subprocess.DEVNULL,
+        stdout=out, stderr=subprocess.PIPE, env=base_env(),
+    ) as reader:
+        with source.open("rb") as src:
+            sent = alice.ctl("pipe", "bob", stdin=src, stdout=subprocess.DEVNULL)
+        _, err = reader.communicate(timeout=60)
+    assert sent.returncode == 0 and reader.returncode == 0, (sent.stderr, err)
+    assert copy.stat().st_size == size
+    after = {"alice": stats(alice, "bob")["sctp"], "bob": stats(bob, "alice")["sctp"]}
+    moved = {side: {key: after[side][key] - before[side][key]
+                    for key in ("packets_sent", "packets_received", "data_packets_received",
+                                "sacks_sent", "sacks_received")} for side in after}
+    # The megabyte went alice -> bob in packets of at most MAX_SCTP_PACKET_SIZE bytes,
+    # acknowledged by bob's SACKs.
+    assert moved["alice"]["packets_sent"] >= size // MAX_SCTP_PACKET_SIZE, moved
+    assert moved["bob"]["data_packets_received"] >= size // MAX_SCTP_PACKET_SIZE, moved
+    assert moved["bob"]["sacks_sent"] > 0 and moved["alice"]["sacks_received"] > 0, moved
+    assert moved["bob"]["packets_received"] >= moved["bob"]["data_packets_received"]
+    for side in after.values():
+        assert side["state"] == "established" and side["cwnd"] > 0
+        assert side["srtt_ms"] is not None and side["rto_ms"] > 0
+        assert side["our_rwnd"] > 0 and side["peer_rwnd"] > 0
+        # The loss counters are there (tests/test_stats.py makes them move).
+        assert all(isinstance(side[key], int) for key in (
+            "retransmissions", "fast_retransmits", "t3_expirations", "abandoned"))
 
 
 def test_stats_and_ping_of_an_unknown_peer_say_so(daemons: Daemons) -> None:
