@@ -590,29 +590,6 @@ class SctpTransport:
         if channel.id is not None:
             self.association.set_buffered_amount_low_threshold(channel.id, threshold)
 
-    def association_stats(self) -> dict[str, Any]:
-        """The association's congestion state and loss counters (``mvpctl stats``)."""
-        association = self.association
-        rtx = association.retransmissions
-        srtt = association.srtt
-        return {
-            "state": association.state.value,
-            "cwnd": rtx.congestion.cwnd if rtx is not None else None,
-            "ssthresh": rtx.congestion.ssthresh if rtx is not None else None,
-            "flight_size": rtx.flight if rtx is not None else None,
-            "srtt_ms": srtt * 1000 if srtt is not None else None,
-            "rto_ms": association.rto * 1000,
-            "outbound_bytes": association.send_queue.total_buffered,
-            # Retransmission events (fast retransmits and T3-rtx timeouts); the association
-            # counts those, not the chunks each one sent again.
-            "retransmissions": rtx.fast_retransmits + rtx.timeouts if rtx is not None else 0,
-            "fast_retransmits": rtx.fast_retransmits if rtx is not None else 0,
-            "t3_expirations": rtx.timeouts if rtx is not None else 0,
-            # Chunks of partially reliable messages given up and not yet skipped past.
-            "abandoned": rtx._abandoned if rtx is not None else 0,
-            "unreliable_losses_ignored": rtx.ignored_unreliable_losses if rtx is not None else 0,
-        }
-
     def stats(self) -> dict[str, Any]:
         return {
             "state": self.state,
