@@ -89,6 +89,9 @@ VARIANTS: dict[str, tuple[str, int | None]] = {
     # The datagram path with one sendto per datagram on aioice's transport (no batches, no
     # UDP segmentation offload): what the batch sender gains.
     "datagram-sendto": ("import mvpd.tun.ice_datagrams as d; d.BATCH_SEND = False; ", None),
+    # The datagram path with every received packet handed to the writer thread (no direct
+    # write after a lull): what the direct write gains in round trip.
+    "datagram-threaded": ("import mvpd.tun.writer as w; w.DIRECT_AFTER = 0; ", None),
 }
 
 WG_SUBNET = "10.78.0"

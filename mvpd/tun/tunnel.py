@@ -409,7 +409,7 @@ class Tunnel:
         writer = self.writer
         if writer is not None:  # refused by the kernel, or beyond the writer's queue
             key = DropReason.WRITE_FAILED.value
-            drops[key] = drops.get(key, 0) + writer.failed + writer.overflowed
+            drops[key] = drops.get(key, 0) + writer.dropped
         return drops
 
     def status(self) -> dict[str, Any]:

@@ -86,8 +86,10 @@ def test_close_drops_what_is_queued_and_refuses_more() -> None:
         os.close(w)
 
 
-def test_with_a_loop_one_iteration_becomes_one_batch() -> None:
+def test_with_a_loop_one_iteration_becomes_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
+
+    monkeypatch.setattr(writer_module, "DIRECT_AFTER", 0)  # every packet via the thread
 
     async def body() -> None:
         r, w = os.pipe()
@@ -107,3 +109,34 @@ def test_with_a_loop_one_iteration_becomes_one_batch() -> None:
             os.close(w)
 
     asyncio.run(body())
+
+
+def test_a_packet_after_a_lull_is_written_from_the_loop_and_a_burst_through_the_thread() -> None:
+    """A lone packet (a ping) skips the thread hand-over; the packets of a flow go through the
+    thread; the device sees everything in order either way."""
+    import asyncio
+
+    async def body(r: int, w: int) -> None:
+        writer = DeviceWriter(w, "test", asyncio.get_running_loop())
+        try:
+            assert writer.write(b"ping")
+            assert writer.written_direct == 1 and writer.queued == 0
+            assert os.read(r, 100) == b"ping"  # already there: no thread, no loop turn
+            burst = [bytes([i]) * 10 for i in range(50)]
+            assert all(writer.write(p) for p in burst)
+            assert writer.written_direct == 1 and writer.queued == 50
+            await asyncio.sleep(0)  # the loop hands the batch over
+            await asyncio.to_thread(wait, lambda: writer.written == 50)
+            assert os.read(r, 4096) == b"".join(burst)
+            await asyncio.sleep(writer_module.DIRECT_AFTER * 2)
+            assert writer.write(b"later")
+            assert writer.written_direct == 2 and os.read(r, 100) == b"later"
+        finally:
+            writer.close()
+
+    r, w = os.pipe()
+    try:
+        asyncio.run(body(r, w))
+    finally:
+        os.close(r)
+        os.close(w)
