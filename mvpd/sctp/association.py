@@ -348,6 +348,19 @@ class Association:
         return self._rto.rto
 
     @property
+    def packets_since_sack(self) -> int:
+        """DATA packets received since the last SACK went out."""
+        tracker = self.tracker
+        return tracker.packets_since_sack if tracker is not None else 0
+
+    @property
+    def loss_reported(self) -> bool:
+        """The next SACK reports gaps or duplicate TSNs: RFC 9260 6.2 wants it sent at once,
+        and the peer's fast retransmit counts every such report."""
+        tracker = self.tracker
+        return tracker is not None and tracker.reports_loss()
+
+    @property
     def srtt(self) -> float | None:
         return self._rto.srtt
 

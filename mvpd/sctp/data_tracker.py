@@ -58,6 +58,10 @@ class DataTracker:
         else:
             self._above.add(tsn)
 
+    def reports_loss(self) -> bool:
+        """The next SACK carries gap blocks or duplicate TSNs."""
+        return bool(self._above or self._duplicates)
+
     def packet_received(self) -> None:
         """A packet with DATA was processed: decide whether the SACK can wait."""
         self.sack_pending = True

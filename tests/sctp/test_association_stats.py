@@ -78,3 +78,24 @@ def test_losses_show_as_retransmitted_chunks_and_abandoned_ones_stay_counted() -
     # retransmission queue then holds no abandoned chunk any more).
     assert stats["abandoned"] >= 300 - delivered > 0  # type: ignore[operator]
     assert a.retransmissions is not None and a.retransmissions.outstanding == 0
+
+
+def test_packets_since_sack_and_loss_reported_say_what_the_next_sack_is_for() -> None:
+    """What a driver reads to decide whether a SACK may wait for the end of a burst: the DATA
+    packets it would cover, and whether it reports a gap (which must go at once)."""
+    pair = Pair()
+    pair.connect()
+    a, b = pair.a.association, pair.b.association
+    assert b.packets_since_sack == 0 and not b.loss_reported
+    for i in range(3):
+        a.send(1, 53, bytes([i]) * 1000, now=pair.now)  # one DATA packet each
+    packets = a.packets_to_send()
+    assert len(packets) == 3
+    b.receive_packet(packets[0], pair.now)
+    assert b.packets_since_sack == 1 and not b.loss_reported
+    b.receive_packet(packets[2], pair.now)  # the second is missing: a gap
+    assert b.packets_since_sack == 2 and b.loss_reported
+    b.receive_packet(packets[1], pair.now)
+    assert b.packets_since_sack == 3 and not b.loss_reported  # filled
+    assert b.packets_to_send()  # the SACK
+    assert b.packets_since_sack == 0
