@@ -15,6 +15,11 @@ Everything on loopback; everything started here is stopped by PID. For each setu
    server on their list at once (as ``mvpd.signaling.client`` does) and the time until the
    last one is registered again, and a message reaches it, is measured.
 
+During the flood the Redis side is watched too: keys that expired (a server's presence
+running out while its agents were connected answers them ``offline``), the largest backlog
+Redis held for a server's subscription, and subscriptions Redis closed for exceeding
+``client-output-buffer-limit pubsub`` (from its log).
+
 Also measured once: a Redis pub/sub round trip against a Redis stream round trip (XADD then
 a blocking XREAD), the two ways servers could hand each other messages.
 
@@ -43,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -80,11 +86,14 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     if binary is None:
         raise SystemExit("redis-server is not installed (scripts/setup.sh installs it)")
     port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", str(workdir), "--maxclients", "1000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    # Redis's own defaults (client-output-buffer-limit pubsub 32mb 8mb 60 included): the
+    # bench shows what a stock Redis does.
+    with (workdir / "redis.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--dir", str(workdir), "--maxclients", "1000"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
@@ -111,6 +120,46 @@ def start_server(redis_url: str | None) -> tuple[subprocess.Popen[str], str]:
         proc.kill()
         raise SystemExit(f"the signaling server did not start: {line!r}")
     return proc, match[1]
+
+
+class RedisWatch:
+    """Samples Redis while the flood runs: keys expired meanwhile, the largest output
+    backlog of a subscribed connection, and subscriptions closed for exceeding the pubsub
+    output-buffer limit (Redis logs each)."""
+
+    def __init__(self, redis_url: str, log: Path) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self.log = log
+        self.expired_before = self._expired()
+        self.log_before = log.stat().st_size
+        self.backlog = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _expired(self) -> int:
+        return int(self.client.info("stats")["expired_keys"])
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            with contextlib.suppress(Exception):
+                for client in self.client.client_list():
+                    if int(client.get("sub", 0)) > 0:
+                        self.backlog = max(self.backlog, int(client.get("omem", 0)))
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(5)
+        with self.log.open("rb") as f:
+            f.seek(self.log_before)
+            dropped = f.read().count(b"output buffer limits")
+        result = {"expired_keys": self._expired() - self.expired_before,
+                  "subscriber_backlog_mib": round(self.backlog / 2**20, 1),
+                  "subscribers_dropped": dropped}
+        self.client.close()
+        return result
 
 
 def stop(proc: subprocess.Popen[Any]) -> None:
@@ -352,7 +401,7 @@ class Clients:
 
 
 def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Namespace,
-              failover: bool) -> dict[str, Any]:
+              failover: bool, redis_log: Path) -> dict[str, Any]:
     started = [start_server(redis_url) for _ in range(servers)]
     procs = [p for p, _ in started]
     urls = [u for _, u in started]
@@ -369,6 +418,7 @@ def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Nam
                                                   args.rtt_rate / args.workers) for x in part)
         clients.call("count", True)
         clients.call("errors_seen")  # the flood's own refusals only
+        watch = RedisWatch(redis_url, redis_log) if redis_url else None
         flood_started = time.monotonic()
         sent = sum(clients.call("flood", args.flood))
         # Until every message is accounted for (arrived or refused), or nothing more came
@@ -405,6 +455,8 @@ def run_setup(name: str, servers: int, redis_url: str | None, args: argparse.Nam
             "closed_by_server": {str(code): n for code, n in closes.items()},
             "reconnected": sum(clients.call("reconnected")),
         }
+        if watch is not None:
+            result["redis"] = watch.stop()
         if failover:
             killed_at = time.monotonic()
             os.kill(procs[0].pid, signal.SIGKILL)
@@ -504,7 +556,8 @@ def main() -> int:
                 if redis is not None:
                     subprocess.run(["redis-cli", "-u", redis_url, "flushall"],
                                    capture_output=True, check=False)
-                result = run_setup(name, servers, redis, args, failover=name == largest)
+                result = run_setup(name, servers, redis, args, failover=name == largest,
+                                   redis_log=Path(tmp) / "redis.log")
                 result["load"] = os.getloadavg()[0]
                 results.append(result)
                 print(json.dumps(result), flush=True)
@@ -519,6 +572,12 @@ def main() -> int:
         print(f"{r['setup']:<10} {r['kib_per_agent']:>9} {r['rtt_p50_ms']!s:>7} "
               f"{r['rtt_p99_ms']!s:>7} {r['routed_per_s']:>9} {ratio:>8.2f} {r['sent']:>7} "
               f"{r['refused']:>7} {r['lost']:>5} {r['load']:>5.1f}")
+    for r in results:
+        if "redis" in r:
+            w = r["redis"]
+            print(f"{r['setup']}: during the flood Redis expired {w['expired_keys']} keys, held "
+                  f"up to {w['subscriber_backlog_mib']} MiB for a subscriber, closed "
+                  f"{w['subscribers_dropped']} subscriptions over the pubsub buffer limit")
     for r in results:
         if "failover" in r:
             f = r["failover"]

@@ -2,21 +2,37 @@
 
 Each server has a random id (:func:`new_server_id`) and a Redis pub/sub channel of its own
 (:meth:`ClusterKeys.server_channel`). Redis holds, for every registered agent id, which
-server holds it (:meth:`ClusterKeys.id_key`, a string key with a TTL the holding server
-refreshes on each heartbeat: a dead server's ids expire by themselves).
+server holds it (:meth:`ClusterKeys.id_key`), and for every server whether it is alive
+(:meth:`ClusterKeys.alive_key`).
+
+A holder counts as present while its server is alive, which Redis can tell without the
+server having to keep up with anything per agent:
+
+* a server whose process is gone has no subscriber on its channel any more (Redis drops a
+  closed connection's subscriptions at once);
+* a server that is unreachable without having closed its connections (its host vanished)
+  stops renewing its liveness key, which expires :data:`PRESENCE_TTL` s after its last
+  beat. The beat comes from a thread of the server's own (:mod:`mvpd.signaling.cluster`),
+  so a server whose event loop is slow under load (each turn of the loop taking seconds)
+  does not lose its agents: their presence no longer depends on the loop being on time.
+
+Id keys carry a long TTL (:data:`ID_TTL`, renewed by each heartbeat of the holding server)
+only so that a dead server's ids are eventually removed; routing and claims treat them as
+gone as soon as their server is.
 
 Everything that must be atomic runs as a Lua script (the ``*_SCRIPT`` constants):
 
 * :data:`CLAIM_SCRIPT`: take a free id, keep one we hold, or take one whose server is gone
-  (nobody listens on its channel); otherwise name its holder;
+  (nobody listens on its channel, or its liveness key expired); otherwise name its holder;
 * :data:`TAKEOVER_SCRIPT`: take an id from a holder that was found dead (compare-and-set,
   so two claimants cannot both win);
 * :data:`RELEASE_SCRIPT`: free an id, only if we still hold it;
 * :data:`REFRESH_SCRIPT`: the heartbeat: extend (or, after a Redis restart, re-create) our
   ids, and name those another server holds now;
 * :data:`ROUTE_SCRIPT`: look up the target's server and publish to its channel in one round
-  trip; the answer is how many servers received it (0: the holder's server is gone, -1: no
-  server holds the id), so ``offline`` is known at once.
+  trip; the answer says whether it arrived or why not (:data:`ROUTE_NO_HOLDER` and
+  :data:`ROUTE_SERVER_GONE`: ``offline`` at once; :data:`ROUTE_NOT_LISTENING`: the server
+  is alive but between two subscriptions, try again shortly).
 
 What servers say to each other on their channels is a JSON object with an ``op``
 (:func:`encode` / :func:`decode`): :class:`Deliver` (a routed signaling message for an agent
@@ -39,10 +55,13 @@ from .signaling import AGENT_ID_PATTERN, MAX_MESSAGE_SIZE
 
 #: Key and channel names start with this (several clusters may share one Redis).
 DEFAULT_PREFIX = "mvp:sig:"
-#: Seconds between heartbeats, and the TTL of an id key: three heartbeats may be missed
-#: before a server's ids expire.
+#: Seconds between heartbeats, and the TTL of a server's liveness key: three beats may be
+#: missed before a server counts as gone.
 HEARTBEAT_INTERVAL = 5.0
 PRESENCE_TTL = 15
+#: TTL of an id key, renewed by every heartbeat of its server: only how long a dead server's
+#: ids stay in Redis (they count as gone with their server already).
+ID_TTL = 300
 #: A server id: letters and digits only, so it never needs escaping in a key or channel.
 SERVER_ID_PATTERN = r"^[A-Za-z0-9]{1,64}$"
 #: Largest cluster message: a routed frame plus its envelope.
@@ -86,17 +105,29 @@ class ClusterKeys:
         """The pub/sub channel that server ``server_id`` listens on."""
         return self.channel_prefix + server_id
 
+    @property
+    def alive_prefix(self) -> str:
+        """What :meth:`alive_key` puts before the server id."""
+        return f"{self.prefix}alive:"
+
+    def alive_key(self, server_id: str) -> str:
+        """The key that exists while server ``server_id`` is alive (it renews its TTL)."""
+        return self.alive_prefix + server_id
+
 
 # --- scripts (run by Redis) --------------------------------------------------------------------
 
-#: KEYS[1] id key; ARGV server id, ttl, channel prefix. Returns "" when the id is ours now
-#: (it was free, ours, or held by a server nobody listens for any more: a dead one), else
-#: the live holder's server id. One round trip for everything but a real conflict, which
-#: matters when a dead server's thousands of agents register elsewhere at once.
+#: KEYS[1] id key; ARGV server id, id ttl, channel prefix, alive prefix. Returns "" when the
+#: id is ours now (it was free, ours, or held by a dead server: nobody listens on its channel
+#: or its liveness key expired), else the live holder's server id. One round trip for
+#: everything but a real conflict, which matters when a dead server's thousands of agents
+#: register elsewhere at once. (The liveness key is not among KEYS: one Redis, not a Redis
+#: Cluster.)
 CLAIM_SCRIPT = """
 local v = redis.call('GET', KEYS[1])
 if (not v) or v == ARGV[1]
-    or redis.call('PUBSUB', 'NUMSUB', ARGV[3] .. v)[2] == 0 then
+    or redis.call('PUBSUB', 'NUMSUB', ARGV[3] .. v)[2] == 0
+    or redis.call('EXISTS', ARGV[4] .. v) == 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   return ''
 end
@@ -135,14 +166,30 @@ end
 return lost
 """
 
-#: KEYS[1] the target's id key; ARGV channel prefix, message. Returns the receivers (0: the
-#: holder's server is gone) or -1 when no server holds the id.
+#: What :data:`ROUTE_SCRIPT` answers when it did not deliver: no server holds the id...
+ROUTE_NO_HOLDER = -1
+#: ... the holder's server is gone (its liveness key expired) ...
+ROUTE_SERVER_GONE = 0
+#: ... or the holder's server is alive but has no subscriber on its channel right now: it
+#: lost its subscription (Redis closed it, or a network blip) and is subscribing again, or it
+#: died within the last :data:`PRESENCE_TTL` s.
+ROUTE_NOT_LISTENING = -2
+
+#: KEYS[1] the target's id key; ARGV channel prefix, message, alive prefix. Returns the
+#: receivers (1) or one of the ``ROUTE_*`` answers above.
 ROUTE_SCRIPT = """
 local s = redis.call('GET', KEYS[1])
 if not s then
   return -1
 end
-return redis.call('PUBLISH', ARGV[1] .. s, ARGV[2])
+if redis.call('EXISTS', ARGV[3] .. s) == 0 then
+  return 0
+end
+local n = redis.call('PUBLISH', ARGV[1] .. s, ARGV[2])
+if n == 0 then
+  return -2
+end
+return n
 """
 
 #: Ids refreshed per script call: long scripts block Redis for everyone else.

@@ -300,8 +300,13 @@ class SignalingServer:
                 self._spawn(self._check_liveness(action.conn))
             elif isinstance(action, ClaimId):
                 claims.append(action)
-            elif isinstance(action, ReleaseId | Forward):
-                self._to_cluster(action)
+            elif isinstance(action, Forward):
+                # May wait while the cluster's queue is full: this connection is then not
+                # read, which slows its sender down (as its own socket would on one server).
+                assert self.cluster is not None  # the router forwards only in cluster mode
+                await self.cluster.forward(action)
+            elif isinstance(action, ReleaseId):
+                self._release(action)
             elif action.conn is current:
                 mine.append(action)
             else:
@@ -379,7 +384,7 @@ class SignalingServer:
             self._slow_logged_at = now
         for action in actions:
             if isinstance(action, ReleaseId):
-                self._to_cluster(action)
+                self._release(action)
             elif isinstance(action, Close):
                 # Not through the outbox, whose writer waits for this very reader.
                 self._spawn(self._perform([action]))
@@ -415,13 +420,9 @@ class SignalingServer:
         if actions:
             await self._apply(claim.conn, actions)
 
-    def _to_cluster(self, action: ReleaseId | Forward[ServerConnection]) -> None:
-        cluster = self.cluster
-        assert cluster is not None  # the router asks only in cluster mode
-        if isinstance(action, ReleaseId):
-            cluster.release(action.agent_id)
-        else:
-            cluster.forward(action)
+    def _release(self, action: ReleaseId) -> None:
+        assert self.cluster is not None  # the router asks only in cluster mode
+        self.cluster.release(action.agent_id)
 
     @staticmethod
     async def _perform(actions: Sequence[Action[ServerConnection]]) -> None:

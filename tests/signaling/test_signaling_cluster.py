@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -19,10 +20,12 @@ from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection, connect
 
 from mvpd.config import AgentSettings, SignalingServerSettings
+from mvpd.proto.cluster import ID_TTL
 from mvpd.proto.signaling import Bye, Error
 from mvpd.signaling.client import SignalingClient
 from mvpd.signaling.server import SignalingServer
 from tests.signaling.redis_server import RedisServer, need_redis, running_redis
+from tests.signaling.starved_server import STARVE_FOR
 from tests.signaling.test_signaling_server import closed_with, recv_json, registered, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -353,7 +356,8 @@ def test_a_heartbeat_that_finds_its_id_held_elsewhere_drops_its_holder(
             client = aioredis.Redis.from_url(redis_server.url)
             key = a.cluster.keys.id_key("alice")
             assert (await client.get(key)).decode() == a.cluster.server_id
-            assert 0 < await client.ttl(key) <= 15
+            assert 15 < await client.ttl(key) <= ID_TTL  # only for a dead server's ids
+            assert 0 < await client.pttl(a.cluster.keys.alive_key(a.cluster.server_id)) <= 15_000
             await client.set(key, "otherserver")
             a.cluster._refresh_now.set()
             err = await recv_json(alice)
@@ -553,3 +557,206 @@ def test_a_slow_receiver_on_another_server_is_closed_and_its_senders_hear_offlin
             await reader
 
     run(main_, timeout=90)
+
+
+@contextlib.contextmanager
+def starvable_server(redis: RedisServer) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A cluster server in a process of its own (tests/signaling/starved_server.py): fast
+    heartbeat, 1 s presence TTL, SIGUSR1 starves its event loop."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.signaling.starved_server", redis.url],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"listening on (ws://127\.0\.0\.1:\d+)\n", line)
+        assert match, line
+        yield proc, match[1]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_starved_holder_server_keeps_its_agents_routable(redis_server: RedisServer) -> None:
+    """The holder's server is alive but its event loop is CPU-bound, each turn taking longer
+    than the presence TTL (as a server reading a flood from thousands of connections on a
+    busy machine): every message routed to its agent meanwhile arrives, late, and none is
+    answered ``offline``. Under the bench's flood the presence keys, refreshed by the
+    starved loop, expired and 2-5 % of the messages were answered ``offline``."""
+    async def main_(proc: subprocess.Popen[str], url: str) -> None:
+        async with servers(redis_server, 1) as (b,):
+            alice = await connect(url, ping_interval=None)
+            await alice.send(json.dumps({"type": "register", "id": "alice"}))
+            assert await recv_json(alice) == {"type": "registered", "id": "alice"}
+            bob = await registered(b, "bob")
+            await asyncio.sleep(0.5)  # a few heartbeats at their usual pace
+            proc.send_signal(signal.SIGUSR1)
+            sent = 0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + STARVE_FOR + 0.5
+            while loop.time() < end:
+                await bob.send(json.dumps({"type": "offer", "to": "alice", "sdp": str(sent)}))
+                sent += 1
+                await asyncio.sleep(0.1)
+            got = [m["sdp"] for m in await drain(alice, 5.0) if m.get("type") == "offer"]
+            refused = await drain(bob, 0.5)
+            assert refused == []
+            assert got == [str(n) for n in range(sent)]
+            await alice.close()
+            await bob.close()
+
+    with starvable_server(redis_server) as (proc, url):
+        run(lambda: main_(proc, url), timeout=60)
+
+
+def test_the_agents_of_a_server_that_stopped_answering_are_offline_and_free(
+    redis_server: RedisServer,
+) -> None:
+    """A server frozen whole (SIGSTOP: its connections stay open, as when its host vanished
+    without a word) stops renewing its liveness key; once that expired its agents are
+    ``offline`` at once and their ids free at once for another server."""
+
+    async def main_(proc: subprocess.Popen[str], url: str) -> None:
+        async with servers(redis_server, 1) as (b,):
+            frozen = await connect(url, ping_interval=None)
+            await frozen.send(json.dumps({"type": "register", "id": "alice"}))
+            assert await recv_json(frozen) == {"type": "registered", "id": "alice"}
+            bob = await registered(b, "bob")
+            proc.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(1.5)  # the frozen server's presence TTL is 1 s
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await bob.send(json.dumps({"type": "offer", "to": "alice", "sdp": "v=0"}))
+            err = await recv_json(bob, timeout=2)
+            assert (err["code"], err["peer"]) == ("offline", "alice")
+            assert loop.time() - started < 0.5
+            assert b.stats()["cluster"]["undeliverable"] == {"server-gone": 1}
+            started = loop.time()
+            alice = await registered(b, "alice")  # no liveness check of the old holder
+            assert loop.time() - started < 0.5
+            proc.send_signal(signal.SIGCONT)
+            # Awake again, the old server finds its id taken and drops its holder.
+            err = await recv_json(frozen, timeout=5)
+            assert (err["code"], err["peer"]) == ("replaced", "alice")
+            await bob.send(json.dumps({"type": "offer", "to": "alice", "sdp": "v=1"}))
+            assert (await recv_json(alice))["sdp"] == "v=1"
+            for ws in (alice, bob):
+                await ws.close()
+
+    with starvable_server(redis_server) as (proc, url):
+        run(lambda: main_(proc, url), timeout=60)
+
+
+def test_the_agents_of_a_killed_server_are_offline_within_moments(
+    redis_server: RedisServer,
+) -> None:
+    """A killed server's subscription is gone at once but its liveness key lives on for up
+    to 15 s: a message for one of its agents that did not come back is tried again for up to
+    2 s (it may be registering elsewhere) and then answered ``offline``."""
+    proc, url = start_server_process(redis_server.url)
+
+    async def main_() -> None:
+        async with servers(redis_server, 1) as (b,):
+            gone = await connect(url, ping_interval=None)
+            await gone.send(json.dumps({"type": "register", "id": "alice"}))
+            assert await recv_json(gone) == {"type": "registered", "id": "alice"}
+            bob = await registered(b, "bob")
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await bob.send(json.dumps({"type": "offer", "to": "alice", "sdp": "v=0"}))
+            err = await recv_json(bob, timeout=5)
+            assert (err["code"], err["peer"]) == ("offline", "alice")
+            assert loop.time() - started < 3.0
+            assert b.stats()["cluster"]["undeliverable"] == {"no-subscriber": 1}
+            await bob.close()
+
+    try:
+        run(main_)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_what_is_routed_while_a_server_subscribes_again_arrives_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """Redis closes the servers' subscriptions (as it does to one whose backlog exceeds
+    ``client-output-buffer-limit pubsub``): what is routed to an agent while its server
+    subscribes again arrives, in order, and nobody is told ``offline``."""
+    import redis.asyncio as aioredis
+
+    async def main_() -> None:
+        async with servers(redis_server, 2) as (a, b):
+            alice = await registered(a, "alice")
+            bob = await registered(b, "bob")
+            await bob.send(json.dumps({"type": "offer", "to": "alice", "sdp": "first"}))
+            assert (await recv_json(alice))["sdp"] == "first"
+            admin = aioredis.Redis.from_url(redis_server.url)
+            assert await admin.client_kill_filter(_type="pubsub") == 2
+            sent = [str(n) for n in range(40)]
+            for sdp in sent:
+                await bob.send(json.dumps({"type": "offer", "to": "alice", "sdp": sdp}))
+                await asyncio.sleep(0.005)
+            got = [m.get("sdp") for m in await drain(alice, 3.0)]
+            assert await drain(bob, 0.3) == []
+            assert got == sent
+            assert a.stats()["cluster"]["subscriptions_lost"] == 1
+            await admin.aclose()
+            for ws in (alice, bob):
+                await ws.close()
+
+    run(main_)
+
+
+def test_forwards_wait_for_room_while_redis_is_slow(redis_server: RedisServer) -> None:
+    """Redis holds every write for a while: a sender's flood for another server waits (its
+    connection is not read) instead of piling up in memory, and afterwards all of it
+    arrives, in order. Unbounded, the queue grew to 10^5 forwards under the bench's flood and
+    every turn of the event loop took seconds."""
+    import redis.asyncio as aioredis
+
+    from mvpd.signaling.cluster import _MAX_QUEUED
+
+    async def main_() -> None:
+        async with servers(redis_server, 2, rate=10_000.0, burst=10_000) as (a, b):
+            flooder = await registered(a, "flooder")
+            bob = await registered(b, "bob")
+            assert a.cluster is not None
+            admin = aioredis.Redis.from_url(redis_server.url)
+            await admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+            count = 4 * _MAX_QUEUED
+            queued = 0
+
+            async def flood() -> None:
+                for n in range(count):
+                    await flooder.send(json.dumps({"type": "candidate", "to": "bob",
+                                                   "candidate": {"n": n}}))
+
+            async def watch() -> None:
+                nonlocal queued
+                assert a.cluster is not None
+                while True:
+                    queued = max(queued, a.cluster._forward_queue.qsize())
+                    await asyncio.sleep(0.005)
+
+            watching = asyncio.ensure_future(watch())
+            await flood()
+            got: list[int] = []
+            while len(got) < count:
+                message = json.loads(await asyncio.wait_for(bob.recv(), 10))
+                got.append(message["candidate"]["n"])
+            watching.cancel()
+            assert got == list(range(count))
+            assert await drain(flooder, 0.3) == []
+            assert 0 < queued <= _MAX_QUEUED
+            await admin.aclose()
+            for ws in (flooder, bob):
+                await ws.close()
+
+    run(main_, timeout=60)
