@@ -26,7 +26,7 @@ from .client import Client, Subscription
 from .render import format_stats, json_default, print_message
 
 #: Bytes per pipe.write, and pipe.writes in flight at once.
-PIPE_CHUNK = 64 * 1024
+PIPE_CHUNK = 256 * 1024
 PIPE_WINDOW = 4
 
 

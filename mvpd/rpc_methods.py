@@ -52,7 +52,7 @@ log = logging.getLogger("mvpd.rpc")
 #: How long a new connect waits for a signaling reconnect in progress before failing.
 SIGNALING_GRACE = 3.0
 #: Most bytes handed to the client in one pipe ``data`` event.
-PIPE_READ_CHUNK = 64 * 1024
+PIPE_READ_CHUNK = 256 * 1024
 
 
 class CorePipe:

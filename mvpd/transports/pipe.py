@@ -134,10 +134,21 @@ class PipeTransport(Transport[bytes]):
                 raise ConnectionClosed("the pipe closed before end of stream")
             self._data_event.clear()
             await self._data_event.wait()
-        head = self._buffer.popleft()
+        buffer = self._buffer
+        head = buffer.popleft()
+        if n > len(head) and buffer:
+            # Several frames wait (the reader fell behind): hand over as many as fit in one
+            # piece, so a slow reader's calls grow instead of multiplying.
+            parts = [head]
+            size = len(head)
+            while buffer and size + len(buffer[0]) <= n:
+                part = buffer.popleft()
+                parts.append(part)
+                size += len(part)
+            head = b"".join(parts)
         if 0 <= n < len(head):
             head, rest = head[:n], head[n:]
-            self._buffer.appendleft(rest)
+            buffer.appendleft(rest)
         self._buffered -= len(head)
         self._consumed += len(head)
         self._maybe_grant()

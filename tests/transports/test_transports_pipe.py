@@ -169,3 +169,27 @@ def test_a_second_eof_breaks_the_stream() -> None:
         await sb.close()
 
     run(body())
+
+
+def test_a_reader_behind_gets_the_waiting_frames_joined_up_to_its_size() -> None:
+    """Frames that piled up while nobody read come out as one piece of at most ``n`` bytes
+    (fewer, larger reads for a slow reader), in order and without loss."""
+
+    async def body() -> None:
+        sa, sb, _, _ = await connected_pair("chat")
+        pa = await sa.open_pipe()
+        pb = await sb.wait_pipe(timeout=10)
+        assert isinstance(pb, PipeTransport)
+        frames = [bytes([i]) * 10_000 for i in range(8)]
+        for frame in frames:  # each write one DATA frame (below the chunk size)
+            await pa.write(frame)
+        await wait_for(lambda: pb.buffered == 80_000)
+        first = await pb.read(35_000)  # three whole frames fit, the fourth waits
+        assert first == b"".join(frames[:3])
+        rest = await pb.read(1 << 20)
+        assert first + rest == b"".join(frames)
+        assert pb.buffered == 0
+        await sa.close()
+        await sb.close()
+
+    run(body())
