@@ -248,6 +248,7 @@ def run_condition(
 ) -> dict[str, PathResult]:
     """Every path in one lab (impaired by ``lossy`` if set), alternating, ``rounds`` times
     per mvpd variant."""
+    from tests.e2e.harness import wait_until
     from tests.e2e_tun.harness import ping as tunnel_ping
     from tests.e2e_tun.harness import tun_lab
 
@@ -278,6 +279,11 @@ def run_condition(
                         host.stop()
                         host.config_text = mvpd_config(last, mtu)
                         host.start(lab.url, mvpd=variant_command(setup))
+                    # Serving is not registered: over the impaired link the WebSocket takes
+                    # a few round trips, and an offer to an unregistered id is refused.
+                    for host in (alice, bob):
+                        wait_until(lambda h=host: h.call("status")["signaling"]["state"]
+                                   == "connected", 30, what=f"{host.agent_id} to register")
                 lab.connect("alice", "bob")
                 tunnel_ping(a, f"{MVPD_SUBNET}.2")
                 mvpd_pids = [h.proc.pid for h in (alice, bob) if h.proc is not None]
