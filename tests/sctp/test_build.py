@@ -84,3 +84,38 @@ def test_stale_compiled_modules_in_a_checkout_are_not_loaded(tmp_path: Path) -> 
     assert not mvpd.sctp._compiled_is_stale(package)  # built after the last edit
     os.utime(source, (3000, 3000))
     assert mvpd.sctp._compiled_is_stale(package)  # edited since the build
+
+
+def test_pip_builds_a_compiled_wheel_in_an_isolated_build(tmp_path: Path) -> None:
+    """`pip wheel .` as a user runs it: an isolated build environment with only the build
+    requirements (setuptools, mypy), none of the runtime dependencies. It compiles the hot
+    modules (it once failed here: mypyc could not find google_crc32c's types)."""
+    import shutil
+    import zipfile
+
+    repo = SCTP_DIR.parents[1]
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "setup.py"):
+        shutil.copy2(repo / name, source / name)
+    for name in ("mvpd", "mvpctl"):
+        shutil.copytree(repo / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTHON", "MVPD_", "VIRTUAL_ENV"))}
+    # A fresh virtualenv's pip, as a user has it (this one's pip lets the isolated build see
+    # more than a user's would).
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    done = subprocess.run(
+        [str(venv / "bin" / "pip"), "wheel", "--no-deps", "--disable-pip-version-check",
+         "--no-input", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("mvp_agent-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    compiled = {Path(n).name.split(".")[0] for n in names
+                if n.startswith("mvpd/sctp/") and n.endswith(".so")}
+    assert {"association", "packet", "receiver", "sender"} <= compiled, sorted(compiled)
