@@ -1,20 +1,24 @@
-"""Every use of aiortc's and aioice's private attributes, in one place, behind a version gate.
+"""Every use of aiortc's and aioice's private attributes, in one place, behind one version gate.
 
 aiortc's ORTC objects (RTCIceGatherer, RTCIceTransport, RTCDtlsTransport) are public, but
-composing them with an SCTP stack of our own needs a few of their insides:
+composing them with an SCTP stack of our own, and carrying the tunnel's datagrams beside DTLS
+(:mod:`mvpd.tun.ice_datagrams`), needs a few of their insides:
 
 * the ICE role, which aiortc sets on its aioice ``Connection`` from RTCPeerConnection;
-* the DTLS role, set with ``RTCDtlsTransport._set_role``;
+* the DTLS role, set with ``RTCDtlsTransport._set_role`` and read from ``_role``;
 * DTLS application data: ``_register_data_receiver`` (the receiver's ``_handle_data`` gets
   each decrypted datagram) and ``_send_data``, or, synchronously, the DTLS ``SSL.Connection``
   (``_ssl``; its records sealed and opened through pyOpenSSL's own OpenSSL bindings, see
   :data:`RAW_RECORDS_PYOPENSSL`) and the nominated pair's protocol and its transport
   (:func:`send_data_now`), and the selected pair's ``datagram_received``
   (:func:`receive_data_now`);
-* the nominated candidate pair (``Connection._nominated``) for status, and STUN checks on
-  it for liveness;
+* the nominated candidate pair (``Connection._nominated``) for status, STUN checks on it
+  for liveness, and the tunnel's datagrams (:func:`nominated_pairs`);
 * RFC 5705 keying-material export on the DTLS ``SSL.Connection`` (``_ssl``);
 * the candidates' UDP sockets (``Connection._protocols``), for their buffer sizes;
+* every local candidate's ``datagram_received`` (``Connection._protocols``), which the TUN
+  datagram path hooks to take its datagrams before aioice's STUN parser
+  (:func:`hook_datagrams`);
 * the gathered local candidates (``Connection._local_candidates``) and their sockets, to
   drop those ICE must not use (:func:`drop_local_candidates`): aioice 0.13 gathers on every
   interface address and has no filter of its own;
@@ -22,9 +26,28 @@ composing them with an SCTP stack of our own needs a few of their insides:
   refuse checks from addresses ICE must not use (:func:`refuse_checks_from`), which aioice
   would otherwise learn as peer-reflexive candidates.
 
+What that reaches, from a data channel::
+
+    DataChannel.transport               mvpd's SCTP transport (or aiortc's RTCSctpTransport)
+      .transport                        RTCDtlsTransport      (public)
+        ._ssl, ._role, ._state          its pyOpenSSL Connection, role and state
+        .transport                      RTCIceTransport       (public)
+          ._connection                  aioice Connection
+            ._nominated[1]              the nominated CandidatePair: .protocol.transport is
+                                        the UDP (or TURN) transport, .remote_addr the peer
+            ._protocols                 its StunProtocols, one per local candidate, whose
+                                        datagram_received gets every datagram (a TURN
+                                        relay's unwrapped ones too)
+
+Two hooks may sit on a protocol's ``datagram_received`` at once, SCTP's fast receiver and
+the tunnel's, in either order: each passes on what it does not take to what it replaced,
+and, when removed, puts back exactly that, or, if hooked over since, stays in the chain
+passing everything on (:func:`_put_in_front`, :func:`_take_out`).
+
 They are only valid for the aiortc and aioice versions in :data:`SUPPORTED`, the ones the
-tests ran with (pyproject.toml pins the same ranges). :func:`check_versions` refuses others,
-and :func:`check_objects` verifies that the attributes are where this module expects them.
+tests ran with (pyproject.toml pins the same ranges). :func:`check_versions` refuses others
+(a peer connection checks when it is made, the TUN datagram path before it hooks), and
+:func:`check_objects` verifies that the attributes are where this module expects them.
 """
 
 from __future__ import annotations
@@ -33,7 +56,7 @@ import importlib.metadata
 import socket
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,14 +92,17 @@ def check_versions(installed: dict[str, str] | None = None) -> None:
     if installed is None and _checked:
         return
     for name, wanted in SUPPORTED.items():
-        version = (
-            installed[name] if installed is not None else importlib.metadata.version(name)
-        )
+        fix = f"pip install '{name}>={wanted[0]}.{wanted[1]},<{wanted[0]}.{wanted[1] + 1}'"
+        try:
+            version = (
+                installed[name] if installed is not None else importlib.metadata.version(name)
+            )
+        except importlib.metadata.PackageNotFoundError:
+            raise UnsupportedLibrary(f"{name} is not installed ({fix})") from None
         if parse_version(version) != wanted:
             raise UnsupportedLibrary(
                 f"{name} {version} is installed, but mvpd's WebRTC stack uses private parts "
-                f"of {name} {wanted[0]}.{wanted[1]}.x only; install that (pip install "
-                f"'{name}>={wanted[0]}.{wanted[1]},<{wanted[0]}.{wanted[1] + 1}')"
+                f"of {name} {wanted[0]}.{wanted[1]}.x only; install that ({fix})"
             )
     if installed is None:
         _checked = True
@@ -314,6 +340,7 @@ def set_dtls_role(dtls: RTCDtlsTransport, role: str) -> None:
 
 
 def dtls_role(dtls: RTCDtlsTransport) -> str:
+    """``client`` or ``server`` (``auto`` until the role is set or DTLS starts)."""
     return str(dtls._role)
 
 
@@ -471,6 +498,30 @@ def send_data_now(
     return True
 
 
+#: What aioice's protocols call with each datagram and its source address.
+DatagramReceived = Callable[[bytes, Any], None]
+
+
+def _put_in_front(protocol: Any, hook: DatagramReceived) -> DatagramReceived | None:
+    """Make ``hook`` the ``datagram_received`` of aioice's ``protocol``; the instance
+    attribute it replaced (None: aioice's class method). ``hook`` must pass on what it does
+    not take to what ``protocol.datagram_received`` was before."""
+    replaced: DatagramReceived | None = vars(protocol).get("datagram_received")
+    protocol.datagram_received = hook
+    return replaced
+
+
+def _take_out(protocol: Any, hook: DatagramReceived, replaced: DatagramReceived | None) -> None:
+    """Undo :func:`_put_in_front`: put back exactly what ``hook`` replaced, unless another
+    hook went over it since; then ``hook`` stays in that chain and must pass everything on."""
+    if vars(protocol).get("datagram_received") is not hook:
+        return
+    if replaced is None:
+        del protocol.datagram_received
+    else:
+        protocol.datagram_received = replaced
+
+
 #: The DTLS content type of application data (RFC 6347 4.1, RFC 5246 6.2.1).
 _APPLICATION_DATA = b"\x17"
 
@@ -489,10 +540,10 @@ class _FastReceiver:
         self.dtls = dtls
         self.protocol = protocol
         self.receiver = receiver
-        #: The instance attribute this replaced (None: aioice's class method).
-        self.replaced: Callable[..., None] | None = vars(protocol).get("datagram_received")
         self.next = protocol.datagram_received
         self.active = True
+        #: What :func:`_put_in_front` replaced, to be put back.
+        self.replaced = _put_in_front(protocol, self)
 
     def __call__(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         dtls = self.dtls
@@ -507,12 +558,7 @@ class _FastReceiver:
 
     def stop(self) -> None:
         self.active = False
-        if vars(self.protocol).get("datagram_received") is not self:
-            return  # hooked over since: stays in that chain, passing everything on
-        if self.replaced is None:
-            del self.protocol.datagram_received
-        else:
-            self.protocol.datagram_received = self.replaced
+        _take_out(self.protocol, self, self.replaced)
 
 
 #: The fast receivers on, per DTLS transport.
@@ -538,8 +584,7 @@ def receive_data_now(dtls: RTCDtlsTransport, receiver: Callable[[bytes], None]) 
     if pair is None or type(pair.protocol) is not StunProtocol:
         return False
     stop_receiving_now(dtls)
-    hook = _fast_receivers[dtls] = _FastReceiver(dtls, pair.protocol, receiver)
-    pair.protocol.datagram_received = hook  # type: ignore[method-assign]
+    _fast_receivers[dtls] = _FastReceiver(dtls, pair.protocol, receiver)
     return True
 
 
@@ -549,6 +594,69 @@ def stop_receiving_now(dtls: RTCDtlsTransport) -> None:
     hook = _fast_receivers.pop(dtls, None)
     if hook is not None:
         hook.stop()
+
+
+# --- Datagrams of our own beside DTLS (the TUN datagram path) -------------------------------
+
+#: The attribute that marks a hook of :func:`hook_datagrams`.
+_DATAGRAM_HOOK = "mvpd_datagram_hook"
+
+
+def dtls_connected(dtls: RTCDtlsTransport) -> bool:
+    """Whether the DTLS session is established, as client or server (keys can be exported)."""
+    return (dtls._ssl is not None and dtls._role in ("client", "server")
+            and dtls.state == "connected")
+
+
+def nominated_pairs(ice: RTCIceTransport) -> Mapping[int, Any]:
+    """The nominated pair of each ICE component (WebRTC has component 1 only): aioice's
+    ``CandidatePair``, whose ``protocol.transport`` is the pair's UDP transport (or aioice's
+    TURN transport, which wraps each datagram in ChannelData), ``remote_addr`` the peer's
+    address, ``local_candidate`` and ``remote_candidate`` its ends; none before nomination
+    or after close.
+
+    Fetch it once and look it up per send: aioice fills and clears this same dict for the
+    connection's whole life."""
+    nominated: Mapping[int, Any] = ice._connection._nominated
+    return nominated
+
+
+class DatagramHooks:
+    """The hooks :func:`hook_datagrams` put on one ICE connection's protocols."""
+
+    def __init__(self, hooked: list[tuple[Any, DatagramReceived, DatagramReceived | None]]) -> None:
+        #: (protocol, hook, what it replaced).
+        self._hooked = hooked
+
+    def remove(self) -> None:
+        """Give each protocol what the hook replaced back (see :func:`_take_out`)."""
+        for protocol, hook, replaced in self._hooked:
+            _take_out(protocol, hook, replaced)
+        self._hooked = []
+
+
+def hook_datagrams(
+    ice: RTCIceTransport, wrap: Callable[[DatagramReceived], DatagramReceived]
+) -> DatagramHooks:
+    """Put ``wrap(received)`` in front of the ``datagram_received`` of each local
+    candidate's protocol, where ``received`` is what was there (aioice's method, or SCTP's
+    :func:`receive_data_now` hook): every datagram on any pair of those sockets, a TURN
+    relay's unwrapped ones too, reaches the hook before aioice's STUN parser.
+
+    The hook takes the datagrams that are its own and passes every other one to
+    ``received`` unchanged; once its user is done with it, it passes everything on (it may
+    stay in a chain: see :func:`_take_out`). ``wrap`` returns a function (it gets marked,
+    so that a second :func:`hook_datagrams` raises :class:`LookupError`: hooked already).
+    """
+    protocols = list(ice._connection._protocols)
+    if any(getattr(p.datagram_received, _DATAGRAM_HOOK, False) for p in protocols):
+        raise LookupError("the ICE connection is already hooked")
+    hooked = []
+    for protocol in protocols:
+        hook = wrap(protocol.datagram_received)
+        setattr(hook, _DATAGRAM_HOOK, True)
+        hooked.append((protocol, hook, _put_in_front(protocol, hook)))
+    return DatagramHooks(hooked)
 
 
 def export_keying_material(

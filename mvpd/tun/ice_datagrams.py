@@ -1,32 +1,23 @@
 """Raw datagrams on an aiortc peer connection's nominated ICE pair, beside DTLS.
 
-Every access to aiortc's and aioice's private attributes for the TUN datagram path is in this
-module, behind a version gate (:data:`TESTED_VERSIONS`), so the hook can move to another
-peer-connection stack by rewriting this one file. What it reaches, from a data channel:
+What this needs of aiortc's and aioice's insides (the DTLS session's keying material and
+role, the nominated candidate pair, each local candidate's ``datagram_received``) comes from
+:mod:`mvpd.rtc.aiortc_internals`, behind its version gate, like everything else of theirs
+that mvpd reaches.
 
-    RTCDataChannel.transport            RTCSctpTransport     (public)
-      .transport                        RTCDtlsTransport     (public)
-        ._ssl, ._role                   pyOpenSSL Connection: export_keying_material; our role
-        .transport                      RTCIceTransport      (public)
-          ._connection                  aioice Connection
-            ._nominated[1]              the nominated CandidatePair: .protocol.transport is
-                                        the UDP (or TURN) transport, .remote_addr the peer
-            ._protocols                 its StunProtocols, one per local candidate, whose
-                                        datagram_received gets every datagram (a TURN
-                                        relay's unwrapped ones too)
-
-Receiving: :class:`IceDatagramSocket` gives each of those protocols a ``datagram_received``
-of its own that takes datagrams whose first byte is :data:`~mvpd.tun.datagram.PACKET_TYPE`
-and passes everything else on unchanged. That is the RFC 7983 demultiplexer RTCDtlsTransport
-runs on the same stream later (it ignores our byte), moved in front of aioice's STUN parser
-(which would raise on each of ours) and its receive queue (a queue hop and a task switch per
-datagram). Datagrams are taken from any source address, as aioice does: the AEAD tag, not the
-address, decides what is ours. Sending: on a host or server-reflexive pair, straight on the
-UDP socket under the pair's transport (``get_extra_info("socket")``, a duplicate descriptor),
-a batch at a time with UDP segmentation offload (:mod:`mvpd.udp_batch`), while the event
-loop's transport has nothing buffered (else behind it, to keep the order); through a TURN
-relay, ``sendto`` on aioice's TURN transport, which wraps each datagram in ChannelData.
-Nothing here changes what DTLS, SCTP or STUN see.
+Receiving: :class:`IceDatagramSocket` hooks each local candidate's protocol
+(:func:`~mvpd.rtc.aiortc_internals.hook_datagrams`) to take datagrams whose first byte is
+:data:`~mvpd.tun.datagram.PACKET_TYPE` and pass everything else on unchanged. That is the
+RFC 7983 demultiplexer RTCDtlsTransport runs on the same stream later (it ignores our byte),
+moved in front of aioice's STUN parser (which would raise on each of ours) and its receive
+queue (a queue hop and a task switch per datagram). Datagrams are taken from any source
+address, as aioice does: the AEAD tag, not the address, decides what is ours. Sending: on a
+host or server-reflexive pair, straight on the UDP socket under the pair's transport
+(``get_extra_info("socket")``, a duplicate descriptor), a batch at a time with UDP
+segmentation offload (:mod:`mvpd.udp_batch`), while the event loop's transport has nothing
+buffered (else behind it, to keep the order); through a TURN relay, ``sendto`` on aioice's
+TURN transport, which wraps each datagram in ChannelData. Nothing here changes what DTLS,
+SCTP or STUN see.
 """
 
 from __future__ import annotations
@@ -34,16 +25,15 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from ..rtc import aiortc_internals as internals
+from ..rtc.errors import UnsupportedLibrary
 from ..udp_batch import TransportBatchSenders, UdpBatchSender
 from .datagram import PACKET_TYPE
 
 log = logging.getLogger(__name__)
 
-#: Package versions (major.minor) whose private attributes this module was written against.
-TESTED_VERSIONS = {"aiortc": "1.16", "aioice": "0.13"}
 #: Off: every tun connection stays on its data channel (benchmarks, tests).
 ENABLED = True
 #: The path MTU assumed for the outer datagrams (Ethernet).
@@ -65,13 +55,10 @@ def unavailable_reason() -> str | None:
     """Why the datagram path cannot be used in this process, or None."""
     if not ENABLED:
         return "turned off"
-    for package, tested in TESTED_VERSIONS.items():
-        try:
-            installed = version(package)
-        except PackageNotFoundError:
-            return f"{package} is not installed"
-        if installed.split(".")[:2] != tested.split("."):
-            return f"{package} {installed} is not the tested {tested}.x"
+    try:
+        internals.check_versions()
+    except UnsupportedLibrary as exc:
+        return str(exc)
     return None
 
 
@@ -83,24 +70,19 @@ class IceDatagramSocket:
     unhooks it.
     """
 
-    def __init__(self, dtls: Any, connection: Any, on_datagram: Callable[[bytes], None]) -> None:
+    def __init__(self, dtls: Any, on_datagram: Callable[[bytes], None]) -> None:
         self._dtls = dtls
-        self._connection = connection
+        #: The nominated pair of each ICE component (aiortc_internals.nominated_pairs).
+        self._nominated = internals.nominated_pairs(dtls.transport)
         #: A batch sender per pair transport with a UDP socket (not a TURN relay's).
         self._senders = TransportBatchSenders(on_new=_enlarge_buffers)
         self.closed = False
-        #: (protocol, our hook, the instance attribute it replaced or None).
-        self._hooked: list[tuple[Any, Callable[..., None], Callable[..., None] | None]] = []
         #: Called with each received datagram of ours (may be replaced, e.g. by the link).
         self.on_datagram = on_datagram
-        for protocol in connection._protocols:
-            # SCTP's synchronous receive path may have hooked the selected pair already
-            # (mvpd.rtc.aiortc_internals.receive_data_now): it gets our leftovers, and is
-            # put back when we unhook.
-            replaced = vars(protocol).get("datagram_received")
-            hook = self._hook(protocol.datagram_received)
-            protocol.datagram_received = hook
-            self._hooked.append((protocol, hook, replaced))
+        # SCTP's synchronous receive path may have hooked the selected pair already
+        # (aiortc_internals.receive_data_now): it gets our leftovers, and is put back when
+        # we unhook. Raises LookupError when hooked already.
+        self._hooks = internals.hook_datagrams(dtls.transport, self._hook)
 
     def _hook(self, original: Callable[[bytes, Any], None]) -> Callable[[bytes, Any], None]:
         def datagram_received(data: bytes, addr: Any) -> None:
@@ -112,7 +94,6 @@ class IceDatagramSocket:
                 return
             original(data, addr)
 
-        datagram_received.mvpd_tun_hook = True  # type: ignore[attr-defined]
         return datagram_received
 
     @classmethod
@@ -126,36 +107,29 @@ class IceDatagramSocket:
             raise LookupError(reason)
         try:
             dtls = channel.transport.transport
-            connection = dtls.transport._connection
-            ssl = dtls._ssl
-            role = dtls._role
-            receivers = [p.datagram_received for p in connection._protocols]
-            connection._nominated.get(_ICE_COMPONENT)
+            if not internals.dtls_connected(dtls):
+                raise LookupError("the DTLS connection is not established")
+            return cls(dtls, on_datagram)
         except AttributeError as exc:
             raise LookupError(f"unexpected aiortc internals: {exc}") from exc
-        if ssl is None or role not in ("client", "server") or dtls.state != "connected":
-            raise LookupError("the DTLS connection is not established")
-        if any(getattr(r, "mvpd_tun_hook", False) for r in receivers):
-            raise LookupError("the ICE connection is already hooked")
-        return cls(dtls, connection, on_datagram)
 
     # --- keys ----------------------------------------------------------------------------
 
     @property
     def dtls_client(self) -> bool:
         """Whether this end is the DTLS client (picks the sending key)."""
-        return bool(self._dtls._role == "client")
+        return internals.dtls_role(self._dtls) == "client"
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
         """RFC 5705 keying material of the DTLS connection (no context)."""
-        return bytes(self._dtls._ssl.export_keying_material(label, length, None))
+        return internals.export_keying_material(self._dtls, label, length)
 
     # --- sending -------------------------------------------------------------------------
 
     def _pair(self) -> Any:
         if self.closed:
             return None
-        return self._connection._nominated.get(_ICE_COMPONENT)
+        return self._nominated.get(_ICE_COMPONENT)
 
     def send(self, datagrams: list[bytes]) -> int:
         """Send each datagram on the nominated pair; return how many were not sent (no pair,
@@ -215,16 +189,7 @@ class IceDatagramSocket:
             return
         self.closed = True
         self._senders.close()
-        for protocol, hook, replaced in self._hooked:
-            # Hooked over since (the SCTP path started later): ours stays in that chain,
-            # passing everything on now that it is closed.
-            if vars(protocol).get("datagram_received") is not hook:
-                continue
-            if replaced is None:
-                del protocol.datagram_received
-            else:
-                protocol.datagram_received = replaced
-        self._hooked = []
+        self._hooks.remove()
 
 
 def _enlarge_buffers(sock: socket.socket) -> None:

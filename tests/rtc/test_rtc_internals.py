@@ -33,6 +33,20 @@ def test_other_versions_are_refused_with_a_fix(installed: dict[str, str]) -> Non
         internals.check_versions(installed)
 
 
+def test_a_missing_distribution_is_refused_with_a_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_version = importlib.metadata.version
+
+    def version(distribution: str) -> str:
+        if distribution == "aioice":
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return real_version(distribution)
+
+    monkeypatch.setattr(internals, "_checked", False)
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(UnsupportedLibrary, match=r"aioice is not installed \(pip install"):
+        internals.check_versions()
+
+
 def test_version_parsing() -> None:
     assert internals.parse_version("1.16.0") == (1, 16)
     assert internals.parse_version("0.13.0rc1") == (0, 13)

@@ -5,6 +5,7 @@ feature, replay and tamper on the wire, unhooking."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -183,10 +184,48 @@ def test_close_restores_aioice_and_refuses_a_second_hook() -> None:
     run(body())
 
 
-def test_version_gate_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("unsupported", [("aioice", "0.14.1"), ("aiortc", "1.17.0")])
+def test_the_peer_connections_version_gate_refuses_the_datagram_path_too(
+    unsupported: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One gate: with an aioice or aiortc installed whose insides mvpd does not know, the
+    tunnel's datagram path is refused with aiortc_internals' reason and fix, as a new peer
+    connection is, and nothing is hooked; with the supported one back, it opens."""
+    from mvpd.rtc import aiortc_internals as internals
+    from mvpd.rtc.errors import UnsupportedLibrary
+    from tests.rtc.stackpair import close_all, open_pair, our_peer
+
+    name, installed = unsupported
+    real_version = importlib.metadata.version
+
+    def version(distribution: str) -> str:
+        return installed if distribution == name else real_version(distribution)
+
+    async def body() -> None:
+        a, b = our_peer(), our_peer()
+        try:
+            ch_a, _, _, _ = await open_pair(a, b)
+            protocols = a.ice_transport._connection._protocols
+            receivers = [vars(p).get("datagram_received") for p in protocols]
+            with monkeypatch.context() as patched:
+                patched.setattr(internals, "_checked", False)  # it checks once per process
+                patched.setattr(importlib.metadata, "version", version)
+                refused = rf"{name} {installed} is installed.*pip install '{name}>="
+                with pytest.raises(LookupError, match=refused):
+                    DatagramLink.open(ch_a, lambda p: None)
+                with pytest.raises(UnsupportedLibrary, match=refused):
+                    our_peer()
+            assert [vars(p).get("datagram_received") for p in protocols] == receivers
+            la = DatagramLink.open(ch_a, lambda p: None)
+            la.close()
+        finally:
+            await close_all(a, b)
+
+    run(body())
+
+
+def test_the_datagram_path_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ice_datagrams.unavailable_reason() is None
-    monkeypatch.setattr(ice_datagrams, "TESTED_VERSIONS", {"aiortc": "0.9"})
-    assert "not the tested 0.9" in str(ice_datagrams.unavailable_reason())
     monkeypatch.setattr(ice_datagrams, "ENABLED", False)
     assert ice_datagrams.unavailable_reason() == "turned off"
 
