@@ -23,6 +23,7 @@ import typer
 
 from mvpd.proto.errors import DaemonNotRunning, Forbidden, MvpError, RpcTimeout
 from mvpd.proto.modes import is_mode, mode_list
+from mvpd.proto.rpcwire import ErrorCode
 from mvpd.proto.text import neutralise
 
 from .client import DEFAULT_SOCKET, Client
@@ -88,6 +89,9 @@ def exit_code_for(exc: MvpError) -> int:
     return EXIT_ERROR
 
 
+OUTPUT_CLOSED = ErrorCode.OUTPUT_CLOSED.value
+
+
 def _handles_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn mvpd errors into a message on stderr and the documented exit code."""
 
@@ -96,6 +100,9 @@ def _handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except MvpError as exc:
+            if exc.code == OUTPUT_CLOSED:  # what BrokenPipeError is below, seen by mvpd
+                sys.stderr.close()
+                raise typer.Exit(EXIT_OK) from None
             raise _fail(exc.message, exit_code_for(exc)) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -340,17 +347,26 @@ def pipe(
     connect_first: bool = typer.Option(
         True, "--connect/--no-connect", help="Connect to PEER first if not connected."
     ),
+    framed: bool = typer.Option(
+        False, "--framed",
+        help="Carry the bytes through mvpctl over the control socket instead of handing "
+        "stdin and stdout to mvpd (slower; the default when stdin is a terminal).",
+    ),
 ) -> None:
     """Pipe bytes to and from PEER, like netcat.
 
     Stdin goes to PEER, PEER's bytes go to stdout; end of input is passed on. Exits 0
     when both directions are done and PEER has read everything; 1, saying why, if the
     other side ends first (its pipe, its daemon or the connection).
+
+    mvpd reads stdin and writes stdout itself (mvpctl passes them over the control socket
+    and waits), so the bytes do not pass through mvpctl; a terminal on stdin is read by
+    mvpctl instead, so job control works as usual.
     """
     with _client(ctx, timeout=None) as client:
         if connect_first:
             client.call("connect", reply_timeout=None, peer=peer, wait=True)
-        run_pipe(client, client.open_pipe(peer))
+        run_pipe(client, peer, framed=framed)
 
 
 # --- stats, ping, web --------------------------------------------------------------------------

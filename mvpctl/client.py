@@ -13,6 +13,7 @@ connection; it is not thread-safe (``mvpctl chat`` uses two connections and ``se
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import grp
@@ -20,7 +21,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -69,6 +70,8 @@ class Client:
         self._events: deque[Event] = deque()
         self._next_id = 1
         self._closed = False
+        #: Frames queued by ``request(..., wait_to_send=False)`` not fully sent yet.
+        self._unsent = bytearray()
 
     # --- connecting ------------------------------------------------------------------------
 
@@ -150,12 +153,41 @@ class Client:
 
     # --- calls -----------------------------------------------------------------------------
 
-    def request(self, method: str, /, **params: Any) -> int:
-        """Send a request without waiting; returns its id for :meth:`wait`."""
+    def request(
+        self, method: str, /, *, fds: Sequence[int] = (), block: bool = True, **params: Any
+    ) -> int:
+        """Send a request without waiting for its answer; returns its id for :meth:`wait`.
+        ``fds`` are descriptors passed to the daemon with the request's bytes
+        (``SCM_RIGHTS``). With ``block=False`` what the socket does not take at once waits
+        in the client (see :meth:`send_some`): a loop that also reads the daemon's events
+        must never block in a send, or both sides can end up waiting for each other."""
         request_id = self._next_id
         self._next_id += 1
-        self._write(encode_frame(request(request_id, method, params)))
+        frame = encode_frame(request(request_id, method, params))
+        if block:
+            self._write(frame, fds)
+        else:
+            self._unsent += frame
+            self.send_some()
         return request_id
+
+    @property
+    def unsent(self) -> bool:
+        """Requests queued with ``block=False`` wait for room in the socket."""
+        return bool(self._unsent)
+
+    def send_some(self) -> None:
+        """Send as much of the queued requests as the socket takes now."""
+        try:
+            # A socket with a timeout would first wait for room, whatever MSG_DONTWAIT says.
+            self.sock.settimeout(None)
+            while self._unsent:
+                sent = self.sock.send(self._unsent, socket.MSG_DONTWAIT)
+                del self._unsent[:sent]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise ConnectionClosed(f"connection to mvpd lost: {exc}") from None
 
     def wait(self, request_id: int, *, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
         """The result of request ``request_id``; raises the error the daemon replied with.
@@ -200,6 +232,7 @@ class Client:
         """Read whatever has arrived without blocking (after ``selectors`` said readable).
         Raises :class:`ConnectionClosed` if the daemon closed the connection."""
         try:
+            self.sock.settimeout(None)  # else recv waits up to the timeout for data
             data = self.sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
@@ -218,24 +251,44 @@ class Client:
         """Open a byte pipe to ``peer``; write with :meth:`pipe_write`, read its events."""
         return self.subscribe("pipe.open", peer=peer)
 
-    def pipe_write(self, sub: int, data: bytes) -> int:
-        """Queue a ``pipe.write`` (returns the request id; collect it with :meth:`wait`)."""
-        return self.request("pipe.write", sub=sub, data=bytes(data))
+    def attach_pipe(self, peer: str, source: int, sink: int) -> Subscription:
+        """Open a byte pipe to ``peer`` that the daemon feeds from descriptor ``source`` and
+        empties into ``sink`` itself (copies of both travel with the request); the stream
+        has only ``error`` and ``end`` events."""
+        result = self.wait(self.request("pipe.open", fds=(source, sink), peer=peer,
+                                        attach=True))
+        return Subscription(self, int(result["sub"]))
 
-    def pipe_eof(self, sub: int) -> int:
-        """Queue a ``pipe.eof``."""
-        return self.request("pipe.eof", sub=sub)
+    def pipe_write(self, sub: int, data: bytes, *, block: bool = True) -> int:
+        """Send a ``pipe.write`` (returns the request id; collect it with :meth:`wait`).
+        ``block`` as for :meth:`request`."""
+        return self.request("pipe.write", block=block, sub=sub, data=bytes(data))
+
+    def pipe_eof(self, sub: int, *, block: bool = True) -> int:
+        """Send a ``pipe.eof``."""
+        return self.request("pipe.eof", block=block, sub=sub)
 
     # --- I/O -------------------------------------------------------------------------------
 
-    def _write(self, frame: bytes) -> None:
+    def _write(self, frame: bytes, fds: Sequence[int] = ()) -> None:
         try:
             self.sock.settimeout(None)
+            if self._unsent:  # requests keep their order
+                self.sock.sendall(self._unsent)
+                self._unsent.clear()
+            if fds:
+                # The descriptors ride with the first byte; the rest follows plainly.
+                sent = self.sock.sendmsg(
+                    [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+                frame = frame[sent:]
             self.sock.sendall(frame)
         except OSError as exc:
             raise ConnectionClosed(f"connection to mvpd lost: {exc}") from None
 
     def _read_more(self, timeout: float | None) -> None:
+        if self._unsent:  # what is waited for may depend on it
+            self._write(b"")
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(_RECV_SIZE)

@@ -22,6 +22,8 @@ from typing import Any
 
 import typer
 
+from mvpd.proto.errors import Busy, InvalidParams
+
 from .client import Client, Subscription
 from .render import format_stats, json_default, print_message
 
@@ -80,7 +82,34 @@ def run_chat(
                 events.poll()
 
 
-def run_pipe(client: Client, stream: Subscription) -> None:
+def run_pipe(client: Client, peer: str, *, framed: bool = False) -> None:
+    """Pipe stdin to ``peer`` and its bytes to stdout until both directions are done (or
+    the pipe breaks: then the client raises).
+
+    Unless ``framed`` or stdin is a terminal, mvpd copies stdin and stdout itself (they
+    travel with ``pipe.open``) and this only waits for the end; a daemon that cannot (too
+    busy, or too old) gets the bytes framed over the control socket instead."""
+    if not framed and _passable(0) and _passable(1) and not os.isatty(0):
+        try:
+            stream = client.attach_pipe(peer, 0, 1)
+        except (Busy, InvalidParams):
+            pass
+        else:
+            for _ in stream:  # only error (raised) and end
+                pass
+            return
+    _copy_framed(client, client.open_pipe(peer))
+
+
+def _passable(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _copy_framed(client: Client, stream: Subscription) -> None:
     """Copy stdin to the pipe ``stream`` (then its EOF) and the pipe's bytes to stdout,
     until the stream ends (both directions done, or broken: then the client raises)."""
     stdin = sys.stdin.fileno()
@@ -103,20 +132,27 @@ def run_pipe(client: Client, stream: Subscription) -> None:
             client.wait(in_flight.popleft())
         if stream.ended:
             return
-        want_stdin = stdin_open and len(in_flight) < PIPE_WINDOW
+        want_stdin = stdin_open and len(in_flight) < PIPE_WINDOW and not client.unsent
         if want_stdin != reading_stdin:
             if want_stdin:
                 selector.register(stdin, selectors.EVENT_READ)
             else:
                 selector.unregister(stdin)
             reading_stdin = want_stdin
-        for key, _ in selector.select():
+        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.unsent else 0)
+        if selector.get_key(client).events != wanted:
+            selector.modify(client, wanted)
+        for key, mask in selector.select():
+            if key.fd != stdin and mask & selectors.EVENT_WRITE:
+                client.send_some()
+                if not mask & selectors.EVENT_READ:
+                    continue
             if key.fd == stdin:
                 data = os.read(stdin, PIPE_CHUNK)
                 if data:
-                    in_flight.append(client.pipe_write(stream.sub, data))
+                    in_flight.append(client.pipe_write(stream.sub, data, block=False))
                 else:
-                    in_flight.append(client.pipe_eof(stream.sub))
+                    in_flight.append(client.pipe_eof(stream.sub, block=False))
                     stdin_open = False
             else:
                 client.poll()

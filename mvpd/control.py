@@ -57,8 +57,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .control_handler import Caller, ControlHandler
-from .control_streams import ConnectionStreams
+from .control_streams import AttachedPipes, ConnectionStreams
 from .logs import RateLimitedLog, fields
+from .passed_descriptors import ControlSocket
 from .proto.control import (
     Admission,
     CallReceived,
@@ -75,6 +76,7 @@ from .proto.errors import Busy, ConfigError, ConnectionClosed, MvpError, RpcErro
 from .proto.rpc import (
     METHODS,
     Access,
+    PipeOpenParams,
     encode_frame,
     error_message,
     result_message,
@@ -85,7 +87,7 @@ from .socket_file import SocketFile
 log = logging.getLogger("mvpd.control")
 
 _UCRED = struct.Struct("3i")
-_READ_CHUNK = 64 * 1024
+_READ_CHUNK = 256 * 1024
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int]:
@@ -163,6 +165,7 @@ class ControlServer:
         self._resume_accepting: asyncio.TimerHandle | None = None
         self._connections: set[ControlConnection] = set()
         self._ledger = ConnectionLedger(self.limits, group)
+        self.attached_pipes = AttachedPipes(self.limits.max_attached_pipes)
         self._connection_tasks: set[asyncio.Task[None]] = set()
         # A hostile client must not be able to flood the journal with these.
         self._log_refusal = RateLimitedLog(log)
@@ -338,11 +341,11 @@ class ControlServer:
         conn: ControlConnection | None = None
         try:
             try:
-                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_READ_CHUNK)
+                channel = ControlSocket(sock)
             except BaseException:
                 sock.close()
                 raise
-            conn = ControlConnection(self, reader, writer, admission)
+            conn = ControlConnection(self, channel, admission)
             self._connections.add(conn)
             await conn.run()
         except OSError as exc:
@@ -361,13 +364,11 @@ class ControlConnection:
     def __init__(
         self,
         server: ControlServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        channel: ControlSocket,
         admission: Admission,
     ) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.channel = channel
         self.admission = admission
         self.caller: Caller | None = None
         limits = server.limits
@@ -388,7 +389,8 @@ class ControlConnection:
         self._access_at = 0.0
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._streams = ConnectionStreams(limits, self._send, self._spawn)
+        self._streams = ConnectionStreams(limits, self._send, self._spawn,
+                                          server.attached_pipes)
         self._main: asyncio.Task[Any] | None = None
         self._builtins: dict[str, Callable[[CallReceived], Awaitable[None]]] = {
             "pipe.write": self._streams.enqueue_pipe,
@@ -404,7 +406,6 @@ class ControlConnection:
 
     async def run(self) -> None:
         self._main = asyncio.current_task()
-        limits = self.server.limits
         pid, uid = self.admission.pid, self.admission.uid
         try:
             await self._serve()
@@ -417,9 +418,7 @@ class ControlConnection:
         finally:
             self._streams.closing = True
             await self._teardown()
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.writer.wait_closed(), limits.hello_timeout)
+            self.channel.close()
 
     async def _serve(self) -> None:
         limits = self.server.limits
@@ -428,7 +427,7 @@ class ControlConnection:
         try:
             async with asyncio.timeout(limits.hello_timeout):
                 while protocol.state == ConnectionState.AWAITING_HELLO:
-                    chunk = await self.reader.read(_READ_CHUNK)
+                    chunk = await self.channel.read(_READ_CHUNK)
                     if not chunk:
                         return
                     protocol.receive_data(chunk)
@@ -439,9 +438,13 @@ class ControlConnection:
             await self._flush(quiet=protocol.closing)
             for event in protocol.events_received():
                 await self._on_event(event, slots)
+            if not protocol.partial_frame:
+                # Descriptors ride with their request's first bytes: any still here came
+                # with requests that did not take them.
+                self.channel.drop_descriptors()
             if protocol.closing:
                 return
-            chunk = await self.reader.read(_READ_CHUNK)
+            chunk = await self.channel.read(_READ_CHUNK)
             if not chunk:
                 return
             self._refresh_access()
@@ -503,6 +506,9 @@ class ControlConnection:
         if builtin is not None:
             await builtin(event)
             return
+        if isinstance(event.params, PipeOpenParams) and event.params.attach:
+            # Now, in the order of the requests: the descriptors came with this one's bytes.
+            self._streams.adopt_descriptors(event.id, self.channel.take_descriptors(2))
         await slots.acquire()
         self._spawn(self._call(event, caller), slots.release)
 
@@ -584,10 +590,7 @@ class ControlConnection:
                     raise
 
     async def _write(self, data: bytes) -> None:
-        if self.writer.is_closing():
-            raise ConnectionClosed("control client went away")
         try:
-            self.writer.write(data)
-            await self.writer.drain()
+            await self.channel.write(data)
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(f"control client went away: {exc}") from None

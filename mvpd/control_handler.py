@@ -22,6 +22,7 @@ from .proto.rpc import (
     PeerMessage,
     PeerParams,
     PeerStatus,
+    PipeOpenParams,
     RecvParams,
     ReloadResult,
     SendParams,
@@ -137,7 +138,7 @@ class ControlHandler(Protocol):
         client's socket, so the daemon's own bounded queue is where a slow reader shows."""
         ...
 
-    async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
+    async def rpc_pipe_open(self, params: PipeOpenParams, caller: Caller) -> PipeStream:
         """``pipe.open``: a byte pipe to ``params.peer`` (raise to refuse). See
         :class:`PipeStream`; ``pipe.write`` and ``pipe.eof`` are routed to it by the server."""
         ...

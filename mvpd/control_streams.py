@@ -7,8 +7,10 @@ serves them for one connection: it pumps a handler's message iterator or
 :class:`~mvpd.control_handler.PipeStream` into events, only as fast as the client's socket
 takes them (backpressure), carries ``pipe.write`` and ``pipe.eof`` out one at a time in the
 client's order (``pipe.eof`` answered once the peer has taken everything: the EOF-ACK),
-answers ``cancel``, and ends every stream when the connection ends. A pipe's progress is the
-table of :mod:`mvpd.proto.pipe_states`. The connection itself (reading, writing, dispatch)
+answers ``cancel``, and ends every stream when the connection ends. A pipe opened with
+``attach`` copies the client's passed input and output itself
+(:mod:`mvpd.descriptor_copy`) and has only ``error`` and ``end`` events. A pipe's progress
+is the table of :mod:`mvpd.proto.pipe_states`. The connection itself (reading, writing, dispatch)
 is :class:`mvpd.control.ControlConnection`.
 """
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .control_handler import PipeStream
+from .descriptor_copy import InputReader, OutputWriter, open_reader, open_writer
+from .passed_descriptors import close_all
 from .proto.control import CallReceived, ControlLimits
 from .proto.errors import BadRequest, Busy, ConnectionClosed, InvalidParams, MvpError, NotFound
 from .proto.fsm import StateMachine
@@ -54,6 +58,9 @@ class ServedStream:
     queue: asyncio.Queue[tuple[int, str, Any]] | None = None
     writer_task: asyncio.Task[None] | None = None
     watch_task: asyncio.Task[None] | None = None
+    #: An attached pipe's copies of the client's input and output.
+    source: InputReader | None = None
+    sink: OutputWriter | None = None
     stream: StateMachine[PipeState, PipeEvent] = field(
         default_factory=lambda: pipe_machine(PipeState.OPEN)
     )
@@ -70,25 +77,47 @@ class ServedStream:
             self.stream.handle(event)
 
 
+class AttachedPipes:
+    """How many pipes copy passed descriptors, daemon-wide (each costs two threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def take(self) -> None:
+        """Count one more; :class:`Busy` at the limit."""
+        if self.count >= self.limit:
+            raise Busy(f"too many pipes copying passed descriptors ({self.limit} at most)")
+        self.count += 1
+
+    def give(self) -> None:
+        self.count -= 1
+
+
 class ConnectionStreams:
     """The subscriptions of one control connection.
 
     ``send`` writes one message to the client (raising
     :class:`~mvpd.proto.errors.ConnectionClosed` once it is gone); ``spawn`` runs a
-    coroutine as one of the connection's tasks (cancelled when the connection ends)."""
+    coroutine as one of the connection's tasks (cancelled when the connection ends);
+    ``attached`` counts the daemon's attached pipes."""
 
     def __init__(
         self,
         limits: ControlLimits,
         send: Callable[[dict[str, Any]], Awaitable[None]],
         spawn: Callable[[Awaitable[None]], asyncio.Task[None]],
+        attached: AttachedPipes | None = None,
     ) -> None:
         self.limits = limits
         self._send = send
         self._spawn = spawn
+        self._attached = attached or AttachedPipes(limits.max_attached_pipes)
         self._subs: dict[int, ServedStream] = {}
         self._next_sub = 1
         self._reserved = 0
+        #: Descriptors passed with ``pipe.open`` requests not served yet, by request id.
+        self._descriptors: dict[int, list[int] | None] = {}
         #: The connection is ending: streams end without telling the client.
         self.closing = False
 
@@ -96,17 +125,45 @@ class ConnectionStreams:
         """Serve the stream method ``call``: ``start()`` is the handler's answer (a message
         iterator, or a :class:`PipeStream` for ``pipe.open``). :class:`Busy` if the
         connection has :attr:`ControlLimits.max_streams` already (those starting included)."""
-        if len(self._subs) + self._reserved >= self.limits.max_streams:
-            raise Busy(f"too many streams on this connection ({self.limits.max_streams} at most)")
+        attaching = call.id in self._descriptors
+        fds = self._descriptors.pop(call.id, None)
+        try:
+            if attaching and fds is None:
+                raise InvalidParams(
+                    "pipe.open with attach needs two descriptors, the input and the output, "
+                    "sent with the request (SCM_RIGHTS)"
+                )
+            if len(self._subs) + self._reserved >= self.limits.max_streams:
+                raise Busy(
+                    f"too many streams on this connection ({self.limits.max_streams} at most)"
+                )
+            if fds is not None:
+                self._attached.take()
+        except BaseException:
+            close_all(fds or [])
+            raise
         self._reserved += 1
         try:
             value = await start()
+        except BaseException:
+            if fds is not None:
+                close_all(fds)
+                self._attached.give()
+            raise
         finally:
             self._reserved -= 1
-        await self._start(call, value)
+        await self._start(call, value, fds)
+
+    def adopt_descriptors(self, call_id: int, fds: list[int] | None) -> None:
+        """Keep the descriptors passed with the ``pipe.open`` request ``call_id`` (None: it
+        came without) until :meth:`open` serves it."""
+        self._descriptors[call_id] = fds
 
     async def close(self) -> None:
         """End every stream (the connection ends): close their pipes, stop their tasks."""
+        for fds in self._descriptors.values():
+            close_all(fds or [])
+        self._descriptors.clear()
         for sub in list(self._subs.values()):
             await self._end(sub, notify=False)
 
@@ -120,10 +177,14 @@ class ConnectionStreams:
         await self._send(result_message(call.id, {}))
         await self._end(sub)
 
-    async def _start(self, call: CallReceived, value: Any) -> None:
+    async def _start(self, call: CallReceived, value: Any, fds: list[int] | None) -> None:
         sub = ServedStream(self._next_sub, "pipe" if call.method == "pipe.open" else "recv")
         self._next_sub += 1
-        if sub.kind == "pipe":
+        if fds is not None:
+            sub.pipe = value
+            sub.source = open_reader(fds[0])
+            sub.sink = open_writer(fds[1])
+        elif sub.kind == "pipe":
             sub.pipe = value
             sub.queue = asyncio.Queue(self.limits.pipe_queue)
         self._subs[sub.sub] = sub
@@ -134,6 +195,10 @@ class ConnectionStreams:
             raise
         if sub.kind == "recv":
             sub.task = self._spawn(self._pump_messages(sub, value))
+        elif sub.source is not None:
+            sub.task = self._spawn(self._copy_out(sub))
+            sub.writer_task = self._spawn(self._copy_in(sub))
+            sub.watch_task = self._spawn(self._watch_pipe(sub))
         else:
             sub.task = self._spawn(self._pump_pipe(sub))
             sub.writer_task = self._spawn(self._pipe_writer(sub))
@@ -210,16 +275,66 @@ class ConnectionStreams:
                 await self._end(sub)
                 return
 
+    async def _copy_in(self, sub: ServedStream) -> None:
+        """An attached pipe: the client's input to the peer, then EOF."""
+        assert sub.pipe is not None and sub.source is not None
+        try:
+            while data := await sub.source.read():
+                await sub.pipe.write(data)
+            await sub.pipe.write_eof()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._fail_stream(sub, exc)
+            return
+        sub.advance(PipeEvent.EOF_SENT)
+        sub.writer_task = None
+        if sub.stream.state == PipeState.CLOSED:
+            await self._end(sub)
+
+    async def _copy_out(self, sub: ServedStream) -> None:
+        """An attached pipe: the peer's bytes to the client's output, closed at the peer's
+        EOF once everything is written."""
+        assert sub.pipe is not None and sub.sink is not None
+        try:
+            async for chunk in sub.pipe.read():
+                await sub.sink.write(chunk)
+            await sub.sink.finish()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._fail_stream(sub, exc)
+            return
+        sub.advance(PipeEvent.EOF_RECEIVED)
+        sub.task = None
+        if sub.stream.state == PipeState.CLOSED:
+            await self._end(sub)
+
     async def _watch_pipe(self, sub: ServedStream) -> None:
         assert sub.pipe is not None
         try:
-            error: Exception = await sub.pipe.wait_broken()
+            error: Exception = await self._first_failure(sub)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = exc
         sub.watch_task = None
         await self._fail_stream(sub, error)
+
+    async def _first_failure(self, sub: ServedStream) -> Exception:
+        """The pipe's break, or (attached) the client's output failing, whichever first:
+        a failed output is noticed even while no data comes to write."""
+        assert sub.pipe is not None
+        if sub.sink is None:
+            return await sub.pipe.wait_broken()
+        waits = [asyncio.ensure_future(sub.pipe.wait_broken()),
+                 asyncio.ensure_future(sub.sink.failed())]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return done.pop().result()
 
     async def _fail_stream(self, sub: ServedStream, exc: Exception) -> None:
         """The stream cannot go on: one ``error`` event, then ``end``."""
@@ -240,8 +355,9 @@ class ConnectionStreams:
             await self._send(error_message(call.id, NotFound(f"no subscription {params.sub}")))
             return
         if sub.kind != "pipe" or sub.queue is None:
+            what = "copies the descriptors passed with it" if sub.source else "is not a pipe"
             await self._send(
-                error_message(call.id, InvalidParams(f"subscription {params.sub} is not a pipe"))
+                error_message(call.id, InvalidParams(f"subscription {params.sub} {what}"))
             )
             return
         data = params.data if isinstance(params, PipeWriteParams) else None
@@ -267,6 +383,10 @@ class ConnectionStreams:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        if sub.source is not None and sub.sink is not None:
+            sub.source.stop()
+            sub.sink.stop()
+            self._attached.give()
         if sub.pipe is not None:
             try:
                 await sub.pipe.close()

@@ -37,6 +37,7 @@ from .proto.rpc import (
     PeerMessage,
     PeerParams,
     PeerStatus,
+    PipeOpenParams,
     RecvParams,
     ReloadResult,
     SendParams,
@@ -201,9 +202,10 @@ class RpcMethods(ObserveMethods, IdentityMethods):
         ):
             yield PeerMessage(peer=params.peer, kind=message.kind, data=message.value)
 
-    async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> PipeStream:
+    async def rpc_pipe_open(self, params: PipeOpenParams, caller: Caller) -> PipeStream:
         session = self._session(params.peer)
-        log.info("pipe to %s opened by %s", params.peer, caller)
+        log.info("pipe to %s opened by %s%s", params.peer, caller,
+                 " (copying its input and output)" if params.attach else "")
         return CorePipe(session, await session.open_pipe())
 
     async def rpc_reload(self, params: NoParams, caller: Caller) -> ReloadResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,120 @@ def test_stream_count_is_limited(tmp_path: Path) -> None:
         with pytest.raises(RpcError, match="too many streams") as info:
             client.subscribe("recv", peer="bob", follow=True)
         assert info.value.code == "busy"
+
+
+# --- pipes that copy passed descriptors (pipe.open with attach) ---------------------------------
+
+
+def _read_to_end(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as source:
+        return source.read()
+
+
+def test_an_attached_pipe_copies_the_passed_input_to_the_passed_output(
+    server: ServerThread,
+) -> None:
+    payload = os.urandom(3_000_000)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with Client.connect(server.path) as client, ThreadPoolExecutor(2) as pool:
+        client.call("connect", peer="bob")
+        stream = client.attach_pipe("bob", in_r, out_w)
+        os.close(in_r)
+        os.close(out_w)  # from now on only the daemon holds these ends
+        with pytest.raises(InvalidParams, match="copies the descriptors"):
+            client.call("pipe.write", sub=stream.sub, data=b"x")
+        feeding = pool.submit(lambda: os.fdopen(in_w, "wb").write(payload))
+        reading = pool.submit(_read_to_end, out_r)
+        assert list(stream) == []  # no data or eof events: only the end
+        assert reading.result(30) == payload  # end of file: the daemon closed its copy
+        assert feeding.result(30) == len(payload)
+    assert server.handler.pipes_closed == 1
+    assert server.server.attached_pipes.count == 0
+
+
+def test_attach_without_descriptors_is_refused_and_stray_ones_are_closed(
+    server: ServerThread,
+) -> None:
+    r, w = os.pipe()
+    with Client.connect(server.path) as client:
+        client.call("connect", peer="bob")
+        with pytest.raises(InvalidParams, match="needs two descriptors"):
+            client.call("pipe.open", peer="bob", attach=True)
+        # Descriptors sent with a request that does not take them are closed at once.
+        client.wait(client.request("status", fds=[w]))
+        os.close(w)
+        with pytest.raises(InvalidParams, match="needs two descriptors"):
+            client.call("pipe.open", peer="bob", attach=True)
+        assert os.read(r, 1) == b""  # no copy of the write end is left anywhere
+        assert client.call("status")["agent_id"] == "alice"
+    os.close(r)
+
+
+def test_a_client_going_away_stops_an_attached_pipe_blocked_on_its_input(
+    server: ServerThread,
+) -> None:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with Client.connect(server.path) as client:
+        client.call("connect", peer="bob")
+        client.attach_pipe("bob", in_r, out_w)
+        os.close(in_r)
+        os.close(out_w)
+    # Nothing was ever written: the daemon's reader waits on the input until the client
+    # leaves, then lets go of both descriptors.
+    assert _read_to_end(out_r) == b""
+    os.set_blocking(in_w, False)
+    for _ in range(500):
+        try:
+            os.write(in_w, b"x")
+        except BrokenPipeError:
+            break
+        server.run(asyncio.sleep(0.01))
+    else:
+        pytest.fail("the daemon still holds the input")
+    os.close(in_w)
+    for _ in range(500):
+        if server.handler.pipes_closed == 1:
+            break
+        server.run(asyncio.sleep(0.01))
+    assert server.handler.pipes_closed == 1
+    assert server.server.attached_pipes.count == 0
+
+
+def test_an_output_nobody_reads_ends_the_pipe_with_output_closed(server: ServerThread) -> None:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.close(out_r)
+    with Client.connect(server.path) as client:
+        client.call("connect", peer="bob")
+        stream = client.attach_pipe("bob", in_r, out_w)
+        os.close(in_r)
+        os.close(out_w)
+        os.write(in_w, b"into the void")
+        with pytest.raises(RpcError, match="cannot write the output") as info:
+            list(stream)
+        assert info.value.code == "output-closed"
+        assert client.next_event(stream.sub, timeout=10).event == "end"
+    os.close(in_w)
+
+
+def test_attached_pipes_are_limited_daemon_wide(tmp_path: Path) -> None:
+    limits = ControlLimits(max_attached_pipes=1)
+    fds = [fd for _ in range(2) for fd in os.pipe()]
+    with (
+        ServerThread(tmp_path / "s.sock", limits=limits) as server,
+        Client.connect(server.path) as one,
+        Client.connect(server.path) as two,
+    ):
+        one.call("connect", peer="bob")
+        first = one.attach_pipe("bob", fds[0], fds[3])
+        with pytest.raises(RpcError, match="too many pipes copying") as info:
+            two.attach_pipe("bob", fds[0], fds[3])
+        assert info.value.code == "busy"
+        first.cancel()
+        assert one.next_event(first.sub, timeout=10).event == "end"
+        second = two.attach_pipe("bob", fds[0], fds[3])  # the slot was given back
+        second.cancel()
+    for fd in fds:
+        os.close(fd)

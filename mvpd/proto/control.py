@@ -140,6 +140,11 @@ class ControlProtocol:
         self._outgoing = bytearray()
 
     @property
+    def partial_frame(self) -> bool:
+        """Bytes of a frame not complete yet are waiting for more."""
+        return self._decoder.buffered > 0
+
+    @property
     def closing(self) -> bool:
         """The connection must end once :meth:`data_to_send` has been sent."""
         return self.state == ConnectionState.CLOSING
@@ -256,6 +261,9 @@ class ControlLimits:
     max_streams: int = 16
     #: Queued ``pipe.write``/``pipe.eof`` calls per pipe before the server stops reading.
     pipe_queue: int = 8
+    #: Pipes copying passed descriptors (``pipe.open`` with ``attach``), from everyone at
+    #: once: each has two threads. Past it, ``busy`` (``mvpctl pipe`` then frames its bytes).
+    max_attached_pipes: int = 64
     #: Connections at once, from everyone; the last ``reserved_for_root`` only for root.
     max_connections: int = 512
     reserved_for_root: int = 16

@@ -198,6 +198,12 @@ class Busy(RpcError):
     code = "busy"
 
 
+class DescriptorFailed(RpcError):
+    """Reading or writing a descriptor the client passed (its input or output) failed."""
+
+    code = "descriptor"
+
+
 class DaemonNotRunning(RpcError):
     """No daemon listens on the control socket (client side)."""
 

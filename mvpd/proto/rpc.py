@@ -319,6 +319,18 @@ class PeerParams(_Wire):
     peer: PeerId
 
 
+class PipeOpenParams(PeerParams):
+    """``pipe.open``: a byte pipe to ``peer``.
+
+    With ``attach``, the request carries two descriptors (``SCM_RIGHTS``, sent with the
+    request's bytes): the caller's input and output, in that order. The daemon then copies
+    the input to the peer and the peer's bytes to the output itself; the stream has no
+    ``data`` or ``eof`` events and takes no ``pipe.write`` or ``pipe.eof``, only ``error``
+    and ``end``."""
+
+    attach: bool = False
+
+
 class SendParams(_Wire):
     """``send``: exactly one of ``text``, ``json`` (any value, null included) and ``data``."""
 
@@ -438,7 +450,7 @@ METHODS: dict[str, MethodSpec] = {
         stream=True,
     ),
     "pipe.open": MethodSpec(
-        "write", PeerParams, "byte pipe to a peer: events data, eof, error, end", Subscribed,
+        "write", PipeOpenParams, "byte pipe to a peer: events data, eof, error, end", Subscribed,
         stream=True,
     ),
     "pipe.write": MethodSpec("write", PipeWriteParams, "write bytes to a pipe (backpressure)",

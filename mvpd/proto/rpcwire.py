@@ -45,6 +45,7 @@ from .errors import (
     Busy,
     ConnectionClosed,
     DaemonNotRunning,
+    DescriptorFailed,
     Forbidden,
     FrameError,
     FrameTooLarge,
@@ -91,6 +92,9 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"
     TOO_LARGE = "too-large"
     BUSY = "busy"
+    DESCRIPTOR = "descriptor"
+    #: Writing a passed output failed because nobody reads it any more (EPIPE).
+    OUTPUT_CLOSED = "output-closed"
     INTERNAL = "internal"
     NOT_RUNNING = "not-running"
 
@@ -108,6 +112,8 @@ ERROR_CLASSES: dict[str, type[RpcError]] = {
     ErrorCode.PEER_ERROR.value: RpcPeerError,
     ErrorCode.TIMEOUT.value: RpcTimeout,
     ErrorCode.BUSY.value: Busy,
+    ErrorCode.DESCRIPTOR.value: DescriptorFailed,
+    ErrorCode.OUTPUT_CLOSED.value: DescriptorFailed,
     ErrorCode.INTERNAL.value: RpcError,
     ErrorCode.NOT_RUNNING.value: DaemonNotRunning,
 }

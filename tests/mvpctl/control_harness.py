@@ -25,6 +25,7 @@ from mvpd.proto.rpc import (
     PeerMessage,
     PeerParams,
     PeerStatus,
+    PipeOpenParams,
     RecvParams,
     ReloadResult,
     SendParams,
@@ -81,6 +82,8 @@ class FakeDaemon:
         self.calls: list[tuple[str, Caller]] = []
         self.pipes_closed = 0
         self.pipes: list[EchoPipe] = []
+        #: Each pipe.open's ``attach``: whether the client handed over its descriptors.
+        self.pipes_attached: list[bool] = []
         self.streams_closed = 0
 
     async def rpc_status(self, params: NoParams, caller: Caller) -> StatusResult:
@@ -156,8 +159,9 @@ class FakeDaemon:
 
         return messages()
 
-    async def rpc_pipe_open(self, params: PeerParams, caller: Caller) -> EchoPipe:
+    async def rpc_pipe_open(self, params: PipeOpenParams, caller: Caller) -> EchoPipe:
         self._peer(params.peer)
+        self.pipes_attached.append(params.attach)
         self.pipes.append(EchoPipe(self))
         return self.pipes[-1]
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mvpctl.app import EXIT_CODES, _fail, app
 from mvpctl.client import Client
+from mvpd.proto.control import ControlLimits
 from tests.mvpctl.control_harness import ServerThread
 
 PYTHON = sys.executable
@@ -130,23 +131,67 @@ def test_daemon_errors_exit_1_and_timeouts_exit_5(server: ServerThread) -> None:
     assert code == 1 and "peer" in err
 
 
-def test_pipe_carries_bytes_and_eof_both_ways(server: ServerThread) -> None:
-    payload = os.urandom(200_000) + b"\n"
-    done = mvpctl_process(server.path, "pipe", "bob", stdin=payload)
+@pytest.mark.parametrize("framed", [False, True], ids=["attached", "framed"])
+def test_pipe_carries_bytes_and_eof_both_ways(server: ServerThread, framed: bool) -> None:
+    payload = os.urandom(2_000_000) + b"\n"
+    done = mvpctl_process(server.path, "pipe", "bob", *(["--framed"] if framed else []),
+                          stdin=payload)
     assert done.returncode == 0, done.stderr
     assert done.stdout == payload  # the echo peer returns everything, then its EOF
     assert server.handler.pipes_closed == 1
+    # By default mvpd copies stdin and stdout itself; --framed carries them through mvpctl.
+    assert server.handler.pipes_attached == [not framed]
 
 
-def test_pipe_with_nothing_to_send(server: ServerThread) -> None:
-    done = mvpctl_process(server.path, "pipe", "bob")
+@pytest.mark.parametrize("framed", [False, True], ids=["attached", "framed"])
+def test_pipe_with_nothing_to_send(server: ServerThread, framed: bool) -> None:
+    done = mvpctl_process(server.path, "pipe", "bob", *(["--framed"] if framed else []))
     assert (done.returncode, done.stdout) == (0, b"")
 
 
-def test_pipe_error_exits_1(server: ServerThread) -> None:
-    done = mvpctl_process(server.path, "pipe", "bob", stdin=b"fail\n")
+@pytest.mark.parametrize("framed", [False, True], ids=["attached", "framed"])
+def test_pipe_error_exits_1(server: ServerThread, framed: bool) -> None:
+    done = mvpctl_process(server.path, "pipe", "bob", *(["--framed"] if framed else []),
+                          stdin=b"fail\n")
     assert done.returncode == 1
     assert b"channel broke" in done.stderr
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["attached", "framed"])
+def test_pipe_into_a_reader_that_quits_exits_0_quietly(
+    server: ServerThread, framed: bool
+) -> None:
+    # `mvpctl pipe bob | head -c 10`: the reader leaving is not an error, as for any filter.
+    done = subprocess.run(
+        f"{PYTHON} -m mvpctl --socket {server.path} pipe bob {'--framed' if framed else ''}"
+        " < /dev/zero | head -c 10 > /dev/null; echo ${PIPESTATUS[0]}",
+        shell=True, executable="/bin/bash", capture_output=True, timeout=60,
+    )
+    assert done.stdout == b"0\n" and done.stderr == b""
+
+
+def test_pipe_leaves_a_terminal_on_stdin_to_mvpctl(server: ServerThread) -> None:
+    # A terminal stays under the shell's job control: mvpctl reads it, not the daemon.
+    controller, terminal = os.openpty()
+    try:
+        os.write(controller, b"typed\n\x04")
+        done = subprocess.run(
+            [PYTHON, "-m", "mvpctl", "--socket", str(server.path), "pipe", "bob"],
+            stdin=terminal, capture_output=True, timeout=60,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert (done.returncode, done.stdout) == (0, b"typed\n"), done.stderr
+    assert server.handler.pipes_attached == [False]
+
+
+def test_pipe_falls_back_to_framing_when_mvpd_is_busy(tmp_path: Path) -> None:
+    limits = ControlLimits(max_attached_pipes=0)
+    with ServerThread(tmp_path / "mvpd.sock", limits=limits) as busy:
+        done = mvpctl_process(busy.path, "pipe", "bob", stdin=b"still works")
+        assert (done.returncode, done.stdout) == (0, b"still works"), done.stderr
+        assert busy.handler.pipes_attached == [False]  # refused before it reached the handler
 
 
 def test_chat_sends_lines_and_prints_the_peers(server: ServerThread) -> None:
