@@ -559,15 +559,17 @@ class PipeResult:
     cpu: dict[str, float]
 
 
-def pipe_round(setup: Setup, data_file: Path, size: int) -> PipeResult:
+def pipe_round(setup: Setup, data_file: Path, size: int, *, framed: bool = False) -> PipeResult:
     """One ``mvpctl pipe`` transfer B <- A; MB/s from the first to the last byte received,
-    and the CPU seconds of both daemons and both ``mvpctl pipe`` processes over it."""
+    and the CPU seconds of both daemons and both ``mvpctl pipe`` processes over it.
+    ``framed``: with ``--framed`` (the bytes cross the control sockets through mvpctl)."""
     children = setup.children
+    extra = ["--framed"] if framed else []
     daemons = {name: setup.daemons[f"bench-{name}"].pid for name in ("a", "b")}
     cpu_before = {name: cpu_seconds(pid) for name, pid in daemons.items()}
     receiver = children.start(
         "mvpctl pipe (receiver)",
-        setup.mvpctl("bench-b", "pipe", "bench-a"),
+        setup.mvpctl("bench-b", "pipe", "bench-a", *extra),
         env=clean_env(),
         cwd=setup.work,
         stdout=subprocess.PIPE,
@@ -580,7 +582,7 @@ def pipe_round(setup: Setup, data_file: Path, size: int) -> PipeResult:
         with data_file.open("rb") as source:
             sender = children.start(
                 "mvpctl pipe (sender)",
-                setup.mvpctl("bench-a", "pipe", "bench-b"),
+                setup.mvpctl("bench-a", "pipe", "bench-b", *extra),
                 env=clean_env(),
                 cwd=setup.work,
                 stdin=source,
@@ -628,9 +630,11 @@ def measure_bulk(setup: Setup, plan: Plan, report: Report) -> None:
     pipe_cpu: dict[str, list[float]] = {}
     bare_cpu: dict[str, list[float]] = {"sender": [], "receiver": []}
     megabytes = plan.bulk_bytes / 1e6
+    framed_rates = []
     for _ in range(plan.bulk_rounds):  # alternate, so noise hits both alike
         pipe = pipe_round(setup, data_file, plan.bulk_bytes)
         pipe_rates.append(pipe.rate)
+        framed_rates.append(pipe_round(setup, data_file, plan.bulk_bytes, framed=True).rate)
         for name, seconds in pipe.cpu.items():
             pipe_cpu.setdefault(name, []).append(seconds / megabytes)
         bare = run_bare(setup.children, setup.work, "--bulk-bytes", str(plan.bulk_bytes))
@@ -638,7 +642,8 @@ def measure_bulk(setup: Setup, plan: Plan, report: Report) -> None:
         for b in bare["bulk"]:
             for side in ("sender", "receiver"):
                 bare_cpu[side].append(b.get(f"{side}_cpu_seconds", math.nan) / megabytes)
-        progress(f"   round: pipe {pipe_rates[-1]:.2f} MB/s, bare {bare_rates[-1]:.2f} MB/s")
+        progress(f"   round: pipe {pipe_rates[-1]:.2f} MB/s, --framed {framed_rates[-1]:.2f} "
+                 f"MB/s, bare {bare_rates[-1]:.2f} MB/s")
     ms_per_mb = {name: 1000 * statistics.median(values) for name, values in pipe_cpu.items()}
     for side, daemon, ctl, bare_side in (("sending", "a", "a", "sender"),
                                          ("receiving", "b", "b", "receiver")):
@@ -661,6 +666,16 @@ def measure_bulk(setup: Setup, plan: Plan, report: Report) -> None:
             "MB/s",
             "bare aiortc channel",
             f"{plan.bulk_bytes // MiB} MiB x {plan.bulk_rounds}, higher is better",
+        )
+    )
+    report.add(
+        Row(
+            "bulk throughput, mvpctl pipe --framed (median)",
+            statistics.median(framed_rates),
+            statistics.median(bare_rates),
+            "MB/s",
+            "bare aiortc channel",
+            "bytes through mvpctl and the control sockets, as before descriptor passing",
         )
     )
 
