@@ -207,3 +207,19 @@ def test_a_closed_output_is_output_closed_and_a_read_only_one_an_error(
         assert path.read_bytes() == b""
 
     asyncio.run(main())
+
+
+def test_the_thread_writer_takes_many_small_pieces_in_order(tmp_path: Path) -> None:
+    # A peer sending one-byte messages queues far more pieces than one writev may take.
+    pieces = [bytes([i % 251]) for i in range(20_000)]
+    path = tmp_path / "out"
+
+    async def main() -> None:
+        writer = open_writer(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        assert isinstance(writer, ThreadWriter)
+        for piece in pieces:
+            await writer.write(piece)
+        await writer.finish()
+
+    asyncio.run(main())
+    assert path.read_bytes() == b"".join(pieces)
