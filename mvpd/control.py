@@ -508,7 +508,7 @@ class ControlConnection:
             return
         if isinstance(event.params, PipeOpenParams) and event.params.attach:
             # Now, in the order of the requests: the descriptors came with this one's bytes.
-            self._streams.adopt_descriptors(event.id, self.channel.take_descriptors(2))
+            self._streams.adopt_descriptors(event, self.channel.take_descriptors(2))
         await slots.acquire()
         self._spawn(self._call(event, caller), slots.release)
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from .control_handler import PipeStream
 from .descriptor_copy import InputReader, OutputWriter, open_reader, open_writer
-from .passed_descriptors import close_all
+from .passed_descriptors import Passed, access_refusal, close_soon
 from .proto.control import CallReceived, ControlLimits
 from .proto.errors import BadRequest, Busy, ConnectionClosed, InvalidParams, MvpError, NotFound
 from .proto.fsm import StateMachine
@@ -93,6 +93,21 @@ class AttachedPipes:
     def give(self) -> None:
         self.count -= 1
 
+    def give_when_closed(self, *copies: InputReader | OutputWriter) -> None:
+        """Count one less once every copy has let go of its descriptor: a thread stuck in
+        a read or write it cannot be woken from keeps its pipe counted, so such threads
+        stay bounded by the limit."""
+        left = len(copies)
+
+        def closed() -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                self.give()
+
+        for copy in copies:
+            copy.when_closed(closed)
+
 
 class ConnectionStreams:
     """The subscriptions of one control connection.
@@ -116,8 +131,9 @@ class ConnectionStreams:
         self._subs: dict[int, ServedStream] = {}
         self._next_sub = 1
         self._reserved = 0
-        #: Descriptors passed with ``pipe.open`` requests not served yet, by request id.
-        self._descriptors: dict[int, list[int] | None] = {}
+        #: Descriptors passed with ``pipe.open`` requests not served yet, with their
+        #: request (the very one: a client may use an id twice).
+        self._descriptors: list[tuple[CallReceived, list[Passed] | None]] = []
         #: The connection is ending: streams end without telling the client.
         self.closing = False
 
@@ -125,14 +141,11 @@ class ConnectionStreams:
         """Serve the stream method ``call``: ``start()`` is the handler's answer (a message
         iterator, or a :class:`PipeStream` for ``pipe.open``). :class:`Busy` if the
         connection has :attr:`ControlLimits.max_streams` already (those starting included)."""
-        attaching = call.id in self._descriptors
-        fds = self._descriptors.pop(call.id, None)
+        attaching, passed = self._adopted(call)
+        fds: list[int] | None = None
         try:
-            if attaching and fds is None:
-                raise InvalidParams(
-                    "pipe.open with attach needs two descriptors, the input and the output, "
-                    "sent with the request (SCM_RIGHTS)"
-                )
+            if attaching:
+                fds = _attachable(passed)
             if len(self._subs) + self._reserved >= self.limits.max_streams:
                 raise Busy(
                     f"too many streams on this connection ({self.limits.max_streams} at most)"
@@ -140,29 +153,37 @@ class ConnectionStreams:
             if fds is not None:
                 self._attached.take()
         except BaseException:
-            close_all(fds or [])
+            close_soon(_descriptors_of(passed))
             raise
         self._reserved += 1
         try:
             value = await start()
         except BaseException:
             if fds is not None:
-                close_all(fds)
+                close_soon(fds)
                 self._attached.give()
             raise
         finally:
             self._reserved -= 1
         await self._start(call, value, fds)
 
-    def adopt_descriptors(self, call_id: int, fds: list[int] | None) -> None:
-        """Keep the descriptors passed with the ``pipe.open`` request ``call_id`` (None: it
-        came without) until :meth:`open` serves it."""
-        self._descriptors[call_id] = fds
+    def adopt_descriptors(self, call: CallReceived, passed: list[Passed] | None) -> None:
+        """Keep the descriptors passed with the ``pipe.open`` request ``call`` (None: it came
+        without) until :meth:`open` serves it."""
+        self._descriptors.append((call, passed))
+
+    def _adopted(self, call: CallReceived) -> tuple[bool, list[Passed] | None]:
+        """Whether ``call`` came to attach, and the descriptors it brought."""
+        for index, (adopted, passed) in enumerate(self._descriptors):
+            if adopted is call:
+                del self._descriptors[index]
+                return True, passed
+        return False, None
 
     async def close(self) -> None:
         """End every stream (the connection ends): close their pipes, stop their tasks."""
-        for fds in self._descriptors.values():
-            close_all(fds or [])
+        for _, passed in self._descriptors:
+            close_soon(_descriptors_of(passed))
         self._descriptors.clear()
         for sub in list(self._subs.values()):
             await self._end(sub, notify=False)
@@ -182,8 +203,15 @@ class ConnectionStreams:
         self._next_sub += 1
         if fds is not None:
             sub.pipe = value
-            sub.source = open_reader(fds[0])
-            sub.sink = open_writer(fds[1])
+            try:
+                sub.source, sub.sink = _open_copies(fds)
+            except BaseException:
+                self._attached.give()
+                try:
+                    await value.close()
+                except Exception:
+                    log.exception("closing pipe %d failed", sub.sub)
+                raise
         elif sub.kind == "pipe":
             sub.pipe = value
             sub.queue = asyncio.Queue(self.limits.pipe_queue)
@@ -386,7 +414,7 @@ class ConnectionStreams:
         if sub.source is not None and sub.sink is not None:
             sub.source.stop()
             sub.sink.stop()
-            self._attached.give()
+            self._attached.give_when_closed(sub.source, sub.sink)
         if sub.pipe is not None:
             try:
                 await sub.pipe.close()
@@ -405,3 +433,43 @@ class ConnectionStreams:
         if notify and not self.closing:
             with contextlib.suppress(ConnectionClosed):
                 await self._send(event_message(sub.sub, "end"))
+
+
+def _descriptors_of(passed: list[Passed] | None) -> list[int]:
+    """The descriptors among ``passed`` (the refused ones are closed already)."""
+    return [fd for fd in passed or [] if isinstance(fd, int)]
+
+
+def _attachable(passed: list[Passed] | None) -> list[int]:
+    """The input and output passed with ``pipe.open``; :class:`InvalidParams` (closing
+    nothing) if they are missing or cannot be copied."""
+    if passed is None:
+        raise InvalidParams(
+            "pipe.open with attach needs two descriptors, the input and the output, "
+            "sent with the request (SCM_RIGHTS)"
+        )
+    for role, item in zip(("input", "output"), passed, strict=True):
+        reason = item if isinstance(item, str) else access_refusal(
+            item, writing=role == "output")
+        if reason is not None:
+            raise InvalidParams(
+                f"the {role} passed with pipe.open {reason}; without attach "
+                "(mvpctl pipe --framed) its bytes go over the control socket"
+            )
+    return _descriptors_of(passed)
+
+
+def _open_copies(fds: list[int]) -> tuple[InputReader, OutputWriter]:
+    """The copies of the passed input and output (they own the descriptors, even if this
+    fails: :class:`Busy`)."""
+    try:
+        source = open_reader(fds[0])
+    except BaseException:
+        close_soon([fds[1]])
+        raise
+    try:
+        sink = open_writer(fds[1])
+    except BaseException:
+        source.stop()
+        raise
+    return source, sink

@@ -8,10 +8,15 @@ never stall the event loop that carries every peer. Two ways do that:
 * On the event loop, for pipes and sockets: readiness from the loop, and reads and writes
   that refuse to block by themselves, whatever the descriptor's flags: ``RWF_NOWAIT`` on a
   pipe (Linux 5.x), ``MSG_DONTWAIT`` on a socket. No thread, no lock, no copy beyond the
-  system call's. :class:`LoopReader`, :class:`LoopWriter`.
-* In a thread of its own, for everything else (regular files, terminals, devices) and where
-  the kernel refuses ``RWF_NOWAIT``: the thread waits in ``poll`` on its descriptor and on a
-  wake-up pipe, so stopping wakes it; it owns its descriptor and closes it when it ends.
+  system call's. :class:`LoopReader`, :class:`LoopWriter`. The descriptor is closed by a
+  closer thread (:func:`~mvpd.passed_descriptors.close_soon`): a socket's close can block.
+* In a thread of its own, for everything else (regular files, terminals, devices, FIFOs
+  opened by name, which refuse ``RWF_NOWAIT``) and where the kernel refuses ``RWF_NOWAIT``
+  on pipes: the thread waits in ``poll`` on its descriptor and on a wake-up pipe, so
+  stopping wakes it; it owns its descriptor and closes it when it ends. A read or write
+  already under way cannot be woken (a terminal whose reader stopped reading, a pipe whose
+  bytes another reader took first): the thread ends with it, and until then its pipe still
+  counts against ``ControlLimits.max_attached_pipes``, so such threads stay bounded.
   :class:`ThreadReader`, :class:`ThreadWriter`.
 
 :func:`open_reader` and :func:`open_writer` choose. Failures become
@@ -31,10 +36,11 @@ import select
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from .passed_descriptors import close_all
-from .proto.errors import DescriptorFailed
+from .passed_descriptors import PIPEFS_MAGIC, close_all, close_soon, file_system
+from .proto.errors import Busy, DescriptorFailed
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,11 @@ class InputReader(Protocol):
         """Stop (a read in progress is abandoned) and let go of the descriptor."""
         ...
 
+    def when_closed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) once the descriptor is let go of, now if it
+        is: a thread stuck in a read can hold it after :meth:`stop`."""
+        ...
+
 
 class OutputWriter(Protocol):
     """Writes a passed output."""
@@ -88,6 +99,10 @@ class OutputWriter(Protocol):
         """Stop (queued bytes are dropped) and let go of the descriptor."""
         ...
 
+    def when_closed(self, callback: Callable[[], None]) -> None:
+        """As :meth:`InputReader.when_closed`."""
+        ...
+
 
 def _failure(what: str, exc: OSError) -> DescriptorFailed:
     code = "output-closed" if exc.errno == errno.EPIPE else None
@@ -104,7 +119,8 @@ def _loop_kind(fd: int) -> str | None:
         return None
     if stat.S_ISSOCK(mode):
         return "socket"
-    if stat.S_ISFIFO(mode) and _nowait_pipes():
+    # A FIFO opened by name refuses RWF_NOWAIT (EOPNOTSUPP), even where pipes take it.
+    if stat.S_ISFIFO(mode) and _nowait_pipes() and file_system(fd) == PIPEFS_MAGIC:
         return "pipe"
     return None
 
@@ -133,21 +149,36 @@ def _nowait_pipes() -> bool:
 
 
 def open_reader(fd: int) -> InputReader:
-    """A reader of the passed input ``fd`` (it owns ``fd`` from now on)."""
-    kind = _loop_kind(fd)
-    if kind is not None:
-        with contextlib.suppress(OSError):  # a socket Python cannot wrap: a thread then
-            return LoopReader(fd, kind)
-    return ThreadReader(fd)
+    """A reader of the passed input ``fd`` (it owns ``fd`` from now on, even when it fails:
+    :class:`~mvpd.proto.errors.Busy` when the daemon lacks the descriptors or the thread)."""
+    try:
+        kind = _loop_kind(fd)
+        if kind is not None:
+            with contextlib.suppress(OSError):  # a socket Python cannot wrap: a thread then
+                return LoopReader(fd, kind)
+        return ThreadReader(fd)
+    except (OSError, RuntimeError) as exc:
+        close_soon([fd])
+        raise _cannot_copy(exc) from None
 
 
 def open_writer(fd: int) -> OutputWriter:
-    """A writer of the passed output ``fd`` (it owns ``fd`` from now on)."""
-    kind = _loop_kind(fd)
-    if kind is not None:
-        with contextlib.suppress(OSError):
-            return LoopWriter(fd, kind)
-    return ThreadWriter(fd)
+    """A writer of the passed output ``fd`` (owned as by :func:`open_reader`)."""
+    try:
+        kind = _loop_kind(fd)
+        if kind is not None:
+            with contextlib.suppress(OSError):
+                return LoopWriter(fd, kind)
+        return ThreadWriter(fd)
+    except (OSError, RuntimeError) as exc:
+        close_soon([fd])
+        raise _cannot_copy(exc) from None
+
+
+def _cannot_copy(exc: Exception) -> Busy:
+    reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+    return Busy(f"mvpd cannot copy the passed descriptors now ({reason}); "
+                "without attach the bytes go over the control socket")
 
 
 class _LoopDescriptor:
@@ -160,6 +191,7 @@ class _LoopDescriptor:
         # A socket object is only a way to pass MSG_DONTWAIT: it shares the descriptor.
         self._sock = socket.socket(fileno=fd) if kind == "socket" else None
         self._closed = False
+        self._on_closed: list[Callable[[], None]] = []
 
     async def _ready(self, add: Any, remove: Any) -> None:
         ready = self._loop.create_future()
@@ -177,9 +209,17 @@ class _LoopDescriptor:
         self._loop.remove_reader(self.fd)
         self._loop.remove_writer(self.fd)
         if self._sock is not None:
-            self._sock.close()
+            self._sock.detach()
+        close_soon([self.fd])  # a lingering socket's close blocks: never on the loop
+        for callback in self._on_closed:
+            callback()
+        self._on_closed.clear()
+
+    def when_closed(self, callback: Callable[[], None]) -> None:
+        if self._closed:
+            callback()
         else:
-            close_all([self.fd])
+            self._on_closed.append(callback)
 
 
 def _set_result(future: asyncio.Future[None]) -> None:
@@ -266,10 +306,16 @@ class _DescriptorThread:
         self._lock = threading.Lock()
         self._stopping = False
         self._finished = False
+        self._released = False
+        self._on_closed: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError:  # the caller closes the descriptor
+            close_all([self._wake_read, self._wake_write])
+            raise
 
     def stop(self) -> None:
         """Make the thread end soon (it closes the descriptor itself)."""
@@ -292,14 +338,29 @@ class _DescriptorThread:
             with self._lock:
                 self._finished = True
                 close_all([self.fd, self._wake_read, self._wake_write])
-            self.call_in_loop(self.ended)
+            self.call_in_loop(self._let_go)
 
     def run(self) -> None:
         """The thread's work; the descriptor is closed when it returns."""
         raise NotImplementedError
 
+    def _let_go(self) -> None:
+        self._released = True
+        self.ended()
+        for callback in self._on_closed:
+            callback()
+        self._on_closed.clear()
+
     def ended(self) -> None:
         """On the event loop, once the thread has closed the descriptor."""
+
+    def when_closed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the event loop once the thread has closed the descriptor
+        (after :meth:`stop`, that can wait for a read or write it cannot be woken from)."""
+        if self._released:
+            callback()
+        else:
+            self._on_closed.append(callback)
 
     def wait_ready(self) -> bool:
         """Wait until the descriptor is ready (or in error: the next call says what); False
