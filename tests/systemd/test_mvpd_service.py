@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from mvpd.units import TMP_DROPIN, paths_under_tmp
-from tests.systemd.harness import MVPCTL_BIN, MVPD_BIN, InstalledUnits, SystemdContainer
+from tests.systemd.harness import MVPCTL_BIN, MVPD_BIN, PYTHON, InstalledUnits, SystemdContainer
 
 pytestmark = pytest.mark.root
 
@@ -344,6 +344,38 @@ def test_reload_applies_a_changed_allow_list(bob: SystemdContainer) -> None:
     assert (allowed.returncode, allowed.stdout.strip()) == (0, "alice: connected"), (
         allowed, unit_log(c))
     assert mvpctl(c, "disconnect", "alice", socket=BOB_SOCKET).returncode == 0
+
+
+#: ``mvpctl pipe`` without its fallback: attach (hand stdin and stdout to mvpd) or fail.
+ATTACHED_PIPE = (
+    "import sys; from mvpctl.client import Client; "
+    "stream = Client.connect('/run/mvpd/mvpd.sock').attach_pipe(sys.argv[1], 0, 1); "
+    "list(stream)"
+)
+
+
+def test_an_attached_pipe_copies_under_the_hardened_unit(bob: SystemdContainer) -> None:
+    """The client hands mvpd its stdin and stdout (pipes): under the unit's hardening
+    (SystemCallFilter=@system-service...) mvpd receives them (recvmsg, SCM_RIGHTS), looks
+    at them (fstat, fstatfs) and copies through them (preadv2/pwritev2 with RWF_NOWAIT):
+    the bytes arrive whole both ways."""
+    c = bob
+    c.run(["sh", "-c", "head -c 3000000 /dev/urandom > /tmp/to-bob && "
+                       "head -c 2000000 /dev/urandom > /tmp/to-alice"])
+    assert mvpctl(c, "connect", "bob").returncode == 0, unit_log(c)
+    script = (
+        "set -o pipefail; "
+        f"{MVPCTL_BIN} --socket {BOB_SOCKET} pipe alice < /tmp/to-alice > /tmp/at-bob & "
+        f"cat /tmp/to-bob | {PYTHON} -c \"{ATTACHED_PIPE}\" bob | sha256sum > /tmp/at-alice; "
+        "alice=$?; wait $!; echo $alice $?"
+    )
+    result = c.run(["bash", "-c", script], timeout=120, check=False)
+    assert result.stdout.split() == ["0", "0"], (result, unit_log(c))
+    sums = c.run(["sha256sum", "/tmp/to-bob", "/tmp/at-bob", "/tmp/to-alice"]).stdout.split()
+    assert sums[0] == sums[2], "alice's bytes differ at bob"
+    assert c.run(["cat", "/tmp/at-alice"]).stdout.split()[0] == sums[4], "bob's differ at alice"
+    assert c.show(UNIT, "ActiveState")["ActiveState"] == "active"
+    assert mvpctl(c, "disconnect", "bob").returncode == 0
 
 
 def links(c: SystemdContainer) -> list[str]:
