@@ -757,3 +757,12 @@ def test_running_out_of_descriptors_while_attaching_is_a_clear_busy(
         assert client.call("status")["agent_id"] == "alice"
         wait_for("the passed output closed", lambda: closed_everywhere(out_r))
         os.close(out_r)
+
+
+def test_mvpctl_pipe_falls_back_to_framing_for_a_refused_input(server: ServerThread) -> None:
+    """What mvpd refuses to read as root, mvpctl reads itself, as its user."""
+    expected = Path("/proc/version").read_bytes()
+    with attack(server), open("/proc/version", "rb") as stdin:
+        done = subprocess.run([*MVPCTL, "--socket", str(server.path), "pipe", "bob"],
+                              stdin=stdin, capture_output=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout) == (0, expected), done.stderr
