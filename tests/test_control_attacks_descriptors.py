@@ -112,6 +112,8 @@ def attack(server: ServerThread) -> Iterator[StatusProbe]:
     closed what it opened) no descriptor, thread, attached pipe or connection is left."""
     probe = StatusProbe(server.path)
     try:
+        # Closing what came before (the fixture's connection) takes a moment, in a thread.
+        wait_for("earlier closes", lambda: "mvpd-fd-closer" not in Resources.now().threads)
         before = Resources.now()
         yield probe
         probe.check()
