@@ -151,25 +151,23 @@ def _nowait_pipes() -> bool:
 def open_reader(fd: int) -> InputReader:
     """A reader of the passed input ``fd`` (it owns ``fd`` from now on, even when it fails:
     :class:`~mvpd.proto.errors.Busy` when the daemon lacks the descriptors or the thread)."""
-    try:
-        kind = _loop_kind(fd)
-        if kind is not None:
-            with contextlib.suppress(OSError):  # a socket Python cannot wrap: a thread then
-                return LoopReader(fd, kind)
-        return ThreadReader(fd)
-    except (OSError, RuntimeError) as exc:
-        close_soon([fd])
-        raise _cannot_copy(exc) from None
+    reader: InputReader = _open(fd, LoopReader, ThreadReader)
+    return reader
 
 
 def open_writer(fd: int) -> OutputWriter:
     """A writer of the passed output ``fd`` (owned as by :func:`open_reader`)."""
+    writer: OutputWriter = _open(fd, LoopWriter, ThreadWriter)
+    return writer
+
+
+def _open(fd: int, on_loop: Any, in_thread: Any) -> Any:
     try:
         kind = _loop_kind(fd)
         if kind is not None:
-            with contextlib.suppress(OSError):
-                return LoopWriter(fd, kind)
-        return ThreadWriter(fd)
+            with contextlib.suppress(OSError):  # a socket Python cannot wrap: a thread then
+                return on_loop(fd, kind)
+        return in_thread(fd)
     except (OSError, RuntimeError) as exc:
         close_soon([fd])
         raise _cannot_copy(exc) from None
