@@ -85,6 +85,10 @@ _KERNEL_FILE_SYSTEMS = {
     0x50494446: "pidfs",
     0x09041934: "anon_inode",
 }
+#: Mount types (prefixes) whose files a server answers for, not the kernel: a user's FUSE
+#: server, or a network server that stopped answering, could stall ``fstat`` or ``close``.
+_SERVED_FILE_SYSTEMS = ("fuse", "nfs", "cifs", "smb", "9p", "ceph", "afs", "glusterfs",
+                        "lustre")
 #: The ``statfs`` type of anonymous pipes (``pipe()``), unlike FIFOs on a disk.
 PIPEFS_MAGIC = 0x50495045
 #: Room for a ``struct statfs`` (120 bytes on 64-bit Linux), whose first field is the type.
@@ -177,6 +181,11 @@ def close_soon(fds: list[int]) -> None:
 def refusal(fd: int, control_address: str | bytes = "") -> str | None:
     """Why the passed descriptor ``fd`` must not be used (None: it may). ``control_address``
     is the control socket's own address: a connection to it is refused."""
+    remote = mount_type(fd)
+    if remote is not None and remote.startswith(_SERVED_FILE_SYSTEMS):
+        # Before fstat: on these the answer comes from a server, which may never answer.
+        return (f"is on a {remote} file system, whose server could stall mvpd's event loop "
+                "(fstat and close wait for it)")
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         mode = os.fstat(fd).st_mode
@@ -211,6 +220,24 @@ def access_refusal(fd: int, *, writing: bool) -> str | None:
         return "is not open for writing"
     if not writing and mode == os.O_WRONLY:
         return "is not open for reading"
+    return None
+
+
+def mount_type(fd: int) -> str | None:
+    """The type of the mount ``fd`` is on, as ``/proc/self/mountinfo`` names it (``ext4``,
+    ``fuse.sshfs``...), found without asking the file system itself; None for the kernel's
+    internal mounts (pipes, sockets, anonymous inodes) and when it cannot be read."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            mount_id = next(line.split()[1] for line in info if line.startswith("mnt_id:"))
+        with open("/proc/self/mountinfo") as mounts:
+            mountinfo = mounts.read()
+    except (OSError, StopIteration, IndexError):
+        return None
+    for line in mountinfo.splitlines():
+        fields = line.split(" - ", 1)
+        if fields[0].split(" ", 1)[0] == mount_id and len(fields) == 2:
+            return fields[1].split(" ", 1)[0]
     return None
 
 

@@ -8,6 +8,9 @@ import asyncio
 import fcntl
 import os
 import socket
+from pathlib import Path
+
+import pytest
 
 from mvpd import passed_descriptors
 from mvpd.passed_descriptors import MAX_PENDING, ControlSocket
@@ -88,3 +91,44 @@ def test_closing_the_connection_closes_descriptors_no_request_took() -> None:
         theirs.close()
 
     asyncio.run(main())
+
+
+def test_the_mount_of_a_file_is_found_without_asking_its_file_system(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    r, w = os.pipe()
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text()
+        kind = passed_descriptors.mount_type(fd)
+        assert kind and f" - {kind} " in mounts
+        assert passed_descriptors.mount_type(r) is None  # pipes live on no listed mount
+        assert passed_descriptors.refusal(fd) is None
+    finally:
+        passed_descriptors.close_all([fd, r, w])
+
+
+def test_files_a_server_answers_for_are_refused_before_any_fstat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A user's FUSE server (or a dead NFS server) could leave fstat waiting for ever, on the
+    # event loop: such files are refused from what /proc says alone.
+    path = tmp_path / "file"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        monkeypatch.setattr(passed_descriptors, "mount_type", lambda fd: "fuse.sshfs")
+
+        asked = []
+        real_fstat = os.fstat
+
+        def fstat(number: int) -> os.stat_result:
+            asked.append(number)
+            return real_fstat(number)
+
+        monkeypatch.setattr(passed_descriptors.os, "fstat", fstat)
+        reason = passed_descriptors.refusal(fd)
+        assert reason is not None and "fuse.sshfs" in reason
+        assert fd not in asked
+    finally:
+        os.close(fd)
