@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,14 @@ import pytest
 
 import mvpd.peer
 from tests.e2e.harness import TurnServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits
+    # SIGINT ignored, and so would every mvpctl it starts: the tests that press Ctrl-C on one
+    # would wait for ever. A handler here is reset to the default in each child at exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A peer session event that its state table refuses is a bug: make it raise in tests (in
 # production it is logged and ignored).
