@@ -70,7 +70,7 @@ class Client:
         self._events: deque[Event] = deque()
         self._next_id = 1
         self._closed = False
-        #: Frames queued by ``request(..., wait_to_send=False)`` not fully sent yet.
+        #: Frames queued by ``request(..., block=False)`` not fully sent yet.
         self._unsent = bytearray()
 
     # --- connecting ------------------------------------------------------------------------

@@ -8,7 +8,9 @@ checks of every request, the one access rule) is the sans-I/O
 needs I/O: the socket file, admission at ``accept``, peer credentials, the per-connection
 read loop that feeds the protocol, writes what it says and calls the handler, and
 concurrency limits. The streams it serves (``recv``, pipes) are
-:mod:`mvpd.control_streams`.
+:mod:`mvpd.control_streams`. Connections are read with ``recvmsg``
+(:class:`mvpd.passed_descriptors.ControlSocket`), so that a ``pipe.open`` with ``attach`` can
+bring the caller's input and output along.
 
 Authorisation is by the kernel's peer credentials (``SO_PEERCRED``), checked on every call,
 not by the socket's file mode alone: uid 0 and members of the configured group (primary or
