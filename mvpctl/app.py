@@ -355,13 +355,14 @@ def pipe(
 ) -> None:
     """Pipe bytes to and from PEER, like netcat.
 
-    Stdin goes to PEER, PEER's bytes go to stdout; end of input is passed on. Exits 0
-    when both directions are done and PEER has read everything; 1, saying why, if the
-    other side ends first (its pipe, its daemon or the connection).
+    Stdin goes to PEER, PEER's bytes go to stdout; end of input is passed on.
+    Exits 0 when both directions are done and PEER has read everything; 1,
+    saying why, if the other side ends first (its pipe, its daemon or the
+    connection).
 
-    mvpd reads stdin and writes stdout itself (mvpctl passes them over the control socket
-    and waits), so the bytes do not pass through mvpctl; a terminal on stdin is read by
-    mvpctl instead, so job control works as usual.
+    mvpd reads stdin and writes stdout itself (mvpctl hands them over and
+    waits), so the bytes do not pass through mvpctl. A terminal on stdin is
+    read by mvpctl instead, so job control works as usual.
     """
     with _client(ctx, timeout=None) as client:
         if connect_first:
