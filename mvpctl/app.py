@@ -12,6 +12,7 @@ by that command).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -527,6 +528,18 @@ def forget(
     with _client(ctx) as client:
         result = client.call("forget", **params)
     typer.echo(f"{peer}: forgot {result.get('changed', 0)} fingerprint(s)")
+
+
+def _reflowed(doc: str) -> str:
+    """``doc`` with each paragraph on one line: the help renderer keeps a docstring's line
+    breaks, which then break again mid-line on a terminal narrower than the source."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in part.splitlines()) for part in paragraphs)
+
+
+for _command in app.registered_commands:
+    if _command.help is None and _command.callback is not None and _command.callback.__doc__:
+        _command.help = _reflowed(_command.callback.__doc__)
 
 
 def main() -> None:

@@ -276,3 +276,18 @@ def test_a_peers_text_cannot_drive_the_terminal(server: ServerThread) -> None:
 def test_errors_stay_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     _fail("bob said bye: x\nmvpctl: forged\x1b[2J", 1)
     assert capsys.readouterr().err == "mvpctl: bob said bye: x\\nmvpctl: forged\\x1b[2J\n"
+
+
+def test_every_commands_help_is_reflowed_to_the_terminal() -> None:
+    # The help renderer keeps a docstring's line breaks: left in, a paragraph written at the
+    # source's width breaks again mid-line on an 80-column terminal.
+    for command in app.registered_commands:
+        assert command.help, command.name
+        for paragraph in command.help.split("\n\n"):
+            assert "\n" not in paragraph, (command.callback, paragraph)
+    done = subprocess.run(
+        [PYTHON, "-m", "mvpctl", "stats", "--help"], capture_output=True, text=True,
+        env={**os.environ, "COLUMNS": "80"}, timeout=60,
+    )
+    assert "round trip of the liveness checks" in " ".join(done.stdout.split())
+    assert "trip of\n" not in done.stdout
