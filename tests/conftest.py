@@ -20,6 +20,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
 # A peer session event that its state table refuses is a bug: make it raise in tests (in
 # production it is logged and ignored).
 mvpd.peer.session.strict_transitions = True

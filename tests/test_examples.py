@@ -35,7 +35,8 @@ def test_chat_offer_and_answer_talk(tmp_path: Path) -> None:
         def start(agent: str, *args: str) -> subprocess.Popen[str]:
             proc = subprocess.Popen(
                 [sys.executable, str(REPO / "examples" / args[0]), *args[1:]],
-                env={**env, "AGENT_ID": agent},
+                # Each agent its own state directory: never the machine's /var/lib/mvpd.
+                env={**env, "AGENT_ID": agent, "MVPD_STATE_DIR": str(tmp_path / f"{agent}.state")},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
