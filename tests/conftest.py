@@ -12,6 +12,21 @@ import pytest
 import mvpd.peer
 from tests.e2e.harness import TurnServer
 
+#: The machine's own state directory: tests keep theirs under tmp_path.
+MACHINE_STATE = Path("/var/lib/mvpd")
+_machine_state_existed = MACHINE_STATE.exists()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A test whose daemon or agent left the state directory out of its environment writes
+    # an identity into the machine's: fail the run that does it, naming the directory.
+    if not _machine_state_existed and MACHINE_STATE.exists():
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"ERROR: the tests created {MACHINE_STATE}: a test left "
+                                "MVPD_STATE_DIR out of an agent's environment", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits

@@ -29,7 +29,9 @@ def run_mvpd(
     clean = {k: v for k, v in os.environ.items() if not is_setting_variable(k)}
     return subprocess.run(
         [*MVPD, *args],
-        env={**clean, "AGENT_CONFIG": str(config), **(env or {})},
+        # Never the machine's /var/lib/mvpd: a test's identity stays in its tmp_path.
+        env={**clean, "AGENT_CONFIG": str(config), "MVPD_STATE_DIR": str(tmp_path / "state"),
+             **(env or {})},
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -149,7 +151,8 @@ def start_mvpd(
 
     process = subprocess.Popen(
         [*MVPD, *args], cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**clean, **DAEMON_ENV, "AGENT_CONFIG": str(config), "MVPD_SOCKET": str(socket_path)},
+        env={**clean, **DAEMON_ENV, "AGENT_CONFIG": str(config), "MVPD_SOCKET": str(socket_path),
+             "MVPD_STATE_DIR": str(tmp_path / "state")},
         preexec_fn=set_limits,
     )
     deadline = time.monotonic() + 60
