@@ -12,6 +12,9 @@ import pytest
 import mvpd.peer
 from tests.e2e.harness import TurnServer
 
+#: Shared fixtures: ``copy_kind`` (both ways mvpd copies passed descriptors).
+pytest_plugins = ["tests.descriptors"]
+
 #: The machine's own state directory: tests keep theirs under tmp_path.
 MACHINE_STATE = Path("/var/lib/mvpd")
 _machine_state_existed = MACHINE_STATE.exists()

@@ -35,10 +35,10 @@ from typing import Any
 import pytest
 
 from mvpctl.client import Client
-from mvpd import descriptor_copy
 from mvpd.proto.control import ControlLimits
 from mvpd.proto.errors import Busy, DescriptorFailed, InvalidParams, MvpError
 from mvpd.proto.rpcwire import client_hello, encode_frame, request
+from tests.descriptors import drained_to_eof
 from tests.mvpctl.control_harness import ServerThread
 
 MVPCTL = [sys.executable, "-c", "import sys; from mvpctl.app import main; sys.exit(main())"]
@@ -199,14 +199,6 @@ def server(tmp_path: Path) -> Iterator[ServerThread]:
         with Client.connect(running.path) as client:
             client.call("connect", peer="bob")
         yield running
-
-
-@pytest.fixture(params=["loop", "thread"])
-def copy_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Copy pipes and sockets on the event loop (the default), or everything in threads
-    (as for terminals and files, and on kernels without RWF_NOWAIT for pipes)."""
-    monkeypatch.setattr(descriptor_copy, "LOOP_COPY", request.param == "loop")
-    return str(request.param)
 
 
 # --- descriptors where no request takes them ------------------------------------------------
@@ -511,18 +503,8 @@ def test_an_endless_input_stops_when_cancelled(server: ServerThread, copy_kind: 
             got += len(os.read(out_r, 1 << 20))
         stream.cancel()
         assert client.next_event(stream.sub, timeout=15).event == "end"
-        wait_for("the output closed", lambda: _drained_to_eof(out_r))
+        wait_for("the output closed", lambda: drained_to_eof(out_r))
         os.close(out_r)
-
-
-def _drained_to_eof(fd: int) -> bool:
-    os.set_blocking(fd, False)
-    try:
-        while os.read(fd, 1 << 20):
-            pass
-    except BlockingIOError:
-        return False
-    return True
 
 
 def test_a_udp_socket_carries_datagrams(server: ServerThread, copy_kind: str) -> None:

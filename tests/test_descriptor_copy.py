@@ -9,7 +9,7 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,12 +25,7 @@ from mvpd.descriptor_copy import (
     open_writer,
 )
 from mvpd.proto.errors import DescriptorFailed
-
-
-@pytest.fixture(params=["loop", "thread"])
-def copy_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setattr(descriptor_copy, "LOOP_COPY", request.param == "loop")
-    yield request.param
+from tests.descriptors import drained_to_eof
 
 
 def fd_is_open(fd: int) -> bool:
@@ -163,7 +158,7 @@ def test_a_stalled_output_blocks_only_the_writer_and_stop_wakes_it(copy_kind: st
         assert not filling.done()
         writer.stop()
         filling.cancel()
-        await wait_for(lambda: _at_eof_after_draining(r))
+        await wait_for(lambda: drained_to_eof(r))
         os.close(r)
 
     asyncio.run(main())
@@ -172,16 +167,6 @@ def test_a_stalled_output_blocks_only_the_writer_and_stop_wakes_it(copy_kind: st
 async def _write_forever(writer: descriptor_copy.OutputWriter) -> None:
     while True:
         await writer.write(b"y" * 65536)
-
-
-def _at_eof_after_draining(fd: int) -> bool:
-    os.set_blocking(fd, False)
-    try:
-        while os.read(fd, 1 << 20):
-            pass
-    except BlockingIOError:
-        return False
-    return True
 
 
 def test_a_closed_output_is_output_closed_and_a_read_only_one_an_error(
